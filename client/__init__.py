@@ -1,0 +1,48 @@
+"""maskserve's thin client: httpx + numpy, torch optional.
+
+::
+
+    from client import Client
+    with Client("http://127.0.0.1:8000") as c:
+        for batch in c.batches("wiki", batch_size=64, steps=1000):
+            out = model(**batch.torch("cuda"))
+"""
+
+from ._batch import Batch
+from ._client import DEFAULT_URL, BatchStream, Client
+from ._errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    MaskserveError,
+    NotFoundError,
+    PayloadTooLargeError,
+    ProtocolError,
+    ServiceUnavailableError,
+    TransportError,
+    UnsupportedMediaTypeError,
+)
+from ._wire import CONTENT_TYPE, WireFormatError, decode, encode
+
+__all__ = [
+    "APIError",
+    "AuthenticationError",
+    "BadRequestError",
+    "Batch",
+    "BatchStream",
+    "CONTENT_TYPE",
+    "Client",
+    "ConflictError",
+    "DEFAULT_URL",
+    "MaskserveError",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "ProtocolError",
+    "ServiceUnavailableError",
+    "TransportError",
+    "UnsupportedMediaTypeError",
+    "WireFormatError",
+    "decode",
+    "encode",
+]

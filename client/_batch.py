@@ -1,0 +1,61 @@
+"""A decoded batch: numpy arrays over the response buffer, torch on request."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Batch:
+    """One masked batch. Arrays share memory with the received bytes.
+
+    ``input_ids`` int32 (B, L), ``attention_mask`` uint8 (B, L), ``labels``
+    int32 (B, L) with -100 where no prediction is wanted, ``sequence_ids``
+    int64 (B,): which stored sequences these are.
+    """
+
+    arrays: dict[str, np.ndarray]
+    metadata: dict[str, str] = field(default_factory=dict)
+    step: int = 0
+
+    @property
+    def seed(self) -> int:
+        return int(self.metadata.get("seed", 0))
+
+    @property
+    def epoch(self) -> int:
+        return int(self.metadata.get("epoch", 0))
+
+    @property
+    def index(self) -> int:
+        return int(self.metadata.get("index", 0))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name]
+
+    def __len__(self) -> int:
+        return len(self.arrays["input_ids"])
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return dict(self.arrays)
+
+    def torch(self, device: Any = None, non_blocking: bool = True) -> dict[str, Any]:
+        """Tensors for a model: ids and labels int64, attention mask int64.
+
+        The int32 -> int64 widening is the only copy of token data; it happens
+        on ``device`` when one is given (after a pinned host-to-device move).
+        """
+        import torch
+
+        out: dict[str, Any] = {}
+        for name in ("input_ids", "attention_mask", "labels"):
+            t = torch.from_numpy(self.arrays[name])
+            if device is not None and torch.device(device).type == "cuda":
+                t = t.pin_memory().to(device, non_blocking=non_blocking)
+            elif device is not None:
+                t = t.to(device)
+            out[name] = t.long()
+        return out

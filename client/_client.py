@@ -1,0 +1,375 @@
+"""The thin client: datasets, ingest, and masked batches with background prefetch."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from ._batch import Batch
+from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError, error_from_response
+from ._wire import CONTENT_TYPE, WireFormatError, decode
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+_RETRY_STATUS = (502, 503, 504)
+
+Document = str | Mapping[str, Any] | Sequence[int]
+
+
+class Client:
+    """Synchronous client for one maskserve service.
+
+    >>> with Client("http://127.0.0.1:8000") as c:          # doctest: +SKIP
+    ...     for batch in c.batches("wiki", batch_size=64, steps=100):
+    ...         loss = model(**batch.torch("cuda"))
+
+    ``transport`` (or a ready ``http`` client) lets tests swap the network.
+    Idempotent calls are retried ``retries`` times on transport errors and
+    502/503/504, with exponential backoff; ingests carry an Idempotency-Key
+    so a retried upload is stored once.
+    """
+
+    def __init__(
+        self,
+        base_url: str | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.base_url = (base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL).rstrip("/")
+        token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.retries = retries
+        self.backoff = backoff
+        self._http = http or httpx.Client(
+            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport,
+            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
+        )  # fmt: skip
+
+    # ---- plumbing ----------------------------------------------------------
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, *, idempotent: bool, read_into: bool = False, **kw: Any) -> httpx.Response | tuple[httpx.Response, bytearray]:
+        attempts = 1 + (self.retries if idempotent else 0)
+        for attempt in range(attempts):
+            try:
+                if read_into:
+                    with self._http.stream(method, path, **kw) as resp:
+                        if resp.status_code >= 400:
+                            resp.read()
+                            raise error_from_response(resp.status_code, resp.content)
+                        return resp, _read_into(resp)
+                resp = self._http.request(method, path, **kw)
+                if resp.status_code >= 400:
+                    raise error_from_response(resp.status_code, resp.content)
+                return resp
+            except httpx.TransportError as exc:
+                err: Exception = TransportError(f"{method} {self.base_url}{path}: {exc.__class__.__name__}: {exc}")
+                err.__cause__ = exc
+            except APIError as exc:
+                if exc.status not in _RETRY_STATUS:
+                    raise
+                err = exc
+            if attempt + 1 == attempts:
+                raise err
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> Any:
+        resp = self._send(method, path, idempotent=idempotent, **kw)
+        assert isinstance(resp, httpx.Response)
+        try:
+            return resp.json() if resp.content else None
+        except ValueError:
+            raise ProtocolError(f"{method} {path}: response is not JSON") from None
+
+    # ---- service -----------------------------------------------------------
+
+    def health(self) -> bool:
+        try:
+            return self._json("GET", "/healthz", idempotent=False)["status"] == "ok"
+        except (TransportError, APIError):
+            return False
+
+    def ready(self) -> bool:
+        try:
+            self._json("GET", "/readyz", idempotent=False)
+            return True
+        except (TransportError, APIError):
+            return False
+
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> None:
+        """Block until ``/readyz`` answers, or raise :class:`ServiceUnavailableError`."""
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise ServiceUnavailableError(503, title="Service Unavailable", detail=f"{self.base_url} not ready after {timeout}s")
+            time.sleep(interval)
+
+    # ---- datasets ----------------------------------------------------------
+
+    def train_tokenizer(
+        self, texts: Iterable[str], *, kind: str = "bpe", vocab_size: int = 8000, min_frequency: int = 2
+    ) -> dict[str, Any]:
+        """Have the service train a tokenizer on ``texts``; returns tokenizer.json."""
+        params = {"kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency}
+        body = _ndjson({"text": t} for t in texts)
+        return self._json("POST", "/v1/tokenizers/train", idempotent=False, params=params, content=body,
+                          headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+
+    def create_dataset(
+        self,
+        name: str,
+        *,
+        tokenizer: Mapping[str, Any] | str | Path,
+        seq_len: int,
+        packing: str = "complete",
+        special_tokens: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        """Create a dataset. ``tokenizer``: a tokenizer.json dict, its text, or a path to one."""
+        if isinstance(tokenizer, Path) or (isinstance(tokenizer, str) and not tokenizer.lstrip().startswith("{")):
+            tokenizer = Path(tokenizer).read_text()
+        if isinstance(tokenizer, str):
+            tokenizer = json.loads(tokenizer)
+        body = {"name": name, "seq_len": seq_len, "packing": packing, "tokenizer": tokenizer}
+        if special_tokens:
+            body["special_tokens"] = dict(special_tokens)
+        return self._json("POST", "/v1/datasets", idempotent=False, json=body)
+
+    def datasets(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/datasets")["datasets"]
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/datasets/{name}")
+
+    def tokenizer(self, name: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/datasets/{name}/tokenizer")
+
+    def delete_dataset(self, name: str, *, missing_ok: bool = False) -> None:
+        from ._errors import NotFoundError
+
+        try:
+            self._json("DELETE", f"/v1/datasets/{name}")
+        except NotFoundError:
+            if not missing_ok:
+                raise
+
+    def ingest(
+        self,
+        name: str,
+        docs: Iterable[Document],
+        *,
+        idempotency_key: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Stream documents (texts, ``{"text"|"ids": ...}`` dicts, or id lists) as NDJSON.
+
+        The upload is atomic: all of it is stored, or nothing. When ``docs``
+        can be iterated again (a list, not a generator) a failed upload is
+        retried under the same Idempotency-Key, so it is stored exactly once.
+        ``on_bytes(n)`` is called as body bytes are sent (for progress bars).
+        """
+        key = idempotency_key or uuid.uuid4().hex
+        replayable = iter(docs) is not docs
+        return self._json(
+            "POST", f"/v1/datasets/{name}/documents", idempotent=replayable,
+            content=_Replayable(lambda: _ndjson(map(_as_record, docs), on_bytes)),
+            headers={"Content-Type": "application/x-ndjson", "Idempotency-Key": key},
+        )  # fmt: skip
+
+    def ingest_file(
+        self, name: str, path: str | Path, *, split: str = "none", idempotency_key: str | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Stream a file: ``.jsonl``/``.ndjson`` as NDJSON, anything else as plain text."""
+        path = Path(path)
+        ctype = "application/x-ndjson" if path.suffix in (".jsonl", ".ndjson") else "text/plain"
+        params = {} if ctype != "text/plain" else {"split": split}
+        return self._json(
+            "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
+            content=_Replayable(lambda: _file_chunks(path, on_bytes)),
+            headers={"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )  # fmt: skip
+
+    # ---- batches -----------------------------------------------------------
+
+    def batch(
+        self,
+        name: str,
+        size: int = 32,
+        *,
+        seed: int | None = None,
+        index: int = 0,
+        epoch: int | None = None,
+        mlm_probability: float = 0.15,
+        mask_ratio: float = 0.8,
+        random_ratio: float = 0.1,
+    ) -> Batch:
+        """One masked batch: B sequences drawn by ``(seed, index)``, masked for ``epoch``."""
+        params: dict[str, Any] = {"size": size, "index": index, "mlm_probability": mlm_probability,
+                                  "mask_ratio": mask_ratio, "random_ratio": random_ratio}  # fmt: skip
+        if seed is not None:
+            params["seed"] = seed
+        if epoch is not None:
+            params["epoch"] = epoch
+        out = self._send("GET", f"/v1/datasets/{name}/batch", idempotent=True, read_into=True, params=params,
+                         headers={"Accept": CONTENT_TYPE})  # fmt: skip
+        resp, buf = out  # type: ignore[misc]
+        try:
+            arrays, metadata = decode(buf)
+        except WireFormatError as exc:
+            raise ProtocolError(f"batch from {self.base_url}: {exc}") from None
+        metadata.setdefault("seed", resp.headers.get("maskserve-seed", "0"))
+        return Batch(arrays, metadata, step=index)
+
+    def batches(
+        self,
+        name: str,
+        batch_size: int = 32,
+        *,
+        seed: int = 0,
+        start: int = 0,
+        steps: int | None = None,
+        prefetch: int = 4,
+        **masking: Any,
+    ) -> "BatchStream":
+        """Batches ``start, start+1, ...`` (``steps`` of them, or forever).
+
+        Batch k is a pure function of ``(seed, k)``, so resuming at ``start=k``
+        replays the same stream. ``prefetch`` requests stay in flight.
+        """
+        def fetch(k: int) -> Batch:
+            return self.batch(name, batch_size, seed=seed, index=k, **masking)
+
+        return BatchStream(fetch, start, steps, prefetch)
+
+
+class BatchStream:
+    """An iterator over ``fetch(k)`` with ``prefetch`` calls in flight on threads."""
+
+    def __init__(self, fetch: Callable[[int], Batch], start: int, steps: int | None, prefetch: int) -> None:
+        self._fetch = fetch
+        self._next = start
+        self._end = None if steps is None else start + steps
+        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="maskserve-prefetch")
+        self._pending: deque[Future[Batch]] = deque()
+        self._depth = max(1, prefetch)
+        self._closed = False
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and (self._end is None or self._next < self._end):
+            self._pending.append(self._pool.submit(self._fetch, self._next))
+            self._next += 1
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._closed:
+            raise StopIteration
+        self._fill()
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        try:
+            return self._pending.popleft().result()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        for f in self._pending:
+            f.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "BatchStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self.close()
+
+
+def _read_into(resp: httpx.Response) -> bytearray:
+    """Read a body into one writable buffer (arrays over it are writable, no copy)."""
+    length = resp.headers.get("content-length")
+    if length is None:
+        return bytearray(resp.read())
+    buf = bytearray(int(length))
+    view = memoryview(buf)
+    pos = 0
+    for piece in resp.iter_bytes():
+        view[pos : pos + len(piece)] = piece
+        pos += len(piece)
+    if pos != len(buf):
+        raise ProtocolError(f"body ended after {pos} of {len(buf)} bytes")
+    return buf
+
+
+def _as_record(doc: Document) -> Mapping[str, Any]:
+    if isinstance(doc, str):
+        return {"text": doc}
+    if isinstance(doc, Mapping):
+        return doc
+    return {"ids": [int(i) for i in doc]}
+
+
+def _ndjson(records: Iterable[Mapping[str, Any]], on_bytes: Callable[[int], None] | None = None, chunk: int = 1 << 16) -> Iterator[bytes]:
+    buf: list[bytes] = []
+    size = 0
+    for rec in records:
+        line = json.dumps(rec, ensure_ascii=False).encode() + b"\n"
+        buf.append(line)
+        size += len(line)
+        if size >= chunk:
+            yield b"".join(buf)
+            if on_bytes:
+                on_bytes(size)
+            buf, size = [], 0
+    if buf:
+        yield b"".join(buf)
+        if on_bytes:
+            on_bytes(size)
+
+
+def _file_chunks(path: Path, on_bytes: Callable[[int], None] | None, chunk: int = 1 << 20) -> Iterator[bytes]:
+    with path.open("rb") as f:
+        while piece := f.read(chunk):
+            yield piece
+            if on_bytes:
+                on_bytes(len(piece))
+
+
+class _Replayable:
+    """A request body that starts over each time httpx iterates it (for retries)."""
+
+    def __init__(self, factory: Callable[[], Iterator[bytes]]) -> None:
+        self._factory = factory
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._factory()

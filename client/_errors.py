@@ -1,0 +1,125 @@
+"""The client's exceptions, built from the service's problem+json bodies.
+
+::
+
+    MaskserveError
+     ├── TransportError              the service could not be reached, or timed out
+     ├── ProtocolError               a response the client cannot understand
+     └── APIError                    the service answered with a problem (RFC 9457)
+          ├── BadRequestError        400 / 422: the request itself is wrong
+          ├── AuthenticationError    401 / 403
+          ├── NotFoundError          404: unknown dataset or route
+          ├── ConflictError          409: e.g. a dataset of that name exists
+          ├── PayloadTooLargeError   413: body or batch over a configured limit
+          ├── UnsupportedMediaTypeError   415 / 406
+          └── ServiceUnavailableError     503: Redis unreachable, not ready
+
+Every :class:`APIError` keeps the problem's stable ``type`` URI, ``title``,
+``detail`` and any extension members in ``extra``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class MaskserveError(Exception):
+    """Base class of every error the client raises."""
+
+
+class TransportError(MaskserveError):
+    """The request did not get an HTTP response (connection refused, timeout)."""
+
+
+class ProtocolError(MaskserveError):
+    """The service answered with something the client cannot parse."""
+
+
+class APIError(MaskserveError):
+    """The service answered with an error status and a problem+json body."""
+
+    def __init__(
+        self,
+        status: int,
+        type: str = "about:blank",
+        title: str = "",
+        detail: str = "",
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        self.status = status
+        self.type = type
+        self.title = title
+        self.detail = detail
+        self.extra = extra or {}
+        super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
+
+
+class BadRequestError(APIError):
+    pass
+
+
+class AuthenticationError(APIError):
+    pass
+
+
+class NotFoundError(APIError):
+    pass
+
+
+class ConflictError(APIError):
+    pass
+
+
+class PayloadTooLargeError(APIError):
+    pass
+
+
+class UnsupportedMediaTypeError(APIError):
+    pass
+
+
+class ServiceUnavailableError(APIError):
+    pass
+
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: AuthenticationError,
+    404: NotFoundError,
+    406: UnsupportedMediaTypeError,
+    409: ConflictError,
+    413: PayloadTooLargeError,
+    415: UnsupportedMediaTypeError,
+    422: BadRequestError,
+    503: ServiceUnavailableError,
+}
+
+
+def error_from_response(status: int, body: bytes) -> APIError:
+    """Build the typed error for an error response (problem+json or not)."""
+    try:
+        problem = json.loads(body) if body else {}
+    except ValueError:
+        problem = {}
+    if not isinstance(problem, dict):
+        problem = {}
+    known = {"type", "title", "detail", "status"}
+    cls = _BY_STATUS.get(status, APIError)
+    return cls(
+        status,
+        type=str(problem.get("type", "about:blank")),
+        title=str(problem.get("title", "")) or _reason(status),
+        detail=str(problem.get("detail", "")) or (body[:200].decode("utf-8", "replace") if not problem else ""),
+        extra={k: v for k, v in problem.items() if k not in known},
+    )
+
+
+def _reason(status: int) -> str:
+    from http import HTTPStatus
+
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

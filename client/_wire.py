@@ -1,0 +1,106 @@
+"""Batch encoding and decoding: the safetensors layout, with no dependency.
+
+A batch travels as one safetensors document: an 8-byte little-endian header
+length, a JSON header naming each array's dtype, shape and byte range, then the
+raw little-endian array bytes. numpy and torch read it without copying the
+token data; the service imports :func:`encode` so both ends share one
+definition of the format.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+
+import numpy as np
+
+CONTENT_TYPE = "application/vnd.safetensors"
+
+# safetensors dtype names <-> numpy dtypes (always little-endian on the wire).
+_TO_NUMPY: dict[str, np.dtype] = {
+    "BOOL": np.dtype("bool"),
+    "U8": np.dtype("<u1"),
+    "I8": np.dtype("<i1"),
+    "U16": np.dtype("<u2"),
+    "I16": np.dtype("<i2"),
+    "U32": np.dtype("<u4"),
+    "I32": np.dtype("<i4"),
+    "U64": np.dtype("<u8"),
+    "I64": np.dtype("<i8"),
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+}
+_FROM_NUMPY: dict[np.dtype, str] = {v: k for k, v in _TO_NUMPY.items()}
+
+_ALIGN = 8
+
+
+class WireFormatError(ValueError):
+    """The bytes are not a well-formed safetensors document."""
+
+
+def encode(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
+    """Serialize named arrays (C-contiguous after conversion) into one buffer."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blobs: list[np.ndarray] = []
+    offset = 0
+    for name, arr in arrays.items():
+        a = np.ascontiguousarray(arr)
+        if a.dtype.byteorder == ">":
+            a = a.astype(a.dtype.newbyteorder("<"))
+        dtype = _FROM_NUMPY.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == "=" else a.dtype)
+        if dtype is None:
+            raise TypeError(f"array {name!r} has dtype {a.dtype}, which has no safetensors name")
+        header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
+        offset += a.nbytes
+        blobs.append(a)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-(len(head) + 8) % _ALIGN)
+    out = bytearray(8 + len(head) + offset)
+    out[:8] = struct.pack("<Q", len(head))
+    out[8 : 8 + len(head)] = head
+    pos = 8 + len(head)
+    view = memoryview(out)
+    for a in blobs:
+        view[pos : pos + a.nbytes] = a.reshape(-1).view(np.uint8)
+        pos += a.nbytes
+    return bytes(out)
+
+
+def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Parse a safetensors buffer into arrays that share memory with ``buf``.
+
+    Arrays are writable exactly when ``buf`` is (pass a ``bytearray`` to get
+    writable arrays, e.g. for ``torch.from_numpy`` without a copy).
+    """
+    view = memoryview(buf).cast("B")
+    if len(view) < 8:
+        raise WireFormatError("buffer shorter than the 8-byte header length")
+    (n,) = struct.unpack_from("<Q", view, 0)
+    if 8 + n > len(view):
+        raise WireFormatError(f"header length {n} runs past the end of a {len(view)}-byte buffer")
+    try:
+        header = json.loads(bytes(view[8 : 8 + n]))
+    except ValueError as exc:
+        raise WireFormatError(f"header is not JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise WireFormatError("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    data = view[8 + n :]
+    arrays: dict[str, np.ndarray] = {}
+    for name, spec in header.items():
+        try:
+            dtype = _TO_NUMPY[spec["dtype"]]
+            shape = tuple(int(d) for d in spec["shape"])
+            begin, end = (int(x) for x in spec["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise WireFormatError(f"bad header entry for {name!r}: {spec!r}") from None
+        count = int(np.prod(shape, dtype=np.int64))
+        if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
+            raise WireFormatError(f"array {name!r}: byte range {begin}..{end} does not fit shape {shape}")
+        arrays[name] = np.frombuffer(data, dtype=dtype, count=count, offset=begin).reshape(shape)
+    return arrays, metadata

@@ -1,0 +1,93 @@
+"""The app factory: ``create_app(settings)`` and its lifespan.
+
+Run it with ``maskserve serve`` or ``uvicorn service.app:create_app --factory``.
+With no ``REDIS_URL`` the lifespan starts an embedded server over
+``MASKSERVE_DATA_DIR`` and stops it (cleanly, AOF flushed) on shutdown.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import Depends, FastAPI, Request, Response
+
+from . import __version__
+from .catalog import Catalog
+from .config import Settings
+from .deps import require_token
+from .embedded import EmbeddedRedis
+from .errors import PayloadTooLarge, install, problem_response
+from .metrics import Metrics
+from .routes import batches, datasets, health, tokenizers
+from .store import Store
+
+log = logging.getLogger("maskserve")
+
+# Bodies parsed whole (JSON) get this limit; streamed ingest bodies check their own.
+_STREAMED_SUFFIXES = ("/documents", "/tokenizers/train")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        embedded: EmbeddedRedis | None = None
+        url = settings.redis_url
+        if url is None:
+            # Started on the event loop's own thread, on purpose: the server is tied to
+            # the thread that spawns it (PR_SET_PDEATHSIG), and worker threads come and go.
+            embedded = EmbeddedRedis(settings.data_dir).start()
+            url = embedded.url
+            log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
+        r = aioredis.from_url(url, max_connections=256, health_check_interval=30)
+        app.state.redis_url = url
+        app.state.store = Store(r, settings.key_prefix)
+        app.state.catalog = Catalog(app.state.store)
+        try:
+            yield
+        finally:
+            await r.aclose()
+            if embedded is not None:
+                embedded.stop()
+
+    app = FastAPI(
+        title="maskserve",
+        version=__version__,
+        summary="Masked-language-model batches over HTTP, from tokenized text kept in Redis.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    install(app)
+
+    guarded = [Depends(require_token)]
+    app.include_router(health.router)
+    app.include_router(health.metrics_router, dependencies=guarded)
+    app.include_router(datasets.router, dependencies=guarded)
+    app.include_router(batches.router, dependencies=guarded)
+    app.include_router(tokenizers.router, dependencies=guarded)
+
+    @app.middleware("http")
+    async def limit_and_measure(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
+        path = request.url.path
+        length = request.headers.get("content-length")
+        if length and not path.endswith(_STREAMED_SUFFIXES) and int(length) > settings.max_tokenizer_bytes:
+            return problem_response(
+                PayloadTooLarge(f"body of {length} bytes exceeds the {settings.max_tokenizer_bytes}-byte limit"),
+                request,
+            )
+        start = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        label = getattr(route, "path", "unmatched")
+        m: Metrics = app.state.metrics
+        m.requests.labels(label, str(response.status_code)).inc()
+        m.latency.labels(label).observe(time.perf_counter() - start)
+        return response
+
+    return app

@@ -1,0 +1,95 @@
+"""Per-process cache of what never changes about a dataset.
+
+A dataset's config, tokenizer and vocabulary are fixed at creation, and its
+chunk table only grows; both are cached here keyed by the dataset's ``uid``
+(a re-created dataset of the same name gets a new uid, so stale entries are
+never used). The counters that do change are read from Redis on every request,
+so replicas stay stateless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import numpy as np
+
+from .errors import DatasetNotFound
+from .masking import Vocab
+from .store import Store
+from .tokenization import TokenizerInfo, describe, load_tokenizer
+
+
+@dataclass
+class DatasetRuntime:
+    name: str
+    uid: str
+    meta: dict[str, Any]
+    vocab: Vocab
+    id_dtype: np.dtype
+    chunk_starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    tokenizer: TokenizerInfo | None = None
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.meta["seq_len"])
+
+    def locate(self, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Sequence ids -> (chunk index, index inside the chunk)."""
+        chunk = np.searchsorted(self.chunk_starts, seq_ids, side="right") - 1
+        return chunk, seq_ids - self.chunk_starts[chunk]
+
+
+class Catalog:
+    def __init__(self, store: Store, max_entries: int = 256) -> None:
+        self.store = store
+        self.max_entries = max_entries
+        self._cache: dict[str, DatasetRuntime] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def runtime(self, name: str, uid: str | None = None) -> DatasetRuntime:
+        """The cached runtime for ``name`` (reloaded when ``uid`` differs)."""
+        rt = self._cache.get(name)
+        if rt is not None and (uid is None or rt.uid == uid):
+            return rt
+        meta = await self.store.meta(name)
+        if meta is None:
+            raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        special = meta["special_tokens"]
+        vocab = Vocab.build(meta["vocab_size"], meta["all_special_ids"], special["mask"], special["pad"])
+        rt = DatasetRuntime(name=name, uid=meta["uid"], meta=meta, vocab=vocab, id_dtype=np.dtype(meta["id_dtype"]))
+        if len(self._cache) >= self.max_entries:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[name] = rt
+        return rt
+
+    async def with_chunks(self, rt: DatasetRuntime, num_chunks: int) -> DatasetRuntime:
+        """Extend the cached chunk table to ``num_chunks`` entries."""
+        have = len(rt.chunk_starts)
+        if have < num_chunks:
+            tail = await self.store.chunk_table(rt.name, have, num_chunks)
+            if len(rt.chunk_starts) == have:  # another request may have extended it meanwhile
+                rt.chunk_starts = np.concatenate([rt.chunk_starts, tail])
+        return rt
+
+    async def tokenizer(self, rt: DatasetRuntime) -> TokenizerInfo:
+        if rt.tokenizer is None:
+            lock = self._locks.setdefault(rt.uid, asyncio.Lock())
+            async with lock:
+                if rt.tokenizer is None:
+                    raw = await self.store.tokenizer_json(rt.name)
+                    if raw is None:
+                        raise DatasetNotFound(f"no dataset named {rt.name!r}", dataset=rt.name)
+                    tok = await anyio.to_thread.run_sync(load_tokenizer, raw)
+                    rt.tokenizer = describe(tok, rt.meta["special_tokens"])
+        return rt.tokenizer
+
+    def forget(self, name: str) -> None:
+        self._cache.pop(name, None)
+
+
+def sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

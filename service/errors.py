@@ -1,0 +1,144 @@
+"""Problem details (RFC 9457): one small error tree and its handlers.
+
+Every error the service returns is ``application/problem+json`` with a stable
+``type`` URI. Routes raise a :class:`ServiceError` subclass; the handlers
+registered by :func:`install` turn it (and request-validation errors, and a
+lost Redis connection) into the response.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "urn:maskserve:problem:"
+
+log = logging.getLogger("maskserve")
+
+
+class ServiceError(Exception):
+    """Base of the tree: subclasses set ``type``, ``title`` and ``status``."""
+
+    type: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+    status: ClassVar[int] = 500
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        out = {"type": TYPE_BASE + self.type, "title": self.title, "status": self.status, "detail": self.detail}
+        if instance:
+            out["instance"] = instance
+        out.update(self.extra)
+        return out
+
+
+class InvalidRequest(ServiceError):
+    type, title, status = "invalid-request", "Invalid request", 400
+
+
+class ValidationFailed(ServiceError):
+    type, title, status = "validation-failed", "Request parameters failed validation", 422
+
+
+class InvalidTokenizer(ServiceError):
+    type, title, status = "invalid-tokenizer", "Invalid tokenizer", 400
+
+
+class MalformedDocument(ServiceError):
+    type, title, status = "malformed-document", "Malformed document", 400
+
+
+class TokenOutOfVocabulary(ServiceError):
+    type, title, status = "token-out-of-vocabulary", "Token id outside the vocabulary", 400
+
+
+class LimitExceeded(ServiceError):
+    type, title, status = "limit-exceeded", "A configured limit was exceeded", 422
+
+
+class PayloadTooLarge(ServiceError):
+    type, title, status = "payload-too-large", "Request body too large", 413
+
+
+class UnsupportedMediaType(ServiceError):
+    type, title, status = "unsupported-media-type", "Unsupported media type", 415
+
+
+class NotAcceptable(ServiceError):
+    type, title, status = "not-acceptable", "No acceptable representation", 406
+
+
+class Unauthorized(ServiceError):
+    type, title, status = "unauthorized", "Missing or wrong bearer token", 401
+
+
+class NotFound(ServiceError):
+    type, title, status = "not-found", "Not found", 404
+
+
+class DatasetNotFound(NotFound):
+    type, title = "dataset-not-found", "Dataset not found"
+
+
+class DatasetExists(ServiceError):
+    type, title, status = "dataset-exists", "Dataset already exists", 409
+
+
+class DatasetEmpty(ServiceError):
+    type, title, status = "dataset-empty", "Dataset has no sequences", 409
+
+
+class Conflict(ServiceError):
+    type, title, status = "conflict", "Conflicting concurrent change", 409
+
+
+class StoreUnavailable(ServiceError):
+    type, title, status = "store-unavailable", "Redis is unreachable", 503
+
+
+def problem_response(err: ServiceError, request: Request | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    instance = request.url.path if request is not None else None
+    return JSONResponse(err.body(instance), status_code=err.status, media_type=PROBLEM_JSON, headers=headers)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers that make every error a problem+json response."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return problem_response(exc, request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors)
+        return problem_response(ValidationFailed(detail, errors=errors), request)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err = ServiceError(str(exc.detail))
+        err.status = exc.status_code  # type: ignore[misc]
+        err.type = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")  # type: ignore[misc]
+        err.title = str(exc.detail)  # type: ignore[misc]
+        return problem_response(err, request)
+
+    @app.exception_handler(RedisConnectionError)
+    @app.exception_handler(RedisTimeoutError)
+    async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis unreachable: %s", exc)
+        return problem_response(StoreUnavailable(f"the service cannot reach Redis: {exc}"), request)

@@ -1,0 +1,202 @@
+"""Ingest: a streamed request body -> documents -> tokens -> packed chunks.
+
+Bodies are read as they arrive and never held whole (except a single
+``text/plain`` document, which is one document by definition). Documents are
+tokenized in bulk, in a worker thread, a batch of about ``ingest_batch_bytes``
+at a time; full chunks are staged in Redis as soon as they are built, and the
+request commits them all at once at the end (see store.py).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import anyio
+import numpy as np
+
+from .errors import MalformedDocument, PayloadTooLarge, TokenOutOfVocabulary
+from .packing import ChunkBuilder, Packer
+from .tokenization import TokenizerInfo, encode_texts
+
+Document = str | np.ndarray  # text, or pre-tokenized ids
+SPLITS = ("none", "line", "paragraph")
+
+
+async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """Pass body chunks through, failing once more than ``limit`` bytes came."""
+    seen = 0
+    async for piece in stream:
+        seen += len(piece)
+        if seen > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit", limit=limit)
+        yield piece
+
+
+async def lines(stream: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
+    """Split a byte stream into numbered lines (1-based, without the newline)."""
+    buf = b""
+    number = 0
+    async for piece in stream:
+        buf += piece
+        *complete, buf = buf.split(b"\n")
+        for line in complete:
+            number += 1
+            yield number, line
+    if buf:
+        yield number + 1, buf
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise MalformedDocument(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
+
+
+def parse_ndjson_line(number: int, raw: bytes, vocab_size: int) -> Document | None:
+    raw = raw.strip()
+    if not raw:
+        return None
+    where = f"line {number}"
+    try:
+        obj = json.loads(_utf8(raw, where))
+    except ValueError as exc:
+        raise MalformedDocument(f"{where}: not JSON ({exc})", line=number) from None
+    if not isinstance(obj, dict) or ("text" in obj) == ("ids" in obj):
+        raise MalformedDocument(f'{where}: expected an object with exactly one of "text" or "ids"', line=number)
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise MalformedDocument(f'{where}: "text" must be a string', line=number)
+        return obj["text"]
+    ids = obj["ids"]
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise MalformedDocument(f'{where}: "ids" must be a list of integers', line=number)
+    arr = np.array(ids, dtype=np.int64)
+    if len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
+        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+        raise TokenOutOfVocabulary(
+            f"{where}: id {bad} is outside the vocabulary [0, {vocab_size})", line=number, id=bad
+        )
+    return arr
+
+
+async def documents(
+    body: AsyncIterator[bytes], media_type: str, split: str, vocab_size: int
+) -> AsyncIterator[Document]:
+    """Documents of a body: NDJSON lines, or plain text split as asked."""
+    if media_type in ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"):
+        async for number, raw in lines(body):
+            doc = parse_ndjson_line(number, raw, vocab_size)
+            if doc is not None:
+                yield doc
+        return
+    # text/plain
+    if split == "none":
+        text = _utf8(b"".join([p async for p in body]), "body")
+        if text.strip():
+            yield text
+        return
+    para: list[str] = []
+    async for number, raw in lines(body):
+        line = _utf8(raw, f"line {number}").rstrip("\r")
+        if split == "line":
+            if line.strip():
+                yield line
+        elif line.strip():
+            para.append(line)
+        elif para:
+            yield "\n".join(para)
+            para = []
+    if para:
+        yield "\n".join(para)
+
+
+@dataclass
+class IngestStats:
+    documents: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    chunk_counts: list[int] = field(default_factory=list)
+
+
+class Pipeline:
+    """Tokenize + pack + build chunks; synchronous, run in a worker thread."""
+
+    def __init__(self, info: TokenizerInfo, packing: str, seq_len: int, chunk_bytes: int, chunk_seqs: int) -> None:
+        self.info = info
+        self.packer = Packer(packing, seq_len, info.special_ids.get("cls"), info.special_ids.get("sep"))
+        self.builder = ChunkBuilder(info.id_dtype, chunk_bytes, chunk_seqs)
+        self.stats = IngestStats()
+
+    def feed(self, docs: list[Document]) -> list[bytes]:
+        """Tokenize a batch of documents; return the chunk blobs completed."""
+        texts = [d for d in docs if isinstance(d, str)]
+        t_ids, t_ws, t_len = encode_texts(self.info, texts) if texts else (None, None, None)
+        parts_ids, parts_ws, lengths = [], [], []
+        t_pos = t_doc = 0
+        for d in docs:
+            if isinstance(d, str):
+                n = int(t_len[t_doc])
+                parts_ids.append(t_ids[t_pos : t_pos + n])
+                parts_ws.append(t_ws[t_pos : t_pos + n])
+                t_pos += n
+                t_doc += 1
+            else:
+                ws = self.info.word_start[d]
+                if len(ws):
+                    ws[0] = True
+                parts_ids.append(d)
+                parts_ws.append(ws)
+                n = len(d)
+            lengths.append(n)
+        self.stats.documents += len(docs)
+        if not parts_ids:
+            return []
+        seqs = self.packer.feed(np.concatenate(parts_ids), np.concatenate(parts_ws), np.array(lengths, np.int64))
+        return self._add(seqs)
+
+    def finish(self) -> list[bytes]:
+        blobs = self._add(self.packer.flush())
+        if self.builder.count:
+            blobs.append(self._build())
+        return blobs
+
+    def _add(self, seqs: list[tuple[np.ndarray, np.ndarray]]) -> list[bytes]:
+        blobs = []
+        for ids, ws in seqs:
+            self.builder.add(ids, ws)
+            self.stats.sequences += 1
+            self.stats.tokens += len(ids)
+            if self.builder.full:
+                blobs.append(self._build())
+        return blobs
+
+    def _build(self) -> bytes:
+        self.stats.chunk_counts.append(self.builder.count)
+        blob = self.builder.build()
+        self.stats.bytes += len(blob)
+        return blob
+
+
+async def run_pipeline(
+    pipeline: Pipeline, docs: AsyncIterator[Document], batch_bytes: int, stage
+) -> IngestStats:
+    """Drive ``docs`` through ``pipeline``; ``stage(blob)`` stores each chunk."""
+    batch: list[Document] = []
+    size = 0
+    async for doc in docs:
+        batch.append(doc)
+        size += len(doc) if isinstance(doc, str) else 4 * len(doc)
+        if size >= batch_bytes:
+            for blob in await anyio.to_thread.run_sync(pipeline.feed, batch):
+                await stage(blob)
+            batch, size = [], 0
+    if batch:
+        for blob in await anyio.to_thread.run_sync(pipeline.feed, batch):
+            await stage(blob)
+    for blob in await anyio.to_thread.run_sync(pipeline.finish):
+        await stage(blob)
+    return pipeline.stats

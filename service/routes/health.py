@@ -1,0 +1,27 @@
+"""Liveness and readiness (open to all), Prometheus metrics (behind the token)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import MetricsDep, StoreDep
+
+router = APIRouter(tags=["health"])
+metrics_router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz", summary="The process is up")
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", summary="Redis answers")
+async def readyz(store: StoreDep) -> dict[str, str]:
+    await store.r.ping()  # a lost connection becomes a 503 problem
+    return {"status": "ready"}
+
+
+@metrics_router.get("/metrics", summary="Prometheus metrics")
+async def metrics(m: MetricsDep) -> Response:
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,43 @@
+"""Training a tokenizer on the fly from a corpus sent in the request body."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import anyio
+from fastapi import APIRouter, Query, Request, Response
+
+from ..deps import SettingsDep
+from ..errors import UnsupportedMediaType
+from ..ingest import documents, limited
+from ..tokenization import train_tokenizer
+
+router = APIRouter(prefix="/v1/tokenizers", tags=["tokenizers"])
+
+
+@router.post(
+    "/train",
+    summary="Train a tokenizer on the body's documents; returns its tokenizer.json",
+    responses={200: {"content": {"application/json": {}}}},
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/x-ndjson": {"schema": {"type": "string"}}, "text/plain": {"schema": {"type": "string"}}},
+            "required": True,
+        }
+    },
+)
+async def train(
+    request: Request,
+    settings: SettingsDep,
+    kind: Annotated[Literal["bpe", "wordpiece", "unigram"], Query(description="Tokenizer family.")] = "bpe",
+    vocab_size: Annotated[int, Query(ge=64, le=1 << 20)] = 8000,
+    min_frequency: Annotated[int, Query(ge=1)] = 2,
+    split: Annotated[Literal["none", "line", "paragraph"], Query()] = "paragraph",
+) -> Response:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in ("application/x-ndjson", "application/jsonl", "text/plain"):
+        raise UnsupportedMediaType(f"send application/x-ndjson or text/plain, not {media_type or 'nothing'!r}")
+    body = limited(request.stream(), settings.max_train_bytes)
+    texts = [d async for d in documents(body, media_type, split, vocab_size=1 << 32) if isinstance(d, str)]
+    tok = await anyio.to_thread.run_sync(lambda: train_tokenizer(texts, kind, vocab_size, min_frequency))
+    return Response(tok.to_str(), media_type="application/json")

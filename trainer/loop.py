@@ -1,0 +1,252 @@
+"""The training loop: AdamW, linear warmup then linear decay, logging, checkpoints.
+
+`train` consumes any iterable of batches (dicts of tensors). Step s (0-based)
+uses the s-th item the iterable yields, so a data stream whose batch k is a pure
+function of (seed, k) can be resumed exactly by starting it at k = start_step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+from .model import MaskedLM
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # total steps of the run (also where the lr reaches 0)
+    lr: float = 5e-4
+    warmup_steps: int = 0
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    log_every: int = 10
+    device: str = "auto"  # "auto" | "cpu" | "cuda" (or "cuda:N")
+    amp: bool = True  # bf16 autocast, CUDA only
+    checkpoint: str | None = None  # path; written every checkpoint_every steps and at the end
+    checkpoint_every: int = 0  # 0: only at the end
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)  # one per step run, in order
+    final_step: int = 0  # number of completed steps (the step to resume from)
+    elapsed: float = 0.0  # seconds
+    sequences_per_sec: float = 0.0
+
+
+DataState = Callable[[int], dict] | Mapping[str, Any] | None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    return dev
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate used for 0-based step `step`.
+
+    Warmup ramps linearly to cfg.lr over warmup_steps (step 0 already gets
+    lr / warmup_steps, not 0), then the rate decays linearly to 0 at cfg.steps.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    decay_steps = max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * max(0.0, (cfg.steps - step) / decay_steps)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights) only; biases and
+    LayerNorm parameters (all 1-D) are not decayed."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields the tied weight once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict:
+    """Read a checkpoint written by `train`. Keys: model_config, train_config,
+    model, optimizer, scheduler, step, data."""
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
+    """torch.save to a temporary file first, so a crash never leaves half a checkpoint."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, path)
+
+
+def _data_position(data_state: DataState, step: int) -> dict:
+    if data_state is None:
+        return {"step": step}
+    if callable(data_state):
+        return dict(data_state(step))
+    return {**data_state, "step": step}
+
+
+def _to_device(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
+    if not isinstance(batch, Mapping):  # e.g. a client Batch object
+        batch = batch.torch(device)
+    return {k: v if v.device == device else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train(
+    model: MaskedLM,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    start_step: int = 0,
+    optimizer_state: dict | None = None,
+    data_state: DataState = None,
+    log: Callable[[str], Any] | None = print,
+) -> TrainResult:
+    """Train `model` in place from step `start_step` up to cfg.steps.
+
+    batches: yields {"input_ids", "attention_mask", "labels"} tensors of shape
+    (B, L); the first item is used for step start_step. Training stops early if
+    the iterable runs out.
+    optimizer_state: AdamW state_dict to resume from (checkpoint["optimizer"]).
+    data_state: describes where the data stream is, stored in checkpoints as
+    checkpoint["data"]; a callable gets the number of completed steps.
+    """
+    log = log or (lambda _msg: None)
+    if not 0 <= start_step <= cfg.steps:
+        raise ValueError(f"start_step {start_step} is outside [0, {cfg.steps}]")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed + start_step)  # dropout stream
+    model.to(device)
+    model.train()
+
+    use_amp = cfg.amp and device.type == "cuda"
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
+    )
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay),
+        lr=lr_at(start_step, cfg),
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(cfg.checkpoint, {
+            "model_config": asdict(model.config),
+            "train_config": asdict(cfg),
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            # The schedule is a pure function of the step; stored for reference.
+            "scheduler": {"kind": "linear_warmup_linear_decay", "lr": cfg.lr,
+                          "warmup_steps": cfg.warmup_steps, "total_steps": cfg.steps,
+                          "last_lr": lr_at(max(step - 1, 0), cfg)},
+            "step": step,
+            "data": _data_position(data_state, step),
+        })
+        log(f"checkpoint: step {step} -> {cfg.checkpoint}")
+
+    precision = "bf16 autocast" if use_amp else "fp32"
+    log(f"training on {device} ({precision}) | {model.num_parameters() / 1e6:.2f}M params "
+        f"| steps {start_step} -> {cfg.steps}")
+
+    result = TrainResult(final_step=start_step)
+    window_losses: list[torch.Tensor] = []  # kept on device; synced once per log line
+    window_tokens = torch.zeros((), dtype=torch.long, device=device)
+    window_seqs, window_data_t, window_start = 0, 0.0, time.perf_counter()
+    total_seqs, t0 = 0, time.perf_counter()
+
+    def flush_losses() -> list[float]:
+        values = torch.stack(window_losses).float().tolist() if window_losses else []
+        window_losses.clear()
+        result.losses.extend(values)
+        return values
+
+    it = iter(batches)
+    step = start_step
+    try:
+        while step < cfg.steps:
+            t_wait = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                log(f"data stream ended after step {step}; stopping early")
+                break
+            except BaseException:
+                # Between steps the model and optimizer are consistent: keep the
+                # progress so a run cut off by the data source can be resumed.
+                if cfg.checkpoint and step > start_step:
+                    checkpoint(step)
+                raise
+            batch = _to_device(batch, device)
+            window_data_t += time.perf_counter() - t_wait
+
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast():
+                _, loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip and cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            step += 1
+
+            window_losses.append(loss.detach())
+            window_tokens += batch["attention_mask"].sum()
+            window_seqs += batch["input_ids"].shape[0]
+            total_seqs += batch["input_ids"].shape[0]
+            result.final_step = step
+
+            if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
+                values = flush_losses()  # syncs with the device
+                window_t = time.perf_counter() - window_start
+                mean_loss = sum(values) / max(len(values), 1)
+                if not math.isfinite(mean_loss):
+                    raise FloatingPointError(f"loss is {mean_loss} at step {step}")
+                compute_t = window_t - window_data_t
+                log(f"step {step:>6}/{cfg.steps} | loss {mean_loss:.4f} | lr {lr:.2e} "
+                    f"| {window_seqs / window_t:,.1f} seq/s | {window_tokens.item() / window_t:,.0f} tok/s "
+                    f"| data wait {window_data_t:.2f}s ({100 * window_data_t / window_t:.0f}%) "
+                    f"compute {compute_t:.2f}s")
+                window_tokens.zero_()
+                window_seqs, window_data_t, window_start = 0, 0.0, time.perf_counter()
+
+            if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
+                    and step < cfg.steps:
+                checkpoint(step)
+    finally:
+        flush_losses()
+        result.elapsed = time.perf_counter() - t0
+        result.sequences_per_sec = total_seqs / result.elapsed if result.elapsed > 0 else 0.0
+
+    if cfg.checkpoint and step > start_step:
+        checkpoint(step)
+    return result
+
+
+__all__ = [
+    "TrainConfig", "TrainResult", "train", "lr_at", "param_groups",
+    "load_checkpoint", "save_checkpoint", "resolve_device",
+]
