@@ -18,7 +18,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ._client import Client
+from ._batch import Batch
+from ._client import BatchStream, Client
 
 
 class MaskedBatches(IterableDataset):
@@ -46,32 +47,20 @@ class MaskedBatches(IterableDataset):
         self.token = token
         self.masking = masking
 
-    def _indices(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        k = self.start + worker
-        while self.steps is None or k < self.start + self.steps:
-            yield k
-            k += workers
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        first = self.start + worker
+        # this worker's share of steps start .. start+steps-1
+        count = None if self.steps is None else max(0, (self.steps - worker + workers - 1) // workers)
         with Client(self.base_url, token=self.token) as c:
-            indices = list(self._indices()) if self.steps is not None else None
-            if indices is not None:
-                from ._client import BatchStream
 
-                def fetch(j: int):  # noqa: ANN202
-                    return c.batch(self.dataset, self.batch_size, seed=self.seed, index=indices[j], **self.masking)
+            def fetch(j: int) -> Batch:
+                return c.batch(self.dataset, self.batch_size, seed=self.seed, index=first + j * workers, **self.masking)
 
-                stream = BatchStream(fetch, 0, len(indices), self.prefetch)
-            else:
-                it = self._indices()
-                stream = BatchStream(
-                    lambda _: c.batch(self.dataset, self.batch_size, seed=self.seed, index=next(it), **self.masking),
-                    0, None, 1,
-                )  # fmt: skip
-            with stream:
+            with BatchStream(fetch, 0, count, self.prefetch) as stream:
                 for batch in stream:
                     out = batch.torch()
                     out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
+                    out["index"] = torch.tensor(batch.index)
                     yield out
