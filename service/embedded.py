@@ -63,6 +63,21 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie or a recycled pid of something else does not count
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return b"server" in cmdline and ") Z " not in stat
+
+
 class EmbeddedRedis:
     """Start, wait for, and stop one server process over ``data_dir``."""
 
@@ -80,9 +95,28 @@ class EmbeddedRedis:
     def log_path(self) -> Path:
         return self.data_dir / "server.log"
 
+    @property
+    def pid_path(self) -> Path:
+        return self.data_dir / "server.pid"
+
+    def _wait_previous(self, timeout: float) -> None:
+        """Wait for an earlier server on this data dir to finish (e.g. saving after its parent died)."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        deadline = time.monotonic() + timeout
+        while _alive(pid):
+            if time.monotonic() > deadline:
+                raise EmbeddedServerError(
+                    f"another server (pid {pid}) still runs on {self.data_dir}; stop it or use another data dir"
+                )
+            time.sleep(0.05)
+
     def start(self, timeout: float = 15.0) -> "EmbeddedRedis":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         binary = find_server_binary()
+        self._wait_previous(timeout)
         for attempt in range(5):
             port = self.port or _free_port()
             args = [
@@ -94,6 +128,7 @@ class EmbeddedRedis:
                 "--appendonly", "yes" if self.appendonly else "no",
                 "--appendfsync", "everysec",
                 "--logfile", str(self.log_path),
+                "--pidfile", str(self.pid_path),
                 "--daemonize", "no",
                 "--protected-mode", "yes",
             ]  # fmt: skip

@@ -1,0 +1,296 @@
+"""Shared pieces of the benchmarks: machine header, corpus, tokenizer, a service process.
+
+Every benchmark runs the service as a real ``python -m service serve`` process
+(a separate interpreter, its own event loop) against a real Redis: the URL given
+with ``--redis-url`` (default database 14 of the local server, flushed before
+and after), or, with ``--embedded``, the service's own embedded server in a
+temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
+KEY_PREFIX = "ms"  # the service's default MASKSERVE_KEY_PREFIX
+
+
+# ---- command line ------------------------------------------------------------
+
+
+def add_service_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("service")
+    g.add_argument("--redis-url", default=DEFAULT_REDIS_URL,
+                   help="Redis the service uses; its database is FLUSHDB'd before and after (default %(default)s)")
+    g.add_argument("--embedded", action="store_true",
+                   help="let the service start its embedded server (no REDIS_URL) in a temporary directory")
+    g.add_argument("--service-log", default=None,
+                   help="keep the service's stdout/stderr in this file (default: a temporary file, shown on failure)")
+    g.add_argument("--profile", default=None, metavar="FILE.prof",
+                   help="run the service under cProfile (event-loop thread only) and print its top functions")
+
+
+# ---- machine header ----------------------------------------------------------
+
+
+def _version(module: str) -> str:
+    try:
+        mod = __import__(module)
+        return str(getattr(mod, "__version__", "?"))
+    except Exception:  # noqa: BLE001 - a missing package is just reported
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def header(title: str, measures: Sequence[str], settings: dict[str, Any] | None = None) -> None:
+    """Print what is measured and on what machine."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    print(f"== {title} ==")
+    for line in measures:
+        print(f"   {line}")
+    print(f"machine: {os.cpu_count()} CPUs ({usable} usable), {_cpu_model()}, {platform.system()} {platform.release()}")
+    print(f"python {platform.python_version()} ({sys.executable}); numpy {_version('numpy')}, "
+          f"tokenizers {_version('tokenizers')}, redis-py {_version('redis')}, httpx {_version('httpx')}, "
+          f"fastapi {_version('fastapi')}, uvicorn {_version('uvicorn')}")
+    if settings:
+        print("settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
+    print(flush=True)
+
+
+# ---- corpus and tokenizer ----------------------------------------------------
+
+
+_DOCS: list[str] | None = None
+
+
+def stdlib_docs() -> list[str]:
+    """The stdlib docstrings once (about 1.2 MB on CPython 3.11), cached per process."""
+    global _DOCS
+    if _DOCS is None:
+        from service.corpus import stdlib_docstrings
+
+        _DOCS = list(stdlib_docstrings())
+    return _DOCS
+
+
+def text_bytes(docs: Sequence[str]) -> int:
+    return sum(len(d.encode()) for d in docs)
+
+
+def repeat_to(docs: Sequence[str], *, min_bytes: int = 0, copies: int = 1) -> list[str]:
+    """``docs`` repeated whole, at least ``copies`` times and until ``min_bytes`` of text."""
+    one = text_bytes(docs)
+    n = max(copies, math.ceil(min_bytes / max(1, one)))
+    return list(docs) * n
+
+
+def train_bpe(docs: Sequence[str], vocab_size: int = 8000):  # noqa: ANN201 - tokenizers.Tokenizer
+    """The byte-level BPE of ``service.tokenization.train_tokenizer`` on ``docs``.
+
+    Returns ``(tokenizer, tokenizer_json_dict)``; the tokenizer is reloaded from
+    its JSON the way the service loads a dataset's tokenizer.
+    """
+    from service.tokenization import load_tokenizer, train_tokenizer
+
+    tok = train_tokenizer(docs, "bpe", vocab_size)
+    text = tok.to_str()
+    return load_tokenizer(text), json.loads(text)
+
+
+# ---- Redis -------------------------------------------------------------------
+
+
+def redis_client(url: str):  # noqa: ANN201 - redis.Redis
+    import redis
+
+    return redis.Redis.from_url(url)
+
+
+def flushdb(url: str) -> None:
+    r = redis_client(url)
+    try:
+        r.flushdb()
+    finally:
+        r.close()
+
+
+def redis_version(url: str) -> str:
+    r = redis_client(url)
+    try:
+        info = r.info("server")
+        return f"{info.get('redis_version', '?')} ({'valkey ' + info['valkey_version'] if 'valkey_version' in info else 'redis'})"
+    finally:
+        r.close()
+
+
+# ---- the service process -----------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """``python -m service serve`` in a subprocess; a context manager.
+
+    ``redis_url`` is the server the service talks to (the embedded one's URL is
+    read from the service log once it is up). On exit the service is stopped
+    with SIGINT (clean uvicorn shutdown, so ``--profile`` output is written).
+    """
+
+    def __init__(self, *, redis_url: str | None, embedded: bool, log_file: str | None = None,
+                 profile: str | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+        self.embedded = embedded
+        self.redis_url = None if embedded else redis_url
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.profile = profile
+        self._tmp = Path(tempfile.mkdtemp(prefix="maskserve-bench-"))
+        self.log_path = Path(log_file) if log_file else self._tmp / "service.log"
+        self._extra_env = env or {}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout: float = 60.0) -> "Service":
+        from client import Client
+
+        env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MASKSERVE_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        if self.embedded:
+            env["MASKSERVE_DATA_DIR"] = str(self._tmp / "redis")
+        else:
+            env["REDIS_URL"] = self.redis_url or DEFAULT_REDIS_URL
+        env.update(self._extra_env)
+        cmd = [sys.executable]
+        if self.profile:
+            cmd += ["-m", "cProfile", "-o", str(Path(self.profile).resolve())]
+        cmd += ["-m", "service", "serve", "--port", str(self.port), "--log-level", "info"]
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        with Client(self.url, retries=0, timeout=5) as c:
+            while not c.ready():
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log_tail()}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise RuntimeError(f"service not ready after {timeout}s:\n{self.log_tail()}")
+                time.sleep(0.1)
+        if self.embedded:
+            m = re.search(r"embedded Redis at (redis://\S+)", self.log_path.read_text(errors="replace"))
+            if m is None:
+                raise RuntimeError(f"could not find the embedded server's URL in the log:\n{self.log_tail()}")
+            self.redis_url = m.group(1)
+        return self
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> "Service":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+
+class BenchRedis:
+    """Flush the benchmark database before and after (not for the embedded server)."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.url = None if args.embedded else args.redis_url
+
+    def __enter__(self) -> "BenchRedis":
+        if self.url:
+            flushdb(self.url)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.url:
+            flushdb(self.url)
+
+
+def print_profile(path: str, top: int = 25) -> None:
+    import pstats
+
+    if not Path(path).exists():
+        print(f"(no profile written to {path})")
+        return
+    print(f"\n-- service profile ({path}), event-loop thread, top {top} by own time --")
+    st = pstats.Stats(path)
+    st.sort_stats("tottime").print_stats(top)
+    print(f"-- top {top} by cumulative time --")
+    st.sort_stats("cumulative").print_stats(top)
+
+
+# ---- figures -----------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest-rank-interpolated percentile (q in 0..100) of a non-empty sequence."""
+    xs = sorted(values)
+    if not xs:
+        return float("nan")
+    pos = (len(xs) - 1) * q / 100.0
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def human(n: float, unit: str = "") -> str:
+    for div, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {suffix}{unit}"
+    return f"{n:.0f} {unit}".rstrip()
