@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from typing import Annotated, Any, Literal
@@ -19,6 +20,7 @@ from ..packing import PACKING_MODES
 from ..tokenization import ROLES, load_tokenizer, prepare
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+log = logging.getLogger("maskserve")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
@@ -196,7 +198,10 @@ async def ingest(
         )  # fmt: skip
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await store.drop_staged(name, staged)
+            try:
+                await store.drop_staged(name, staged)
+            except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
+                log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
         raise
     if status == -1:
         raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
