@@ -45,6 +45,8 @@ def add_service_args(p: argparse.ArgumentParser) -> None:
                    help="let the service start its embedded server (no REDIS_URL) in a temporary directory")
     g.add_argument("--service-log", default=None,
                    help="keep the service's stdout/stderr in this file (default: a temporary file, shown on failure)")
+    g.add_argument("--service-env", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra environment for the service, e.g. MASKSERVE_CHUNK_BYTES=1040000")
     g.add_argument("--profile", default=None, metavar="FILE.prof",
                    help="run the service under cProfile (event-loop thread only) and print its top functions")
 
@@ -80,6 +82,11 @@ def header(title: str, measures: Sequence[str], settings: dict[str, Any] | None 
     for line in measures:
         print(f"   {line}")
     print(f"machine: {os.cpu_count()} CPUs ({usable} usable), {_cpu_model()}, {platform.system()} {platform.release()}")
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+        print(f"load average (1/5/15 min) at start: {load}")
+    except OSError:
+        pass
     print(f"python {platform.python_version()} ({sys.executable}); numpy {_version('numpy')}, "
           f"tokenizers {_version('tokenizers')}, redis-py {_version('redis')}, httpx {_version('httpx')}, "
           f"fastapi {_version('fastapi')}, uvicorn {_version('uvicorn')}")
@@ -161,6 +168,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def service_env(args: argparse.Namespace) -> dict[str, str]:
+    out = {}
+    for kv in args.service_env or []:
+        key, sep, value = kv.partition("=")
+        if not sep:
+            raise SystemExit(f"--service-env wants KEY=VALUE, not {kv!r}")
+        out[key] = value
+    return out
+
+
+def start_service(args: argparse.Namespace) -> "Service":
+    """The service as the common command-line options describe it (not started yet)."""
+    return Service(redis_url=args.redis_url, embedded=args.embedded, log_file=args.service_log,
+                   profile=args.profile, env=service_env(args))  # fmt: skip
 
 
 class Service:
@@ -277,6 +300,25 @@ def print_profile(path: str, top: int = 25) -> None:
 
 
 # ---- figures -----------------------------------------------------------------
+
+
+_TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of process ``pid``, from /proc (Linux; nan elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / _TICK
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def redis_cpu(r) -> float:  # noqa: ANN001
+    """CPU seconds the Redis server has used (INFO cpu, user + system)."""
+    info = r.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 def percentile(values: Sequence[float], q: float) -> float:

@@ -26,10 +26,13 @@ import time
 
 from _common import (
     BenchRedis,
-    Service,
+    start_service,
     add_service_args,
     header,
     print_profile,
+    proc_cpu,
+    redis_client,
+    redis_cpu,
     redis_version,
     repeat_to,
     stdlib_docs,
@@ -81,7 +84,7 @@ def _batches(texts: list[str], batch_bytes: int) -> list[list[str]]:
 def _row(label: str, times: list[float], tokens: int, nbytes: int, extra: str = "") -> tuple[str, float]:
     best, med = min(times), statistics.median(times)
     rate = tokens / best
-    print(f"  {label:<44} best {best:7.3f}s  median {med:7.3f}s  {rate / 1e6:6.3f} M tokens/s  "
+    print(f"  {label:<46} best {best:7.3f}s  median {med:7.3f}s  {rate / 1e6:6.3f} M tokens/s  "
           f"{nbytes / best / 1e6:6.2f} MB/s{extra}", flush=True)  # fmt: skip
     return label, rate
 
@@ -98,7 +101,8 @@ def main() -> int:
         ],
         {"target_mb": args.target_mb, "packing": " ".join(args.packing), "seq_len": args.seq_len,
          "vocab_size": args.vocab_size, "repeats": args.repeats,
-         "redis": "embedded" if args.embedded else args.redis_url},  # fmt: skip
+         "redis": "embedded" if args.embedded else args.redis_url,
+         "service_env": " ".join(args.service_env) or "-"},  # fmt: skip
     )
     from tokenizers import Tokenizer
 
@@ -155,9 +159,9 @@ def main() -> int:
 
     print("\nservice over HTTP (client in this process, service in a subprocess):", flush=True)
     service_rates: dict[str, float] = {}
-    with BenchRedis(args), Service(redis_url=args.redis_url, embedded=args.embedded, log_file=args.service_log,
-                                   profile=args.profile) as svc:  # fmt: skip
+    with BenchRedis(args), start_service(args) as svc:
         print(f"  service {svc.url} pid {svc.pid}, Redis {svc.redis_url} ({redis_version(svc.redis_url)})")
+        r = redis_client(svc.redis_url)
         with Client(svc.url, timeout=600) as c:
             for packing in args.packing:
                 name = f"bench-ingest-{packing}"
@@ -165,6 +169,7 @@ def main() -> int:
                 c.create_dataset(name, tokenizer=tok_json, seq_len=args.seq_len, packing=packing)
                 c.ingest(name, docs[:20])  # loads the tokenizer into the service's cache
                 times, stored = [], 0
+                cpu0 = (time.process_time(), proc_cpu(svc.pid), redis_cpu(r))
                 for _ in range(args.repeats):
                     t0 = time.perf_counter()
                     res = c.ingest(name, corpus)
@@ -172,17 +177,22 @@ def main() -> int:
                     stored = res["tokens"]
                     if res["documents"] != len(corpus):
                         print(f"  !! service counted {res['documents']} documents, sent {len(corpus)}")
+                cpu1 = (time.process_time(), proc_cpu(svc.pid), redis_cpu(r))
                 label, rate = _row(f"service ingest, packing={packing}", times, text_tokens, nbytes,
                                    f"  ({stored:,} stored tokens, {res['sequences']:,} sequences, "
                                    f"{res['bytes'] / 1e6:.1f} MB chunks)")  # fmt: skip
                 results.append((label, rate))
                 service_rates[packing] = rate
+                per_mb = [(b - a) / args.repeats / (nbytes / 1e6) * 1e3 for a, b in zip(cpu0, cpu1)]
+                print(f"    CPU ms per MB of text: client {per_mb[0]:.1f}, service {per_mb[1]:.1f} (all threads; "
+                      f"{per_mb[1] * nbytes / 1e6 / 1e3 / statistics.fmean(times):.2f} cores busy), Redis {per_mb[2]:.1f}")  # fmt: skip
                 c.delete_dataset(name)
+        r.close()
 
     bare = results[0][1]
     print("\nsummary (best runs, text tokens/s):")
     for label, rate in results:
-        print(f"  {label:<44} {rate / 1e6:7.3f} M tokens/s   {rate / bare:5.2f}x bare encode_batch")
+        print(f"  {label:<46} {rate / 1e6:7.3f} M tokens/s   {rate / bare:5.2f}x bare encode_batch")
     for packing, rate in service_rates.items():
         print(f"ratio service/bare (packing={packing}): {rate / bare:.3f}  (bare is {bare / rate:.2f}x faster)")
     if args.profile:

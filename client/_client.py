@@ -318,12 +318,14 @@ class BatchStream:
 def _read_into(resp: httpx.Response) -> bytearray:
     """Read a body into one writable buffer (arrays over it are writable, no copy)."""
     length = resp.headers.get("content-length")
-    if length is None:
-        return bytearray(resp.read())
+    if length is None or resp.headers.get("content-encoding", "identity") != "identity":
+        return bytearray(resp.read())  # compressed or chunked: size unknown until decoded
     buf = bytearray(int(length))
     view = memoryview(buf)
     pos = 0
     for piece in resp.iter_bytes():
+        if pos + len(piece) > len(buf):
+            raise ProtocolError(f"body longer than its Content-Length of {len(buf)} bytes")
         view[pos : pos + len(piece)] = piece
         pos += len(piece)
     if pos != len(buf):

@@ -49,7 +49,7 @@ def encode(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None 
     blobs: list[np.ndarray] = []
     offset = 0
     for name, arr in arrays.items():
-        a = np.ascontiguousarray(arr)
+        a = np.ascontiguousarray(arr).reshape(np.shape(arr))  # keeps 0-d arrays 0-d
         if a.dtype.byteorder == ">":
             a = a.astype(a.dtype.newbyteorder("<"))
         dtype = _FROM_NUMPY.get(a.dtype.newbyteorder("<") if a.dtype.byteorder == "=" else a.dtype)
@@ -90,6 +90,8 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], 
     if not isinstance(header, dict):
         raise WireFormatError("header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WireFormatError("__metadata__ must map strings to strings")
     data = view[8 + n :]
     arrays: dict[str, np.ndarray] = {}
     for name, spec in header.items():
@@ -99,6 +101,8 @@ def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], 
             begin, end = (int(x) for x in spec["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise WireFormatError(f"bad header entry for {name!r}: {spec!r}") from None
+        if any(d < 0 for d in shape):
+            raise WireFormatError(f"array {name!r} has a negative dimension: {shape}")
         count = int(np.prod(shape, dtype=np.int64))
         if not 0 <= begin <= end <= len(data) or end - begin != count * dtype.itemsize:
             raise WireFormatError(f"array {name!r}: byte range {begin}..{end} does not fit shape {shape}")

@@ -66,6 +66,13 @@ class Catalog:
         self._cache[name] = rt
         return rt
 
+    async def current(self, name: str) -> DatasetRuntime:
+        """The runtime of the dataset that exists now (checked against Redis)."""
+        counters = await self.store.counters(name)
+        if counters is None:
+            raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        return await self.runtime(name, counters[0])
+
     async def with_chunks(self, rt: DatasetRuntime, num_chunks: int) -> DatasetRuntime:
         """Extend the cached chunk table to ``num_chunks`` entries."""
         have = len(rt.chunk_starts)

@@ -176,7 +176,7 @@ async def ingest(
             f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line) or text/plain, "
             f"not {media_type or 'no content type'!r}"
         )
-    rt = await catalog.runtime(name)
+    rt = await catalog.current(name)
     info = await catalog.tokenizer(rt)
     pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
     ingest_id = store.new_ingest_id()

@@ -1,0 +1,495 @@
+"""Bad input: an RFC 9457 problem with a stable type, a useful detail, and no change to the store."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis
+from pydantic import SecretStr
+
+import client as ms
+from client import Client
+from service.config import Settings
+
+from .conftest import ServerThread, free_port
+
+PROBLEM = "application/problem+json"
+BASE = "urn:maskserve:problem:"
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+# ---------------------------------------------------------------------------
+# helpers
+
+
+def uniq(base: str) -> str:
+    return f"{base}-{uuid.uuid4().hex[:8]}"
+
+
+def ndjson(records) -> bytes:
+    return b"".join(json.dumps(r).encode() + b"\n" for r in records)
+
+
+def check_problem(resp: httpx.Response, status: int, kind: str, *in_detail: str) -> dict:
+    """The response is a problem+json of ``status`` and type ``kind`` whose detail names the problem."""
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].split(";")[0] == PROBLEM
+    body = resp.json()
+    assert body["type"] == BASE + kind
+    assert body["status"] == status
+    assert body["title"]
+    assert isinstance(body["detail"], str) and body["detail"]
+    for text in in_detail:
+        assert text in body["detail"], f"{text!r} not in {body['detail']!r}"
+    return body
+
+
+def snapshot(rdb: redis.Redis) -> dict[bytes, bytes]:
+    """Every key of the test database with its serialized value."""
+    return {k: rdb.dump(k) for k in sorted(rdb.keys("*"))}
+
+
+def commands(rdb: redis.Redis, name: str) -> int:
+    return int(rdb.info("commandstats").get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+@pytest.fixture
+def http(service_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=service_url, timeout=60) as h:
+        yield h
+
+
+@pytest.fixture
+def populated(http: httpx.Client, bpe_tokenizer: str, corpus: list[str]) -> str:
+    """A dataset with some data in it (a fresh name: the shared service caches datasets by name)."""
+    name = uniq("ds")
+    r = http.post("/v1/datasets", json={"name": name, "seq_len": 64, "tokenizer": json.loads(bpe_tokenizer)})
+    assert r.status_code == 201, r.text
+    r = http.post(f"/v1/datasets/{name}/documents", content=ndjson({"text": t} for t in corpus[:30]), headers=NDJSON)
+    assert r.status_code == 200, r.text
+    return name
+
+
+def post_docs(http: httpx.Client, name: str, body, content_type: str = "application/x-ndjson", **params):
+    return http.post(f"/v1/datasets/{name}/documents", content=body, headers={"Content-Type": content_type},
+                     params=params)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------
+# unknown dataset, unknown route
+
+
+def test_unknown_dataset(http, rdb):
+    for resp in (
+        http.get("/v1/datasets/nope"),
+        http.get("/v1/datasets/nope/tokenizer"),
+        http.get("/v1/datasets/nope/batch", params={"size": 4}),
+        post_docs(http, "nope", ndjson([{"text": "hello"}])),
+        http.delete("/v1/datasets/nope"),
+    ):
+        body = check_problem(resp, 404, "dataset-not-found", "nope")
+        assert body["dataset"] == "nope"
+    assert rdb.keys("*") == []  # the ingest to a missing dataset created nothing
+
+
+def test_unknown_route_and_method(http):
+    check_problem(http.get("/v1/nothing-here"), 404, "not-found")
+    check_problem(http.put("/v1/datasets"), 405, "method-not-allowed")
+
+
+# ---------------------------------------------------------------------------
+# malformed documents
+
+
+def test_malformed_line_after_several_chunks_stores_nothing(http, rdb, populated, corpus):
+    before = snapshot(rdb)
+    meta_before = http.get(f"/v1/datasets/{populated}").json()
+    # more than one tokenizer batch (1 MiB of text) of valid lines: whole chunks are staged before the bad line
+    good = ndjson({"text": t} for _ in range(5) for t in corpus)
+    bad_line = good.count(b"\n") + 1
+    body = good + b'{"text": "unterminated\n' + ndjson({"text": t} for t in corpus[:50])
+    sets_before = commands(rdb, "set")
+    resp = post_docs(http, populated, body)
+    problem = check_problem(resp, 400, "malformed-document", f"line {bad_line}", "JSON")
+    assert problem["line"] == bad_line
+    assert commands(rdb, "set") - sets_before >= 2, "the valid lines should have staged chunks before the error"
+    assert snapshot(rdb) == before  # no staged keys left, counters and chunks untouched
+    assert not [k for k in rdb.keys("*") if b"stage" in k]
+    assert http.get(f"/v1/datasets/{populated}").json() == meta_before
+
+
+@pytest.mark.parametrize(
+    ("line", "words"),
+    [
+        (b"not json at all", ["JSON"]),
+        (b'["a", "list"]', ["text", "ids"]),
+        (b'{"title": "no text"}', ["text", "ids"]),
+        (b'{"text": "both", "ids": [1]}', ["text", "ids"]),
+        (b'{"text": 42}', ["text", "string"]),
+        (b'{"ids": "1 2 3"}', ["ids", "integers"]),
+        (b'{"ids": [1, 2.5]}', ["ids", "integers"]),
+        (b'{"ids": [1, true]}', ["ids", "integers"]),
+    ],
+)
+def test_malformed_ndjson_lines(line, words, http, rdb, populated):
+    before = snapshot(rdb)
+    body = ndjson([{"text": "a good first line"}, {"ids": [5, 6, 7]}]) + b"\n" + line + b"\n"
+    problem = check_problem(post_docs(http, populated, body), 400, "malformed-document", "line 4", *words)
+    assert problem["line"] == 4  # blank lines count
+    assert snapshot(rdb) == before
+
+
+def test_deeply_nested_json_line_is_a_malformed_document(http, rdb, populated):
+    before = snapshot(rdb)
+    body = ndjson([{"text": "fine"}]) + b"[" * 100_000 + b"\n"
+    check_problem(post_docs(http, populated, body), 400, "malformed-document", "line 2")
+    assert snapshot(rdb) == before
+
+
+def test_lone_surrogate_in_text_is_a_malformed_document(http, rdb, populated):
+    # valid UTF-8 and valid JSON, but the escape decodes to a lone surrogate: not text a tokenizer can take
+    before = snapshot(rdb)
+    body = ndjson([{"text": "fine"}]) + b'{"text": "broken \\ud800 surrogate"}\n'
+    check_problem(post_docs(http, populated, body), 400, "malformed-document", "line 2")
+    assert snapshot(rdb) == before
+
+
+def test_non_utf8_text(http, rdb, populated):
+    before = snapshot(rdb)
+    body = ndjson([{"text": "ok"}]) + b'{"text": "caf\xe9"}\n'
+    check_problem(post_docs(http, populated, body), 400, "malformed-document", "line 2", "UTF-8")
+    check_problem(post_docs(http, populated, b"hello \xff world", "text/plain", split="none"),
+                  400, "malformed-document", "body", "UTF-8")  # fmt: skip
+    check_problem(post_docs(http, populated, b"good line\nbad \xfe line\n", "text/plain", split="line"),
+                  400, "malformed-document", "line 2", "UTF-8")  # fmt: skip
+    check_problem(post_docs(http, populated, b"para one\n\npara \xc3 two\n", "text/plain", split="paragraph"),
+                  400, "malformed-document", "line 3", "UTF-8")  # fmt: skip
+    assert snapshot(rdb) == before
+
+
+@pytest.mark.parametrize("bad", [2000, 2001, 65535, -1, -70000])
+def test_ids_outside_the_vocabulary(bad, http, rdb, populated):
+    vocab = http.get(f"/v1/datasets/{populated}").json()["vocab_size"]
+    assert vocab == 2000
+    before = snapshot(rdb)
+    body = ndjson([{"ids": [5, vocab - 1]}, {"text": "fine"}, {"ids": [7, bad, 8]}])
+    problem = check_problem(post_docs(http, populated, body), 400, "token-out-of-vocabulary", "line 3", str(bad))
+    assert problem["id"] == bad and problem["line"] == 3
+    assert snapshot(rdb) == before
+
+
+@pytest.mark.parametrize("bad", [10**23, -(10**23), 2**63, 2**64 + 5])
+def test_huge_ids_are_outside_the_vocabulary(bad, http, rdb, populated):
+    before = snapshot(rdb)
+    body = ndjson([{"text": "fine"}, {"ids": [5, bad]}])
+    check_problem(post_docs(http, populated, body), 400, "token-out-of-vocabulary", "line 2")
+    assert snapshot(rdb) == before
+
+
+# ---------------------------------------------------------------------------
+# dataset creation
+
+
+def create_body(tokenizer: str, **kw) -> dict:
+    return {"name": uniq("new"), "seq_len": 64, "tokenizer": json.loads(tokenizer), **kw}
+
+
+def test_seq_len_limits(http, rdb, settings, bpe_tokenizer):
+    resp = http.post("/v1/datasets", json=create_body(bpe_tokenizer, seq_len=settings.max_seq_len + 1))
+    problem = check_problem(resp, 422, "limit-exceeded", str(settings.max_seq_len + 1), str(settings.max_seq_len))
+    assert problem["limit"] == settings.max_seq_len
+    check_problem(http.post("/v1/datasets", json=create_body(bpe_tokenizer, seq_len=7)), 422, "validation-failed",
+                  "seq_len")  # fmt: skip
+    check_problem(http.post("/v1/datasets", json=create_body(bpe_tokenizer, seq_len="long")), 422,
+                  "validation-failed", "seq_len")  # fmt: skip
+    assert rdb.keys("*") == []
+    assert http.get("/v1/datasets").json() == {"datasets": []}
+    # the limit itself is fine
+    assert http.post("/v1/datasets", json=create_body(bpe_tokenizer, seq_len=settings.max_seq_len)).status_code == 201
+    assert http.post("/v1/datasets", json=create_body(bpe_tokenizer, seq_len=8)).status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "words"),
+    [
+        ({"tokenizer": "garbage"}, 422, "validation-failed", ["tokenizer"]),
+        ({"tokenizer": {"hello": "world"}}, 400, "invalid-tokenizer", ["tokenizer"]),
+        ({"tokenizer": {"version": "1.0", "model": {"type": "NoSuchModel"}}}, 400, "invalid-tokenizer", ["tokenizer"]),
+        ({"tokenizer": None}, 422, "validation-failed", ["tokenizer"]),
+        ({"packing": "sentences"}, 422, "validation-failed", ["packing"]),
+        ({"name": "bad name!"}, 422, "validation-failed", ["name"]),
+        ({"name": ""}, 422, "validation-failed", ["name"]),
+        ({"special_tokens": {"bos": "<s>"}}, 422, "validation-failed", ["special_tokens"]),
+    ],
+)
+def test_invalid_create_requests(body, status, kind, words, http, rdb, bpe_tokenizer):
+    payload = {**create_body(bpe_tokenizer), **body}
+    check_problem(http.post("/v1/datasets", json=payload), status, kind, *words)
+    assert rdb.keys("*") == []
+
+
+def test_create_body_that_is_not_json(http, rdb):
+    resp = http.post("/v1/datasets", content=b"{ this is not json", headers={"Content-Type": "application/json"})
+    check_problem(resp, 422, "validation-failed")
+    assert rdb.keys("*") == []
+
+
+def test_create_existing_dataset(http, rdb, populated, wordpiece_tokenizer):
+    before = snapshot(rdb)
+    resp = http.post("/v1/datasets", json={"name": populated, "seq_len": 32, "tokenizer": json.loads(wordpiece_tokenizer)})
+    problem = check_problem(resp, 409, "dataset-exists", populated)
+    assert problem["dataset"] == populated
+    assert snapshot(rdb) == before
+
+
+# ---------------------------------------------------------------------------
+# ingest requests
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "text/csv", "multipart/form-data", None])
+def test_ingest_wrong_content_type(content_type, service_url, rdb, populated):
+    before = snapshot(rdb)
+    headers = {"Content-Type": content_type} if content_type else {}
+    resp = httpx.post(f"{service_url}/v1/datasets/{populated}/documents", content=b'{"text": "hi"}\n', headers=headers)
+    check_problem(resp, 415, "unsupported-media-type", *([content_type] if content_type else []))
+    assert snapshot(rdb) == before
+
+
+def test_ingest_bad_parameters(http, rdb, populated):
+    before = snapshot(rdb)
+    check_problem(post_docs(http, populated, b"some text", "text/plain", split="words"), 422, "validation-failed",
+                  "split")  # fmt: skip
+    resp = http.post(f"/v1/datasets/{populated}/documents", content=b'{"text": "hi"}\n',
+                     headers={**NDJSON, "Idempotency-Key": "k" * 129})  # fmt: skip
+    check_problem(resp, 422, "validation-failed", "idempotency")
+    assert snapshot(rdb) == before
+
+
+def test_body_over_the_limit_stores_nothing(http, rdb, settings, populated):
+    before = snapshot(rdb)
+    line = json.dumps({"ids": list(range(5, 1500))}).encode() + b"\n"
+    body = line * (settings.max_body_bytes // len(line) + 20)
+    assert len(body) > settings.max_body_bytes
+    sets_before = commands(rdb, "set")
+    problem = check_problem(post_docs(http, populated, body), 413, "payload-too-large", str(settings.max_body_bytes))
+    assert problem["limit"] == settings.max_body_bytes
+    assert commands(rdb, "set") - sets_before >= 2, "chunks should have been staged before the limit was hit"
+    assert snapshot(rdb) == before
+
+
+# ---------------------------------------------------------------------------
+# batches
+
+
+def test_batch_size_limits(http, rdb, settings, populated):
+    before = snapshot(rdb)
+    check_problem(http.get(f"/v1/datasets/{populated}/batch", params={"size": 0}), 422, "validation-failed", "size")
+    too_big = settings.max_batch_size + 1
+    problem = check_problem(http.get(f"/v1/datasets/{populated}/batch", params={"size": too_big}), 422,
+                            "limit-exceeded", str(too_big), str(settings.max_batch_size))  # fmt: skip
+    assert problem["limit"] == settings.max_batch_size
+    assert http.get(f"/v1/datasets/{populated}/batch", params={"size": settings.max_batch_size}).status_code == 200
+    assert snapshot(rdb) == before
+
+
+@pytest.mark.parametrize(
+    ("params", "words"),
+    [
+        ({"mlm_probability": 1.5}, ["mlm_probability"]),
+        ({"mask_ratio": 0.8, "random_ratio": 0.5}, ["ratio"]),
+        ({"seed": -1}, ["seed"]),
+        ({"index": -3}, ["index"]),
+        ({"format": "xml"}, ["format"]),
+    ],
+)
+def test_batch_bad_parameters(params, words, http, populated):
+    resp = http.get(f"/v1/datasets/{populated}/batch", params={"size": 4, **params})
+    check_problem(resp, 422, "validation-failed", *words)
+
+
+def test_batch_not_acceptable(http, populated):
+    resp = http.get(f"/v1/datasets/{populated}/batch", params={"size": 4}, headers={"Accept": "text/html"})
+    check_problem(resp, 406, "not-acceptable", "text/html")
+
+
+def test_batch_on_empty_dataset(http, rdb, bpe_tokenizer):
+    name = uniq("empty")
+    assert http.post("/v1/datasets", json={**create_body(bpe_tokenizer), "name": name}).status_code == 201
+    before = snapshot(rdb)
+    problem = check_problem(http.get(f"/v1/datasets/{name}/batch", params={"size": 4}), 409, "dataset-empty", name)
+    assert problem["dataset"] == name
+    # an ingest of no documents commits nothing, and the dataset stays empty
+    r = post_docs(http, name, b"\n\n")
+    assert r.status_code == 200 and r.json()["sequences"] == 0
+    check_problem(http.get(f"/v1/datasets/{name}/batch", params={"size": 4}), 409, "dataset-empty")
+    assert snapshot(rdb).keys() == before.keys()
+
+
+# ---------------------------------------------------------------------------
+# Redis unreachable, bearer token
+
+
+@pytest.fixture(scope="module")
+def no_redis() -> Iterator[str]:
+    with ServerThread(Settings(redis_url="redis://127.0.0.1:1/0")) as s:
+        yield s.url
+
+
+def test_redis_unreachable_is_503(no_redis, bpe_tokenizer):
+    with httpx.Client(base_url=no_redis, timeout=30) as h:
+        for resp in (
+            h.get("/readyz"),
+            h.get("/v1/datasets"),
+            h.get("/v1/datasets/x"),
+            h.post("/v1/datasets", json=create_body(bpe_tokenizer)),
+            h.post("/v1/datasets/x/documents", content=b'{"text": "hi"}\n', headers=NDJSON),
+            h.get("/v1/datasets/x/batch", params={"size": 2}),
+            h.delete("/v1/datasets/x"),
+        ):
+            check_problem(resp, 503, "store-unavailable", "Redis")
+        assert h.get("/healthz").status_code == 200
+
+
+@pytest.fixture(scope="module")
+def guarded(settings: Settings) -> Iterator[str]:
+    with ServerThread(settings.model_copy(update={"auth_token": SecretStr("s3cret")})) as s:
+        yield s.url
+
+
+def test_bearer_token(guarded, rdb, bpe_tokenizer):
+    body = create_body(bpe_tokenizer)
+    routes = [
+        ("GET", "/v1/datasets", {}),
+        ("GET", "/v1/datasets/x", {}),
+        ("POST", "/v1/datasets", {"json": body}),
+        ("POST", "/v1/datasets/x/documents", {"content": b'{"text": "hi"}\n', "headers": NDJSON}),
+        ("GET", "/v1/datasets/x/batch", {}),
+        ("DELETE", "/v1/datasets/x", {}),
+        ("GET", "/metrics", {}),
+    ]
+    with httpx.Client(base_url=guarded, timeout=30) as h:
+        for auth in (None, "Bearer wrong", "Bearer s3cret2", "Basic s3cret", "s3cret"):
+            for method, path, kw in routes:
+                headers = {**kw.get("headers", {}), **({"Authorization": auth} if auth else {})}
+                resp = h.request(method, path, **{**kw, "headers": headers})
+                check_problem(resp, 401, "unauthorized", "Bearer")
+                assert resp.headers["www-authenticate"].startswith("Bearer")
+        assert rdb.keys("*") == []
+        assert h.get("/healthz").status_code == 200
+        assert h.get("/readyz").status_code == 200
+        ok = {"Authorization": "Bearer s3cret"}
+        assert h.get("/v1/datasets", headers=ok).json() == {"datasets": []}
+        assert h.post("/v1/datasets", json=body, headers=ok).status_code == 201
+        assert h.get("/metrics", headers=ok).status_code == 200
+
+
+# ---------------------------------------------------------------------------
+# the client's typed errors
+
+
+def test_client_not_found(client):
+    with pytest.raises(ms.NotFoundError) as err:
+        client.dataset("missing")
+    assert err.value.status == 404 and err.value.type == BASE + "dataset-not-found" and "missing" in err.value.detail
+    assert err.value.extra["dataset"] == "missing"
+    with pytest.raises(ms.NotFoundError) as err:
+        client.batch("missing", 4)  # the streamed (binary) path reads the problem too
+    assert err.value.type == BASE + "dataset-not-found"
+    with pytest.raises(ms.NotFoundError):
+        client.delete_dataset("missing")
+    client.delete_dataset("missing", missing_ok=True)
+    with pytest.raises(ms.NotFoundError) as err:
+        client.ingest("missing", ["text"])
+    assert err.value.type == BASE + "dataset-not-found"
+
+
+def test_client_bad_request(client, populated, settings):
+    with pytest.raises(ms.BadRequestError) as err:
+        client.ingest(populated, [{"text": "fine"}, {"title": "no text"}])
+    assert err.value.status == 400 and err.value.type == BASE + "malformed-document"
+    assert "line 2" in err.value.detail and err.value.extra["line"] == 2
+    with pytest.raises(ms.BadRequestError) as err:
+        client.ingest(populated, [[1, 2, 99999]])
+    assert err.value.type == BASE + "token-out-of-vocabulary" and "99999" in err.value.detail
+    with pytest.raises(ms.BadRequestError) as err:
+        client.batch(populated, 0)
+    assert err.value.status == 422 and err.value.type == BASE + "validation-failed"
+    with pytest.raises(ms.BadRequestError) as err:
+        client.batch(populated, settings.max_batch_size + 1)
+    assert err.value.type == BASE + "limit-exceeded"
+    with pytest.raises(ms.BadRequestError) as err:
+        client.create_dataset(uniq("tok"), tokenizer={"not": "a tokenizer"}, seq_len=64)
+    assert err.value.type == BASE + "invalid-tokenizer" and err.value.detail
+
+
+def test_client_conflict(client, populated, bpe_tokenizer):
+    with pytest.raises(ms.ConflictError) as err:
+        client.create_dataset(populated, tokenizer=bpe_tokenizer, seq_len=64)
+    assert err.value.status == 409 and err.value.type == BASE + "dataset-exists" and populated in err.value.detail
+    empty = uniq("empty")
+    client.create_dataset(empty, tokenizer=bpe_tokenizer, seq_len=64)
+    with pytest.raises(ms.ConflictError) as err:
+        client.batch(empty, 4)
+    assert err.value.type == BASE + "dataset-empty" and empty in err.value.detail
+
+
+def test_client_payload_too_large(client, rdb, populated, settings):
+    before = snapshot(rdb)
+    doc = list(range(5, 1500))
+    n = settings.max_body_bytes // len(json.dumps({"ids": doc})) + 20
+    with pytest.raises(ms.PayloadTooLargeError) as err:
+        client.ingest(populated, [doc] * n)
+    assert err.value.status == 413 and err.value.type == BASE + "payload-too-large"
+    assert str(settings.max_body_bytes) in err.value.detail
+    assert snapshot(rdb) == before
+
+
+def _rewrite(header: str, value: str):
+    def hook(request: httpx.Request) -> None:
+        request.headers[header] = value
+
+    return hook
+
+
+def test_client_unsupported_media_type(service_url, populated):
+    # the client always sends the right types; an httpx client handed to it rewrites them on the way out
+    http = httpx.Client(base_url=service_url, event_hooks={"request": [_rewrite("Content-Type", "application/json")]})
+    with Client(service_url, retries=0, http=http) as c, pytest.raises(ms.UnsupportedMediaTypeError) as err:
+        c.ingest(populated, ["some text"])
+    assert err.value.status == 415 and err.value.type == BASE + "unsupported-media-type" and err.value.detail
+    http = httpx.Client(base_url=service_url, event_hooks={"request": [_rewrite("Accept", "text/html")]})
+    with Client(service_url, retries=0, http=http) as c, pytest.raises(ms.UnsupportedMediaTypeError) as err:
+        c.batch(populated, 4)
+    assert err.value.status == 406 and err.value.type == BASE + "not-acceptable" and "text/html" in err.value.detail
+
+
+def test_client_service_unavailable(no_redis):
+    with Client(no_redis, retries=0) as c:
+        with pytest.raises(ms.ServiceUnavailableError) as err:
+            c.datasets()
+        assert err.value.status == 503 and err.value.type == BASE + "store-unavailable" and "Redis" in err.value.detail
+        assert c.health() is True
+        assert c.ready() is False
+
+
+def test_client_authentication(guarded):
+    for token in (None, "wrong"):
+        with Client(guarded, token=token, retries=0) as c, pytest.raises(ms.AuthenticationError) as err:
+            c.datasets()
+        assert err.value.status == 401 and err.value.type == BASE + "unauthorized" and err.value.detail
+    with Client(guarded, token="s3cret", retries=0) as c:
+        assert isinstance(c.datasets(), list)
+
+
+def test_client_transport_error():
+    with Client(f"http://127.0.0.1:{free_port()}", retries=0, timeout=5) as c:
+        with pytest.raises(ms.TransportError):
+            c.datasets()
+        with pytest.raises(ms.TransportError):
+            c.batch("any", 4)
+        assert c.health() is False
+
