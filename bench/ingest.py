@@ -126,41 +126,45 @@ def main() -> int:
     print(f"text tokens: {text_tokens:,} ({nbytes / text_tokens:.2f} bytes of text per token); "
           f"NDJSON body {ndjson_bytes / 1e6:.2f} MB\n")  # fmt: skip
 
-    results: list[tuple[str, float]] = []
-    print("in-process references (this process, no HTTP, no Redis):")
-    results.append(_row("bare encode_batch, all texts in one call",
-                        _timed(lambda: tok.encode_batch(corpus, add_special_tokens=False), args.repeats), text_tokens, nbytes))  # fmt: skip
-    batch_bytes = int(args.ingest_batch_mb * (1 << 20))
-    groups = _batches(corpus, batch_bytes)
+    settings = Settings()
+    info = prepare(Tokenizer.from_str(json.dumps(tok_json)))
+    groups = _batches(corpus, int(args.ingest_batch_mb * (1 << 20)))
 
-    def batched() -> None:
+    def bare_all() -> None:
+        tok.encode_batch(corpus, add_special_tokens=False)
+
+    def bare_batched() -> None:
         for g in groups:
             tok.encode_batch(g, add_special_tokens=False)
-
-    results.append(_row(f"bare encode_batch, {len(groups)} calls of ~{args.ingest_batch_mb:g} MiB", _timed(batched, args.repeats), text_tokens, nbytes))
 
     def ndjson() -> None:
         for d in corpus:
             json.dumps({"text": d}, ensure_ascii=False).encode()
 
-    results.append(_row("client-side NDJSON serialization (json.dumps)", _timed(ndjson, args.repeats), text_tokens, nbytes))
-
-    settings = Settings()
-    info = prepare(Tokenizer.from_str(json.dumps(tok_json)))
-    for packing in args.packing:
-
-        def pipeline() -> None:
+    def pipeline_fn(packing: str):  # noqa: ANN202
+        def run() -> None:
             pl = Pipeline(info, packing, args.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
             for g in groups:
                 pl.feed(g)
             pl.finish()
 
-        results.append(_row(f"service Pipeline in-process, packing={packing}", _timed(pipeline, args.repeats), text_tokens, nbytes))
+        return run
 
-    print("\nservice over HTTP (client in this process, service in a subprocess):", flush=True)
-    service_rates: dict[str, float] = {}
+    # label -> callable; the service rows are added once it runs. Every repeat runs every row
+    # once, in this order, so that load from elsewhere on the machine hits all rows alike.
+    BARE = "bare encode_batch, all texts in one call"
+    local = {
+        BARE: bare_all,
+        f"bare encode_batch, {len(groups)} calls of ~{args.ingest_batch_mb:g} MiB": bare_batched,
+        "client-side NDJSON serialization (json.dumps)": ndjson,
+        **{f"service Pipeline in-process, packing={p}": pipeline_fn(p) for p in args.packing},
+    }
+    times: dict[str, list[float]] = {label: [] for label in local}
+    service_cpu: dict[str, list[tuple[float, float, float]]] = {}
+    last: dict[str, dict] = {}
+
     with BenchRedis(args), start_service(args) as svc:
-        print(f"  service {svc.url} pid {svc.pid}, Redis {svc.redis_url} ({redis_version(svc.redis_url)})")
+        print(f"service {svc.url} pid {svc.pid}, Redis {svc.redis_url} ({redis_version(svc.redis_url)})")
         r = redis_client(svc.redis_url)
         with Client(svc.url, timeout=600) as c:
             for packing in args.packing:
@@ -168,33 +172,51 @@ def main() -> int:
                 c.delete_dataset(name, missing_ok=True)
                 c.create_dataset(name, tokenizer=tok_json, seq_len=args.seq_len, packing=packing)
                 c.ingest(name, docs[:20])  # loads the tokenizer into the service's cache
-                times, stored = [], 0
-                cpu0 = (time.process_time(), proc_cpu(svc.pid), redis_cpu(r))
-                for _ in range(args.repeats):
+                times[f"service ingest, packing={packing}"] = []
+                service_cpu[packing] = []
+            for rep in range(args.repeats):
+                print(f"  repeat {rep + 1}/{args.repeats} ...", flush=True)
+                for label, fn in local.items():
+                    times[label].append(_timed(fn, 1)[0])
+                for packing in args.packing:
+                    cpu0 = (time.process_time(), proc_cpu(svc.pid), redis_cpu(r))
                     t0 = time.perf_counter()
-                    res = c.ingest(name, corpus)
-                    times.append(time.perf_counter() - t0)
-                    stored = res["tokens"]
+                    res = c.ingest(f"bench-ingest-{packing}", corpus)
+                    times[f"service ingest, packing={packing}"].append(time.perf_counter() - t0)
+                    cpu1 = (time.process_time(), proc_cpu(svc.pid), redis_cpu(r))
+                    service_cpu[packing].append(tuple(b - a for a, b in zip(cpu0, cpu1)))
                     if res["documents"] != len(corpus):
                         print(f"  !! service counted {res['documents']} documents, sent {len(corpus)}")
-                cpu1 = (time.process_time(), proc_cpu(svc.pid), redis_cpu(r))
-                label, rate = _row(f"service ingest, packing={packing}", times, text_tokens, nbytes,
-                                   f"  ({stored:,} stored tokens, {res['sequences']:,} sequences, "
-                                   f"{res['bytes'] / 1e6:.1f} MB chunks)")  # fmt: skip
-                results.append((label, rate))
-                service_rates[packing] = rate
-                per_mb = [(b - a) / args.repeats / (nbytes / 1e6) * 1e3 for a, b in zip(cpu0, cpu1)]
-                print(f"    CPU ms per MB of text: client {per_mb[0]:.1f}, service {per_mb[1]:.1f} (all threads; "
-                      f"{per_mb[1] * nbytes / 1e6 / 1e3 / statistics.fmean(times):.2f} cores busy), Redis {per_mb[2]:.1f}")  # fmt: skip
-                c.delete_dataset(name)
+                    last[packing] = res
+            for packing in args.packing:
+                c.delete_dataset(f"bench-ingest-{packing}")
         r.close()
 
-    bare = results[0][1]
+    print("\nresults (text tokens/s and MB/s of text from the best run; every row ran once per repeat, interleaved):")
+    bare = len(corpus) and text_tokens / min(times[BARE])
+    rates: dict[str, float] = {}
+    for label, ts in times.items():
+        if label.startswith("service ingest"):
+            packing = label.split("=", 1)[1]
+            res = last[packing]
+            cpu = [sum(x[i] for x in service_cpu[packing]) / len(service_cpu[packing]) for i in range(3)]
+            extra = (f"\n      stored {res['tokens']:,} tokens in {res['sequences']:,} sequences, {res['bytes'] / 1e6:.1f} MB of chunks; "
+                     f"CPU per run: client {cpu[0]:.2f}s, service {cpu[1]:.2f}s (all threads, "
+                     f"{cpu[1] / statistics.fmean(ts):.2f} cores busy), Redis {cpu[2]:.2f}s")  # fmt: skip
+        else:
+            extra = ""
+        rates[label] = _row(label, ts, text_tokens, nbytes, extra)[1]
+    paired = {}
+    for packing in args.packing:
+        ratios = [b / s for b, s in zip(times[BARE], times[f"service ingest, packing={packing}"])]
+        paired[packing] = statistics.median(ratios)
     print("\nsummary (best runs, text tokens/s):")
-    for label, rate in results:
+    for label, rate in rates.items():
         print(f"  {label:<46} {rate / 1e6:7.3f} M tokens/s   {rate / bare:5.2f}x bare encode_batch")
-    for packing, rate in service_rates.items():
-        print(f"ratio service/bare (packing={packing}): {rate / bare:.3f}  (bare is {bare / rate:.2f}x faster)")
+    for packing in args.packing:
+        rate = rates[f"service ingest, packing={packing}"]
+        print(f"ratio service/bare (packing={packing}): {rate / bare:.3f} best vs best, "
+              f"{paired[packing]:.3f} median of the per-repeat ratios")  # fmt: skip
     if args.profile:
         print_profile(args.profile)
     return 0

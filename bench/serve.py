@@ -59,7 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=10, help="untimed batches before each mode (default %(default)s)")
     p.add_argument("--min-batches", type=int, default=20, help="ingest until the dataset holds B*L*this many tokens (default %(default)s)")
     p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size (default %(default)s)")
-    p.add_argument("--mlm-probability", type=float, default=0.15)
+    p.add_argument("--mlm-probability", type=float, default=0.15, help="masking probability p (default %(default)s)")
     p.add_argument("--reference-iters", type=int, default=100, help="in-process builds timed for the reference (default %(default)s)")
     add_service_args(p)
     return p.parse_args()

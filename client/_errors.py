@@ -10,7 +10,7 @@
           ├── AuthenticationError    401 / 403
           ├── NotFoundError          404: unknown dataset or route
           ├── ConflictError          409: e.g. a dataset of that name exists
-          ├── PayloadTooLargeError   413: body or batch over a configured limit
+          ├── PayloadTooLargeError   413: request body over a configured limit
           ├── UnsupportedMediaTypeError   415 / 406
           └── ServiceUnavailableError     503: Redis unreachable, not ready
 

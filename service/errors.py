@@ -137,6 +137,11 @@ def install(app: FastAPI) -> None:
         err.title = str(exc.detail)  # type: ignore[misc]
         return problem_response(err, request)
 
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return problem_response(ServiceError("the service failed unexpectedly; see its log"), request)
+
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:

@@ -62,20 +62,29 @@ def parse_ndjson_line(number: int, raw: bytes, vocab_size: int) -> Document | No
     where = f"line {number}"
     try:
         obj = json.loads(_utf8(raw, where))
-    except ValueError as exc:
-        raise MalformedDocument(f"{where}: not JSON ({exc})", line=number) from None
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise MalformedDocument(f"{where}: not JSON ({reason})", line=number) from None
     if not isinstance(obj, dict) or ("text" in obj) == ("ids" in obj):
         raise MalformedDocument(f'{where}: expected an object with exactly one of "text" or "ids"', line=number)
     if "text" in obj:
-        if not isinstance(obj["text"], str):
+        text = obj["text"]
+        if not isinstance(text, str):
             raise MalformedDocument(f'{where}: "text" must be a string', line=number)
-        return obj["text"]
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+            raise MalformedDocument(f"{where}: text is not valid Unicode ({exc.reason})", line=number) from None
+        return text
     ids = obj["ids"]
     if not isinstance(ids, list) or not all(type(i) is int for i in ids):
         raise MalformedDocument(f'{where}: "ids" must be a list of integers', line=number)
-    arr = np.array(ids, dtype=np.int64)
-    if len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
-        bad = int(arr[(arr < 0) | (arr >= vocab_size)][0])
+    try:
+        arr = np.array(ids, dtype=np.int64)
+    except OverflowError:
+        arr = None
+    if arr is None or (len(arr) and (arr.min() < 0 or arr.max() >= vocab_size)):
+        bad = next(i for i in ids if not 0 <= i < vocab_size)
         raise TokenOutOfVocabulary(
             f"{where}: id {bad} is outside the vocabulary [0, {vocab_size})", line=number, id=bad
         )
@@ -167,11 +176,11 @@ class Pipeline:
     def _add(self, seqs: list[tuple[np.ndarray, np.ndarray]]) -> list[bytes]:
         blobs = []
         for ids, ws in seqs:
+            if not self.builder.fits(len(ids)):
+                blobs.append(self._build())
             self.builder.add(ids, ws)
             self.stats.sequences += 1
             self.stats.tokens += len(ids)
-            if self.builder.full:
-                blobs.append(self._build())
         return blobs
 
     def _build(self) -> bytes:

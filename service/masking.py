@@ -1,69 +1,55 @@
 """Masking: pure functions, arrays in, arrays out, no I/O.
 
-Determinism (DESIGN.md): every random decision about a token is a hash of
-``(seed, epoch, sequence id, masking config, position)``, computed with the
-SplitMix64 finalizer on uint64 arrays. Nothing depends on batch composition,
-request order, worker count or the process, so the same request yields the
-same mask on any replica, after any retry or restart. One 64-bit hash per
-position gives independent bit fields:
+Determinism (DESIGN.md): every random decision is a hash (rng.py) of
+``(seed, epoch, sequence id, config digest)`` and a position, span or word
+index, so a mask never depends on batch composition, order, worker count or
+process. A 32-bit hash per position decides selection; only at selected
+positions, a 64-bit hash decides the replacement kind (mask / random / keep
+by the configured split: bits 40..63) and, where a random token is needed,
+which one among the ordinary (non-special) ids, uniformly or by corpus
+frequency.
 
-* bits 40..63: selection (selected when below p * 2**24),
-* bits 16..39: replacement kind (mask / random / keep by the configured split),
-* a second hash, only at positions replaced by a random token, picks that
-  token uniformly among the ordinary (non-special) ids.
+Units (a registry, ``UNITS``): ``token``; ``whole_word`` (all pieces of a
+word together, words given by the stored word-start bits); ``span`` (SpanBERT:
+spans of whole words with lengths ~ Geometric(span_p) clipped to span_max by
+renormalizing over 1..span_max, as SpanBERT does, mean 3.8 for 0.2 and 10).
+Counts: ``bernoulli`` (each unit independently with p) or ``exact``
+(round(p * candidates) tokens per sequence, capped by ``max_predictions``;
+whole words and spans fill that budget without exceeding it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from . import rng
+from .rng import MAX64, S40, chance, fmix64, sample_ids, threshold24
+
+__all__ = ["IGNORE_INDEX", "MaskSpec", "Masked", "Vocab", "mask_batch", "mask_tokens", "sample_ids", "UNITS"]
+
 IGNORE_INDEX = -100
-
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = 0x9E3779B97F4A7C15
-_S30, _S27, _S31, _S40, _S32, _S16 = (np.uint64(s) for s in (30, 27, 31, 40, 32, 16))
-_LOW24 = np.uint64(0xFFFFFF)
-_LOW64 = (1 << 64) - 1
-# Domain constants keep the hash streams of different decisions apart.
-_DOMAIN_MASK, _DOMAIN_TOKEN, _DOMAIN_SAMPLE = 0x6D61736B, 0x746F6B65, 0x73616D70
-
-
-def fmix64(x: np.ndarray) -> np.ndarray:
-    """SplitMix64's finalizer, in place on a uint64 array (returned)."""
-    x ^= x >> _S30
-    x *= _M1
-    x ^= x >> _S27
-    x *= _M2
-    x ^= x >> _S31
-    return x
-
-
-def _u64(values: int | np.ndarray) -> np.ndarray:
-    if isinstance(values, np.ndarray):
-        return values.astype(np.uint64)  # two's complement for negatives, a copy
-    return np.array([int(values) & _LOW64], dtype=np.uint64)
-
-
-def key64(*parts: int | np.ndarray) -> np.ndarray:
-    """Chain-hash integers (or arrays of them, broadcast) into uint64 keys."""
-    k = np.array([_GOLDEN], dtype=np.uint64)
-    for p in parts:
-        k = fmix64(k ^ _u64(p))
-    return k
+COUNTS = ("bernoulli", "exact")
+RANDOM_TOKENS = ("uniform", "frequency")
 
 
 @dataclass(frozen=True)
 class MaskSpec:
-    """What to mask and how to replace it (token level, Bernoulli selection)."""
+    """How to select and replace; its digest is folded into every mask."""
 
     mlm_probability: float = 0.15
     mask_ratio: float = 0.8
     random_ratio: float = 0.1
+    unit: str = "token"
+    count: str = "bernoulli"
+    max_predictions: int | None = None
+    random_tokens: str = "uniform"
+    span_p: float = 0.2
+    span_max: int = 10
     keep_ratio: float = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,39 +57,248 @@ class MaskSpec:
             raise ValueError("mlm_probability must lie in [0, 1]")
         if self.mask_ratio < 0 or self.random_ratio < 0 or self.mask_ratio + self.random_ratio > 1.0 + 1e-9:
             raise ValueError("mask_ratio and random_ratio must be >= 0 and sum to at most 1")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {tuple(UNITS)}")
+        if self.count not in COUNTS:
+            raise ValueError(f"count must be one of {COUNTS}")
+        if self.random_tokens not in RANDOM_TOKENS:
+            raise ValueError(f"random_tokens must be one of {RANDOM_TOKENS}")
+        if self.max_predictions is not None and self.max_predictions < 0:
+            raise ValueError("max_predictions must be >= 0")
+        if not 0.0 < self.span_p < 1.0 or not 1 <= self.span_max <= 64:
+            raise ValueError("span_p must lie in (0, 1) and span_max in [1, 64]")
         object.__setattr__(self, "keep_ratio", max(0.0, 1.0 - self.mask_ratio - self.random_ratio))
 
     def key(self) -> int:
-        """A stable 64-bit digest of the config, folded into every mask."""
+        """A stable 64-bit digest of the config."""
         canonical = json.dumps(asdict(self), sort_keys=True).encode()
         return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
+
+    def span_lengths(self) -> tuple[np.ndarray, float]:
+        """CDF of the span-length law over 1..span_max, and its mean."""
+        k = np.arange(1, self.span_max + 1)
+        pmf = self.span_p * (1 - self.span_p) ** (k - 1)
+        pmf /= pmf.sum()
+        return np.cumsum(pmf), float((k * pmf).sum())
 
 
 @dataclass(frozen=True)
 class Vocab:
-    """The ids masking needs: the mask token and which ids are special."""
+    """The ids masking needs: the mask token, which ids are special, and
+    (optionally) corpus counts per id for frequency-weighted replacements."""
 
     mask_id: int
     pad_id: int
     is_special: np.ndarray  # bool, one per id
-    ordinary_ids: np.ndarray = field(init=False)  # the ids random replacements are drawn from
+    counts: np.ndarray | None = None  # int64 per id, or None
+    ordinary_ids: np.ndarray = field(init=False)
+    _cdf: np.ndarray | None = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ordinary_ids", np.flatnonzero(~self.is_special).astype(np.int32))
+        ordinary = np.flatnonzero(~self.is_special).astype(np.int32)
+        object.__setattr__(self, "ordinary_ids", ordinary)
+        cdf = None
+        if self.counts is not None:
+            w = self.counts[ordinary].astype(np.float64) + 1e-3  # unseen ids stay possible, barely
+            cdf = np.cumsum(w) / w.sum()
+        object.__setattr__(self, "_cdf", cdf)
 
     @classmethod
-    def build(cls, vocab_size: int, special_ids: list[int] | tuple[int, ...], mask_id: int, pad_id: int) -> "Vocab":
+    def build(
+        cls, vocab_size: int, special_ids: list[int] | tuple[int, ...], mask_id: int, pad_id: int,
+        counts: np.ndarray | None = None,
+    ) -> "Vocab":  # fmt: skip
         is_special = np.zeros(vocab_size, dtype=bool)
         is_special[list(special_ids)] = True
         is_special[[mask_id, pad_id]] = True
-        return cls(mask_id=mask_id, pad_id=pad_id, is_special=is_special)
+        return cls(mask_id=mask_id, pad_id=pad_id, is_special=is_special, counts=counts)
+
+    def draw(self, h: np.ndarray, weighted: bool) -> np.ndarray:
+        """Ordinary ids for hashes ``h``: uniform, or by corpus frequency."""
+        if weighted and self._cdf is not None:
+            idx = np.searchsorted(self._cdf, rng.uniform01(h), side="left")
+            return self.ordinary_ids[np.minimum(idx, len(self.ordinary_ids) - 1)]
+        return self.ordinary_ids[rng.below(h, len(self.ordinary_ids))]
 
 
-def _threshold(p: float) -> np.uint64:
-    return np.uint64(min(1 << 24, round(p * (1 << 24))))
+@dataclass
+class Masked:
+    """A masked batch, all (B, L): ``selected`` marks the tokens to predict."""
+
+    input_ids: np.ndarray  # int32
+    labels: np.ndarray  # int32, IGNORE_INDEX where not selected
+    attention_mask: np.ndarray  # uint8
+    special_tokens_mask: np.ndarray  # bool: special or pad
+    selected: np.ndarray  # bool
 
 
-def mask_tokens(
+@dataclass
+class _Ctx:
+    """What every unit selector gets."""
+
+    h: np.ndarray  # (B, L) uint32: one hash per position
+    rows: np.ndarray  # (B,) uint64 row keys
+    cand: np.ndarray  # (B, L) bool: real, non-special tokens
+    word_start: np.ndarray  # (B, L) bool: word starts; pads and specials are words of their own
+    budget: np.ndarray | None  # (B,) int64: exact count mode's token budget
+    spec: MaskSpec
+
+
+Selector = Callable[[_Ctx], tuple[np.ndarray, np.ndarray | None]]
+
+
+def _budget(cand: np.ndarray, spec: MaskSpec) -> np.ndarray:
+    n = cand.sum(axis=1)
+    budget = np.floor(n * spec.mlm_probability + 0.5).astype(np.int64)
+    if spec.max_predictions is not None:
+        np.minimum(budget, spec.max_predictions, out=budget)
+    return budget
+
+
+def _smallest(keys: np.ndarray, budget: np.ndarray, never: np.generic) -> np.ndarray:
+    """Per row, mark the ``budget`` smallest keys (keys distinct; ``never`` = not eligible)."""
+    ordered = np.sort(keys, axis=1)
+    b, n = keys.shape
+    k = np.clip(budget, 1, n) - 1
+    thr = ordered[np.arange(b), k]
+    return (keys <= thr[:, None]) & (keys != never) & (budget > 0)[:, None]
+
+
+def _unique_keys(h: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.generic]:
+    """Sortable keys without ties: random high bits, the position in the low bits."""
+    n = h.shape[1]
+    bits = max(1, int(n - 1).bit_length())
+    if bits <= 12:  # 32-bit keys keep at least 20 random bits
+        keys = ((h >> np.uint32(bits)) << np.uint32(bits)) | np.arange(n, dtype=np.uint32)[None, :]
+        never: np.generic = np.uint32(0xFFFFFFFF)
+    else:
+        keys = (h.astype(np.uint64) << np.uint64(16)) | np.arange(n, dtype=np.uint64)[None, :]
+        never = MAX64
+    keys[~valid] = never
+    return keys, never
+
+
+def _select_token(c: _Ctx) -> tuple[np.ndarray, None]:
+    if c.budget is None:
+        return c.cand & chance(c.h, c.spec.mlm_probability), None
+    keys, never = _unique_keys(c.h, c.cand)
+    return _smallest(keys, c.budget, never), None
+
+
+class _Words:
+    """Word structure of a batch: word starts, each token's word, word lengths."""
+
+    def __init__(self, word_start: np.ndarray, cand: np.ndarray) -> None:
+        b, n = word_start.shape
+        self.starts = np.flatnonzero(word_start)  # flat positions of word starts
+        self.word_of = np.cumsum(word_start.ravel()) - 1  # flat token -> word number
+        self.length = np.diff(np.append(self.starts, b * n))  # tokens per word
+        self.cand_word = cand.ravel()[self.starts]  # a word is a candidate by its first token
+        self.shape = (b, n)
+
+    def per_start(self, values: np.ndarray, fill: int | np.uint64) -> np.ndarray:
+        """A (B, L) matrix with ``values`` at word starts and ``fill`` elsewhere."""
+        out = np.full(self.shape[0] * self.shape[1], fill, dtype=np.asarray(values).dtype)
+        out[self.starts] = values
+        return out.reshape(self.shape)
+
+    def tokens(self, word_selected: np.ndarray, cand: np.ndarray) -> np.ndarray:
+        return (word_selected[self.word_of] & cand.ravel()).reshape(self.shape)
+
+
+def _select_whole_word(c: _Ctx) -> tuple[np.ndarray, None]:
+    w = _Words(c.word_start, c.cand)
+    if c.budget is None:
+        hit = chance(c.h.ravel()[w.starts], c.spec.mlm_probability)
+        return w.tokens(w.cand_word & hit, c.cand), None
+    # exact: words in hash order, as many as fit the token budget
+    token_keys, never = _unique_keys(c.h, c.cand)
+    keys = w.per_start(token_keys.ravel()[w.starts], never)
+    keys.ravel()[w.starts[~w.cand_word]] = never
+    lengths = w.per_start(w.length, 0)
+    order = np.argsort(keys, axis=1)
+    took = (np.take_along_axis(keys, order, 1) != never) & (
+        np.cumsum(np.take_along_axis(lengths, order, 1), axis=1) <= c.budget[:, None]
+    )
+    chosen = np.zeros(w.shape, dtype=bool)
+    np.put_along_axis(chosen, order, took, 1)
+    return w.tokens(chosen.ravel()[w.starts], c.cand), None
+
+
+def _select_span(c: _Ctx) -> tuple[np.ndarray, np.ndarray]:
+    """Spans of whole candidate words laid out by a renewal process.
+
+    Along each row's candidate words, gaps (geometric) and spans (the clipped
+    geometric law) alternate, so span lengths follow the law exactly (only a
+    span cut by the end of the row is shorter) and the expected share of
+    words covered is p. Exact mode lays out spans at twice the rate and keeps
+    them in hash order while they fit the token budget.
+    """
+    spec = c.spec
+    w = _Words(c.word_start, c.cand)
+    b, n = w.shape
+    cdf, mean_len = spec.span_lengths()
+    p = spec.mlm_probability if c.budget is None else min(0.9, 2 * spec.mlm_probability)
+    if p <= 0:
+        return np.zeros((b, n), bool), np.zeros((b, n), np.uint64)
+    # rank of each candidate word within its row
+    cand_start = w.per_start(w.cand_word, False)
+    rank = np.cumsum(cand_start, axis=1) - 1  # valid at candidate word starts
+    n_pairs = int(np.ceil(n * p / mean_len * 1.5)) + 8
+    j = np.arange(n_pairs, dtype=np.uint64)[None, :]
+    lengths = np.searchsorted(cdf, rng.uniform01(fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_LEN))))) + 1
+    # gaps of at least one word (spans never touch, so each masked run is one span),
+    # 1 + geometric, with mean mean_len * (1 - p) / p so that a share p is covered
+    extra = mean_len * (1 - p) / p - 1.0
+    if extra <= 0:
+        gaps = np.ones_like(lengths)
+    else:
+        u = rng.uniform01(fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_GAP))))
+        gaps = 1 + np.floor(np.log(u) / np.log1p(-1.0 / (1.0 + extra))).astype(np.int64)
+    ends = np.cumsum(gaps + lengths, axis=1)
+    begins = ends - lengths
+    if c.budget is not None:
+        keep = _fit_spans(c, w, rank, cand_start, begins, ends)
+        begins, ends = np.where(keep, begins, n), np.where(keep, ends, n)
+    # coverage over ranks: +1 at each span begin, -1 at its end
+    row_base = (np.arange(b) * (n + 1))[:, None]
+    diff = np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1))
+    diff = diff - np.bincount((row_base + np.minimum(ends, n)).ravel(), minlength=b * (n + 1))
+    covered = np.cumsum(diff.reshape(b, n + 1), axis=1)[:, :n] > 0
+    span_no = np.cumsum(
+        np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1)).reshape(b, n + 1), axis=1
+    )[:, :n]
+    # back to tokens: each token takes its word's rank
+    start_of_token = w.starts[w.word_of]
+    tok_rank = np.clip(rank.ravel()[start_of_token], 0, n - 1).reshape(b, n)
+    tok_cand_word = cand_start.ravel()[start_of_token].reshape(b, n)
+    selected = tok_cand_word & c.cand & np.take_along_axis(covered, tok_rank, 1)
+    span_id = np.take_along_axis(span_no, tok_rank, 1).astype(np.uint64)
+    return selected, span_id
+
+
+def _fit_spans(c: _Ctx, w: _Words, rank: np.ndarray, cand_start: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Exact mode: keep spans, in hash order, while their tokens fit the budget."""
+    b, n = w.shape
+    tokens_by_rank = np.zeros((b, n + 1), dtype=np.int64)
+    rows, cols = np.nonzero(cand_start)
+    tokens_by_rank[rows, rank[rows, cols] + 1] = w.per_start(w.length, 0)[rows, cols]
+    cum = np.cumsum(tokens_by_rank, axis=1)  # cum[r, k] = tokens of the first k candidate words
+    span_tokens = np.take_along_axis(cum, np.minimum(ends, n), 1) - np.take_along_axis(cum, np.minimum(begins, n), 1)
+    j = np.arange(begins.shape[1], dtype=np.uint64)[None, :]
+    keys = fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_ORDER)))
+    keys[span_tokens == 0] = MAX64
+    order = np.argsort(keys, axis=1)
+    fits = np.cumsum(np.take_along_axis(span_tokens, order, 1), axis=1) <= c.budget[:, None]
+    keep = np.zeros(begins.shape, dtype=bool)
+    np.put_along_axis(keep, order, fits & (np.take_along_axis(keys, order, 1) != MAX64), 1)
+    return keep
+
+
+UNITS: dict[str, Selector] = {"token": _select_token, "whole_word": _select_whole_word, "span": _select_span}
+
+
+def mask_batch(
     ids: np.ndarray,
     lengths: np.ndarray,
     seq_ids: np.ndarray,
@@ -112,54 +307,48 @@ def mask_tokens(
     epoch: int,
     spec: MaskSpec,
     vocab: Vocab,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Dynamic token-level masking of a padded batch.
-
-    ``ids`` int32 (B, L) with anything beyond ``lengths``; returns
-    ``(input_ids, labels, attention_mask)``: int32, int32 (-100 where not
-    selected), uint8. Pads carry ``vocab.pad_id``.
-    """
-    b, seq_len = ids.shape
-    positions = np.arange(seq_len)
-    real = positions[None, :] < lengths[:, None]
+    word_start: np.ndarray | None = None,
+) -> Masked:
+    """Mask a padded batch: ``ids`` int32 (B, L), anything beyond ``lengths``."""
+    b, n = ids.shape
+    real = np.arange(n)[None, :] < lengths[:, None]
     input_ids = np.where(real, ids, np.int32(vocab.pad_id)).astype(np.int32, copy=False)
-    candidates = real & ~vocab.is_special[input_ids]
+    special = vocab.is_special[input_ids] | ~real
+    cand = ~special
+    rows = fmix64(rng.key64(seed, epoch, spec.key(), rng.MASK) ^ rng.u64(seq_ids))
+    h = rng.grid32(rows, n)
+    if spec.unit != "token":
+        if word_start is None:
+            raise ValueError(f"unit {spec.unit!r} needs word_start")
+        word_start = word_start | special
+        word_start[:, 0] = True
+    ctx = _Ctx(h, rows, cand, word_start, _budget(cand, spec) if spec.count == "exact" else None, spec)
+    selected, group = UNITS[spec.unit](ctx)
 
-    rows = key64(seed, epoch, spec.key(), _DOMAIN_MASK) ^ _u64(seq_ids)
-    rows = fmix64(rows)
-    h = rows[:, None] ^ _position_keys(seq_len)[None, :]
-    fmix64(h)
-
-    selected = candidates & ((h >> _S40) < _threshold(spec.mlm_probability))
-    kind = (h >> _S16) & _LOW24
-    to_mask = selected & (kind < _threshold(spec.mask_ratio))
-    to_random = selected & ~to_mask & (kind < _threshold(spec.mask_ratio + spec.random_ratio))
-
-    labels = np.where(selected, input_ids, np.int32(IGNORE_INDEX))
+    # Replacement decisions, only where selected.
+    at = np.flatnonzero(selected)
+    r, col = np.divmod(at, n)
+    labels = np.full((b, n), IGNORE_INDEX, dtype=np.int32)
+    labels.ravel()[at] = input_ids.ravel()[at]
+    if group is None:  # one decision per token
+        k = fmix64(rows[r] ^ rng.position_keys(n)[col] ^ np.uint64(rng.KIND))
+    else:  # one decision per span
+        k = fmix64(rows[r] ^ (group.ravel()[at] * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_KIND)))
+    kind = k >> S40
+    to_mask = kind < threshold24(spec.mask_ratio)
+    to_random = ~to_mask & (kind < threshold24(spec.mask_ratio + spec.random_ratio))
     out = input_ids.copy() if input_ids is ids else input_ids
-    out[to_mask] = vocab.mask_id
+    out.ravel()[at[to_mask]] = vocab.mask_id
     if to_random.any():
-        h2 = fmix64(h[to_random] ^ np.uint64(_DOMAIN_TOKEN))
-        n = np.uint64(len(vocab.ordinary_ids))
-        out[to_random] = vocab.ordinary_ids[((h2 >> _S32) * n) >> _S32]
-    return out, labels, real.astype(np.uint8)
+        k2 = fmix64(k[to_random] ^ np.uint64(rng.TOKEN))
+        out.ravel()[at[to_random]] = vocab.draw(k2, spec.random_tokens == "frequency")
+    return Masked(out, labels, real.astype(np.uint8), special, selected)
 
 
-_POSITION_CACHE: dict[int, np.ndarray] = {}
-
-
-def _position_keys(seq_len: int) -> np.ndarray:
-    keys = _POSITION_CACHE.get(seq_len)
-    if keys is None:
-        keys = fmix64(np.arange(seq_len, dtype=np.uint64) * np.uint64(_GOLDEN) + np.uint64(1))
-        keys.setflags(write=False)
-        _POSITION_CACHE[seq_len] = keys
-    return keys
-
-
-def sample_ids(seed: int, index: int, batch_size: int, num_sequences: int) -> np.ndarray:
-    """B sequence ids drawn uniformly (with replacement) by ``(seed, index)``."""
-    if not 0 < num_sequences < 1 << 32:
-        raise ValueError("num_sequences must lie in [1, 2**32)")
-    h = fmix64(key64(seed, index, _DOMAIN_SAMPLE) ^ (np.arange(batch_size, dtype=np.uint64) * np.uint64(_GOLDEN)))
-    return (((h >> _S32) * np.uint64(num_sequences)) >> _S32).astype(np.int64)
+def mask_tokens(
+    ids: np.ndarray, lengths: np.ndarray, seq_ids: np.ndarray, *, seed: int, epoch: int, spec: MaskSpec, vocab: Vocab,
+    word_start: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """``mask_batch`` as ``(input_ids, labels, attention_mask)``."""
+    m = mask_batch(ids, lengths, seq_ids, seed=seed, epoch=epoch, spec=spec, vocab=vocab, word_start=word_start)
+    return m.input_ids, m.labels, m.attention_mask

@@ -32,6 +32,9 @@ PACKING_MODES = ("complete", "doc", "none")
 
 Sequence = tuple[np.ndarray, np.ndarray]  # (ids, word_start)
 
+# Room left for Redis's own string header below the target chunk size.
+_ALLOCATOR_SLACK = 64
+
 
 class Packer:
     """Turn batches of tokenized documents into sequences, one mode each."""
@@ -111,6 +114,18 @@ class ChunkBuilder:
     _ntok: list[int] = field(default_factory=list)
     _bytes: int = 0
 
+    def fits(self, ntok: int) -> bool:
+        """Would a record of ``ntok`` tokens keep the blob within ``max_bytes``?
+
+        Chunks are closed *before* they pass the target: allocators round a
+        blob up to their next size class, so a blob just over a power of two
+        would waste up to a quarter of its memory.
+        """
+        if self.count == 0:
+            return True
+        grown = 4 + 8 * (self.count + 1) + self._bytes + record_length(ntok, self.dtype.itemsize)
+        return grown <= self.max_bytes - _ALLOCATOR_SLACK and self.count < self.max_sequences
+
     def add(self, ids: np.ndarray, word_start: np.ndarray) -> None:
         rec = ids.astype(self.dtype).tobytes() + np.packbits(word_start, bitorder="little").tobytes()
         self._records.append(rec)
@@ -125,9 +140,6 @@ class ChunkBuilder:
     def tokens(self) -> int:
         return sum(self._ntok)
 
-    @property
-    def full(self) -> bool:
-        return self._bytes >= self.max_bytes or self.count >= self.max_sequences
 
     def build(self) -> bytes:
         """The blob; resets the builder."""

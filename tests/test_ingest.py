@@ -12,11 +12,12 @@ import uuid
 import httpx
 import numpy as np
 import pytest
-from .conftest import ServerThread
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from service.packing import decode_records, record_length
 from service.store import Keys, decode_meta
+
+from .conftest import ServerThread
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -73,10 +74,18 @@ def stored(rdb, prefix: str, name: str) -> tuple[dict, list[tuple[list[int], lis
     return meta, out
 
 
+def _pairs(enc) -> list[tuple[int, bool]]:
+    ids, words = enc.ids, enc.word_ids
+    return [(t, i == 0 or words[i] != words[i - 1]) for i, t in enumerate(ids)]
+
+
 def doc_tokens(tok: Tokenizer, text: str) -> list[tuple[int, bool]]:
     """(id, starts a word) per token, from the tokenizer's own encoding."""
-    enc = tok.encode(text, add_special_tokens=False)
-    return [(t, i == 0 or enc.word_ids[i] != enc.word_ids[i - 1]) for i, t in enumerate(enc.ids)]
+    return _pairs(tok.encode(text, add_special_tokens=False))
+
+
+def docs_tokens(tok: Tokenizer, texts: list[str]) -> list[list[tuple[int, bool]]]:
+    return [_pairs(enc) for enc in tok.encode_batch(texts, add_special_tokens=False)]
 
 
 def _seq(body: list[tuple[int, bool]], cls: int | None, sep: int | None) -> tuple[list[int], list[bool]]:
@@ -121,7 +130,7 @@ def test_ingest_round_trip_matches_tokenizer(packing, service_url, rdb, settings
     texts.insert(5, "")  # an empty document
     create(service_url, name, bpe_tokenizer, seq_len, packing)
     res = ingest(service_url, name, ndjson({"text": t} for t in texts))
-    docs = [doc_tokens(tok, t) for t in texts]
+    docs = docs_tokens(tok, texts)
     want = expected_packing(docs, packing, seq_len, *specials(tok))
     meta, got = stored(rdb, settings.key_prefix, name)
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
@@ -273,10 +282,22 @@ def big_texts(corpus) -> list[str]:
     return [f"{k}: {t}" for k in range(3) for t in corpus]
 
 
-def test_large_body_is_streamed_into_many_chunks(service_url, rdb, settings, tok, bpe_tokenizer, big_texts):
+@pytest.fixture(scope="module")
+def many_texts(corpus) -> list[str]:
+    """About 1.5 MB of text: more than one tokenizer batch (1 MiB), so chunks are staged while the body flows."""
+    return [f"{k}: {t}" for k in range(5) for t in corpus]
+
+
+@pytest.fixture(scope="module")
+def over_one_batch(many_texts) -> bytes:
+    return ndjson({"text": t} for t in many_texts)
+
+
+def test_large_body_is_streamed_into_many_chunks(service_url, rdb, settings, tok, bpe_tokenizer, many_texts,
+                                                 over_one_batch):  # fmt: skip
     name = uniq("large")
     create(service_url, name, bpe_tokenizer, 512, "complete")
-    body = ndjson({"text": t} for t in big_texts)
+    body = over_one_batch
     assert len(body) < settings.max_body_bytes
 
     def pieces():
@@ -285,9 +306,10 @@ def test_large_body_is_streamed_into_many_chunks(service_url, rdb, settings, tok
 
     res = ingest(service_url, name, pieces())
     meta, got = stored(rdb, settings.key_prefix, name)
-    assert meta["num_chunks"] >= 5
+    assert meta["num_chunks"] >= 10
+    assert res["documents"] == len(many_texts)
     assert len(chunk_keys(rdb, settings.key_prefix, name)) == meta["num_chunks"]
-    docs = [doc_tokens(tok, t) for t in big_texts]
+    docs = docs_tokens(tok, many_texts)
     want = expected_packing(docs, "complete", 512, *specials(tok))
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
     assert res["tokens"] == meta["num_tokens"] == sum(len(d) + 1 for d in docs) + len(want)
@@ -313,10 +335,11 @@ def test_redis_memory_per_token(service_url, rdb, settings, bpe_tokenizer, big_t
 def test_idempotency_key_makes_a_repeat_a_no_op(service_url, rdb, settings, bpe_tokenizer, corpus):
     name = uniq("idem")
     create(service_url, name, bpe_tokenizer, 64)
-    body = ndjson({"text": t} for t in corpus[:30])
+    body = ndjson({"text": t} for t in corpus[:300])
     headers = {**NDJSON, "Idempotency-Key": "upload-1"}
     first = ingest(service_url, name, body, headers)
     meta1, seqs1 = stored(rdb, settings.key_prefix, name)
+    assert meta1["num_chunks"] >= 3  # the repeat stages several chunks that must all be dropped
     keys1 = set(rdb.keys("*"))
     again = ingest(service_url, name, body, headers)
     assert again["duplicate"] is True
@@ -425,11 +448,11 @@ class PausedIngest:
         self.thread.join(120)
 
 
-def test_delete_during_an_ingest_leaves_no_keys(service_url, rdb, bpe_tokenizer, big_texts):
+def test_delete_during_an_ingest_leaves_no_keys(service_url, rdb, bpe_tokenizer, over_one_batch, corpus):
     name = uniq("inflight")
     create(service_url, name, bpe_tokenizer, 512)
-    first = ndjson({"text": t} for t in big_texts[:1200])  # over one tokenizer batch: chunks get staged
-    rest = ndjson({"text": t} for t in big_texts[1200:])
+    first = over_one_batch
+    rest = ndjson({"text": t} for t in corpus[:100])
     with PausedIngest(service_url, name, first, rest) as job:
         job.wait_staged(rdb)
         assert httpx.delete(f"{service_url}/v1/datasets/{name}").status_code == 204
@@ -439,11 +462,10 @@ def test_delete_during_an_ingest_leaves_no_keys(service_url, rdb, bpe_tokenizer,
     assert rdb.keys("*") == [], "the failed ingest left keys behind"
 
 
-def test_recreate_during_an_ingest_keeps_the_new_dataset_clean(service_url, rdb, settings, bpe_tokenizer, big_texts):
+def test_recreate_during_an_ingest_keeps_the_new_dataset_clean(service_url, rdb, bpe_tokenizer, over_one_batch, corpus):
     name = uniq("inflight")
     create(service_url, name, bpe_tokenizer, 512)
-    first = ndjson({"text": t} for t in big_texts[:1200])
-    with PausedIngest(service_url, name, first, ndjson({"text": t} for t in big_texts[1200:1300])) as job:
+    with PausedIngest(service_url, name, over_one_batch, ndjson({"text": t} for t in corpus[:100])) as job:
         job.wait_staged(rdb)
         assert httpx.delete(f"{service_url}/v1/datasets/{name}").status_code == 204
         uid = create(service_url, name, bpe_tokenizer, 256, "doc")["uid"]

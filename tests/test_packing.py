@@ -246,20 +246,25 @@ def test_chunk_stores_ids_compactly():
         assert len(blob) == 4 + 8 + 100 * dtype.itemsize + 13  # header, table, ids, ceil(100/8) bit bytes
 
 
-def test_chunk_builder_full():
+def test_chunk_builder_closes_before_the_limits():
     b = ChunkBuilder(np.dtype("<u2"), max_bytes=1 << 20, max_sequences=3)
-    for _ in range(2):
+    for _ in range(3):
+        assert b.fits(5)
         b.add(np.arange(5), np.ones(5, bool))
-    assert not b.full
-    b.add(np.arange(5), np.ones(5, bool))
-    assert b.full  # by sequence count
+    assert not b.fits(5)  # by sequence count
     b.build()
-    assert not b.full
-    small = ChunkBuilder(np.dtype("<u2"), max_bytes=100, max_sequences=1000)
-    small.add(np.arange(30), np.ones(30, bool))  # 60 + 4 bytes
-    assert not small.full
-    small.add(np.arange(30), np.ones(30, bool))
-    assert small.full  # by bytes
+    assert b.fits(5)
+    # by bytes: a blob never grows past max_bytes minus the allocator slack
+    small = ChunkBuilder(np.dtype("<u2"), max_bytes=300, max_sequences=1000)
+    sizes = []
+    for _ in range(10):
+        if not small.fits(30):
+            sizes.append(len(small.build()))
+        small.add(np.arange(30), np.ones(30, bool))
+    assert sizes and all(size <= 300 - 64 for size in sizes)
+    # a record larger than the target still gets a chunk of its own
+    lone = ChunkBuilder(np.dtype("<u2"), max_bytes=100, max_sequences=1000)
+    assert lone.fits(500)
 
 
 # ---------------------------------------------------------------------------
@@ -289,9 +294,10 @@ def test_encode_texts_word_starts_follow_word_ids(kind, tokenizers_by_kind, corp
     want_ids, want_ws, want_len = [], [], []
     for t in texts:
         enc = tok.encode(t, add_special_tokens=False)
+        words = enc.word_ids
         want_ids += enc.ids
-        want_ws += [i == 0 or enc.word_ids[i] != enc.word_ids[i - 1] for i in range(len(enc.ids))]
-        want_len.append(len(enc.ids))
+        want_ws += [i == 0 or words[i] != words[i - 1] for i in range(len(words))]
+        want_len.append(len(words))
     assert lengths.tolist() == want_len
     assert lengths[1] == 0
     assert ids.tolist() == want_ids

@@ -196,6 +196,10 @@ async def ingest(
             name, rt.uid, idempotency_key or "", staged, stats.chunk_counts,
             stats.sequences, stats.tokens, stats.documents, stats.bytes, result,
         )  # fmt: skip
+        if status == -1:
+            raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
+        if status == -2:
+            raise Conflict(f"staged data expired before commit ({payload}); retry the ingest")
     except BaseException:
         with anyio.CancelScope(shield=True):
             try:
@@ -203,10 +207,6 @@ async def ingest(
             except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
                 log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
         raise
-    if status == -1:
-        raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
-    if status == -2:
-        raise Conflict(f"staged data expired before commit ({payload}); retry the ingest")
     out = IngestResult(**json.loads(payload), duplicate=status == 1)
     if status == 0:
         metrics.tokens_ingested.labels(name).inc(stats.tokens)
