@@ -24,6 +24,7 @@ from .errors import PayloadTooLarge, install, problem_response
 from .metrics import Metrics
 from .routes import batches, datasets, health, tokenizers
 from .store import Store
+from .tuning import tune_allocator
 
 log = logging.getLogger("maskserve")
 
@@ -36,6 +37,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tune_allocator()
         embedded: EmbeddedRedis | None = None
         url = settings.redis_url
         if url is None:

@@ -24,6 +24,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -144,7 +145,9 @@ class _Ctx:
     spec: MaskSpec
 
 
-Selector = Callable[[_Ctx], tuple[np.ndarray, np.ndarray | None]]
+# A selector returns the selected tokens and, for units whose replacement is
+# decided once per group (spans), a function from flat positions to group ids.
+Selector = Callable[[_Ctx], tuple[np.ndarray, Callable[[np.ndarray], np.ndarray] | None]]
 
 
 def _budget(cand: np.ndarray, spec: MaskSpec) -> np.ndarray:
@@ -190,13 +193,18 @@ class _Words:
 
     def __init__(self, word_start: np.ndarray, cand: np.ndarray) -> None:
         b, n = word_start.shape
-        self.starts = np.flatnonzero(word_start)  # flat positions of word starts
-        self.word_of = np.cumsum(word_start.ravel()) - 1  # flat token -> word number
-        self.length = np.diff(np.append(self.starts, b * n))  # tokens per word
+        flat = word_start.ravel()
+        self.starts = np.flatnonzero(flat)  # flat positions of word starts
+        self.word_of = np.cumsum(flat, dtype=np.int32) - 1  # flat token -> word number
         self.cand_word = cand.ravel()[self.starts]  # a word is a candidate by its first token
         self.shape = (b, n)
 
-    def per_start(self, values: np.ndarray, fill: int | np.uint64) -> np.ndarray:
+    @cached_property
+    def length(self) -> np.ndarray:
+        """Tokens per word."""
+        return np.diff(np.append(self.starts, self.shape[0] * self.shape[1]))
+
+    def per_start(self, values: np.ndarray, fill: int | np.generic) -> np.ndarray:
         """A (B, L) matrix with ``values`` at word starts and ``fill`` elsewhere."""
         out = np.full(self.shape[0] * self.shape[1], fill, dtype=np.asarray(values).dtype)
         out[self.starts] = values
@@ -225,14 +233,15 @@ def _select_whole_word(c: _Ctx) -> tuple[np.ndarray, None]:
     return w.tokens(chosen.ravel()[w.starts], c.cand), None
 
 
-def _select_span(c: _Ctx) -> tuple[np.ndarray, np.ndarray]:
+def _select_span(c: _Ctx) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Spans of whole candidate words laid out by a renewal process.
 
-    Along each row's candidate words, gaps (geometric) and spans (the clipped
-    geometric law) alternate, so span lengths follow the law exactly (only a
-    span cut by the end of the row is shorter) and the expected share of
-    words covered is p. Exact mode lays out spans at twice the rate and keeps
-    them in hash order while they fit the token budget.
+    Along each row's candidate words, gaps (1 + geometric: spans never touch,
+    so each masked run is one span) and spans (the clipped geometric law)
+    alternate, so span lengths follow the law exactly (only a span cut by the
+    end of its row is shorter) and the expected share of words covered is p.
+    Exact mode lays spans out at twice the rate and keeps them, in hash order,
+    while they fit the token budget.
     """
     spec = c.spec
     w = _Words(c.word_start, c.cand)
@@ -240,50 +249,52 @@ def _select_span(c: _Ctx) -> tuple[np.ndarray, np.ndarray]:
     cdf, mean_len = spec.span_lengths()
     p = spec.mlm_probability if c.budget is None else min(0.9, 2 * spec.mlm_probability)
     if p <= 0:
-        return np.zeros((b, n), bool), np.zeros((b, n), np.uint64)
-    # rank of each candidate word within its row
-    cand_start = w.per_start(w.cand_word, False)
-    rank = np.cumsum(cand_start, axis=1) - 1  # valid at candidate word starts
+        return np.zeros((b, n), bool), lambda at: np.zeros(len(at), np.uint64)
+    # each candidate word's rank among its row's candidate words
+    row_of_word = w.starts // n
+    cum = np.cumsum(w.cand_word, dtype=np.int64)
+    first_word = np.searchsorted(w.starts, np.arange(b) * n)
+    before = np.concatenate([[0], cum])[first_word]
+    rank = cum - 1 - before[row_of_word]  # meaningless (but a valid index) where not a candidate
+
     n_pairs = int(np.ceil(n * p / mean_len * 1.5)) + 8
-    j = np.arange(n_pairs, dtype=np.uint64)[None, :]
-    lengths = np.searchsorted(cdf, rng.uniform01(fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_LEN))))) + 1
-    # gaps of at least one word (spans never touch, so each masked run is one span),
-    # 1 + geometric, with mean mean_len * (1 - p) / p so that a share p is covered
-    extra = mean_len * (1 - p) / p - 1.0
+    j = np.arange(n_pairs, dtype=np.uint64)[None, :] * np.uint64(rng.GOLDEN)
+    lengths = np.searchsorted(cdf, rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_LEN))))) + 1
+    extra = mean_len * (1 - p) / p - 1.0  # mean gap = mean_len * (1 - p) / p covers a share p
     if extra <= 0:
         gaps = np.ones_like(lengths)
     else:
-        u = rng.uniform01(fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_GAP))))
+        u = rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_GAP))))
         gaps = 1 + np.floor(np.log(u) / np.log1p(-1.0 / (1.0 + extra))).astype(np.int64)
     ends = np.cumsum(gaps + lengths, axis=1)
     begins = ends - lengths
     if c.budget is not None:
-        keep = _fit_spans(c, w, rank, cand_start, begins, ends)
+        keep = _fit_spans(c, w, row_of_word, rank, begins, ends)
         begins, ends = np.where(keep, begins, n), np.where(keep, ends, n)
-    # coverage over ranks: +1 at each span begin, -1 at its end
+    # coverage over ranks: +1 at each span's begin, -1 at its end
     row_base = (np.arange(b) * (n + 1))[:, None]
-    diff = np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1))
-    diff = diff - np.bincount((row_base + np.minimum(ends, n)).ravel(), minlength=b * (n + 1))
-    covered = np.cumsum(diff.reshape(b, n + 1), axis=1)[:, :n] > 0
-    span_no = np.cumsum(
-        np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1)).reshape(b, n + 1), axis=1
-    )[:, :n]
-    # back to tokens: each token takes its word's rank
-    start_of_token = w.starts[w.word_of]
-    tok_rank = np.clip(rank.ravel()[start_of_token], 0, n - 1).reshape(b, n)
-    tok_cand_word = cand_start.ravel()[start_of_token].reshape(b, n)
-    selected = tok_cand_word & c.cand & np.take_along_axis(covered, tok_rank, 1)
-    span_id = np.take_along_axis(span_no, tok_rank, 1).astype(np.uint64)
-    return selected, span_id
+    opened = np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1))
+    closed = np.bincount((row_base + np.minimum(ends, n)).ravel(), minlength=b * (n + 1))
+    covered = np.cumsum((opened - closed).reshape(b, n + 1), axis=1).ravel()
+    span_no = np.cumsum(opened.reshape(b, n + 1), axis=1).ravel()
+    word_at = row_of_word * (n + 1) + rank  # each word's cell in the (B, L+1) rank grid
+    selected = w.tokens(w.cand_word & (covered[word_at] > 0), c.cand)
+
+    def groups(at: np.ndarray) -> np.ndarray:
+        return span_no[word_at[w.word_of[at]]].astype(np.uint64)
+
+    return selected, groups
 
 
-def _fit_spans(c: _Ctx, w: _Words, rank: np.ndarray, cand_start: np.ndarray, begins: np.ndarray, ends: np.ndarray) -> np.ndarray:
+def _fit_spans(
+    c: _Ctx, w: _Words, row_of_word: np.ndarray, rank: np.ndarray, begins: np.ndarray, ends: np.ndarray
+) -> np.ndarray:
     """Exact mode: keep spans, in hash order, while their tokens fit the budget."""
     b, n = w.shape
-    tokens_by_rank = np.zeros((b, n + 1), dtype=np.int64)
-    rows, cols = np.nonzero(cand_start)
-    tokens_by_rank[rows, rank[rows, cols] + 1] = w.per_start(w.length, 0)[rows, cols]
-    cum = np.cumsum(tokens_by_rank, axis=1)  # cum[r, k] = tokens of the first k candidate words
+    tokens_by_rank = np.zeros(b * (n + 1), dtype=np.int64)
+    cw = w.cand_word
+    tokens_by_rank[row_of_word[cw] * (n + 1) + rank[cw] + 1] = w.length[cw]
+    cum = np.cumsum(tokens_by_rank.reshape(b, n + 1), axis=1)  # cum[r, k]: tokens of the first k words
     span_tokens = np.take_along_axis(cum, np.minimum(ends, n), 1) - np.take_along_axis(cum, np.minimum(begins, n), 1)
     j = np.arange(begins.shape[1], dtype=np.uint64)[None, :]
     keys = fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_ORDER)))
@@ -333,7 +344,7 @@ def mask_batch(
     if group is None:  # one decision per token
         k = fmix64(rows[r] ^ rng.position_keys(n)[col] ^ np.uint64(rng.KIND))
     else:  # one decision per span
-        k = fmix64(rows[r] ^ (group.ravel()[at] * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_KIND)))
+        k = fmix64(rows[r] ^ (group(at) * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_KIND)))
     kind = k >> S40
     to_mask = kind < threshold24(spec.mask_ratio)
     to_random = ~to_mask & (kind < threshold24(spec.mask_ratio + spec.random_ratio))
