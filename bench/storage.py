@@ -25,14 +25,14 @@ import time
 
 from _common import (
     KEY_PREFIX,
-    BenchRedis,
-    start_service,
     add_service_args,
+    BenchRedis,
     header,
     print_profile,
     redis_client,
     redis_version,
     repeat_to,
+    start_service,
     stdlib_docs,
     train_bpe,
 )

@@ -221,13 +221,16 @@ class Client:
         seed: int | None = None,
         index: int = 0,
         epoch: int | None = None,
-        mlm_probability: float = 0.15,
-        mask_ratio: float = 0.8,
-        random_ratio: float = 0.1,
+        **options: Any,
     ) -> Batch:
-        """One masked batch: B sequences drawn by ``(seed, index)``, masked for ``epoch``."""
-        params: dict[str, Any] = {"size": size, "index": index, "mlm_probability": mlm_probability,
-                                  "mask_ratio": mask_ratio, "random_ratio": random_ratio}  # fmt: skip
+        """One masked batch: B sequences drawn by ``(seed, index)``, masked for ``epoch``.
+
+        ``options`` are the service's masking and output parameters, e.g.
+        ``mlm_probability=0.15, unit="whole_word", count="exact", mode="static",
+        copies=10, labels="sparse", special_tokens_mask=True, pad_to_multiple_of=8``.
+        """
+        params: dict[str, Any] = {"size": size, "index": index}
+        params.update({k: _param(v) for k, v in options.items() if v is not None})
         if seed is not None:
             params["seed"] = seed
         if epoch is not None:
@@ -241,6 +244,36 @@ class Client:
             raise ProtocolError(f"batch from {self.base_url}: {exc}") from None
         metadata.setdefault("seed", resp.headers.get("maskserve-seed", "0"))
         return Batch(arrays, metadata, step=index)
+
+    # ---- static masks and the masking report ---------------------------------
+
+    def build_static_masks(
+        self, name: str, *, seed: int = 0, copies: int = 10, max_chunks: int | None = None, **masking: Any
+    ) -> dict[str, Any]:
+        """Build (or finish) the static-mask cache for this config; idempotent.
+
+        With ``max_chunks`` only that many chunks are built per call (loop until
+        ``complete`` to show progress).
+        """
+        body = {"seed": seed, "copies": copies, **masking}
+        if max_chunks is not None:
+            body["max_chunks"] = max_chunks
+        return self._json("POST", f"/v1/datasets/{name}/static-masks", json=body)
+
+    def static_masks(self, name: str) -> list[dict[str, Any]]:
+        return self._json("GET", f"/v1/datasets/{name}/static-masks")["caches"]
+
+    def drop_static_masks(self, name: str, cache: str) -> None:
+        self._json("DELETE", f"/v1/datasets/{name}/static-masks/{cache}")
+
+    def masking_report(
+        self, name: str, *, seed: int = 0, sequences: int = 256, epochs: int | None = None, **masking: Any
+    ) -> dict[str, Any]:
+        """Mask ``sequences`` sequences for ``epochs`` epochs and measure what came out."""
+        body = {"seed": seed, "sequences": sequences, **masking}
+        if epochs is not None:
+            body["epochs"] = epochs
+        return self._json("POST", f"/v1/datasets/{name}/masking-report", json=body)
 
     def batches(
         self,
@@ -313,6 +346,10 @@ class BatchStream:
     def __del__(self) -> None:
         if not self._closed:
             self.close()
+
+
+def _param(value: Any) -> Any:
+    return ("true" if value else "false") if isinstance(value, bool) else value
 
 
 def _read_into(resp: httpx.Response) -> bytearray:

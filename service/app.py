@@ -22,7 +22,7 @@ from .deps import require_token
 from .embedded import EmbeddedRedis
 from .errors import PayloadTooLarge, install, problem_response
 from .metrics import Metrics
-from .routes import batches, datasets, health, tokenizers
+from .routes import batches, datasets, health, masks, tokenizers
 from .store import Store
 from .tuning import tune_allocator
 
@@ -72,6 +72,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.metrics_router, dependencies=guarded)
     app.include_router(datasets.router, dependencies=guarded)
     app.include_router(batches.router, dependencies=guarded)
+    app.include_router(masks.router, dependencies=guarded)
     app.include_router(tokenizers.router, dependencies=guarded)
 
     @app.middleware("http")

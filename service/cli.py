@@ -26,6 +26,8 @@ EPILOG = """examples:
   maskserve dataset ingest wiki docs.jsonl
   maskserve dataset list
   maskserve batch wiki --size 4 --seed 1
+  maskserve masks build wiki --copies 10 --unit whole_word   # static masks, cached in Redis
+  maskserve masks report wiki --unit span                     # observed rates, split, leakage
 """
 
 
@@ -174,6 +176,48 @@ def cmd_batch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _masking_args(sp: argparse.ArgumentParser) -> None:
+    g = sp.add_argument_group("masking")
+    g.add_argument("--mlm-probability", type=float, default=0.15)
+    g.add_argument("--mask-ratio", type=float, default=0.8)
+    g.add_argument("--random-ratio", type=float, default=0.1)
+    g.add_argument("--unit", default="token", choices=["token", "whole_word", "span"])
+    g.add_argument("--count", default="bernoulli", choices=["bernoulli", "exact"])
+    g.add_argument("--max-predictions", type=int, default=None)
+    g.add_argument("--random-tokens", default="uniform", choices=["uniform", "frequency"])
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--copies", type=int, default=10, help="static masks per sequence (BERT's dupe_factor)")
+
+
+def _masking(args: argparse.Namespace) -> dict:
+    keys = ("mlm_probability", "mask_ratio", "random_ratio", "unit", "count", "max_predictions", "random_tokens")
+    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+
+
+def cmd_masks(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "build":
+            from tqdm import tqdm
+
+            status = c.build_static_masks(args.name, seed=args.seed, copies=args.copies, max_chunks=1, **_masking(args))
+            with tqdm(total=status["chunks"], initial=status["built"], unit="chunk", desc=f"static masks {args.name}",
+                      disable=None, leave=False) as bar:  # fmt: skip
+                while not status["complete"]:
+                    status = c.build_static_masks(args.name, seed=args.seed, copies=args.copies, max_chunks=8,
+                                                  **_masking(args))  # fmt: skip
+                    bar.update(status["built"] - bar.n)
+            _print(status)
+        elif args.action == "list":
+            _print(c.static_masks(args.name))
+        elif args.action == "drop":
+            c.drop_static_masks(args.name, args.cache)
+            print(f"dropped static-mask cache {args.cache} of {args.name}")
+        elif args.action == "report":
+            _print(c.masking_report(args.name, seed=args.seed, sequences=args.sequences, epochs=args.epochs,
+                                    mode=args.mode, copies=args.copies, **_masking(args)))  # fmt: skip
+    return 0
+
+
 # ---- demo ------------------------------------------------------------------
 
 
@@ -233,10 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def remote(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--url", default=os.environ.get("MASKSERVE_URL"), help="service URL (default $MASKSERVE_URL or http://127.0.0.1:8000)")
-        sp.add_argument("--token", default=os.environ.get("MASKSERVE_TOKEN"), help="bearer token (default $MASKSERVE_TOKEN)")
-        return sp
+    conn = argparse.ArgumentParser(add_help=False)
+    g = conn.add_argument_group("service")
+    g.add_argument("--url", default=os.environ.get("MASKSERVE_URL"), help="service URL (default $MASKSERVE_URL or http://127.0.0.1:8000)")
+    g.add_argument("--token", default=os.environ.get("MASKSERVE_TOKEN"), help="bearer token (default $MASKSERVE_TOKEN)")
 
     s = sub.add_parser("serve", help="run the service (uvicorn)", description="Run the service. With no REDIS_URL it starts an embedded Redis-protocol server whose data (AOF) lives in --data-dir.")
     s.add_argument("--host", default=os.environ.get("MASKSERVE_HOST", "127.0.0.1"))
@@ -258,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=0, help="service port (default: a free one)")
     d.set_defaults(func=cmd_demo)
 
-    b = remote(sub.add_parser("bootstrap", help="create a dataset from the stdlib docstrings (idempotent)"))
+    b = sub.add_parser("bootstrap", parents=[conn], help="create a dataset from the stdlib docstrings (idempotent)")
     b.add_argument("--dataset", default="stdlib-docs")
     b.add_argument("--seq-len", type=int, default=128)
     b.add_argument("--vocab-size", type=int, default=8000)
@@ -273,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-mb", type=float, default=None)
     c.set_defaults(func=cmd_corpus)
 
-    t = remote(sub.add_parser("tokenizer", help="train a tokenizer (on the service) and save its tokenizer.json"))
+    t = sub.add_parser("tokenizer", parents=[conn], help="train a tokenizer (on the service) and save its tokenizer.json")
     t.add_argument("--corpus", default="stdlib", help="'stdlib' or an NDJSON file of {\"text\": ...}")
     t.add_argument("--kind", default="bpe", choices=["bpe", "wordpiece", "unigram"])
     t.add_argument("--vocab-size", type=int, default=8000)
@@ -281,24 +325,41 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-o", "--out", default="tokenizer.json")
     t.set_defaults(func=cmd_tokenizer)
 
-    ds = remote(sub.add_parser("dataset", help="create, ingest into, list, show, delete datasets"))
+    ds = sub.add_parser("dataset", help="create, ingest into, list, show, delete datasets")
     dsub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
-    dsub.add_parser("list", help="all datasets")
-    dsub.add_parser("show", help="one dataset's details").add_argument("name")
-    dsub.add_parser("delete", help="delete a dataset and all its keys").add_argument("name")
-    cr = dsub.add_parser("create", help="create a dataset")
+    dsub.add_parser("list", parents=[conn], help="all datasets")
+    dsub.add_parser("show", parents=[conn], help="one dataset's details").add_argument("name")
+    dsub.add_parser("delete", parents=[conn], help="delete a dataset and all its keys").add_argument("name")
+    cr = dsub.add_parser("create", parents=[conn], help="create a dataset")
     cr.add_argument("name")
     cr.add_argument("--tokenizer", required=True, help="path to a tokenizer.json")
     cr.add_argument("--seq-len", type=int, required=True)
     cr.add_argument("--packing", default="complete", choices=["complete", "doc", "none"])
     cr.add_argument("--special", nargs="*", metavar="ROLE=TOKEN", help="e.g. mask=<mask> pad=<pad>")
-    ing = dsub.add_parser("ingest", help="stream files (.jsonl/.ndjson as NDJSON, else plain text)")
+    ing = dsub.add_parser("ingest", parents=[conn], help="stream files (.jsonl/.ndjson as NDJSON, else plain text)")
     ing.add_argument("name")
     ing.add_argument("files", nargs="+")
     ing.add_argument("--split", default="none", choices=["none", "line", "paragraph"], help="plain text: document boundaries")
     ds.set_defaults(func=cmd_dataset)
 
-    bt = remote(sub.add_parser("batch", help="fetch one masked batch and summarize it"))
+    mk = sub.add_parser("masks", help="static-mask caches and the masking report")
+    msub = mk.add_subparsers(dest="action", required=True, metavar="ACTION")
+    mb = msub.add_parser("build", parents=[conn], help="build a static-mask cache (K masks per sequence), with progress; idempotent")
+    mb.add_argument("name")
+    _masking_args(mb)
+    msub.add_parser("list", parents=[conn], help="a dataset's static-mask caches").add_argument("name")
+    md = msub.add_parser("drop", parents=[conn], help="drop one static-mask cache")
+    md.add_argument("name")
+    md.add_argument("cache")
+    mr = msub.add_parser("report", parents=[conn], help="mask N sequences for several epochs and measure rates, split, leakage")
+    mr.add_argument("name")
+    mr.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
+    mr.add_argument("--sequences", type=int, default=256)
+    mr.add_argument("--epochs", type=int, default=None)
+    _masking_args(mr)
+    mk.set_defaults(func=cmd_masks)
+
+    bt = sub.add_parser("batch", parents=[conn], help="fetch one masked batch and summarize it")
     bt.add_argument("name")
     bt.add_argument("--size", type=int, default=4)
     bt.add_argument("--seed", type=int, default=None)

@@ -100,6 +100,10 @@ class DatasetEmpty(ServiceError):
     type, title, status = "dataset-empty", "Dataset has no sequences", 409
 
 
+class StaticMasksMissing(ServiceError):
+    type, title, status = "static-masks-missing", "Static masks not built", 409
+
+
 class Conflict(ServiceError):
     type, title, status = "conflict", "Conflicting concurrent change", 409
 

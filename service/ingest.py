@@ -139,6 +139,7 @@ class Pipeline:
         self.packer = Packer(packing, seq_len, info.special_ids.get("cls"), info.special_ids.get("sep"))
         self.builder = ChunkBuilder(info.id_dtype, chunk_bytes, chunk_seqs)
         self.stats = IngestStats()
+        self.token_counts = np.zeros(info.vocab_size, dtype=np.int64)  # for frequency-weighted replacements
 
     def feed(self, docs: list[Document]) -> list[bytes]:
         """Tokenize a batch of documents; return the chunk blobs completed."""
@@ -164,7 +165,9 @@ class Pipeline:
         self.stats.documents += len(docs)
         if not parts_ids:
             return []
-        seqs = self.packer.feed(np.concatenate(parts_ids), np.concatenate(parts_ws), np.array(lengths, np.int64))
+        all_ids = np.concatenate(parts_ids)
+        self.token_counts += np.bincount(all_ids, minlength=len(self.token_counts))
+        seqs = self.packer.feed(all_ids, np.concatenate(parts_ws), np.array(lengths, np.int64))
         return self._add(seqs)
 
     def finish(self) -> list[bytes]:

@@ -131,6 +131,7 @@ class Masked:
     attention_mask: np.ndarray  # uint8
     special_tokens_mask: np.ndarray  # bool: special or pad
     selected: np.ndarray  # bool
+    word_start: np.ndarray | None = None  # bool, when the unit used words
 
 
 @dataclass
@@ -353,7 +354,7 @@ def mask_batch(
     if to_random.any():
         k2 = fmix64(k[to_random] ^ np.uint64(rng.TOKEN))
         out.ravel()[at[to_random]] = vocab.draw(k2, spec.random_tokens == "frequency")
-    return Masked(out, labels, real.astype(np.uint8), special, selected)
+    return Masked(out, labels, real.astype(np.uint8), special, selected, word_start)
 
 
 def mask_tokens(

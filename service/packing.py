@@ -174,3 +174,46 @@ def decode_records(records: list[tuple[int, bytes]], dtype: np.dtype, seq_len: i
         ws[k, :n] = np.unpackbits(np.frombuffer(rec, dtype=np.uint8, offset=n * nbytes), count=n, bitorder="little")
         lengths[k] = n
     return ids, ws, lengths
+
+
+def assemble(
+    lengths: list[int], id_parts: list[bytes], bit_parts: list[bytes] | None, dtype: np.dtype, seq_len: int
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """Fetched sequences -> ``(ids (B, L) int32, word_start (B, L) bool or None, lengths)``.
+
+    Vectorized: all ids are joined once and scattered row-major.
+    """
+    n = np.asarray(lengths, dtype=np.int64)
+    b = len(n)
+    flat = np.frombuffer(b"".join(id_parts), dtype=dtype)
+    if b and (n == seq_len).all():
+        ids = flat.reshape(b, seq_len).astype(np.int32)
+    else:
+        ids = np.zeros((b, seq_len), dtype=np.int32)
+        ids[np.arange(seq_len)[None, :] < n[:, None]] = flat
+    if bit_parts is None:
+        return ids, None, n
+    padded = (n + 7) // 8 * 8
+    width = int(padded.max()) if b else 0
+    bits = np.unpackbits(np.frombuffer(b"".join(bit_parts), dtype=np.uint8), bitorder="little").astype(bool)
+    if b and (padded == width).all():
+        grid = bits.reshape(b, width)
+    else:
+        grid = np.zeros((b, width), dtype=bool)
+        grid[np.arange(width)[None, :] < padded[:, None]] = bits
+    ws = np.zeros((b, seq_len), dtype=bool)
+    cols = min(width, seq_len)
+    ws[:, :cols] = grid[:, :cols] & (np.arange(cols)[None, :] < n[:, None])
+    return ids, ws, n
+
+
+def split_chunk(blob: bytes, itemsize: int) -> tuple[list[int], list[bytes], list[bytes]]:
+    """A whole chunk blob -> per-sequence lengths, id bytes and word-start bytes."""
+    (count,) = struct.unpack_from("<I", blob, 0)
+    table = np.frombuffer(blob, dtype="<u4", count=2 * count, offset=4).reshape(count, 2)
+    lengths, ids, bits = [], [], []
+    for off, n in table.tolist():
+        lengths.append(n)
+        ids.append(blob[off : off + n * itemsize])
+        bits.append(blob[off + n * itemsize : off + record_length(n, itemsize)])
+    return lengths, ids, bits

@@ -11,6 +11,10 @@ of one dataset live in one Redis Cluster slot)::
     P:ds:{name}:ingests             HASH   idempotency key -> JSON result of a committed ingest
     P:ds:{name}:staging             SET    staged chunk keys of ingests in flight
     P:ds:{name}:stage:<ingest>:<j>  STRING a staged chunk, with a TTL until committed
+    P:ds:{name}:freq                HASH   token id -> count over all stored tokens
+    P:ds:{name}:sm                  SET    ids of the static-mask caches
+    P:ds:{name}:sm:<id>:meta        HASH   a cache's config, seed, copies, chunks built, bytes
+    P:ds:{name}:sm:<id>:c:<k>       STRING static masks of data chunk k (layout in static.py)
 
 An ingest writes staged chunks (each with a TTL) and then commits them in one
 Lua script that checks everything before it writes anything: a request that
@@ -40,13 +44,19 @@ return 1
 """
 
 # KEYS[1]: meta, KEYS[2]: index set, KEYS[3]: staging set, KEYS[4..]: the other fixed keys
-# ARGV[1]: name, ARGV[2]: chunk key prefix
+# ARGV[1]: name, ARGV[2]: chunk key prefix, ARGV[3]: static-mask cache set (also the caches' key prefix)
 # returns the number of keys removed (0 when the dataset did not exist)
 DELETE_DATASET = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local n = tonumber(redis.call('HGET', KEYS[1], 'num_chunks') or '0')
 local removed = 0
 for k = 0, n - 1 do removed = removed + redis.call('UNLINK', ARGV[2] .. k) end
+for _, cache in ipairs(redis.call('SMEMBERS', ARGV[3])) do
+  local meta = ARGV[3] .. ':' .. cache .. ':meta'
+  local built = tonumber(redis.call('HGET', meta, 'built') or '0')
+  for k = 0, built - 1 do removed = removed + redis.call('UNLINK', ARGV[3] .. ':' .. cache .. ':c:' .. k) end
+  removed = removed + redis.call('UNLINK', meta)
+end
 local staged = redis.call('SMEMBERS', KEYS[3])
 for _, key in ipairs(staged) do removed = removed + redis.call('UNLINK', key) end
 for i = 3, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
@@ -58,8 +68,9 @@ return removed
 # KEYS[1]: meta, KEYS[2]: chunk table, KEYS[3]: ingests hash, KEYS[4]: staging set,
 # KEYS[5..]: staged chunk keys in order
 # ARGV[1]: dataset uid, ARGV[2]: idempotency key ('' for none), ARGV[3]: chunk key prefix,
-# ARGV[4]: result JSON (without ids), ARGV[5..9]: sequences, tokens, documents, bytes, -,
-# ARGV[10..]: sequence count of each staged chunk
+# ARGV[4]: result JSON (without ids), ARGV[5..8]: sequences, tokens, documents, bytes,
+# ARGV[9]: number of staged chunks S, ARGV[10..9+S]: sequence count of each staged chunk,
+# ARGV[10+S..]: token id, count pairs for the frequency hash (KEYS[5 + S])
 # returns {status, first_sequence_id or previous result}: status 0 committed,
 # 1 duplicate (the staged keys are dropped), -1 dataset gone or replaced, -2 staged key expired
 COMMIT_INGEST = """
@@ -67,17 +78,19 @@ if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] then return {-1, ''} end
 if ARGV[2] ~= '' then
   local prev = redis.call('HGET', KEYS[3], ARGV[2])
   if prev then
-    for i = 5, #KEYS do redis.call('UNLINK', KEYS[i]); redis.call('SREM', KEYS[4], KEYS[i]) end
+    for i = 5, 4 + tonumber(ARGV[9]) do redis.call('UNLINK', KEYS[i]); redis.call('SREM', KEYS[4], KEYS[i]) end
     return {1, prev}
   end
 end
-for i = 5, #KEYS do
+local staged = tonumber(ARGV[9])
+local last = 4 + staged
+for i = 5, last do
   if redis.call('EXISTS', KEYS[i]) == 0 then return {-2, KEYS[i]} end
 end
 local nchunks = tonumber(redis.call('HGET', KEYS[1], 'num_chunks'))
 local first = tonumber(redis.call('HGET', KEYS[1], 'num_sequences'))
 local nseq = first
-for i = 5, #KEYS do
+for i = 5, last do
   redis.call('RENAME', KEYS[i], ARGV[3] .. nchunks)
   redis.call('PERSIST', ARGV[3] .. nchunks)
   redis.call('SREM', KEYS[4], KEYS[i])
@@ -85,6 +98,7 @@ for i = 5, #KEYS do
   nchunks = nchunks + 1
   nseq = nseq + tonumber(ARGV[i + 5])
 end
+for a = 10 + staged, #ARGV, 2 do redis.call('HINCRBY', KEYS[last + 1], ARGV[a], ARGV[a + 1]) end
 redis.call('HSET', KEYS[1], 'num_chunks', nchunks)
 redis.call('HINCRBY', KEYS[1], 'num_sequences', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'num_tokens', ARGV[6])
@@ -98,23 +112,78 @@ if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], encoded) end
 return {0, encoded}
 """
 
-# KEYS: the chunk key of each wanted sequence (repeats allowed)
-# ARGV[1]: id width in bytes, ARGV[2..]: the sequence's index inside its chunk
-# returns {ntok_1, record_1, ntok_2, record_2, ...}
+# KEYS[1..B]: the chunk key of each wanted sequence (repeats allowed),
+# KEYS[B+1..2B]: with masks, the static-mask chunk key of each sequence
+# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch masks,
+# ARGV[4..B+3]: each sequence's index inside its chunk, ARGV[B+4..2B+3]: its mask entry
+# returns {n_1, ids_1, bits_1, ..., n_B, ids_B, bits_B[, mask_1, ..., mask_B]}; a missing key
+# (a dataset deleted mid-request, or masks not built) is an error reply naming it
 FETCH_SEQUENCES = """
 local w = tonumber(ARGV[1])
+local b = tonumber(ARGV[2])
 local out = {}
-for i = 1, #KEYS do
-  local li = tonumber(ARGV[i + 1])
-  local off, n = struct.unpack('<I4I4', redis.call('GETRANGE', KEYS[i], 4 + 8 * li, 11 + 8 * li))
-  out[2 * i - 1] = n
-  out[2 * i] = redis.call('GETRANGE', KEYS[i], off, off + n * w + math.floor((n + 7) / 8) - 1)
+for i = 1, b do
+  local entry = redis.call('GETRANGE', KEYS[i], 4 + 8 * ARGV[i + 3], 11 + 8 * ARGV[i + 3])
+  if #entry < 8 then return redis.error_reply('missing chunk ' .. KEYS[i]) end
+  local off, n = struct.unpack('<I4I4', entry)
+  out[3 * i - 2] = n
+  out[3 * i - 1] = redis.call('GETRANGE', KEYS[i], off, off + n * w - 1)
+  out[3 * i] = redis.call('GETRANGE', KEYS[i], off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
+end
+if ARGV[3] == '1' then
+  for i = 1, b do
+    local k = KEYS[b + i]
+    local e = tonumber(ARGV[b + i + 3])
+    local entry = redis.call('GETRANGE', k, 4 + 8 * e, 11 + 8 * e)
+    if #entry < 8 then return redis.error_reply('missing masks ' .. k) end
+    local off, m = struct.unpack('<I4I4', entry)
+    out[3 * b + i] = m > 0 and redis.call('GETRANGE', k, off, off + m * 2 * w - 1) or ''
+  end
 end
 return out
 """
 
-INT_FIELDS = ("seq_len", "vocab_size", "num_sequences", "num_tokens", "num_documents", "num_chunks", "bytes", "generation")
-JSON_FIELDS = ("special_tokens", "all_special_ids")
+# KEYS[1]: dataset meta, KEYS[2]: cache meta, KEYS[3]: cache set
+# ARGV[1]: dataset uid, ARGV[2]: cache id, ARGV[3..]: field/value pairs of a new cache's meta
+# returns the cache meta as a flat field/value list ({} when the dataset is gone)
+OPEN_MASK_CACHE = """
+if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] then return {} end
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+  redis.call('SADD', KEYS[3], ARGV[2])
+end
+return redis.call('HGETALL', KEYS[2])
+"""
+
+# KEYS[1]: dataset meta, KEYS[2]: cache meta
+# ARGV[1]: dataset uid, ARGV[2]: chunk index k, ARGV[3]: the blob, ARGV[4]: mask chunk key prefix
+# stores chunk k only when it is the next one to build (concurrent builders are harmless);
+# returns the number of chunks built, or -1 when the dataset is gone or replaced
+SAVE_MASK_CHUNK = """
+if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] or redis.call('EXISTS', KEYS[2]) == 0 then return -1 end
+local built = tonumber(redis.call('HGET', KEYS[2], 'built'))
+if built == tonumber(ARGV[2]) then
+  redis.call('SET', ARGV[4] .. ARGV[2], ARGV[3])
+  redis.call('HINCRBY', KEYS[2], 'bytes', #ARGV[3])
+  built = redis.call('HINCRBY', KEYS[2], 'built', 1)
+end
+return built
+"""
+
+# KEYS[1]: cache meta, KEYS[2]: cache set; ARGV[1]: cache id, ARGV[2]: mask chunk key prefix
+# returns the number of keys removed
+DROP_MASK_CACHE = """
+local built = tonumber(redis.call('HGET', KEYS[1], 'built') or '0')
+local removed = 0
+for k = 0, built - 1 do removed = removed + redis.call('UNLINK', ARGV[2] .. k) end
+removed = removed + redis.call('UNLINK', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+return removed
+"""
+
+INT_FIELDS = ("seq_len", "vocab_size", "num_sequences", "num_tokens", "num_documents", "num_chunks", "bytes",
+              "generation", "built", "copies", "seed")  # fmt: skip
+JSON_FIELDS = ("special_tokens", "all_special_ids", "masking")
 
 
 @dataclass(frozen=True)
@@ -134,9 +203,17 @@ class Keys:
     def stage(self, name: str, ingest: str, j: int) -> str:
         return self.ds(name, f"stage:{ingest}:{j}")
 
+    def mask_meta(self, name: str, cache: str) -> str:
+        return self.ds(name, f"sm:{cache}:meta")
+
+    def mask_chunk_prefix(self, name: str, cache: str) -> str:
+        return self.ds(name, f"sm:{cache}:c:")
+
 
 def decode_meta(raw: dict[bytes, bytes]) -> dict[str, Any]:
-    meta: dict[str, Any] = {k.decode(): v.decode() for k, v in raw.items()}
+    meta: dict[str, Any] = {
+        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
+    }
     for f in INT_FIELDS:
         if f in meta:
             meta[f] = int(meta[f])
@@ -156,6 +233,9 @@ class Store:
         self._delete = r.register_script(DELETE_DATASET)
         self._commit = r.register_script(COMMIT_INGEST)
         self._fetch = r.register_script(FETCH_SEQUENCES)
+        self._open_cache = r.register_script(OPEN_MASK_CACHE)
+        self._save_masks = r.register_script(SAVE_MASK_CHUNK)
+        self._drop_cache = r.register_script(DROP_MASK_CACHE)
 
     async def create_dataset(self, name: str, meta: dict[str, Any], tokenizer_json: str) -> bool:
         fields: list[Any] = []
@@ -187,9 +267,58 @@ class Store:
 
     async def delete_dataset(self, name: str) -> int:
         k = self.keys
-        fixed = [k.ds(name, p) for p in ("tokenizer", "chunks", "ingests", "staging")]
+        fixed = [k.ds(name, p) for p in ("tokenizer", "chunks", "ingests", "staging", "freq", "sm")]
         keys = [k.ds(name, "meta"), k.index, k.ds(name, "staging"), *fixed]
-        return int(await self._delete(keys=keys, args=[name, k.chunk_prefix(name)]))
+        return int(await self._delete(keys=keys, args=[name, k.chunk_prefix(name), k.ds(name, "sm")]))
+
+    async def token_counts(self, name: str, vocab_size: int) -> np.ndarray:
+        counts = np.zeros(vocab_size, dtype=np.int64)
+        raw = await self.r.hgetall(self.keys.ds(name, "freq"))
+        if raw:
+            ids = np.fromiter((int(i) for i in raw.keys()), dtype=np.int64, count=len(raw))
+            counts[ids] = np.fromiter((int(v) for v in raw.values()), dtype=np.int64, count=len(raw))
+        return counts
+
+    # ---- static masks --------------------------------------------------------
+
+    async def open_mask_cache(self, name: str, uid: str, cache: str, fields: dict[str, Any]) -> dict[str, Any] | None:
+        """Create the cache's meta unless it exists; returns it (None: dataset gone)."""
+        k = self.keys
+        flat: list[Any] = []
+        for f, v in fields.items():
+            flat += [f, v]
+        raw = await self._open_cache(
+            keys=[k.ds(name, "meta"), k.mask_meta(name, cache), k.ds(name, "sm")], args=[uid, cache, *flat]
+        )
+        if not raw:
+            return None
+        return decode_meta(dict(zip(raw[0::2], raw[1::2])))
+
+    async def mask_cache(self, name: str, cache: str) -> dict[str, Any] | None:
+        raw = await self.r.hgetall(self.keys.mask_meta(name, cache))
+        return decode_meta(raw) if raw else None
+
+    async def mask_caches(self, name: str) -> list[dict[str, Any]]:
+        out = []
+        for cache in sorted(c.decode() for c in await self.r.smembers(self.keys.ds(name, "sm"))):
+            meta = await self.mask_cache(name, cache)
+            if meta is not None:
+                out.append(meta)
+        return out
+
+    async def read_chunk(self, name: str, k: int) -> bytes | None:
+        return await self.r.get(f"{self.keys.chunk_prefix(name)}{k}")
+
+    async def save_mask_chunk(self, name: str, uid: str, cache: str, k: int, blob: bytes) -> int:
+        """Store masks of chunk k if it is the next one; returns the cache's chunks built (-1: dataset gone)."""
+        keys = [self.keys.ds(name, "meta"), self.keys.mask_meta(name, cache)]
+        return int(await self._save_masks(keys=keys, args=[uid, k, blob, self.keys.mask_chunk_prefix(name, cache)]))
+
+    async def drop_mask_cache(self, name: str, cache: str) -> int:
+        k = self.keys
+        return int(await self._drop_cache(
+            keys=[k.mask_meta(name, cache), k.ds(name, "sm")], args=[cache, k.mask_chunk_prefix(name, cache)]
+        ))  # fmt: skip
 
     async def chunk_table(self, name: str, start: int, end: int) -> np.ndarray:
         """First sequence id of chunks ``start..end-1`` (the table is append-only)."""
@@ -221,17 +350,35 @@ class Store:
     async def commit_ingest(
         self, name: str, uid: str, idem_key: str, staged: list[str], chunk_counts: list[int],
         sequences: int, tokens: int, documents: int, nbytes: int, result: dict[str, Any],
+        token_counts: np.ndarray,
     ) -> tuple[int, str]:  # fmt: skip
         k = self.keys
-        keys = [k.ds(name, "meta"), k.ds(name, "chunks"), k.ds(name, "ingests"), k.ds(name, "staging"), *staged]
-        args = [uid, idem_key, k.chunk_prefix(name), json.dumps(result), sequences, tokens, documents, nbytes, 0]
-        status, payload = await self._commit(keys=keys, args=[*args, *chunk_counts])
+        keys = [k.ds(name, "meta"), k.ds(name, "chunks"), k.ds(name, "ingests"), k.ds(name, "staging"), *staged,
+                k.ds(name, "freq")]  # fmt: skip
+        args = [uid, idem_key, k.chunk_prefix(name), json.dumps(result), sequences, tokens, documents, nbytes,
+                len(staged), *chunk_counts]  # fmt: skip
+        nz = np.flatnonzero(token_counts)
+        pairs = np.stack([nz, token_counts[nz]], axis=1).ravel().tolist()
+        status, payload = await self._commit(keys=keys, args=[*args, *pairs])
         return int(status), payload.decode() if isinstance(payload, bytes) else str(payload)
 
     # ---- batches -------------------------------------------------------------
 
-    async def fetch(self, name: str, chunk_ids: np.ndarray, local: np.ndarray, itemsize: int) -> list[tuple[int, bytes]]:
+    async def fetch(
+        self, name: str, chunk_ids: np.ndarray, local: np.ndarray, itemsize: int,
+        masks: tuple[str, np.ndarray] | None = None,
+    ) -> tuple[list[int], list[bytes], list[bytes], list[bytes] | None]:  # fmt: skip
+        """Sequences (and, given ``(cache id, entries)``, their static masks) in one round trip.
+
+        Returns lengths, id bytes, word-start bit bytes and mask records.
+        """
         prefix = self.keys.chunk_prefix(name)
         keys = [f"{prefix}{c}" for c in chunk_ids.tolist()]
-        flat = await self._fetch(keys=keys, args=[itemsize, *local.tolist()])
-        return list(zip(flat[0::2], flat[1::2]))
+        args: list[object] = [itemsize, len(keys), 1 if masks else 0, *local.tolist()]
+        if masks is not None:
+            mprefix = self.keys.mask_chunk_prefix(name, masks[0])
+            keys += [f"{mprefix}{c}" for c in chunk_ids.tolist()]
+            args += masks[1].tolist()
+        flat = await self._fetch(keys=keys, args=args)
+        b = len(chunk_ids)
+        return flat[0 : 3 * b : 3], flat[1 : 3 * b : 3], flat[2 : 3 * b : 3], (flat[3 * b :] if masks else None)

@@ -194,7 +194,7 @@ async def ingest(
                   "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip
         status, payload = await store.commit_ingest(
             name, rt.uid, idempotency_key or "", staged, stats.chunk_counts,
-            stats.sequences, stats.tokens, stats.documents, stats.bytes, result,
+            stats.sequences, stats.tokens, stats.documents, stats.bytes, result, pipeline.token_counts,
         )  # fmt: skip
         if status == -1:
             raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)

@@ -1,0 +1,110 @@
+"""Fetch sequences by id and mask them: the path every batch takes.
+
+Shared by the stateless batch route, the masking report and jobs. Dynamic
+masks are computed here; static ones are read from their cache in the same
+Redis round trip as the data and applied, never recomputed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+from redis.exceptions import ResponseError
+
+from client._wire import encode
+
+from .catalog import Catalog, DatasetRuntime
+from .errors import Conflict, DatasetEmpty, DatasetNotFound, StaticMasksMissing
+from .masking import Masked, MaskSpec, mask_batch
+from .packing import assemble
+from .schemas import MaskingParams, OutputParams
+from .static import apply, cache_id
+
+
+@dataclass
+class Fetched:
+    rt: DatasetRuntime
+    num_sequences: int
+    num_chunks: int
+
+
+async def open_dataset(catalog: Catalog, name: str) -> Fetched:
+    """The dataset as it is now: runtime with its chunk table, and counters."""
+    counters = await catalog.store.counters(name)
+    if counters is None:
+        raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+    uid, num_sequences, num_chunks = counters
+    if num_sequences == 0:
+        raise DatasetEmpty(f"dataset {name!r} has no sequences yet; ingest documents first", dataset=name)
+    rt = await catalog.with_chunks(await catalog.runtime(name, uid), num_chunks)
+    return Fetched(rt, num_sequences, num_chunks)
+
+
+async def masked(
+    catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
+    spec: MaskSpec, need_words: bool = False,
+) -> Masked:  # fmt: skip
+    """Mask the sequences ``seq_ids`` for ``epoch``; ``need_words`` also returns word starts."""
+    rt = ds.rt
+    chunk, local = rt.locate(seq_ids)
+    static = params.mode == "static"
+    cache = cache_id(spec, seed, params.copies) if static else None
+    masks = (cache, local * params.copies + epoch % params.copies) if static else None
+    try:
+        lengths, id_parts, bit_parts, mask_parts = await catalog.store.fetch(
+            rt.name, chunk, local, rt.id_dtype.itemsize, masks
+        )
+    except ResponseError as exc:
+        if "missing masks" in str(exc):
+            raise StaticMasksMissing(
+                f"static masks (cache {cache}) are not built for all of dataset {rt.name!r}: "
+                f"POST /v1/datasets/{rt.name}/static-masks with the same masking config, seed and copies",
+                dataset=rt.name, cache=cache,
+            ) from None  # fmt: skip
+        raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry ({exc})") from None
+    need_words = need_words or (not static and spec.unit != "token")
+    ids, ws, n = assemble(lengths, id_parts, bit_parts if need_words else None, rt.id_dtype, rt.seq_len)
+    if static:
+        out = apply(ids, n, mask_parts, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
+        out.word_start = ws
+        return out
+    vocab = rt.vocab
+    if spec.random_tokens == "frequency":
+        vocab = await catalog.weighted_vocab(rt, ds.num_chunks)
+    return mask_batch(ids, n, seq_ids, seed=seed, epoch=epoch, spec=spec, vocab=vocab, word_start=ws)
+
+
+def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> dict[str, np.ndarray]:
+    """The arrays a client receives, per the output options."""
+    width = m.input_ids.shape[1]
+    if out.pad_to_multiple_of is not None:
+        longest = int(m.attention_mask.sum(axis=1).max()) if len(seq_ids) else 0
+        width = max(1, -(-longest // out.pad_to_multiple_of) * out.pad_to_multiple_of)
+    cut = min(width, m.input_ids.shape[1])
+
+    def fit(a: np.ndarray, fill: int) -> np.ndarray:
+        if width <= a.shape[1]:
+            return np.ascontiguousarray(a[:, :cut])
+        wide = np.full((a.shape[0], width), fill, dtype=a.dtype)
+        wide[:, : a.shape[1]] = a
+        return wide
+
+    arrays = {"input_ids": fit(m.input_ids, pad_id), "attention_mask": fit(m.attention_mask, 0)}
+    if out.labels == "dense":
+        arrays["labels"] = fit(m.labels, -100)
+    else:
+        rows, cols = np.nonzero(m.selected)
+        arrays["masked_positions"] = np.stack([rows, cols], axis=1).astype(np.int32)
+        arrays["masked_ids"] = m.labels[rows, cols]
+    if out.special_tokens_mask:
+        arrays["special_tokens_mask"] = fit(m.special_tokens_mask.astype(np.uint8), 1)
+    arrays["sequence_ids"] = seq_ids.astype(np.int64)
+    return arrays
+
+
+def render(arrays: dict[str, np.ndarray], meta: dict[str, object], as_json: bool) -> bytes:
+    if as_json:
+        return json.dumps({"metadata": meta, **{k: v.tolist() for k, v in arrays.items()}}).encode()
+    return encode(arrays, {k: str(v) for k, v in meta.items()})

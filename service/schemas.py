@@ -1,0 +1,54 @@
+"""Request models shared by several routes: masking parameters and batch outputs."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from .errors import ValidationFailed
+from .masking import MaskSpec
+
+
+class MaskingParams(BaseModel):
+    """How to mask; every field has the RoBERTa/BERT default."""
+
+    mlm_probability: float = Field(default=0.15, ge=0.0, le=1.0, description="Share of candidate tokens to predict.")
+    mask_ratio: float = Field(default=0.8, ge=0.0, le=1.0, description="Share of selected tokens set to the mask token.")
+    random_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Share replaced by a random ordinary token.")
+    unit: Literal["token", "whole_word", "span"] = Field(default="token", description="What is selected together.")
+    count: Literal["bernoulli", "exact"] = Field(
+        default="bernoulli", description="Each unit with p, or exactly round(p*n) tokens per sequence."
+    )
+    max_predictions: int | None = Field(default=None, ge=0, description="Cap on selected tokens per sequence (exact).")
+    random_tokens: Literal["uniform", "frequency"] = Field(
+        default="uniform", description="How random replacements are drawn from the ordinary vocabulary."
+    )
+    span_p: float = Field(default=0.2, gt=0.0, lt=1.0, description="Span lengths ~ Geometric(span_p) (span unit).")
+    span_max: int = Field(default=10, ge=1, le=64, description="Longest span, in words (span unit).")
+    mode: Literal["dynamic", "static"] = Field(
+        default="dynamic", description="A fresh mask per epoch, or epoch mod `copies` from the static cache."
+    )
+    copies: int = Field(default=10, ge=1, le=1000, description="Static masks per sequence (BERT's dupe_factor).")
+
+    def spec(self) -> MaskSpec:
+        try:
+            return MaskSpec(
+                self.mlm_probability, self.mask_ratio, self.random_ratio, unit=self.unit, count=self.count,
+                max_predictions=self.max_predictions, random_tokens=self.random_tokens,
+                span_p=self.span_p, span_max=self.span_max,
+            )  # fmt: skip
+        except ValueError as exc:
+            raise ValidationFailed(str(exc)) from None
+
+
+class OutputParams(BaseModel):
+    labels: Literal["dense", "sparse"] = Field(
+        default="dense",
+        description="dense: `labels` (B, L) with -100; sparse: `masked_positions` (N, 2) and `masked_ids` (N,) instead.",
+    )
+    special_tokens_mask: bool = Field(default=False, description="Also send `special_tokens_mask` (B, L).")
+    pad_to_multiple_of: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Pad to the batch's longest sequence rounded up to this multiple, instead of to L.",
+    )  # fmt: skip

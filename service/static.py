@@ -1,0 +1,78 @@
+"""Static masks: K masks per sequence, computed once and cached in Redis.
+
+Copy c of sequence s is the dynamic mask of (seed, epoch=c, s), so a static
+epoch e serves exactly what a dynamic epoch e mod K would, and the cache is a
+materialization of a pure function (it can be rebuilt, or checked, at will).
+A cache stores, per data chunk, one blob::
+
+    entries:u32 | entries x (offset:u32, m:u32) | records
+    entry i*K + c = copy c of the chunk's i-th sequence
+    record = m pairs (position, id placed there), each of the dataset's id width
+
+Positions and the ids placed there, not copies of the sequence: about
+p * 2 * width bytes per token and copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import numpy as np
+
+from .masking import IGNORE_INDEX, Masked, MaskSpec
+
+
+def cache_id(spec: MaskSpec, seed: int, copies: int) -> str:
+    raw = f"{spec.key()}:{seed}:{copies}".encode()
+    return hashlib.blake2b(raw, digest_size=8).hexdigest()
+
+
+def pair_dtype(id_dtype: np.dtype) -> np.dtype:
+    return np.dtype([("pos", id_dtype), ("id", id_dtype)])
+
+
+def encode_chunk(copies: list[Masked], id_dtype: np.dtype) -> bytes:
+    """One blob from the K masked versions of a chunk's sequences."""
+    k = len(copies)
+    b = copies[0].selected.shape[0]
+    rows_cols = []
+    for m in copies:
+        r, c = np.nonzero(m.selected)
+        rows_cols.append((r, c, m.input_ids[r, c]))
+    # counts[i, c]: selected tokens of sequence i in copy c
+    counts = np.stack([np.bincount(r, minlength=b) for r, _, _ in rows_cols], axis=1)
+    pairs = np.empty(int(counts.sum()), dtype=pair_dtype(id_dtype))
+    order_rows = np.concatenate([r for r, _, _ in rows_cols])
+    order_copy = np.concatenate([np.full(len(r), c) for c, (r, _, _) in enumerate(rows_cols)])
+    order = np.lexsort((order_copy, order_rows))  # by sequence, then copy; stable keeps positions sorted
+    pairs["pos"] = np.concatenate([c for _, c, _ in rows_cols])[order]
+    pairs["id"] = np.concatenate([v for _, _, v in rows_cols])[order]
+    entries = b * k
+    width = pair_dtype(id_dtype).itemsize
+    table = np.empty((entries, 2), dtype="<u4")
+    sizes = counts.reshape(-1)
+    table[:, 1] = sizes
+    table[:, 0] = 4 + 8 * entries + np.concatenate([[0], np.cumsum(sizes)[:-1]]) * width
+    return struct.pack("<I", entries) + table.tobytes() + pairs.tobytes()
+
+
+def apply(
+    ids: np.ndarray, lengths: np.ndarray, records: list[bytes], id_dtype: np.dtype, pad_id: int,
+    is_special: np.ndarray,
+) -> Masked:  # fmt: skip
+    """Rebuild a masked batch from the data and one cached mask record per row."""
+    b, n = ids.shape
+    real = np.arange(n)[None, :] < lengths[:, None]
+    input_ids = np.where(real, ids, np.int32(pad_id)).astype(np.int32, copy=False)
+    width = pair_dtype(id_dtype).itemsize
+    pairs = np.frombuffer(b"".join(records), dtype=pair_dtype(id_dtype))
+    rows = np.repeat(np.arange(b), [len(r) // width for r in records])
+    flat = rows * n + pairs["pos"].astype(np.int64)
+    labels = np.full((b, n), IGNORE_INDEX, dtype=np.int32)
+    labels.ravel()[flat] = input_ids.ravel()[flat]
+    selected = np.zeros((b, n), dtype=bool)
+    selected.ravel()[flat] = True
+    input_ids.ravel()[flat] = pairs["id"]
+    special = is_special[np.where(real, ids, pad_id)] | ~real
+    return Masked(input_ids, labels, real.astype(np.uint8), special, selected)
