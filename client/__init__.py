@@ -10,6 +10,7 @@
 
 from ._batch import Batch
 from ._client import DEFAULT_URL, BatchStream, Client
+from ._jobs import JobStream
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -35,6 +36,7 @@ __all__ = [
     "Client",
     "ConflictError",
     "DEFAULT_URL",
+    "JobStream",
     "MaskserveError",
     "NotFoundError",
     "PayloadTooLargeError",

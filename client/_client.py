@@ -245,6 +245,47 @@ class Client:
         metadata.setdefault("seed", resp.headers.get("maskserve-seed", "0"))
         return Batch(arrays, metadata, step=index)
 
+    # ---- jobs --------------------------------------------------------------------
+
+    def create_job(
+        self, name: str, dataset: str, *, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
+        epochs: int | None = 1, drop_last: bool = False, lease_timeout_s: float = 60.0,
+        epoch_boundary: str = "handout", masking: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Create a job, or attach to the existing one with the same config (a different one is a ConflictError)."""
+        body = {"name": name, "dataset": dataset, "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+                "epochs": epochs, "drop_last": drop_last, "lease_timeout_s": lease_timeout_s,
+                "epoch_boundary": epoch_boundary, "masking": dict(masking or {})}  # fmt: skip
+        return self._json("POST", "/v1/jobs", idempotent=True, json=body)
+
+    def jobs(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/jobs")["jobs"]
+
+    def job_progress(self, name: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/jobs/{name}")
+
+    def cancel_job(self, name: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{name}/cancel")
+
+    def delete_job(self, name: str) -> None:
+        self._json("DELETE", f"/v1/jobs/{name}")
+
+    def job(
+        self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
+        create: Mapping[str, Any] | None = None, **output: Any,
+    ) -> "JobStream":  # fmt: skip
+        """Attach to job ``name`` (creating it from ``create`` if given) and iterate its batches.
+
+        Each batch is acked when the next one is asked for (or explicitly with
+        ``stream.ack(batch)`` when ``auto_ack=False``); ``close()`` gives back
+        unused leases. Batches carry ``metadata["epoch"|"index"|"lease"]``.
+        """
+        from ._jobs import JobStream
+
+        if create is not None:
+            self.create_job(name, **create)
+        return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, **output)
+
     # ---- static masks and the masking report ---------------------------------
 
     def build_static_masks(

@@ -20,9 +20,10 @@ from .catalog import Catalog
 from .config import Settings
 from .deps import require_token
 from .embedded import EmbeddedRedis
+from .jobs import Jobs
 from .errors import PayloadTooLarge, install, problem_response
 from .metrics import Metrics
-from .routes import batches, datasets, health, masks, tokenizers
+from .routes import batches, datasets, health, jobs, masks, tokenizers
 from .store import Store
 from .tuning import tune_allocator
 
@@ -50,6 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis_url = url
         app.state.store = Store(r, settings.key_prefix)
         app.state.catalog = Catalog(app.state.store)
+        app.state.jobs = Jobs(r, settings.key_prefix)
         try:
             yield
         finally:
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(datasets.router, dependencies=guarded)
     app.include_router(batches.router, dependencies=guarded)
     app.include_router(masks.router, dependencies=guarded)
+    app.include_router(jobs.router, dependencies=guarded)
     app.include_router(tokenizers.router, dependencies=guarded)
 
     @app.middleware("http")

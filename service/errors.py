@@ -100,6 +100,18 @@ class DatasetEmpty(ServiceError):
     type, title, status = "dataset-empty", "Dataset has no sequences", 409
 
 
+class JobNotFound(NotFound):
+    type, title = "job-not-found", "Job not found"
+
+
+class JobConflict(ServiceError):
+    type, title, status = "job-conflict", "Job exists with another config", 409
+
+
+class JobFinished(ServiceError):
+    type, title, status = "job-finished", "Job finished", 410
+
+
 class StaticMasksMissing(ServiceError):
     type, title, status = "static-masks-missing", "Static masks not built", 409
 

@@ -44,7 +44,8 @@ return 1
 """
 
 # KEYS[1]: meta, KEYS[2]: index set, KEYS[3]: staging set, KEYS[4..]: the other fixed keys
-# ARGV[1]: name, ARGV[2]: chunk key prefix, ARGV[3]: static-mask cache set (also the caches' key prefix)
+# ARGV[1]: name, ARGV[2]: chunk key prefix, ARGV[3]: static-mask cache set (also the caches' key prefix),
+# ARGV[4]: the dataset's job set, ARGV[5]: its job key prefix, ARGV[6]: the global job index
 # returns the number of keys removed (0 when the dataset did not exist)
 DELETE_DATASET = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -57,6 +58,16 @@ for _, cache in ipairs(redis.call('SMEMBERS', ARGV[3])) do
   for k = 0, built - 1 do removed = removed + redis.call('UNLINK', ARGV[3] .. ':' .. cache .. ':c:' .. k) end
   removed = removed + redis.call('UNLINK', meta)
 end
+for _, job in ipairs(redis.call('SMEMBERS', ARGV[4])) do
+  local base = ARGV[5] .. job
+  local epoch = tonumber(redis.call('HGET', base, 'epoch') or '-1')
+  for e = 0, epoch do removed = removed + redis.call('UNLINK', base .. ':acked:' .. e) end
+  for _, part in ipairs({'', ':leases', ':lease', ':workers', ':ackcount'}) do
+    removed = removed + redis.call('UNLINK', base .. part)
+  end
+  redis.call('HDEL', ARGV[6], job)
+end
+removed = removed + redis.call('UNLINK', ARGV[4])
 local staged = redis.call('SMEMBERS', KEYS[3])
 for _, key in ipairs(staged) do removed = removed + redis.call('UNLINK', key) end
 for i = 3, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
@@ -269,7 +280,8 @@ class Store:
         k = self.keys
         fixed = [k.ds(name, p) for p in ("tokenizer", "chunks", "ingests", "staging", "freq", "sm")]
         keys = [k.ds(name, "meta"), k.index, k.ds(name, "staging"), *fixed]
-        return int(await self._delete(keys=keys, args=[name, k.chunk_prefix(name), k.ds(name, "sm")]))
+        args = [name, k.chunk_prefix(name), k.ds(name, "sm"), k.ds(name, "jobs"), k.ds(name, "job:"), f"{k.prefix}:jobs"]
+        return int(await self._delete(keys=keys, args=args))
 
     async def token_counts(self, name: str, vocab_size: int) -> np.ndarray:
         counts = np.zeros(vocab_size, dtype=np.int64)

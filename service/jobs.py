@@ -1,0 +1,194 @@
+"""Jobs: many workers, one epoch. Config, leases and progress.
+
+A job is a dataset + masking config + batch size + seed + shuffle + epochs.
+Epoch e is the (seed, e) permutation of the dataset's first ``n`` sequences
+(``n`` is fixed when the job is created), cut into batches; batch i of epoch
+e holds ``permute.batch_ids(seed, e, n, B, i, shuffle)`` masked for epoch e
+(DESIGN.md's determinism rule), so a re-delivered batch is byte-identical.
+Leases, acks and cursors live in Redis (jobstore.py); this module holds no
+state of its own.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, DELETE_JOB, NEXT, RELEASE, JobKeys
+from .schemas import MaskingParams
+
+JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class JobConfig(BaseModel):
+    dataset: str = Field(description="The dataset the job reads.")
+    batch_size: int = Field(default=32, ge=1, description="Sequences per batch.")
+    seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations and the masks.")
+    shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
+    epochs: int | None = Field(default=1, ge=1, description="Number of epochs; null runs until cancelled.")
+    drop_last: bool = Field(default=False, description="Drop the short last batch of each epoch.")
+    lease_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="A batch not acked by then is handed out again.")
+    epoch_boundary: Literal["handout", "ack"] = Field(
+        default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
+    )
+    masking: MaskingParams = Field(default_factory=MaskingParams)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:32]
+
+
+class JobCreate(JobConfig):
+    name: str = Field(pattern=JOB_NAME, description="Workers attach by this name.")
+
+
+@dataclass
+class Lease:
+    epoch: int
+    index: int
+    lease: str
+    expires_ms: int
+    redelivered: bool
+    config_hash: str
+
+
+@dataclass
+class NextResult:
+    state: str  # lease, wait, done, cancelled, missing
+    lease: Lease | None = None
+    retry_ms: int = 0
+    config_hash: str = ""
+    acks: list[str] | None = None
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+class Jobs:
+    """Async access to job state; every transition is one Lua script."""
+
+    def __init__(self, r: Redis, prefix: str) -> None:
+        self.r = r
+        self.keys = JobKeys(prefix)
+        self._next = r.register_script(NEXT)
+        self._ack = r.register_script(ACK)
+        self._release = r.register_script(RELEASE)
+        self._create = r.register_script(CREATE_JOB)
+        self._cancel = r.register_script(CANCEL_JOB)
+        self._delete = r.register_script(DELETE_JOB)
+        self._datasets: dict[str, str] = {}  # job -> dataset, immutable while the job exists
+        self.configs: dict[str, tuple[str, dict[str, Any]]] = {}  # job -> (config hash, state at creation)
+
+    async def dataset_of(self, job: str, *, fresh: bool = False) -> str | None:
+        if fresh or job not in self._datasets:
+            ds = await self.r.hget(self.keys.index, job)
+            if ds is None:
+                self._datasets.pop(job, None)
+                return None
+            self._datasets[job] = ds.decode()
+        return self._datasets[job]
+
+    async def create(
+        self, name: str, cfg: JobConfig, dataset_uid: str, n: int, bpe: int, num_chunks: int
+    ) -> tuple[str, str]:
+        k = self.keys
+        fields = {
+            "name": name, "config": cfg.model_dump_json(), "config_hash": cfg.digest(), "dataset": cfg.dataset,
+            "dataset_uid": dataset_uid, "status": "active", "epoch": 0, "next": 0, "n": n, "bpe": bpe,
+            "epochs": -1 if cfg.epochs is None else cfg.epochs, "batch_size": cfg.batch_size,
+            "lease_ms": int(cfg.lease_timeout_s * 1000), "boundary": cfg.epoch_boundary, "attempts": 0,
+            "handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0, "late_acks": 0,
+            "num_chunks": num_chunks, "created_at": time.time(),
+        }  # fmt: skip
+        flat: list[Any] = []
+        for f, v in fields.items():
+            flat += [f, v]
+        meta = f"{k.prefix}:ds:{{{cfg.dataset}}}:meta"
+        out = await self._create(
+            keys=[k.job(cfg.dataset, name), k.index, k.dataset_jobs(cfg.dataset), meta],
+            args=[name, cfg.dataset, dataset_uid, cfg.digest(), *flat],
+        )
+        return _s(out[0]), _s(out[1]) if len(out) > 1 else ""
+
+    async def state(self, dataset: str, job: str) -> dict[str, Any] | None:
+        raw = await self.r.hgetall(self.keys.job(dataset, job))
+        if not raw:
+            return None
+        st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items()}
+        for f in ("epoch", "next", "n", "bpe", "epochs", "batch_size", "lease_ms", "attempts", "handed", "acked",
+                  "acked_sequences", "redelivered", "late_acks", "num_chunks"):  # fmt: skip
+            st[f] = int(st[f])
+        st["config"] = json.loads(st["config"])
+        return st
+
+    async def progress(self, dataset: str, job: str) -> dict[str, Any] | None:
+        st = await self.state(dataset, job)
+        if st is None:
+            return None
+        base = self.keys.lease_keys(dataset, job)
+        async with self.r.pipeline(transaction=False) as p:
+            p.zcard(base[1])
+            p.hgetall(base[4])
+            p.hgetall(base[3])
+            p.time()
+            leased, ackcount, workers, now = await p.execute()
+        now_ms = now[0] * 1000 + now[1] // 1000
+        per_worker: dict[str, dict[str, float]] = {}
+        for key, value in workers.items():
+            worker, _, counter = _s(key).rpartition(":")
+            per_worker.setdefault(worker, {})[counter] = int(value)
+        for w in per_worker.values():
+            span = max(1, w.get("last", now_ms) - w.get("first", now_ms)) / 1000
+            w["sequences_per_s"] = w.get("acked_sequences", 0) / span if w.get("acked", 0) > 1 else 0.0
+        created = float(st["created_at"])
+        return {
+            "name": job, "dataset": dataset, "status": st["status"], "config": st["config"],
+            "epoch": st["epoch"], "epochs": None if st["epochs"] < 0 else st["epochs"],
+            "batches_per_epoch": st["bpe"], "sequences_per_epoch": st["n"] if not st["config"]["drop_last"]
+            else st["bpe"] * st["batch_size"], "next_batch": st["next"],
+            "handed_out": st["handed"], "acked": st["acked"], "leased": int(leased),
+            "redelivered": st["redelivered"], "late_acks": st["late_acks"],
+            "acked_per_epoch": {_s(e): int(c) for e, c in sorted(ackcount.items(), key=lambda kv: int(kv[0]))},
+            "sequences_per_s": st["acked_sequences"] / max(1e-3, time.time() - created),
+            "workers": per_worker, "created_at": created,
+        }  # fmt: skip
+
+    async def next(self, dataset: str, job: str, worker: str, acks: list[str]) -> NextResult:
+        token = secrets.token_hex(4)
+        out = await self._next(keys=self.keys.lease_keys(dataset, job), args=[worker, token, *acks])
+        state = _s(out[0])
+        if state == "lease":
+            lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]))
+            return NextResult(state, lease=lease, config_hash=lease.config_hash, acks=[_s(a) for a in out[7:]])
+        if state == "missing":
+            return NextResult(state)
+        return NextResult(state, retry_ms=int(out[1]), config_hash=_s(out[2]), acks=[_s(a) for a in out[3:]])
+
+    async def ack(self, dataset: str, job: str, worker: str, leases: list[str]) -> list[str] | None:
+        out = await self._ack(keys=self.keys.lease_keys(dataset, job), args=[worker, *leases])
+        if out and _s(out[0]) == "missing":
+            return None
+        return [_s(a) for a in out]
+
+    async def release(self, dataset: str, job: str, leases: list[str]) -> int:
+        return int(await self._release(keys=self.keys.lease_keys(dataset, job), args=leases))
+
+    async def cancel(self, dataset: str, job: str) -> bool:
+        return bool(await self._cancel(keys=[self.keys.job(dataset, job)]))
+
+    async def delete(self, dataset: str, job: str) -> int:
+        k = self.keys
+        base = k.lease_keys(dataset, job)
+        removed = await self._delete(keys=[base[0], k.index, k.dataset_jobs(dataset), *base[1:]], args=[job])
+        self._datasets.pop(job, None)
+        return int(removed)
+
+    async def names(self) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in (await self.r.hgetall(self.keys.index)).items()}

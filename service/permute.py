@@ -1,0 +1,56 @@
+"""Seeded permutations of [0, n) evaluated per element: no O(n) table.
+
+An epoch's order is a keyed bijection (a balanced Feistel network over the
+smallest even number of bits covering n, with cycle walking back into
+[0, n)), so batch i of an epoch is ``permute(key, n, range(i*B, (i+1)*B))``,
+computed in O(B) on any replica, with no state stored anywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .rng import fmix64, key64
+
+ROUNDS = 6
+_PERM = 0x7065726D
+
+
+def _round_keys(key: int) -> np.ndarray:
+    return np.array([int(key64(key, _PERM, r)[0]) for r in range(ROUNDS)], dtype=np.uint64)
+
+
+def permute(seed: int, epoch: int, n: int, positions: np.ndarray) -> np.ndarray:
+    """Element ``positions`` of the (seed, epoch) permutation of ``range(n)``."""
+    if n <= 0:
+        raise ValueError("n must be positive")
+    x = np.asarray(positions, dtype=np.uint64)
+    if n == 1:
+        return np.zeros(len(x), dtype=np.int64)
+    bits = max(2, int(n - 1).bit_length())
+    bits += bits % 2
+    half = np.uint64(bits // 2)
+    mask = np.uint64((1 << (bits // 2)) - 1)
+    keys = _round_keys(int(key64(seed, epoch)[0]))
+    nn = np.uint64(n)
+    todo = np.ones(len(x), dtype=bool)
+    out = x.copy()
+    while todo.any():  # cycle walking: at most a few rounds, since 2**bits < 4n
+        v = out[todo]
+        left, right = v >> half, v & mask
+        for k in keys:
+            f = fmix64(right ^ k) & mask
+            left, right = right, left ^ f
+        v = (left << half) | right
+        out[todo] = v
+        todo = out >= nn
+    return out.astype(np.int64)
+
+
+def batch_ids(seed: int, epoch: int, n: int, batch_size: int, index: int, shuffle: bool) -> np.ndarray:
+    """Sequence ids of batch ``index`` of an epoch (the last batch may be short)."""
+    start = index * batch_size
+    pos = np.arange(start, min(start + batch_size, n), dtype=np.int64)
+    return permute(seed, epoch, n, pos) if shuffle else pos
+
+

@@ -1,0 +1,188 @@
+"""Jobs: create/attach, progress, lease the next batch, ack, release, cancel, delete."""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Depends, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from client._wire import CONTENT_TYPE
+
+from ..batching import Fetched, masked, open_dataset, outputs, render
+from ..deps import CatalogDep, MetricsDep
+from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound
+from ..jobs import JobConfig, JobCreate, Jobs
+from ..permute import batch_ids
+from ..schemas import MaskingParams, OutputParams
+from .batches import wants_json
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+WORKER = r"^[A-Za-z0-9._:@/-]{1,128}$"
+
+
+def get_jobs(request: Request) -> Jobs:
+    return request.app.state.jobs
+
+
+JobsDep = Annotated[Jobs, Depends(get_jobs)]
+
+
+class Leases(BaseModel):
+    worker: str = Field(default="anonymous", pattern=WORKER)
+    leases: list[str] = Field(max_length=4096)
+
+
+async def _dataset(jobs: Jobs, name: str, *, fresh: bool = False) -> str:
+    ds = await jobs.dataset_of(name, fresh=fresh)
+    if ds is None:
+        raise JobNotFound(f"no job named {name!r}", job=name)
+    return ds
+
+
+@router.post("", status_code=201, summary="Create a job, or attach to an existing one with the same config")
+async def create_job(body: JobCreate, jobs: JobsDep, catalog: CatalogDep, response: Response) -> dict[str, Any]:
+    cfg = JobConfig(**body.model_dump(exclude={"name"}))
+    cfg.masking.spec()  # validate the masking config now, not at the first batch
+    ds = await open_dataset(catalog, cfg.dataset)
+    n = ds.num_sequences
+    bpe = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
+    if bpe == 0:
+        raise InvalidRequest(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} sequences")
+    state, other = await jobs.create(body.name, cfg, ds.rt.uid, n, bpe, ds.num_chunks)
+    if state == "no-dataset":
+        raise JobConflict(f"dataset {cfg.dataset!r} changed while the job was created; retry", job=body.name)
+    if state == "conflict":
+        raise JobConflict(
+            f"a job named {body.name!r} exists with a different config (dataset {other!r}); "
+            "use another name or delete it", job=body.name,
+        )  # fmt: skip
+    if state == "exists":
+        response.status_code = 200
+    response.headers["Location"] = f"/v1/jobs/{body.name}"
+    return await _progress(jobs, body.name)
+
+
+async def _progress(jobs: Jobs, name: str) -> dict[str, Any]:
+    out = await jobs.progress(await _dataset(jobs, name), name)
+    if out is None:
+        out = await jobs.progress(await _dataset(jobs, name, fresh=True), name)
+    if out is None:
+        raise JobNotFound(f"no job named {name!r}", job=name)
+    return out
+
+
+@router.get("", summary="All jobs with their progress")
+async def list_jobs(jobs: JobsDep) -> dict[str, list[dict[str, Any]]]:
+    out = []
+    for name, ds in sorted((await jobs.names()).items()):
+        p = await jobs.progress(ds, name)
+        if p is not None:
+            out.append(p)
+    return {"jobs": out}
+
+
+@router.get("/{name}", summary="A job's progress: epoch, batches handed out, acked, leased, per worker")
+async def get_job(name: str, jobs: JobsDep) -> dict[str, Any]:
+    return await _progress(jobs, name)
+
+
+class NextQuery(OutputParams):
+    worker: str = Field(default="anonymous", pattern=WORKER, description="Who asks (for per-worker progress).")
+    ack: list[str] = Field(default_factory=list, max_length=1024, description="Leases finished since the last call.")
+    format: str | None = Field(default=None, pattern="^(safetensors|json)$")
+
+
+@router.post(
+    "/{name}/next",
+    summary="Lease the job's next batch (acking finished ones in the same call)",
+    responses={200: {"content": {CONTENT_TYPE: {}, "application/json": {}}}, 204: {"description": "Nothing to hand out now; retry"}},
+)
+async def next_batch(
+    name: str, q: Annotated[NextQuery, Query()], request: Request, jobs: JobsDep, catalog: CatalogDep,
+    metrics: MetricsDep,
+) -> Response:  # fmt: skip
+    as_json = wants_json(request, q.format)
+    dataset = await _dataset(jobs, name)
+    res = await jobs.next(dataset, name, q.worker, q.ack)
+    if res.state == "missing":  # deleted, or re-created on another dataset
+        dataset = await _dataset(jobs, name, fresh=True)
+        res = await jobs.next(dataset, name, q.worker, q.ack)
+        if res.state == "missing":
+            raise JobNotFound(f"no job named {name!r}", job=name)
+    ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
+    if res.state in ("done", "cancelled"):
+        raise JobFinished(f"job {name!r} is {res.state}", job=name, status=res.state, acks=res.acks or [])
+    if res.state == "wait":
+        return Response(status_code=204, headers={**ack_header, "Retry-After": str(max(1, math.ceil(res.retry_ms / 1000))),
+                                                  "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
+    lease = res.lease
+    assert lease is not None
+    cfg, st = await _config(jobs, dataset, name, res.config_hash)
+    params: MaskingParams = cfg.masking
+    spec = params.spec()
+    rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
+    ds = Fetched(rt, st["n"], st["num_chunks"])
+    seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
+    m = await masked(catalog, ds, seq_ids, seed=cfg.seed, epoch=lease.epoch, params=params, spec=spec)
+    meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
+            "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
+
+    def build() -> bytes:
+        return render(outputs(m, seq_ids, q, rt.vocab.pad_id), meta, as_json)
+
+    body = build() if len(seq_ids) * rt.seq_len <= 1 << 16 else await anyio.to_thread.run_sync(build)
+    metrics.sequences_served.labels(dataset).inc(len(seq_ids))
+    headers = {
+        **ack_header,
+        "Maskserve-Job": name,
+        "Maskserve-Dataset": dataset,
+        "Maskserve-Epoch": str(lease.epoch),
+        "Maskserve-Batch-Index": str(lease.index),
+        "Maskserve-Lease": lease.lease,
+        "Maskserve-Lease-Expires-Ms": str(lease.expires_ms),
+        "Maskserve-Redelivered": "1" if lease.redelivered else "0",
+    }
+    return Response(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
+
+
+async def _config(jobs: Jobs, dataset: str, name: str, config_hash: str) -> tuple[JobConfig, dict[str, Any]]:
+    cached = jobs.configs.get(name)
+    if cached is None or cached[0] != config_hash:
+        st = await jobs.state(dataset, name)
+        if st is None:
+            raise JobNotFound(f"no job named {name!r}", job=name)
+        cached = (st["config_hash"], st)
+        jobs.configs[name] = cached
+    st = cached[1]
+    return JobConfig(**st["config"]), st
+
+
+@router.post("/{name}/ack", summary="Ack finished batches by lease id (idempotent)")
+async def ack(name: str, body: Leases, jobs: JobsDep) -> dict[str, list[str]]:
+    out = await jobs.ack(await _dataset(jobs, name), name, body.worker, body.leases)
+    if out is None:
+        raise JobNotFound(f"no job named {name!r}", job=name)
+    return {"results": out}
+
+
+@router.post("/{name}/release", summary="Give back unacked leases for immediate redelivery")
+async def release(name: str, body: Leases, jobs: JobsDep) -> dict[str, int]:
+    return {"released": await jobs.release(await _dataset(jobs, name), name, body.leases)}
+
+
+@router.post("/{name}/cancel", summary="Stop handing out batches")
+async def cancel(name: str, jobs: JobsDep) -> dict[str, Any]:
+    await jobs.cancel(await _dataset(jobs, name), name)
+    return await _progress(jobs, name)
+
+
+@router.delete("/{name}", status_code=204, summary="Delete a job and all its state")
+async def delete(name: str, jobs: JobsDep) -> Response:
+    if not await jobs.delete(await _dataset(jobs, name), name):
+        raise JobNotFound(f"no job named {name!r}", job=name)
+    jobs.configs.pop(name, None)
+    return Response(status_code=204)
