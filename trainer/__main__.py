@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the batch stream and of the model init [default: 0]")
     g.add_argument("--prefetch", type=int, default=4, help="batches fetched ahead in the background")
+    g.add_argument("--job", metavar="NAME", default=None,
+                   help="attach to a shared job (created if missing) instead of sampling batches: every worker "
+                        "on the job gets different batches, each sequence once per epoch, acked after each step")
+    g.add_argument("--epochs", type=int, default=1, help="with --job: epochs of a job this worker creates [default: 1]")
+    g.add_argument("--worker", default=None, help="with --job: this worker's name [default: host:pid:random]")
 
     g = p.add_argument_group("model (ignored with --resume: the checkpoint's model is used)")
     g.add_argument("--d-model", type=int, default=256, help="hidden size")
@@ -192,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         )
 
         def data_state(step: int) -> dict:
-            return {"dataset": args.dataset, "seed": seed, "step": step,
+            return {"dataset": args.dataset, "seed": seed, "step": step, "job": args.job,
                     "batch_size": batch_size, "mlm_probability": mlm_probability}
 
         print(f"dataset {info.get('name', args.dataset)!r}: {info.get('num_sequences', '?')} sequences "
@@ -202,9 +207,14 @@ def main(argv: list[str] | None = None) -> int:
 
         stream = None
         try:
-            stream = client.batches(args.dataset, batch_size=batch_size, seed=seed, start=start_step,
-                                    steps=steps - start_step, prefetch=args.prefetch,
-                                    mlm_probability=mlm_probability)
+            if args.job:
+                create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": args.epochs,
+                          "masking": {"mlm_probability": mlm_probability}}
+                stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch)
+            else:
+                stream = client.batches(args.dataset, batch_size=batch_size, seed=seed, start=start_step,
+                                        steps=steps - start_step, prefetch=args.prefetch,
+                                        mlm_probability=mlm_probability)
             result = train(model, stream, cfg, start_step=start_step,
                            optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state)
         except MaskserveError as exc:
