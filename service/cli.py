@@ -28,6 +28,9 @@ EPILOG = """examples:
   maskserve batch wiki --size 4 --seed 1
   maskserve masks build wiki --copies 10 --unit whole_word   # static masks, cached in Redis
   maskserve masks report wiki --unit span                     # observed rates, split, leakage
+  maskserve jobs create pretrain --dataset wiki --batch-size 64 --epochs 10
+  python -m trainer --dataset wiki --job pretrain             # run on each worker machine
+  maskserve jobs show pretrain                                 # progress per worker
 """
 
 
@@ -218,6 +221,29 @@ def cmd_masks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_jobs(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.action == "list":
+            for j in c.jobs():
+                epochs = j["epochs"] if j["epochs"] is not None else "inf"
+                print(f"{j['name']:20} {j['dataset']:16} {j['status']:9} epoch {j['epoch']}/{epochs} "
+                      f"next {j['next_batch']}/{j['batches_per_epoch']} acked {j['acked']} leased {j['leased']} "
+                      f"redelivered {j['redelivered']} workers {len(j['workers'])} {j['sequences_per_s']:.0f} seq/s")  # fmt: skip
+        elif args.action == "show":
+            _print(c.job_progress(args.name))
+        elif args.action == "create":
+            _print(c.create_job(args.name, args.dataset, batch_size=args.batch_size, seed=args.seed,
+                                shuffle=not args.no_shuffle, epochs=args.epochs or None, drop_last=args.drop_last,
+                                lease_timeout_s=args.lease_timeout, epoch_boundary=args.epoch_boundary,
+                                masking={**_masking(args), "mode": args.mode, "copies": args.copies}))  # fmt: skip
+        elif args.action == "cancel":
+            _print(c.cancel_job(args.name))
+        elif args.action == "delete":
+            c.delete_job(args.name)
+            print(f"deleted job {args.name}")
+    return 0
+
+
 # ---- demo ------------------------------------------------------------------
 
 
@@ -359,6 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
     _masking_args(mr)
     mk.set_defaults(func=cmd_masks)
 
+    jb = sub.add_parser("jobs", help="shared jobs: create, list, show progress, cancel, delete")
+    jsub = jb.add_subparsers(dest="action", required=True, metavar="ACTION")
+    jsub.add_parser("list", parents=[conn], help="all jobs, one line each")
+    jsub.add_parser("show", parents=[conn], help="one job's progress, per worker").add_argument("name")
+    jsub.add_parser("cancel", parents=[conn], help="stop handing out batches").add_argument("name")
+    jsub.add_parser("delete", parents=[conn], help="delete a job and its state").add_argument("name")
+    jc = jsub.add_parser("create", parents=[conn], help="create a job (attaching when it exists with this config)")
+    jc.add_argument("name")
+    jc.add_argument("--dataset", required=True)
+    jc.add_argument("--batch-size", type=int, default=32)
+    jc.add_argument("--epochs", type=int, default=1, help="0 runs until cancelled")
+    jc.add_argument("--no-shuffle", action="store_true")
+    jc.add_argument("--drop-last", action="store_true")
+    jc.add_argument("--lease-timeout", type=float, default=60.0, help="seconds before an unacked batch is re-delivered")
+    jc.add_argument("--epoch-boundary", default="handout", choices=["handout", "ack"])
+    jc.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
+    _masking_args(jc)
+    jb.set_defaults(func=cmd_jobs)
+
     bt = sub.add_parser("batch", parents=[conn], help="fetch one masked batch and summarize it")
     bt.add_argument("name")
     bt.add_argument("--size", type=int, default=4)
@@ -376,6 +421,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # e.g. piped into `head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:  # noqa: BLE001 - the client's errors end the command with one line
         from client import MaskserveError
 
