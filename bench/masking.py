@@ -310,21 +310,24 @@ def inprocess_cases(d: Data, hf, info, vocab, args: argparse.Namespace) -> list[
 
     # static: K copies of each batch's sequences encoded as the cache stores them, sliced per row
     width = pair_dtype(info.id_dtype).itemsize
-    records: list[list[list[bytes]]] = []  # [batch][copy] -> B records
+    records: list[list[tuple[np.ndarray, bytes]]] = []  # [batch][copy] -> (sizes, records joined)
     for j in range(len(d.ids)):
         copies = [mask_batch(d.ids[j], d.lengths, d.seq_ids[j], seed=0, epoch=c, spec=specs["token"], vocab=vocab)
                   for c in range(COPIES)]  # fmt: skip
         blob = encode_chunk(copies, info.id_dtype)
         table = np.frombuffer(blob, dtype="<u4", count=2 * b * COPIES, offset=4).reshape(b * COPIES, 2)
-        per_copy = [[blob[int(table[i * COPIES + c, 0]): int(table[i * COPIES + c, 0]) + int(table[i * COPIES + c, 1]) * width]
-                     for i in range(b)] for c in range(COPIES)]  # fmt: skip
-        m = apply(d.ids[j], d.lengths, per_copy[3], info.id_dtype, vocab.pad_id, vocab.is_special)
+        per_copy = []  # per copy: (record sizes, records joined), as the service's fetch returns them
+        for c in range(COPIES):
+            rows = [blob[int(table[i * COPIES + c, 0]): int(table[i * COPIES + c, 0]) + int(table[i * COPIES + c, 1]) * width]
+                    for i in range(b)]  # fmt: skip
+            per_copy.append((table[c::COPIES, 1].astype(np.int64), b"".join(rows)))
+        m = apply(d.ids[j], d.lengths, *per_copy[3], info.id_dtype, vocab.pad_id, vocab.is_special)
         assert (m.input_ids == copies[3].input_ids).all() and (m.labels == copies[3].labels).all(), "static != dynamic"
         records.append(per_copy)
 
     def static_call(k: int, _: Any) -> Any:
         j = d.pick(k)
-        return apply(d.ids[j], d.lengths, records[j][k % COPIES], info.id_dtype, vocab.pad_id, vocab.is_special)
+        return apply(d.ids[j], d.lengths, *records[j][k % COPIES], info.id_dtype, vocab.pad_id, vocab.is_special)
 
     return [
         Case(f"1@{tag}", "HF collator, [{'input_ids': list[int]}]", L, b,
@@ -486,7 +489,7 @@ def py_spy(pid: int, seconds: float, drive: Callable[[], None]) -> None:
     out = Path(tempfile.mkdtemp(prefix="maskserve-bench-spy-")) / "stacks.txt"
     rate = 250
     proc = subprocess.Popen([str(exe), "record", "--pid", str(pid), "--duration", str(max(1, round(seconds))),
-                             "--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(out)],
+                             "--rate", str(rate), "--format", "raw", "--threads", "--nonblocking", "--output", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
     time.sleep(0.5)
     while proc.poll() is None:
@@ -497,6 +500,7 @@ def py_spy(pid: int, seconds: float, drive: Callable[[], None]) -> None:
         return
     leaf: Counter[str] = Counter()
     incl: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
     total = 0
     for line in out.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -504,7 +508,13 @@ def py_spy(pid: int, seconds: float, drive: Callable[[], None]) -> None:
             continue
         n = int(count)
         total += n
-        frames = [_frame(f) for f in stack.split(";")]
+        frames = stack.split(";")
+        if frames[0].startswith("thread ("):
+            name = frames.pop(0).partition(": ")[2] or "?"
+            threads["event loop (MainThread)" if name == "MainThread" else "worker threads" if "AnyIO" in name or "worker" in name.lower() else name] += n
+        if not frames:
+            continue
+        frames = [_frame(f) for f in frames]
         leaf[frames[-1]] += n
         for f in set(frames):
             incl[f] += n
@@ -514,7 +524,8 @@ def py_spy(pid: int, seconds: float, drive: Callable[[], None]) -> None:
     expect = rate * max(1, round(seconds))
     print(f"\n-- py-spy on the service (pid {pid}), {total} non-idle samples at {rate} Hz over {round(seconds)}s "
           f"(~{total / expect:.0%} of one core busy, all threads) during sequential dynamic token requests --")  # fmt: skip
-    print("  own time (leaf frames):")
+    print("  by thread: " + ", ".join(f"{name} {n / total:.0%}" for name, n in threads.most_common()))
+    print("  own time (leaf frames; uvloop's C work shows as Runner.run):")
     for f, n in leaf.most_common(18):
         print(f"    {n / total:6.1%}  {f}")
     print("  inclusive (selected frames):")
@@ -624,6 +635,8 @@ def run_e2e(args: argparse.Namespace, data: dict[int, Data], tok_json: dict, voc
     try:
         svc.start()
         tiny = TinyServer(bodies)
+        if args.profile:
+            print("\nnote: the service runs under cProfile (--profile): its end-to-end figures are slowed by it")
         print(f"\nservice {svc.url} pid {svc.pid} (REDIS_URL={args.redis_url}){' under cProfile' if args.profile else ''}; "
               f"HTTP floor app {tiny.url} pid {tiny.proc.pid}", flush=True)  # fmt: skip
         rcpu = redis_client(args.redis_url)
@@ -723,7 +736,8 @@ def run_e2e(args: argparse.Namespace, data: dict[int, Data], tok_json: dict, voc
 def report(args: argparse.Namespace, lengths: list[int], cases: dict[str, Case], extra: dict[int, dict[str, float]]) -> None:
     b = args.batch_size
     print(f"\nresults: sequences/s, median of {args.repeats} repeats (min..max), B={b}; CPU columns: ms per batch "
-          f"(user+sys) of this process (client, all threads), the service process, Redis")  # fmt: skip
+          f"(user+sys) of this process (client, all threads), the service process, and the Redis server (INFO cpu: "
+          f"server-wide, so other clients of that server count too)")  # fmt: skip
     print(f"  {'#':<6} {'what':<42} {'L':>4} {'seq/s':>10} {'min..max':>19} {'ms/batch':>9} {'calls':>6}   "
           f"{'client':>6} {'service':>7} {'Redis':>6}")  # fmt: skip
     for c in cases.values():

@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .catalog import Catalog
@@ -78,22 +79,45 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(jobs.router, dependencies=guarded)
     app.include_router(tokenizers.router, dependencies=guarded)
 
-    @app.middleware("http")
-    async def limit_and_measure(request: Request, call_next) -> Response:  # type: ignore[no-untyped-def]
-        path = request.url.path
-        length = request.headers.get("content-length")
-        if length and not path.endswith(_STREAMED_SUFFIXES) and int(length) > settings.max_tokenizer_bytes:
-            return problem_response(
-                PayloadTooLarge(f"body of {length} bytes exceeds the {settings.max_tokenizer_bytes}-byte limit"),
-                request,
-            )
-        start = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        label = getattr(route, "path", "unmatched")
-        m: Metrics = app.state.metrics
-        m.requests.labels(label, str(response.status_code)).inc()
-        m.latency.labels(label).observe(time.perf_counter() - start)
-        return response
-
+    app.add_middleware(LimitAndMeasure, settings=settings, metrics=app.state.metrics)
     return app
+
+
+class LimitAndMeasure:
+    """Pure ASGI middleware: refuse oversized JSON bodies early; count and time requests.
+
+    (Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request.)
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+        self.app = app
+        self.settings = settings
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        limit = self.settings.max_tokenizer_bytes
+        if not path.endswith(_STREAMED_SUFFIXES):
+            for name, value in scope["headers"]:
+                if name == b"content-length" and value.isdigit() and int(value) > limit:
+                    err = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
+                    await problem_response(err, Request(scope))(scope, receive, send)
+                    return
+        start = time.perf_counter()
+        status = [500]
+
+        async def send_status(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            route = scope.get("route")
+            label = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(label, str(status[0])).inc()
+            self.metrics.latency.labels(label).observe(time.perf_counter() - start)

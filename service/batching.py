@@ -52,9 +52,10 @@ async def masked(
     static = params.mode == "static"
     cache = cache_id(spec, seed, params.copies) if static else None
     masks = (cache, local * params.copies + epoch % params.copies) if static else None
+    need_words = need_words or (not static and spec.unit != "token")
     try:
-        lengths, id_parts, bit_parts, mask_parts = await catalog.store.fetch(
-            rt.name, chunk, local, rt.id_dtype.itemsize, masks
+        lengths, ids_joined, bits_joined, mask_counts, mask_records = await catalog.store.fetch(
+            rt.name, chunk, local, rt.id_dtype.itemsize, masks=masks, word_starts=need_words
         )
     except ResponseError as exc:
         if "missing masks" in str(exc):
@@ -64,10 +65,9 @@ async def masked(
                 dataset=rt.name, cache=cache,
             ) from None  # fmt: skip
         raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry ({exc})") from None
-    need_words = need_words or (not static and spec.unit != "token")
-    ids, ws, n = assemble(lengths, id_parts, bit_parts if need_words else None, rt.id_dtype, rt.seq_len)
+    ids, ws, n = assemble(lengths, ids_joined, bits_joined, rt.id_dtype, rt.seq_len)
     if static:
-        out = apply(ids, n, mask_parts, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
+        out = apply(ids, n, mask_counts, mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
         out.word_start = ws
         return out
     vocab = rt.vocab

@@ -84,7 +84,7 @@ class Jobs:
         self._cancel = r.register_script(CANCEL_JOB)
         self._delete = r.register_script(DELETE_JOB)
         self._datasets: dict[str, str] = {}  # job -> dataset, immutable while the job exists
-        self.configs: dict[str, tuple[str, dict[str, Any]]] = {}  # job -> (config hash, state at creation)
+        self.configs: dict[str, tuple[str, Any]] = {}  # job -> (config hash, parsed config), for the routes
 
     async def dataset_of(self, job: str, *, fresh: bool = False) -> str | None:
         if fresh or job not in self._datasets:

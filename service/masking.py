@@ -72,6 +72,10 @@ class MaskSpec:
 
     def key(self) -> int:
         """A stable 64-bit digest of the config."""
+        return self._key
+
+    @cached_property
+    def _key(self) -> int:
         canonical = json.dumps(asdict(self), sort_keys=True).encode()
         return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
 

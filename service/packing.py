@@ -177,25 +177,27 @@ def decode_records(records: list[tuple[int, bytes]], dtype: np.dtype, seq_len: i
 
 
 def assemble(
-    lengths: list[int], id_parts: list[bytes], bit_parts: list[bytes] | None, dtype: np.dtype, seq_len: int
+    lengths: np.ndarray, ids_joined: bytes, bits_joined: bytes | None, dtype: np.dtype, seq_len: int
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fetched sequences -> ``(ids (B, L) int32, word_start (B, L) bool or None, lengths)``.
 
-    Vectorized: all ids are joined once and scattered row-major.
+    ``ids_joined`` holds every sequence's ids back to back, ``bits_joined``
+    every sequence's word-start bytes (``ceil(n / 8)`` each). Vectorized: one
+    scatter, row-major, and a plain reshape when every sequence is full.
     """
     n = np.asarray(lengths, dtype=np.int64)
     b = len(n)
-    flat = np.frombuffer(b"".join(id_parts), dtype=dtype)
+    flat = np.frombuffer(ids_joined, dtype=dtype)
     if b and (n == seq_len).all():
         ids = flat.reshape(b, seq_len).astype(np.int32)
     else:
         ids = np.zeros((b, seq_len), dtype=np.int32)
         ids[np.arange(seq_len)[None, :] < n[:, None]] = flat
-    if bit_parts is None:
+    if bits_joined is None:
         return ids, None, n
     padded = (n + 7) // 8 * 8
     width = int(padded.max()) if b else 0
-    bits = np.unpackbits(np.frombuffer(b"".join(bit_parts), dtype=np.uint8), bitorder="little").astype(bool)
+    bits = np.unpackbits(np.frombuffer(bits_joined, dtype=np.uint8), bitorder="little").astype(bool)
     if b and (padded == width).all():
         grid = bits.reshape(b, width)
     else:
@@ -207,13 +209,12 @@ def assemble(
     return ids, ws, n
 
 
-def split_chunk(blob: bytes, itemsize: int) -> tuple[list[int], list[bytes], list[bytes]]:
-    """A whole chunk blob -> per-sequence lengths, id bytes and word-start bytes."""
+def split_chunk(blob: bytes, itemsize: int) -> tuple[np.ndarray, bytes, bytes]:
+    """A whole chunk blob -> lengths, all ids joined, all word-start bytes joined (as ``assemble`` takes)."""
     (count,) = struct.unpack_from("<I", blob, 0)
     table = np.frombuffer(blob, dtype="<u4", count=2 * count, offset=4).reshape(count, 2)
-    lengths, ids, bits = [], [], []
+    ids, bits = [], []
     for off, n in table.tolist():
-        lengths.append(n)
         ids.append(blob[off : off + n * itemsize])
         bits.append(blob[off + n * itemsize : off + record_length(n, itemsize)])
-    return lengths, ids, bits
+    return table[:, 1].astype(np.int64), b"".join(ids), b"".join(bits)

@@ -8,6 +8,8 @@ computed in O(B) on any replica, with no state stored anywhere.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 from .rng import fmix64, key64
@@ -16,8 +18,12 @@ ROUNDS = 6
 _PERM = 0x7065726D
 
 
-def _round_keys(key: int) -> np.ndarray:
-    return np.array([int(key64(key, _PERM, r)[0]) for r in range(ROUNDS)], dtype=np.uint64)
+@lru_cache(maxsize=1024)
+def _round_keys(seed: int, epoch: int) -> np.ndarray:
+    key = int(key64(seed, epoch)[0])
+    keys = np.array([int(key64(key, _PERM, r)[0]) for r in range(ROUNDS)], dtype=np.uint64)
+    keys.setflags(write=False)
+    return keys
 
 
 def permute(seed: int, epoch: int, n: int, positions: np.ndarray) -> np.ndarray:
@@ -31,7 +37,7 @@ def permute(seed: int, epoch: int, n: int, positions: np.ndarray) -> np.ndarray:
     bits += bits % 2
     half = np.uint64(bits // 2)
     mask = np.uint64((1 << (bits // 2)) - 1)
-    keys = _round_keys(int(key64(seed, epoch)[0]))
+    keys = _round_keys(seed, epoch)
     nn = np.uint64(n)
     todo = np.ones(len(x), dtype=bool)
     out = x.copy()

@@ -58,16 +58,15 @@ def encode_chunk(copies: list[Masked], id_dtype: np.dtype) -> bytes:
 
 
 def apply(
-    ids: np.ndarray, lengths: np.ndarray, records: list[bytes], id_dtype: np.dtype, pad_id: int,
+    ids: np.ndarray, lengths: np.ndarray, counts: np.ndarray, records: bytes, id_dtype: np.dtype, pad_id: int,
     is_special: np.ndarray,
 ) -> Masked:  # fmt: skip
-    """Rebuild a masked batch from the data and one cached mask record per row."""
+    """Rebuild a masked batch from the data and the cached mask records of its rows, joined."""
     b, n = ids.shape
     real = np.arange(n)[None, :] < lengths[:, None]
     input_ids = np.where(real, ids, np.int32(pad_id)).astype(np.int32, copy=False)
-    width = pair_dtype(id_dtype).itemsize
-    pairs = np.frombuffer(b"".join(records), dtype=pair_dtype(id_dtype))
-    rows = np.repeat(np.arange(b), [len(r) // width for r in records])
+    pairs = np.frombuffer(records, dtype=pair_dtype(id_dtype))
+    rows = np.repeat(np.arange(b), counts)
     flat = rows * n + pairs["pos"].astype(np.int64)
     labels = np.full((b, n), IGNORE_INDEX, dtype=np.int32)
     labels.ravel()[flat] = input_ids.ravel()[flat]

@@ -125,33 +125,39 @@ return {0, encoded}
 
 # KEYS[1..B]: the chunk key of each wanted sequence (repeats allowed),
 # KEYS[B+1..2B]: with masks, the static-mask chunk key of each sequence
-# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch masks,
-# ARGV[4..B+3]: each sequence's index inside its chunk, ARGV[B+4..2B+3]: its mask entry
-# returns {n_1, ids_1, bits_1, ..., n_B, ids_B, bits_B[, mask_1, ..., mask_B]}; a missing key
-# (a dataset deleted mid-request, or masks not built) is an error reply naming it
+# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch masks, ARGV[4]: 1 to fetch word-start bits,
+# ARGV[5..B+4]: each sequence's index inside its chunk, ARGV[B+5..2B+4]: its mask entry
+# returns four strings, the parts of all B sequences joined (few, large replies parse fast):
+#   {lengths (uint32 each), ids, word-start bytes (or ''), mask records (uint32 count each, then pairs; or '')}
+# a missing key (a dataset deleted mid-request, or masks not built) is an error reply naming it
 FETCH_SEQUENCES = """
 local w = tonumber(ARGV[1])
 local b = tonumber(ARGV[2])
-local out = {}
+local want_bits = ARGV[4] == '1'
+local lengths, ids, bits = {}, {}, {}
 for i = 1, b do
-  local entry = redis.call('GETRANGE', KEYS[i], 4 + 8 * ARGV[i + 3], 11 + 8 * ARGV[i + 3])
+  local entry = redis.call('GETRANGE', KEYS[i], 4 + 8 * ARGV[i + 4], 11 + 8 * ARGV[i + 4])
   if #entry < 8 then return redis.error_reply('missing chunk ' .. KEYS[i]) end
   local off, n = struct.unpack('<I4I4', entry)
-  out[3 * i - 2] = n
-  out[3 * i - 1] = redis.call('GETRANGE', KEYS[i], off, off + n * w - 1)
-  out[3 * i] = redis.call('GETRANGE', KEYS[i], off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
+  lengths[i] = struct.pack('<I4', n)
+  ids[i] = redis.call('GETRANGE', KEYS[i], off, off + n * w - 1)
+  if want_bits then
+    bits[i] = redis.call('GETRANGE', KEYS[i], off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
+  end
 end
+local counts, masks = {}, {}
 if ARGV[3] == '1' then
   for i = 1, b do
     local k = KEYS[b + i]
-    local e = tonumber(ARGV[b + i + 3])
+    local e = tonumber(ARGV[b + i + 4])
     local entry = redis.call('GETRANGE', k, 4 + 8 * e, 11 + 8 * e)
     if #entry < 8 then return redis.error_reply('missing masks ' .. k) end
     local off, m = struct.unpack('<I4I4', entry)
-    out[3 * b + i] = m > 0 and redis.call('GETRANGE', k, off, off + m * 2 * w - 1) or ''
+    counts[i] = struct.pack('<I4', m)
+    masks[i] = m > 0 and redis.call('GETRANGE', k, off, off + m * 2 * w - 1) or ''
   end
 end
-return out
+return {table.concat(lengths), table.concat(ids), table.concat(bits), table.concat(counts) .. table.concat(masks)}
 """
 
 # KEYS[1]: dataset meta, KEYS[2]: cache meta, KEYS[3]: cache set
@@ -377,20 +383,25 @@ class Store:
     # ---- batches -------------------------------------------------------------
 
     async def fetch(
-        self, name: str, chunk_ids: np.ndarray, local: np.ndarray, itemsize: int,
-        masks: tuple[str, np.ndarray] | None = None,
-    ) -> tuple[list[int], list[bytes], list[bytes], list[bytes] | None]:  # fmt: skip
+        self, name: str, chunk_ids: np.ndarray, local: np.ndarray, itemsize: int, *,
+        masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
+    ) -> tuple[np.ndarray, bytes, bytes | None, np.ndarray | None, bytes | None]:  # fmt: skip
         """Sequences (and, given ``(cache id, entries)``, their static masks) in one round trip.
 
-        Returns lengths, id bytes, word-start bit bytes and mask records.
+        Returns lengths, all ids joined, all word-start bytes joined (or None),
+        and the per-sequence mask record sizes and records joined (or None).
         """
         prefix = self.keys.chunk_prefix(name)
         keys = [f"{prefix}{c}" for c in chunk_ids.tolist()]
-        args: list[object] = [itemsize, len(keys), 1 if masks else 0, *local.tolist()]
+        b = len(keys)
+        args: list[object] = [itemsize, b, 1 if masks else 0, 1 if word_starts else 0, *local.tolist()]
         if masks is not None:
             mprefix = self.keys.mask_chunk_prefix(name, masks[0])
             keys += [f"{mprefix}{c}" for c in chunk_ids.tolist()]
             args += masks[1].tolist()
-        flat = await self._fetch(keys=keys, args=args)
-        b = len(chunk_ids)
-        return flat[0 : 3 * b : 3], flat[1 : 3 * b : 3], flat[2 : 3 * b : 3], (flat[3 * b :] if masks else None)
+        lengths, ids, bits, mask_part = await self._fetch(keys=keys, args=args)
+        n = np.frombuffer(lengths, dtype="<u4").astype(np.int64)
+        if masks is None:
+            return n, ids, bits if word_starts else None, None, None
+        counts = np.frombuffer(mask_part, dtype="<u4", count=b).astype(np.int64)
+        return n, ids, bits if word_starts else None, counts, mask_part[4 * b :]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-import anyio
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 
@@ -15,6 +14,7 @@ from ..batching import Fetched, masked, open_dataset, outputs, render
 from ..deps import CatalogDep, MetricsDep
 from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound
 from ..jobs import JobConfig, JobCreate, Jobs
+from ..masking import MaskSpec
 from ..permute import batch_ids
 from ..schemas import MaskingParams, OutputParams
 from .batches import wants_json
@@ -24,7 +24,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 WORKER = r"^[A-Za-z0-9._:@/-]{1,128}$"
 
 
-def get_jobs(request: Request) -> Jobs:
+async def get_jobs(request: Request) -> Jobs:
     return request.app.state.jobs
 
 
@@ -121,9 +121,8 @@ async def next_batch(
                                                   "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
     lease = res.lease
     assert lease is not None
-    cfg, st = await _config(jobs, dataset, name, res.config_hash)
+    cfg, spec, st = await _config(jobs, dataset, name, res.config_hash)
     params: MaskingParams = cfg.masking
-    spec = params.spec()
     rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
     ds = Fetched(rt, st["n"], st["num_chunks"])
     seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
@@ -131,10 +130,7 @@ async def next_batch(
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
 
-    def build() -> bytes:
-        return render(outputs(m, seq_ids, q, rt.vocab.pad_id), meta, as_json)
-
-    body = build() if len(seq_ids) * rt.seq_len <= 1 << 16 else await anyio.to_thread.run_sync(build)
+    body = render(outputs(m, seq_ids, q, rt.vocab.pad_id), meta, as_json)
     metrics.sequences_served.labels(dataset).inc(len(seq_ids))
     headers = {
         **ack_header,
@@ -149,16 +145,17 @@ async def next_batch(
     return Response(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
 
 
-async def _config(jobs: Jobs, dataset: str, name: str, config_hash: str) -> tuple[JobConfig, dict[str, Any]]:
+async def _config(jobs: Jobs, dataset: str, name: str, config_hash: str) -> tuple[JobConfig, MaskSpec, dict[str, Any]]:
+    """The job's config, parsed once per process (keyed by its hash, so a re-created job is re-read)."""
     cached = jobs.configs.get(name)
     if cached is None or cached[0] != config_hash:
         st = await jobs.state(dataset, name)
         if st is None:
             raise JobNotFound(f"no job named {name!r}", job=name)
-        cached = (st["config_hash"], st)
+        cfg = JobConfig(**st["config"])
+        cached = (st["config_hash"], (cfg, cfg.masking.spec(), st))
         jobs.configs[name] = cached
-    st = cached[1]
-    return JobConfig(**st["config"]), st
+    return cached[1]
 
 
 @router.post("/{name}/ack", summary="Ack finished batches by lease id (idempotent)")

@@ -1,0 +1,134 @@
+"""Job batches (lease + fetch + mask + encode + ack) against the stateless batch endpoint.
+
+Workers are separate processes pulling from one service process for a fixed
+time; the figure is sequences per second across all workers. Reported side
+by side in one run:
+
+* stateless ``GET /batch`` (B random sequences) with 1 and with N workers,
+* job batches (leased, acked on the next request) with 1 and with N workers,
+  and their ratio (the target: job >= 80% of stateless),
+* the job with N workers spread over 1 and over 2 service processes.
+
+Run: ``python bench/jobs.py`` (``--help`` for the knobs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    BenchRedis,
+    Service,
+    add_service_args,
+    header,
+    repeat_to,
+    start_service,
+    stdlib_docs,
+    train_bpe,
+)
+
+
+def _stateless(url: str, dataset: str, size: int, seconds: float, worker: int, out: mp.Queue) -> None:
+    from client import Client
+
+    with Client(url) as c:
+        stream = c.batches(dataset, batch_size=size, seed=1000 + worker, prefetch=2)
+        n = 0
+        next(stream)  # warm the connection
+        t0 = time.perf_counter()
+        for b in stream:
+            n += len(b)
+            if time.perf_counter() - t0 >= seconds:
+                break
+        stream.close()
+        out.put((n, time.perf_counter() - t0))
+
+
+def _job(url: str, job: str, seconds: float, worker: int, out: mp.Queue) -> None:
+    from client import Client
+
+    with Client(url) as c:
+        stream = c.job(job, worker=f"bench-{worker}", prefetch=2)
+        n = 0
+        next(stream)
+        t0 = time.perf_counter()
+        for b in stream:
+            n += len(b)
+            if time.perf_counter() - t0 >= seconds:
+                break
+        stream.close()
+        out.put((n, time.perf_counter() - t0))
+
+
+def run_workers(target, args_for, workers: int) -> float:  # noqa: ANN001
+    ctx = mp.get_context("spawn")
+    q: mp.Queue = ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args_for(w), w, q)) for w in range(workers)]
+    for p in procs:
+        p.start()
+    results = [q.get(timeout=600) for _ in procs]
+    for p in procs:
+        p.join()
+    return sum(n / dt for n, dt in results)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--workers", type=int, default=4, help="the N of the multi-worker runs")
+    p.add_argument("--seconds", type=float, default=8.0, help="pull time per measurement")
+    p.add_argument("--corpus-mb", type=float, default=6.0, help="text ingested (stdlib docstrings, repeated)")
+    add_service_args(p)
+    args = p.parse_args()
+    header("job batches vs stateless batches", ["sequences/s summed over worker processes"],
+           {"B": args.batch_size, "L": args.seq_len, "N": args.workers, "seconds": args.seconds})  # fmt: skip
+
+    from client import Client
+
+    docs = repeat_to(stdlib_docs(), min_bytes=int(args.corpus_mb * 1e6))
+    _, tok = train_bpe(docs[:3000])
+    with BenchRedis(args), start_service(args) as svc:
+        with Client(svc.url, timeout=600) as c:
+            c.create_dataset("bench", tokenizer=tok, seq_len=args.seq_len, packing="complete")
+            c.ingest("bench", docs)
+            info = c.dataset("bench")
+            print(f"dataset: {info['num_sequences']} sequences x L={info['seq_len']}")
+
+            def new_job(tag: str) -> str:
+                name = f"bench-{tag}"
+                c.create_job(name, "bench", batch_size=args.batch_size, epochs=None, lease_timeout_s=30)
+                return name
+
+            rows = []
+            for n in (1, args.workers):
+                stateless = run_workers(_stateless, lambda w: (svc.url, "bench", args.batch_size, args.seconds), n)
+                job = new_job(f"w{n}")
+                leased = run_workers(_job, lambda w, job=job: (svc.url, job, args.seconds), n)
+                rows.append((n, stateless, leased))
+            print(f"\n{'workers':>8} {'stateless seq/s':>16} {'job seq/s':>10} {'job/stateless':>14}")
+            for n, s, j in rows:
+                verdict = "PASS" if j >= 0.8 * s else "MISS"
+                print(f"{n:>8} {s:>16,.0f} {j:>10,.0f} {j / s:>13.0%}  {verdict} (target >= 80%)")
+
+            # scaling: the same job over two service processes
+            job = new_job("scale")
+            one = run_workers(_job, lambda w: (svc.url, job, args.seconds), args.workers)
+            with Service(redis_url=svc.redis_url, embedded=False) as second:
+                urls = [svc.url, second.url]
+                two = run_workers(_job, lambda w: (urls[w % 2], job, args.seconds), args.workers)
+            progress = c.job_progress(job)
+            print(f"\njob over 1 service process: {one:,.0f} seq/s; over 2: {two:,.0f} seq/s "
+                  f"(x{two / one:.2f}); redelivered {progress['redelivered']}, late acks {progress['late_acks']}")  # fmt: skip
+            print("(2 CPU cores are shared by the service processes, Redis and the workers: the scaling figure is "
+                  "bounded by the cores, not by shared state)")
+
+
+if __name__ == "__main__":
+    main()
