@@ -72,7 +72,7 @@ async def masked(
         return out
     vocab = rt.vocab
     if spec.random_tokens == "frequency":
-        vocab = await catalog.weighted_vocab(rt, ds.num_chunks)
+        vocab = await catalog.weighted_vocab(rt)
     return mask_batch(ids, n, seq_ids, seed=seed, epoch=epoch, spec=spec, vocab=vocab, word_start=ws)
 
 

@@ -32,7 +32,7 @@ class DatasetRuntime:
     id_dtype: np.dtype
     chunk_starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     tokenizer: TokenizerInfo | None = None
-    weighted: tuple[int, Vocab] | None = None  # (chunks counted, vocab with token counts)
+    weighted: Vocab | None = None  # the vocab with the frozen token counts
 
     @property
     def seq_len(self) -> int:
@@ -83,13 +83,13 @@ class Catalog:
                 rt.chunk_starts = np.concatenate([rt.chunk_starts, tail])
         return rt
 
-    async def weighted_vocab(self, rt: DatasetRuntime, num_chunks: int) -> Vocab:
-        """The vocab with corpus token counts (for frequency-weighted replacements)."""
-        if rt.weighted is None or rt.weighted[0] != num_chunks:
+    async def weighted_vocab(self, rt: DatasetRuntime) -> Vocab:
+        """The vocab with the dataset's frozen token counts (for frequency-weighted replacements)."""
+        if rt.weighted is None:
             counts = await self.store.token_counts(rt.name, rt.vocab.is_special.shape[0])
             v = rt.vocab
-            rt.weighted = (num_chunks, Vocab(mask_id=v.mask_id, pad_id=v.pad_id, is_special=v.is_special, counts=counts))
-        return rt.weighted[1]
+            rt.weighted = Vocab(mask_id=v.mask_id, pad_id=v.pad_id, is_special=v.is_special, counts=counts)
+        return rt.weighted
 
     async def tokenizer(self, rt: DatasetRuntime) -> TokenizerInfo:
         if rt.tokenizer is None:

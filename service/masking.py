@@ -201,13 +201,16 @@ class _Words:
         flat = word_start.ravel()
         self.starts = np.flatnonzero(flat)  # flat positions of word starts
         self.word_of = np.cumsum(flat, dtype=np.int32) - 1  # flat token -> word number
-        self.cand_word = cand.ravel()[self.starts]  # a word is a candidate by its first token
+        self._cand = cand.ravel()
+        # a word is a candidate when any of its tokens is (a special piece inside a word,
+        # e.g. an unknown-token piece, is never selected, but the rest of the word can be)
+        self.cand_word = np.logical_or.reduceat(self._cand, self.starts) if len(self.starts) else self.starts > 0
         self.shape = (b, n)
 
     @cached_property
     def length(self) -> np.ndarray:
-        """Tokens per word."""
-        return np.diff(np.append(self.starts, self.shape[0] * self.shape[1]))
+        """Candidate tokens per word (what a word costs against a token budget)."""
+        return np.add.reduceat(self._cand.astype(np.int32), self.starts)
 
     def per_start(self, values: np.ndarray, fill: int | np.generic) -> np.ndarray:
         """A (B, L) matrix with ``values`` at word starts and ``fill`` elsewhere."""
@@ -225,7 +228,7 @@ def _select_whole_word(c: _Ctx) -> tuple[np.ndarray, None]:
         hit = chance(c.h.ravel()[w.starts], c.spec.mlm_probability)
         return w.tokens(w.cand_word & hit, c.cand), None
     # exact: words in hash order, as many as fit the token budget
-    token_keys, never = _unique_keys(c.h, c.cand)
+    token_keys, never = _unique_keys(c.h, np.ones(c.h.shape, dtype=bool))
     keys = w.per_start(token_keys.ravel()[w.starts], never)
     keys.ravel()[w.starts[~w.cand_word]] = never
     lengths = w.per_start(w.length, 0)
@@ -305,9 +308,16 @@ def _fit_spans(
     keys = fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_ORDER)))
     keys[span_tokens == 0] = MAX64
     order = np.argsort(keys, axis=1)
-    fits = np.cumsum(np.take_along_axis(span_tokens, order, 1), axis=1) <= c.budget[:, None]
+    tokens = np.take_along_axis(span_tokens, order, 1)
+    valid = np.take_along_axis(keys, order, 1) != MAX64
+    left = c.budget.copy()
+    took = np.zeros(order.shape, dtype=bool)
+    for j in range(order.shape[1]):  # a span that does not fit is skipped; smaller ones after it may fit
+        ok = valid[:, j] & (tokens[:, j] <= left)
+        took[:, j] = ok
+        left -= np.where(ok, tokens[:, j], 0)
     keep = np.zeros(begins.shape, dtype=bool)
-    np.put_along_axis(keep, order, fits & (np.take_along_axis(keys, order, 1) != MAX64), 1)
+    np.put_along_axis(keep, order, took, 1)
     return keep
 
 
@@ -336,7 +346,7 @@ def mask_batch(
     if spec.unit != "token":
         if word_start is None:
             raise ValueError(f"unit {spec.unit!r} needs word_start")
-        word_start = word_start | special
+        word_start = word_start | ~real  # each pad is a word of its own
         word_start[:, 0] = True
     ctx = _Ctx(h, rows, cand, word_start, _budget(cand, spec) if spec.count == "exact" else None, spec)
     selected, group = UNITS[spec.unit](ctx)

@@ -11,7 +11,8 @@ of one dataset live in one Redis Cluster slot)::
     P:ds:{name}:ingests             HASH   idempotency key -> JSON result of a committed ingest
     P:ds:{name}:staging             SET    staged chunk keys of ingests in flight
     P:ds:{name}:stage:<ingest>:<j>  STRING a staged chunk, with a TTL until committed
-    P:ds:{name}:freq                HASH   token id -> count over all stored tokens
+    P:ds:{name}:freq                STRING count of each token id over all stored tokens (BITFIELD u32, big-endian)
+    P:ds:{name}:freq:frozen         STRING the table frequency-weighted masking uses: a copy taken at first use
     P:ds:{name}:sm                  SET    ids of the static-mask caches
     P:ds:{name}:sm:<id>:meta        HASH   a cache's config, seed, copies, chunks built, bytes
     P:ds:{name}:sm:<id>:c:<k>       STRING static masks of data chunk k (layout in static.py)
@@ -81,7 +82,7 @@ return removed
 # ARGV[1]: dataset uid, ARGV[2]: idempotency key ('' for none), ARGV[3]: chunk key prefix,
 # ARGV[4]: result JSON (without ids), ARGV[5..8]: sequences, tokens, documents, bytes,
 # ARGV[9]: number of staged chunks S, ARGV[10..9+S]: sequence count of each staged chunk,
-# ARGV[10+S..]: token id, count pairs for the frequency hash (KEYS[5 + S])
+# ARGV[10+S..]: token id, count pairs added to the frequency table (KEYS[5 + S], uint32 counters)
 # returns {status, first_sequence_id or previous result}: status 0 committed,
 # 1 duplicate (the staged keys are dropped), -1 dataset gone or replaced, -2 staged key expired
 COMMIT_INGEST = """
@@ -109,7 +110,12 @@ for i = 5, last do
   nchunks = nchunks + 1
   nseq = nseq + tonumber(ARGV[i + 5])
 end
-for a = 10 + staged, #ARGV, 2 do redis.call('HINCRBY', KEYS[last + 1], ARGV[a], ARGV[a + 1]) end
+local ops = {}
+for a = 10 + staged, #ARGV, 2 do
+  ops[#ops + 1] = 'INCRBY'; ops[#ops + 1] = 'u32'; ops[#ops + 1] = '#' .. ARGV[a]; ops[#ops + 1] = ARGV[a + 1]
+  if #ops >= 2000 then redis.call('BITFIELD', KEYS[last + 1], 'OVERFLOW', 'SAT', unpack(ops)); ops = {} end
+end
+if #ops > 0 then redis.call('BITFIELD', KEYS[last + 1], 'OVERFLOW', 'SAT', unpack(ops)) end
 redis.call('HSET', KEYS[1], 'num_chunks', nchunks)
 redis.call('HINCRBY', KEYS[1], 'num_sequences', ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'num_tokens', ARGV[6])
@@ -158,6 +164,17 @@ if ARGV[3] == '1' then
   end
 end
 return {table.concat(lengths), table.concat(ids), table.concat(bits), table.concat(counts) .. table.concat(masks)}
+"""
+
+# KEYS[1]: live frequency table, KEYS[2]: frozen copy
+# Frequency-weighted replacements draw from a table frozen at first use, so that a mask
+# stays a pure function of (seed, epoch, sequence, config) when more documents arrive.
+# returns the frozen table
+FREEZE_FREQUENCIES = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+  redis.call('SET', KEYS[2], redis.call('GET', KEYS[1]) or '')
+end
+return redis.call('GET', KEYS[2])
 """
 
 # KEYS[1]: dataset meta, KEYS[2]: cache meta, KEYS[3]: cache set
@@ -253,6 +270,7 @@ class Store:
         self._open_cache = r.register_script(OPEN_MASK_CACHE)
         self._save_masks = r.register_script(SAVE_MASK_CHUNK)
         self._drop_cache = r.register_script(DROP_MASK_CACHE)
+        self._freeze = r.register_script(FREEZE_FREQUENCIES)
 
     async def create_dataset(self, name: str, meta: dict[str, Any], tokenizer_json: str) -> bool:
         fields: list[Any] = []
@@ -284,17 +302,18 @@ class Store:
 
     async def delete_dataset(self, name: str) -> int:
         k = self.keys
-        fixed = [k.ds(name, p) for p in ("tokenizer", "chunks", "ingests", "staging", "freq", "sm")]
+        fixed = [k.ds(name, p) for p in ("tokenizer", "chunks", "ingests", "staging", "freq", "freq:frozen", "sm")]
         keys = [k.ds(name, "meta"), k.index, k.ds(name, "staging"), *fixed]
         args = [name, k.chunk_prefix(name), k.ds(name, "sm"), k.ds(name, "jobs"), k.ds(name, "job:"), f"{k.prefix}:jobs"]
         return int(await self._delete(keys=keys, args=args))
 
     async def token_counts(self, name: str, vocab_size: int) -> np.ndarray:
+        """The frozen frequency table (taken from the live counts at first use, then fixed)."""
+        k = self.keys
+        raw = await self._freeze(keys=[k.ds(name, "freq"), k.ds(name, "freq:frozen")])
         counts = np.zeros(vocab_size, dtype=np.int64)
-        raw = await self.r.hgetall(self.keys.ds(name, "freq"))
-        if raw:
-            ids = np.fromiter((int(i) for i in raw.keys()), dtype=np.int64, count=len(raw))
-            counts[ids] = np.fromiter((int(v) for v in raw.values()), dtype=np.int64, count=len(raw))
+        table = np.frombuffer(raw or b"", dtype=">u4", count=min(vocab_size, len(raw or b"") // 4))
+        counts[: len(table)] = table
         return counts
 
     # ---- static masks --------------------------------------------------------

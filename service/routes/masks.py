@@ -61,7 +61,7 @@ async def build_static(name: str, body: StaticBuild, store: StoreDep, catalog: C
     fields = {"cache": cache, "masking": body.model_dump_json(exclude={"seed", "max_chunks", "mode"}),
               "seed": body.seed, "copies": body.copies, "built": 0, "bytes": 0, "created_at": time.time()}  # fmt: skip
     if spec.random_tokens == "frequency":
-        await catalog.weighted_vocab(rt, ds.num_chunks)
+        await catalog.weighted_vocab(rt)
     meta = await store.open_mask_cache(name, rt.uid, cache, fields)
     if meta is None:
         raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
@@ -85,7 +85,7 @@ def _mask_chunk(catalog: Catalog, rt: Any, blob: bytes, first_id: int, body: Sta
     lengths, ids_joined, bits_joined = split_chunk(blob, rt.id_dtype.itemsize)
     ids, ws, n = assemble(lengths, ids_joined, bits_joined, rt.id_dtype, rt.seq_len)
     seq_ids = first_id + np.arange(len(n), dtype=np.int64)
-    vocab = rt.weighted[1] if spec.random_tokens == "frequency" and rt.weighted else rt.vocab
+    vocab = rt.weighted if spec.random_tokens == "frequency" and rt.weighted else rt.vocab
     copies = [
         mask_batch(ids, n, seq_ids, seed=body.seed, epoch=c, spec=spec, vocab=vocab, word_start=ws.copy())
         for c in range(body.copies)
@@ -117,7 +117,7 @@ async def report(name: str, body: ReportRequest, catalog: CatalogDep) -> dict[st
     spec = body.spec()
     ds = await open_dataset(catalog, name)
     if spec.random_tokens == "frequency":
-        await catalog.weighted_vocab(ds.rt, ds.num_chunks)
+        await catalog.weighted_vocab(ds.rt)
     epochs = body.epochs or (2 * body.copies if body.mode == "static" else 20)
     seq_ids = np.unique(np.linspace(0, ds.num_sequences - 1, min(body.sequences, ds.num_sequences)).astype(np.int64))
     vocab = ds.rt.vocab
