@@ -201,16 +201,13 @@ class _Words:
         flat = word_start.ravel()
         self.starts = np.flatnonzero(flat)  # flat positions of word starts
         self.word_of = np.cumsum(flat, dtype=np.int32) - 1  # flat token -> word number
-        self._cand = cand.ravel()
+        # candidate tokens per word (what a word costs against a token budget), by prefix sums
+        seen = np.cumsum(cand.ravel(), dtype=np.int32)
+        self.length = np.diff(np.append(seen[self.starts] - cand.ravel()[self.starts], seen[-1] if len(seen) else 0))
         # a word is a candidate when any of its tokens is (a special piece inside a word,
         # e.g. an unknown-token piece, is never selected, but the rest of the word can be)
-        self.cand_word = np.logical_or.reduceat(self._cand, self.starts) if len(self.starts) else self.starts > 0
+        self.cand_word = self.length > 0
         self.shape = (b, n)
-
-    @cached_property
-    def length(self) -> np.ndarray:
-        """Candidate tokens per word (what a word costs against a token budget)."""
-        return np.add.reduceat(self._cand.astype(np.int32), self.starts)
 
     def per_start(self, values: np.ndarray, fill: int | np.generic) -> np.ndarray:
         """A (B, L) matrix with ``values`` at word starts and ``fill`` elsewhere."""
@@ -259,7 +256,7 @@ def _select_span(c: _Ctx) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray
     if p <= 0:
         return np.zeros((b, n), bool), lambda at: np.zeros(len(at), np.uint64)
     # each candidate word's rank among its row's candidate words
-    row_of_word = w.starts // n
+    row_of_word = np.repeat(np.arange(b), np.bincount(w.starts // n, minlength=b)) if b else w.starts
     cum = np.cumsum(w.cand_word, dtype=np.int64)
     first_word = np.searchsorted(w.starts, np.arange(b) * n)
     before = np.concatenate([[0], cum])[first_word]
@@ -283,13 +280,14 @@ def _select_span(c: _Ctx) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray
     row_base = (np.arange(b) * (n + 1))[:, None]
     opened = np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1))
     closed = np.bincount((row_base + np.minimum(ends, n)).ravel(), minlength=b * (n + 1))
-    covered = np.cumsum((opened - closed).reshape(b, n + 1), axis=1).ravel()
-    span_no = np.cumsum(opened.reshape(b, n + 1), axis=1).ravel()
+    covered = np.cumsum((opened - closed).reshape(b, n + 1), axis=1, dtype=np.int32).ravel()
     word_at = row_of_word * (n + 1) + rank  # each word's cell in the (B, L+1) rank grid
     selected = w.tokens(w.cand_word & (covered[word_at] > 0), c.cand)
 
     def groups(at: np.ndarray) -> np.ndarray:
-        return span_no[word_at[w.word_of[at]]].astype(np.uint64)
+        cell = word_at[w.word_of[at]]  # the span number of a cell: spans opened up to it in its row
+        span_no = np.cumsum(opened.reshape(b, n + 1), axis=1, dtype=np.int32).ravel()
+        return span_no[cell].astype(np.uint64)
 
     return selected, groups
 
