@@ -50,24 +50,37 @@ async def masked(
     rt = ds.rt
     chunk, local = rt.locate(seq_ids)
     static = params.mode == "static"
-    cache = cache_id(spec, seed, params.copies) if static else None
-    masks = (cache, local * params.copies + epoch % params.copies) if static else None
     need_words = need_words or (not static and spec.unit != "token")
-    try:
-        lengths, ids_joined, bits_joined, mask_counts, mask_records = await catalog.store.fetch(
-            rt.name, chunk, local, rt.id_dtype.itemsize, masks=masks, word_starts=need_words
+    entries = await catalog.entries(rt, chunk, local, ds.num_sequences)
+    masks = None
+    if static:
+        cache = cache_id(spec, seed, params.copies)
+        mask_entries = await catalog.entries(
+            rt, chunk, local * params.copies + epoch % params.copies, ds.num_sequences, cache, params.copies
         )
-    except ResponseError as exc:
-        if "missing masks" in str(exc):
+        if mask_entries is None:
             raise StaticMasksMissing(
                 f"static masks (cache {cache}) are not built for all of dataset {rt.name!r}: "
                 f"POST /v1/datasets/{rt.name}/static-masks with the same masking config, seed and copies",
                 dataset=rt.name, cache=cache,
+            )  # fmt: skip
+        masks = (cache, mask_entries)
+    try:
+        ids_joined, bits_joined, mask_records = await catalog.store.fetch(
+            rt.name, chunk, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words
+        )
+    except ResponseError as exc:
+        if masks is not None and "missing masks" in str(exc):
+            catalog.table_cache.drop(rt.uid, masks[0])
+            raise StaticMasksMissing(
+                f"static masks (cache {masks[0]}) of dataset {rt.name!r} were dropped; build them again",
+                dataset=rt.name, cache=masks[0],
             ) from None  # fmt: skip
         raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry ({exc})") from None
+    lengths = entries[:, 1]
     ids, ws, n = assemble(lengths, ids_joined, bits_joined, rt.id_dtype, rt.seq_len)
-    if static:
-        out = apply(ids, n, mask_counts, mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
+    if masks is not None:
+        out = apply(ids, n, masks[1][:, 1], mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
         out.word_start = ws
         return out
     vocab = rt.vocab

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 import numpy as np
 
-from .errors import DatasetNotFound
+from .errors import Conflict, DatasetNotFound
 from .masking import Vocab
 from .store import Store
 from .tokenization import TokenizerInfo, describe, load_tokenizer
@@ -44,12 +45,83 @@ class DatasetRuntime:
         return chunk, seq_ids - self.chunk_starts[chunk]
 
 
+class TableCache:
+    """LRU, by bytes, of chunk tables: immutable once written, so safe to keep."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple[str, str, int], np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple[str, str, int]) -> np.ndarray | None:
+        table = self._items.get(key)
+        if table is not None:
+            self._items.move_to_end(key)
+        return table
+
+    def drop(self, uid: str, kind: str) -> None:
+        for key in [k for k in self._items if k[0] == uid and k[1] == kind]:
+            self.bytes -= self._items.pop(key).nbytes
+
+    def put(self, key: tuple[str, str, int], table: np.ndarray) -> None:
+        if key in self._items:
+            return
+        self._items[key] = table
+        self.bytes += table.nbytes
+        while self.bytes > self.max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self.bytes -= old.nbytes
+
+
 class Catalog:
-    def __init__(self, store: Store, max_entries: int = 256) -> None:
+    def __init__(self, store: Store, max_entries: int = 256, table_cache_bytes: int = 256 << 20) -> None:
         self.store = store
         self.max_entries = max_entries
         self._cache: dict[str, DatasetRuntime] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self.table_cache = TableCache(table_cache_bytes)
+
+    async def entries(
+        self, rt: DatasetRuntime, chunk: np.ndarray, index: np.ndarray, num_sequences: int,
+        mask_cache: str | None = None, copies: int = 1,
+    ) -> np.ndarray | None:  # fmt: skip
+        """(offset, n) of each sequence in its data chunk, or of each ``index`` entry in its
+        static-mask chunk when ``mask_cache`` is given; None when a mask chunk is not built."""
+        kind = mask_cache or "data"
+        uniq = np.unique(chunk)
+        tables: dict[int, np.ndarray] = {}
+        missing = []
+        for k in uniq.tolist():
+            t = self.table_cache.get((rt.uid, kind, k))
+            if t is None:
+                missing.append(k)
+            else:
+                tables[k] = t
+        if missing:
+            starts = rt.chunk_starts
+            counts = [
+                (int(starts[k + 1]) if k + 1 < len(starts) else num_sequences) - int(starts[k]) for k in missing
+            ]
+            if mask_cache is None:
+                keys = [f"{self.store.keys.chunk_prefix(rt.name)}{k}" for k in missing]
+            else:
+                keys = [f"{self.store.keys.mask_chunk_prefix(rt.name, mask_cache)}{k}" for k in missing]
+                counts = [c * copies for c in counts]
+            for k, t in zip(missing, await self.store.tables(keys, counts)):
+                if t is None:
+                    if mask_cache is not None:
+                        return None
+                    raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry")
+                self.table_cache.put((rt.uid, kind, k), t)
+                tables[k] = t
+        out = np.empty((len(chunk), 2), dtype=np.int64)
+        if len(uniq) == 1:
+            out[:] = tables[int(uniq[0])][index]
+        else:
+            for k, t in tables.items():
+                sel = chunk == k
+                out[sel] = t[index[sel]]
+        return out
 
     async def runtime(self, name: str, uid: str | None = None) -> DatasetRuntime:
         """The cached runtime for ``name`` (reloaded when ``uid`` differs)."""

@@ -132,38 +132,42 @@ return {0, encoded}
 # KEYS[1..B]: the chunk key of each wanted sequence (repeats allowed),
 # KEYS[B+1..2B]: with masks, the static-mask chunk key of each sequence
 # ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch masks, ARGV[4]: 1 to fetch word-start bits,
-# ARGV[5..B+4]: each sequence's index inside its chunk, ARGV[B+5..2B+4]: its mask entry
-# returns four strings, the parts of all B sequences joined (few, large replies parse fast):
-#   {lengths (uint32 each), ids, word-start bytes (or ''), mask records (uint32 count each, then pairs; or '')}
-# a missing key (a dataset deleted mid-request, or masks not built) is an error reply naming it
-FETCH_SEQUENCES = """
+# ARGV[5..4+2B]: each sequence's (offset, tokens) in its chunk,
+# ARGV[5+2B..4+4B]: with masks, each mask record's (offset, pairs) in its mask chunk
+# (the callers read the chunks' immutable tables once and cache them, so a sequence costs one GETRANGE)
+# returns three strings, the parts of all B sequences joined (few, large replies parse fast):
+#   {ids, word-start bytes (or ''), mask records (or '')}
+# a range that comes back short (a dataset deleted mid-request) is an error reply naming the key
+FETCH_RANGES = """
 local w = tonumber(ARGV[1])
 local b = tonumber(ARGV[2])
 local want_bits = ARGV[4] == '1'
-local lengths, ids, bits = {}, {}, {}
+local ids, bits, masks = {}, {}, {}
 for i = 1, b do
-  local entry = redis.call('GETRANGE', KEYS[i], 4 + 8 * ARGV[i + 4], 11 + 8 * ARGV[i + 4])
-  if #entry < 8 then return redis.error_reply('missing chunk ' .. KEYS[i]) end
-  local off, n = struct.unpack('<I4I4', entry)
-  lengths[i] = struct.pack('<I4', n)
-  ids[i] = redis.call('GETRANGE', KEYS[i], off, off + n * w - 1)
+  local off = tonumber(ARGV[3 + 2 * i])
+  local n = tonumber(ARGV[4 + 2 * i])
+  local part = redis.call('GETRANGE', KEYS[i], off, off + n * w - 1)
+  if #part ~= n * w then return redis.error_reply('missing chunk ' .. KEYS[i]) end
+  ids[i] = part
   if want_bits then
     bits[i] = redis.call('GETRANGE', KEYS[i], off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
   end
 end
-local counts, masks = {}, {}
 if ARGV[3] == '1' then
+  local base = 4 + 2 * b
   for i = 1, b do
-    local k = KEYS[b + i]
-    local e = tonumber(ARGV[b + i + 4])
-    local entry = redis.call('GETRANGE', k, 4 + 8 * e, 11 + 8 * e)
-    if #entry < 8 then return redis.error_reply('missing masks ' .. k) end
-    local off, m = struct.unpack('<I4I4', entry)
-    counts[i] = struct.pack('<I4', m)
-    masks[i] = m > 0 and redis.call('GETRANGE', k, off, off + m * 2 * w - 1) or ''
+    local off = tonumber(ARGV[base + 2 * i - 1])
+    local m = tonumber(ARGV[base + 2 * i])
+    if m > 0 then
+      local part = redis.call('GETRANGE', KEYS[b + i], off, off + m * 2 * w - 1)
+      if #part ~= m * 2 * w then return redis.error_reply('missing masks ' .. KEYS[b + i]) end
+      masks[i] = part
+    else
+      masks[i] = ''
+    end
   end
 end
-return {table.concat(lengths), table.concat(ids), table.concat(bits), table.concat(counts) .. table.concat(masks)}
+return {table.concat(ids), table.concat(bits), table.concat(masks)}
 """
 
 # KEYS[1]: live frequency table, KEYS[2]: frozen copy
@@ -266,7 +270,7 @@ class Store:
         self._create = r.register_script(CREATE_DATASET)
         self._delete = r.register_script(DELETE_DATASET)
         self._commit = r.register_script(COMMIT_INGEST)
-        self._fetch = r.register_script(FETCH_SEQUENCES)
+        self._fetch = r.register_script(FETCH_RANGES)
         self._open_cache = r.register_script(OPEN_MASK_CACHE)
         self._save_masks = r.register_script(SAVE_MASK_CHUNK)
         self._drop_cache = r.register_script(DROP_MASK_CACHE)
@@ -401,26 +405,33 @@ class Store:
 
     # ---- batches -------------------------------------------------------------
 
-    async def fetch(
-        self, name: str, chunk_ids: np.ndarray, local: np.ndarray, itemsize: int, *,
-        masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
-    ) -> tuple[np.ndarray, bytes, bytes | None, np.ndarray | None, bytes | None]:  # fmt: skip
-        """Sequences (and, given ``(cache id, entries)``, their static masks) in one round trip.
+    async def tables(self, keys: list[str], counts: list[int]) -> list[np.ndarray | None]:
+        """The (offset, n) tables at the head of chunk blobs, ``counts[i]`` entries each (None: no such key)."""
+        async with self.r.pipeline(transaction=False) as p:
+            for key, count in zip(keys, counts):
+                p.getrange(key, 4, 3 + 8 * count)
+            raw = await p.execute()
+        return [
+            np.frombuffer(r, dtype="<u4").reshape(-1, 2) if len(r) == 8 * c else None for r, c in zip(raw, counts)
+        ]
 
-        Returns lengths, all ids joined, all word-start bytes joined (or None),
-        and the per-sequence mask record sizes and records joined (or None).
+    async def fetch(
+        self, name: str, chunk_ids: np.ndarray, entries: np.ndarray, itemsize: int, *,
+        masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
+    ) -> tuple[bytes, bytes | None, bytes | None]:  # fmt: skip
+        """Sequences at ``entries`` ((offset, tokens) each) of their chunks, in one round trip.
+
+        With ``masks=(cache id, (offset, pairs) per sequence)`` the static mask
+        records come along. Returns all ids joined, all word-start bytes joined
+        (or None) and all mask records joined (or None).
         """
         prefix = self.keys.chunk_prefix(name)
         keys = [f"{prefix}{c}" for c in chunk_ids.tolist()]
-        b = len(keys)
-        args: list[object] = [itemsize, b, 1 if masks else 0, 1 if word_starts else 0, *local.tolist()]
+        args: list[object] = [itemsize, len(keys), 1 if masks else 0, 1 if word_starts else 0]
+        args += entries.ravel().tolist()
         if masks is not None:
             mprefix = self.keys.mask_chunk_prefix(name, masks[0])
             keys += [f"{mprefix}{c}" for c in chunk_ids.tolist()]
-            args += masks[1].tolist()
-        lengths, ids, bits, mask_part = await self._fetch(keys=keys, args=args)
-        n = np.frombuffer(lengths, dtype="<u4").astype(np.int64)
-        if masks is None:
-            return n, ids, bits if word_starts else None, None, None
-        counts = np.frombuffer(mask_part, dtype="<u4", count=b).astype(np.int64)
-        return n, ids, bits if word_starts else None, counts, mask_part[4 * b :]
+            args += masks[1].ravel().tolist()
+        ids, bits, records = await self._fetch(keys=keys, args=args)
+        return ids, bits if word_starts else None, records if masks else None
