@@ -34,36 +34,31 @@ from _common import (  # noqa: E402
 )
 
 
+def _drain(stream, seconds: float, out: mp.Queue) -> None:  # noqa: ANN001
+    """Pull from ``stream`` for ``seconds`` (after one warm-up batch); report (sequences, seconds)."""
+    n = 0
+    next(stream)
+    t0 = time.perf_counter()
+    for b in stream:
+        n += len(b)
+        if time.perf_counter() - t0 >= seconds:
+            break
+    stream.close()
+    out.put((n, time.perf_counter() - t0))
+
+
 def _stateless(url: str, dataset: str, size: int, seconds: float, worker: int, out: mp.Queue) -> None:
     from client import Client
 
     with Client(url) as c:
-        stream = c.batches(dataset, batch_size=size, seed=1000 + worker, prefetch=2)
-        n = 0
-        next(stream)  # warm the connection
-        t0 = time.perf_counter()
-        for b in stream:
-            n += len(b)
-            if time.perf_counter() - t0 >= seconds:
-                break
-        stream.close()
-        out.put((n, time.perf_counter() - t0))
+        _drain(c.batches(dataset, batch_size=size, seed=1000 + worker, prefetch=2), seconds, out)
 
 
 def _job(url: str, job: str, seconds: float, worker: int, out: mp.Queue) -> None:
     from client import Client
 
     with Client(url) as c:
-        stream = c.job(job, worker=f"bench-{worker}", prefetch=2)
-        n = 0
-        next(stream)
-        t0 = time.perf_counter()
-        for b in stream:
-            n += len(b)
-            if time.perf_counter() - t0 >= seconds:
-                break
-        stream.close()
-        out.put((n, time.perf_counter() - t0))
+        _drain(c.job(job, worker=f"bench-{worker}", prefetch=2), seconds, out)
 
 
 def run_workers(target, args_for, workers: int) -> float:  # noqa: ANN001
