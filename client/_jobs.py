@@ -15,8 +15,7 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
 from ._batch import Batch
@@ -45,7 +44,7 @@ class JobStream:
         self._output = {k: v for k, v in output.items() if v is not None}
         self._depth = max(1, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix=f"maskserve-job-{job}")
-        self._pending: deque[Future[Batch | None]] = deque()
+        self._pending: list[Future[Batch | None]] = []  # in the order sent
         self._acks: list[str] = []  # finished, not yet sent
         self._lock = threading.Lock()
         self._current: Batch | None = None  # yielded, not yet acked
@@ -101,8 +100,13 @@ class JobStream:
             if not self._pending:
                 self.close()
                 raise StopIteration
+            # whichever request is answered first: an earlier one may be waiting for a batch
+            # that a later one of this very stream holds (its ack rides on the waiting one)
+            done, _ = wait(self._pending, return_when=FIRST_COMPLETED)
+            future = next(f for f in self._pending if f in done)
+            self._pending.remove(future)
             try:
-                batch = self._pending.popleft().result()
+                batch = future.result()
             except BaseException:
                 self.close()
                 raise

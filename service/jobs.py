@@ -55,7 +55,7 @@ class Lease:
     lease: str
     expires_ms: int
     redelivered: bool
-    config_hash: str
+    instance: str
 
 
 @dataclass
@@ -63,7 +63,7 @@ class NextResult:
     state: str  # lease, wait, done, cancelled, missing
     lease: Lease | None = None
     retry_ms: int = 0
-    config_hash: str = ""
+    instance: str = ""  # new for every created job: what cached configs are keyed on
     acks: list[str] | None = None
 
 
@@ -84,7 +84,7 @@ class Jobs:
         self._cancel = r.register_script(CANCEL_JOB)
         self._delete = r.register_script(DELETE_JOB)
         self._datasets: dict[str, str] = {}  # job -> dataset, immutable while the job exists
-        self.configs: dict[str, tuple[str, Any]] = {}  # job -> (config hash, parsed config), for the routes
+        self.configs: dict[str, tuple[str, Any]] = {}  # job -> (instance id, parsed config), for the routes
 
     async def dataset_of(self, job: str, *, fresh: bool = False) -> str | None:
         if fresh or job not in self._datasets:
@@ -105,7 +105,7 @@ class Jobs:
             "epochs": -1 if cfg.epochs is None else cfg.epochs, "batch_size": cfg.batch_size,
             "lease_ms": int(cfg.lease_timeout_s * 1000), "boundary": cfg.epoch_boundary, "attempts": 0,
             "handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0, "late_acks": 0,
-            "num_chunks": num_chunks, "created_at": time.time(),
+            "num_chunks": num_chunks, "created_at": time.time(), "instance": secrets.token_hex(8),
         }  # fmt: skip
         flat: list[Any] = []
         for f, v in fields.items():
@@ -143,7 +143,10 @@ class Jobs:
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():
             worker, _, counter = _s(key).rpartition(":")
-            per_worker.setdefault(worker, {})[counter] = int(value)
+            counters = per_worker.setdefault(
+                worker, {"handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0}
+            )
+            counters[counter] = int(value)
         for w in per_worker.values():
             span = max(1, w.get("last", now_ms) - w.get("first", now_ms)) / 1000
             w["sequences_per_s"] = w.get("acked_sequences", 0) / span if w.get("acked", 0) > 1 else 0.0
@@ -166,28 +169,37 @@ class Jobs:
         state = _s(out[0])
         if state == "lease":
             lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]))
-            return NextResult(state, lease=lease, config_hash=lease.config_hash, acks=[_s(a) for a in out[7:]])
+            return NextResult(state, lease=lease, instance=lease.instance, acks=[_s(a) for a in out[7:]])
         if state == "missing":
             return NextResult(state)
-        return NextResult(state, retry_ms=int(out[1]), config_hash=_s(out[2]), acks=[_s(a) for a in out[3:]])
+        return NextResult(state, retry_ms=int(out[1]), instance=_s(out[2]), acks=[_s(a) for a in out[3:]])
 
     async def ack(self, dataset: str, job: str, worker: str, leases: list[str]) -> list[str] | None:
+        """Ack results per lease; None when there is no such job (on that dataset)."""
         out = await self._ack(keys=self.keys.lease_keys(dataset, job), args=[worker, *leases])
         if out and _s(out[0]) == "missing":
             return None
         return [_s(a) for a in out]
 
-    async def release(self, dataset: str, job: str, leases: list[str]) -> int:
-        return int(await self._release(keys=self.keys.lease_keys(dataset, job), args=leases))
+    async def release(self, dataset: str, job: str, leases: list[str]) -> int | None:
+        n = int(await self._release(keys=self.keys.lease_keys(dataset, job), args=leases))
+        return None if n < 0 else n
 
-    async def cancel(self, dataset: str, job: str) -> bool:
-        return bool(await self._cancel(keys=[self.keys.job(dataset, job)]))
+    async def cancel(self, dataset: str, job: str) -> bool | None:
+        n = int(await self._cancel(keys=[self.keys.job(dataset, job)]))
+        return None if n < 0 else bool(n)
+
+    def forget(self, job: str | None = None, dataset: str | None = None) -> None:
+        """Drop cached lookups of a job, or of every job of a dataset."""
+        for name in [j for j, d in self._datasets.items() if j == job or d == dataset]:
+            self._datasets.pop(name, None)
+            self.configs.pop(name, None)
 
     async def delete(self, dataset: str, job: str) -> int:
         k = self.keys
         base = k.lease_keys(dataset, job)
         removed = await self._delete(keys=[base[0], k.index, k.dataset_jobs(dataset), *base[1:]], args=[job])
-        self._datasets.pop(job, None)
+        self.forget(job)
         return int(removed)
 
     async def names(self) -> dict[str, str]:

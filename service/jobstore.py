@@ -79,8 +79,9 @@ end
 # KEYS[1..5]: as in the prelude; ARGV[1]: worker, ARGV[2]: random token for the lease id,
 # ARGV[3..]: lease ids to ack first (the batches the worker finished)
 # returns {state, ...}:
-#   {'lease', epoch, index, lease id, expiry ms, redelivered 0|1, config hash, acks...}
-#   {'wait', retry after ms, config hash, acks...}   (all handed out; leases or the epoch boundary pending)
+#   {'lease', epoch, index, lease id, expiry ms, redelivered 0|1, job instance id, acks...}
+#   {'wait', retry after ms, job instance id, acks...}   (all handed out; leases or the epoch boundary pending)
+# (the instance id is new for every created job, so callers can cache a job's config safely)
 #   {'done'|'cancelled'|'missing', ...}
 NEXT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
@@ -92,8 +93,8 @@ for a = 3, #ARGV do
 end
 finish_if_done()
 local status = redis.call('HGET', job, 'status')
-local confighash = redis.call('HGET', job, 'config_hash')
-if status ~= 'active' then return {status, 0, confighash, unpack(acks)} end
+local instance = redis.call('HGET', job, 'instance')
+if status ~= 'active' then return {status, 0, instance, unpack(acks)} end
 local lease_ms = tonumber(redis.call('HGET', job, 'lease_ms'))
 
 local function grant(e, i, redelivered)
@@ -110,7 +111,7 @@ local function grant(e, i, redelivered)
   end
   redis.call('HSET', workers, worker .. ':last', now)
   redis.call('HSETNX', workers, worker .. ':first', now)
-  return {'lease', e, i, lease, now + lease_ms, redelivered, confighash, unpack(acks)}
+  return {'lease', e, i, lease, now + lease_ms, redelivered, instance, unpack(acks)}
 end
 
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 1)
@@ -129,7 +130,7 @@ if nxt >= bpe then
     local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
     local retry = 100
     if #first > 0 then retry = math.max(20, math.min(1000, tonumber(first[2]) - now)) end
-    return {'wait', retry, confighash, unpack(acks)}
+    return {'wait', retry, instance, unpack(acks)}
   end
   epoch = epoch + 1
   nxt = 0
@@ -153,8 +154,9 @@ return out
 """
 
 # KEYS[1..5]: as in the prelude; ARGV[1..]: lease ids the worker gives back unacked
-# returns how many were still leased under those ids (now due for immediate redelivery)
+# returns how many were still leased under those ids (now due for immediate redelivery), -1: no such job
 RELEASE = _PRELUDE + """
+if redis.call('EXISTS', job) == 0 then return -1 end
 local n = 0
 for a = 1, #ARGV do
   local e, i = string.match(ARGV[a], '^(%d+):(%d+):')
@@ -187,9 +189,11 @@ redis.call('SADD', KEYS[3], ARGV[1])
 return {'created'}
 """
 
-# KEYS[1]: job hash; returns 1 when the job was active and is now cancelled
+# KEYS[1]: job hash; returns 1 when the job was active and is now cancelled, 0 if it was not active, -1: no such job
 CANCEL_JOB = """
-if redis.call('HGET', KEYS[1], 'status') ~= 'active' then return 0 end
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return -1 end
+if status ~= 'active' then return 0 end
 local t = redis.call('TIME')
 redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
 return 1

@@ -227,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
                 stream.close()
 
     n = len(result.losses)
+    if n == 0 and args.job:
+        print(f"job {args.job!r} has no batches left: it is finished or cancelled")
+        return 0
     if n == 0:
         return _fail("no batches were received")
     w = max(1, min(args.log_every, n))

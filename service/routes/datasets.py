@@ -136,10 +136,11 @@ async def get_tokenizer(name: str, store: StoreDep) -> Response:
 
 
 @router.delete("/{name}", status_code=204, summary="Delete a dataset and every key it owns")
-async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep) -> Response:
+async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, request: Request) -> Response:
     if not await store.delete_dataset(name):
         raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
     catalog.forget(name)
+    request.app.state.jobs.forget(dataset=name)  # its jobs went with it
     return Response(status_code=204)
 
 

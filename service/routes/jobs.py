@@ -11,8 +11,8 @@ from pydantic import BaseModel, Field
 from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, masked, open_dataset, outputs, render
-from ..deps import CatalogDep, MetricsDep
-from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound
+from ..deps import CatalogDep, MetricsDep, SettingsDep
+from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded
 from ..jobs import JobConfig, JobCreate, Jobs
 from ..masking import MaskSpec
 from ..permute import batch_ids
@@ -44,9 +44,15 @@ async def _dataset(jobs: Jobs, name: str, *, fresh: bool = False) -> str:
 
 
 @router.post("", status_code=201, summary="Create a job, or attach to an existing one with the same config")
-async def create_job(body: JobCreate, jobs: JobsDep, catalog: CatalogDep, response: Response) -> dict[str, Any]:
+async def create_job(
+    body: JobCreate, jobs: JobsDep, catalog: CatalogDep, settings: SettingsDep, response: Response
+) -> dict[str, Any]:
     cfg = JobConfig(**body.model_dump(exclude={"name"}))
     cfg.masking.spec()  # validate the masking config now, not at the first batch
+    if cfg.batch_size > settings.max_batch_size:
+        raise LimitExceeded(
+            f"batch_size {cfg.batch_size} exceeds the limit of {settings.max_batch_size}", limit=settings.max_batch_size
+        )
     ds = await open_dataset(catalog, cfg.dataset)
     n = ds.num_sequences
     bpe = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
@@ -121,7 +127,7 @@ async def next_batch(
                                                   "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
     lease = res.lease
     assert lease is not None
-    cfg, spec, st = await _config(jobs, dataset, name, res.config_hash)
+    cfg, spec, st = await _config(jobs, dataset, name, res.instance)
     params: MaskingParams = cfg.masking
     rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
     ds = Fetched(rt, st["n"], st["num_chunks"])
@@ -145,41 +151,49 @@ async def next_batch(
     return Response(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
 
 
-async def _config(jobs: Jobs, dataset: str, name: str, config_hash: str) -> tuple[JobConfig, MaskSpec, dict[str, Any]]:
-    """The job's config, parsed once per process (keyed by its hash, so a re-created job is re-read)."""
+async def _config(jobs: Jobs, dataset: str, name: str, instance: str) -> tuple[JobConfig, MaskSpec, dict[str, Any]]:
+    """The job's config, parsed once per process, keyed by the job's instance id (new for every created job)."""
     cached = jobs.configs.get(name)
-    if cached is None or cached[0] != config_hash:
+    if cached is None or cached[0] != instance:
         st = await jobs.state(dataset, name)
         if st is None:
             raise JobNotFound(f"no job named {name!r}", job=name)
         cfg = JobConfig(**st["config"])
-        cached = (st["config_hash"], (cfg, cfg.masking.spec(), st))
+        cached = (st["instance"], (cfg, cfg.masking.spec(), st))
         jobs.configs[name] = cached
     return cached[1]
 
 
+async def _on_job(jobs: Jobs, name: str, op):  # noqa: ANN001, ANN202
+    """Run ``op(dataset)``; when the job is not where this process thought (None), look it up again once."""
+    out = await op(await _dataset(jobs, name))
+    if out is None:
+        out = await op(await _dataset(jobs, name, fresh=True))
+        if out is None:
+            raise JobNotFound(f"no job named {name!r}", job=name)
+    return out
+
+
 @router.post("/{name}/ack", summary="Ack finished batches by lease id (idempotent)")
 async def ack(name: str, body: Leases, jobs: JobsDep) -> dict[str, list[str]]:
-    out = await jobs.ack(await _dataset(jobs, name), name, body.worker, body.leases)
-    if out is None:
-        raise JobNotFound(f"no job named {name!r}", job=name)
-    return {"results": out}
+    return {"results": await _on_job(jobs, name, lambda ds: jobs.ack(ds, name, body.worker, body.leases))}
 
 
 @router.post("/{name}/release", summary="Give back unacked leases for immediate redelivery")
 async def release(name: str, body: Leases, jobs: JobsDep) -> dict[str, int]:
-    return {"released": await jobs.release(await _dataset(jobs, name), name, body.leases)}
+    return {"released": await _on_job(jobs, name, lambda ds: jobs.release(ds, name, body.leases))}
 
 
 @router.post("/{name}/cancel", summary="Stop handing out batches")
 async def cancel(name: str, jobs: JobsDep) -> dict[str, Any]:
-    await jobs.cancel(await _dataset(jobs, name), name)
+    await _on_job(jobs, name, lambda ds: jobs.cancel(ds, name))
     return await _progress(jobs, name)
 
 
 @router.delete("/{name}", status_code=204, summary="Delete a job and all its state")
 async def delete(name: str, jobs: JobsDep) -> Response:
-    if not await jobs.delete(await _dataset(jobs, name), name):
-        raise JobNotFound(f"no job named {name!r}", job=name)
-    jobs.configs.pop(name, None)
+    async def drop(ds: str) -> int | None:
+        return await jobs.delete(ds, name) or None
+
+    await _on_job(jobs, name, drop)
     return Response(status_code=204)

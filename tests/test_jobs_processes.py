@@ -1,0 +1,510 @@
+"""Jobs across real processes: worker processes, service processes, Redis restarts.
+
+Workers are small scripts (written below) that attach with
+``Client(url).job(...)`` and append one JSON line per batch after its step:
+the record of what was trained. In ``explicit`` mode a worker acks each batch
+itself right after the step and records the service's verdict, so the logs
+say exactly which worker's ack counted; in ``auto`` mode the stream acks a
+batch when the next one is asked for. Workers retry on transport errors and
+503s by re-creating the stream (on their next URL), so a service can be killed
+under them. Every check ends in the service's own progress counters and in the
+workers' logs: each sequence acked exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from client import Client, ServiceUnavailableError, TransportError, decode
+from service.embedded import EmbeddedRedis
+from service.permute import batch_ids
+
+from .conftest import ROOT, ServiceProcess, free_port, service_env
+
+SEQ_LEN = 64
+
+WORKER = r'''
+import json, sys, time
+from pathlib import Path
+
+import httpx
+
+from client import Client, ServiceUnavailableError, TransportError
+
+cfg = json.loads(Path(sys.argv[1]).read_text())
+urls, job, name = cfg["urls"], cfg["job"], cfg["worker"]
+mode, step_s, prefetch = cfg.get("mode", "auto"), cfg.get("step_s", 0.0), cfg.get("prefetch", 2)
+stall_after = cfg.get("stall_after")
+deadline = time.monotonic() + cfg.get("timeout", 90)
+log = open(cfg["log"], "a")
+
+
+def write(rec):
+    log.write(json.dumps(rec) + "\n")
+    log.flush()
+
+
+Path(cfg["ready"]).touch()
+while not Path(cfg["go"]).exists():  # start together with the other workers
+    if time.monotonic() > deadline:
+        sys.exit("never told to start")
+    time.sleep(0.01)
+
+k = 0  # index of the URL in use
+reconnects = 0
+
+
+def ack(lease):
+    """Ack one lease; returns the service's verdict and whether the call had to be retried."""
+    global k, reconnects
+    retried = False
+    while time.monotonic() < deadline:
+        url = urls[k % len(urls)]
+        try:
+            r = httpx.post(f"{url}/v1/jobs/{job}/ack", json={"worker": name, "leases": [lease]}, timeout=5)
+            if r.status_code not in (502, 503, 504):
+                r.raise_for_status()
+                return r.json()["results"][0], retried
+        except httpx.TransportError:
+            k += 1
+            reconnects += 1
+        retried = True
+        time.sleep(0.05)
+    sys.exit("ack never got through")
+
+
+steps = 0
+while True:
+    if time.monotonic() > deadline:
+        sys.exit("timed out")
+    url = urls[k % len(urls)]
+    try:
+        with Client(url, retries=2, backoff=0.05, timeout=10) as c:
+            stream = c.job(job, worker=name, prefetch=prefetch, auto_ack=mode == "auto", create=cfg.get("create"))
+            with stream:
+                for batch in stream:
+                    rec = {"worker": name, "epoch": batch.epoch, "index": batch.index, "lease": batch.metadata["lease"],
+                           "ids": batch["sequence_ids"].tolist()}
+                    time.sleep(step_s)  # the training step
+                    if mode == "explicit":
+                        rec["result"], rec["retried"] = ack(rec["lease"])
+                    write(rec)
+                    steps += 1
+                    if stall_after and steps == stall_after:
+                        held = next(stream)  # leased, never acked: this worker is about to be killed
+                        tmp = Path(cfg["marker"] + ".tmp")
+                        tmp.write_text(json.dumps({"epoch": held.epoch, "index": held.index}))
+                        tmp.rename(cfg["marker"])
+                        time.sleep(600)
+        break
+    except (TransportError, ServiceUnavailableError) as exc:
+        k += 1
+        reconnects += 1
+        time.sleep(0.05)
+write({"worker": name, "done": True, "steps": steps, "reconnects": reconnects})
+'''
+
+
+class Worker:
+    """One worker process with its config, log and output files under ``tmp``."""
+
+    def __init__(self, tmp: Path, name: str, job: str, urls: list[str], **cfg: Any) -> None:
+        self.name = name
+        self.dir = tmp / name
+        self.dir.mkdir()
+        self.log = self.dir / "log.jsonl"
+        self.marker = self.dir / "holding.json"
+        self.ready = self.dir / "ready"
+        script = tmp / "worker.py"
+        if not script.exists():
+            script.write_text(WORKER)
+        conf = {"urls": urls, "job": job, "worker": name, "log": str(self.log), "marker": str(self.marker),
+                "ready": str(self.ready), "go": str(tmp / "go"), **cfg}  # fmt: skip
+        (self.dir / "cfg.json").write_text(json.dumps(conf))
+        self.out = open(self.dir / "output.txt", "wb")
+        env = {**service_env(), "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen([sys.executable, str(script), str(self.dir / "cfg.json")], cwd=ROOT, env=env,
+                                     stdout=self.out, stderr=subprocess.STDOUT)  # fmt: skip
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+
+    def batches(self) -> list[dict[str, Any]]:
+        return [r for r in self.records() if "epoch" in r]
+
+    def summary(self) -> dict[str, Any]:
+        done = [r for r in self.records() if r.get("done")]
+        assert done, f"worker {self.name} left no summary:\n{self.output()}"
+        return done[-1]
+
+    def output(self) -> str:
+        self.out.flush()
+        return (self.dir / "output.txt").read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"worker {self.name} did not finish:\n{self.output()}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.out.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path):
+    started: list[Worker] = []
+
+    def start(names: list[str], job: str, urls: list[str] | dict[str, list[str]], **cfg: Any) -> list[Worker]:
+        new = []
+        for name in names:
+            u = urls[name] if isinstance(urls, dict) else urls
+            extra = cfg.get("per_worker", {}).get(name, {})
+            base = {k: v for k, v in cfg.items() if k != "per_worker"}
+            new.append(Worker(tmp_path, name, job, u, **{**base, **extra}))
+        started.extend(new)
+        poll(lambda: all(w.ready.exists() or w.proc.poll() is not None for w in new), 30, "workers to start")
+        for w in new:
+            assert w.proc.poll() is None, f"worker {w.name} died at start:\n{w.output()}"
+        (tmp_path / "go").touch()
+        return new
+
+    yield start
+    for w in started:
+        w.kill()
+
+
+def poll(cond, timeout: float, what: str, interval: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+def uid(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def make_dataset(c: Client, tokenizer: str, corpus: list[str], docs: int = 100) -> tuple[str, int]:
+    name = uid("ds")
+    c.create_dataset(name, tokenizer=tokenizer, seq_len=SEQ_LEN, packing="doc")
+    c.ingest(name, corpus[:docs])
+    return name, c.dataset(name)["num_sequences"]
+
+
+def counted(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The batch records whose ack counted (auto mode: every trained batch)."""
+    return [r for r in records if "epoch" in r and r.get("result", "acked") in ("acked", "late")]
+
+
+def check_exactly_once(all_records: list[dict[str, Any]], *, n: int, b: int, epochs: int, seed: int,
+                       shuffle: bool = True) -> dict[tuple[int, int], dict[str, Any]]:  # fmt: skip
+    """Every batch of every epoch acked by exactly one worker, and each epoch a permutation of [0, n)."""
+    bpe = -(-n // b)
+    trained = [r for r in all_records if "epoch" in r]
+    ok = counted(all_records)
+    per_key = Counter((r["epoch"], r["index"]) for r in ok)
+    twice = [k for k, c in per_key.items() if c > 1]
+    assert not twice, f"acked twice: {twice}"
+    missing = {(e, i) for e in range(epochs) for i in range(bpe)} - set(per_key)
+    for key in missing:  # only possible when an ack's response was lost and its retry said 'duplicate'
+        retried = [r for r in trained if (r["epoch"], r["index"]) == key and r.get("retried")]
+        assert retried, f"batch {key} was never acked by any worker"
+    assert not set(per_key) - {(e, i) for e in range(epochs) for i in range(bpe)}
+    by_key = {(r["epoch"], r["index"]): r for r in trained}
+    for (e, i), r in by_key.items():
+        assert r["ids"] == batch_ids(seed, e, n, b, i, shuffle).tolist(), (e, i)
+    for e in range(epochs):
+        ids = [x for i in range(bpe) for x in by_key[(e, i)]["ids"]]
+        assert sorted(ids) == list(range(n)), f"epoch {e} does not cover every sequence exactly once"
+    return by_key
+
+
+def check_progress(c: Client, job: str, *, bpe: int, epochs: int) -> dict[str, Any]:
+    p = c.job_progress(job)
+    assert p["status"] == "done", p
+    assert p["acked"] == epochs * bpe, p
+    assert p["acked_per_epoch"] == {str(e): bpe for e in range(epochs)}
+    assert p["leased"] == 0 and p["epoch"] == epochs - 1
+    return p
+
+
+@pytest.fixture
+def service(spawn_service, redis_url: str, rdb):
+    """A ``maskserve serve`` process on the test Redis (flushed)."""
+    return spawn_service(service_env(REDIS_URL=redis_url))
+
+
+# ---- many workers, one job ------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_four_workers_share_two_epochs(service: ServiceProcess, workers, bpe_tokenizer, corpus):
+    with Client(service.url) as c:
+        name, n = make_dataset(c, bpe_tokenizer, corpus)
+        job, b, seed, epochs = uid("job"), 16, 7, 2
+        bpe = -(-n // b)
+        assert n % b  # a short last batch, served since drop_last is off
+        create = {"dataset": name, "batch_size": b, "seed": seed, "epochs": epochs, "shuffle": True}
+        # prefetch 1: "trained exactly once" is checked here; prefetch > 1 at the end of a job is
+        # test_jobs.py::test_job_stream_prefetch_does_not_wait_for_its_own_leases
+        ws = workers([f"w{i}" for i in range(4)], job, [service.url], create=create, step_s=0.1, prefetch=1)
+        for w in ws:
+            assert w.wait(60) == 0, w.output()
+        records = [r for w in ws for r in w.batches()]
+        by_key = check_exactly_once(records, n=n, b=b, epochs=epochs, seed=seed)
+        assert len(records) == epochs * bpe  # every trained batch was acked: nobody trained a batch twice
+        assert len(by_key[(0, bpe - 1)]["ids"]) == n % b and len(by_key[(1, bpe - 1)]["ids"]) == n % b
+        p = check_progress(c, job, bpe=bpe, epochs=epochs)
+        assert p["handed_out"] == epochs * bpe and p["redelivered"] == 0 and p["late_acks"] == 0
+        for w in ws:  # the service's per-worker counts agree with the workers' own records
+            mine = w.batches()
+            assert mine, f"worker {w.name} got nothing"
+            assert p["workers"][w.name]["acked"] == len(mine)
+            assert p["workers"][w.name]["acked_sequences"] == sum(len(r["ids"]) for r in mine)
+
+        order = [[x for i in range(bpe) for x in by_key[(e, i)]["ids"]] for e in range(epochs)]
+        assert order[0] != order[1], "both epochs in the same order"
+        assert order[0] != list(range(n)), "shuffled epoch in dataset order"
+
+        def single(seed_: int) -> dict[tuple[int, int], list[int]]:
+            other = uid("job")
+            with c.job(other, create={**create, "seed": seed_}, prefetch=1) as stream:
+                return {(bt.epoch, bt.index): bt["sequence_ids"].tolist() for bt in stream}
+
+        same = single(seed)  # one worker, a second job with the same seed: the very same batches
+        assert same == {k: r["ids"] for k, r in by_key.items()}
+        other = single(seed + 1)
+        assert set(other) == set(same) and other != same
+
+
+@pytest.mark.slow
+def test_killed_worker_batches_go_to_others(service: ServiceProcess, workers, bpe_tokenizer, corpus):
+    with Client(service.url) as c:
+        name, n = make_dataset(c, bpe_tokenizer, corpus)
+        job, b, seed, epochs = uid("job"), 16, 3, 2
+        bpe = -(-n // b)
+        c.create_job(job, name, batch_size=b, seed=seed, epochs=epochs, lease_timeout_s=1.5)
+        victim, *others = workers(
+            ["victim", "w1", "w2"], job, [service.url], mode="explicit", step_s=0.05,
+            per_worker={"victim": {"prefetch": 3, "stall_after": 3}, "w1": {"prefetch": 2}, "w2": {"prefetch": 2}},
+        )  # fmt: skip
+        held = json.loads(poll(lambda: victim.marker.exists() and victim.marker.read_text(), 30, "the victim to stall"))
+        poll(lambda: all(c.job_progress(job)["workers"].get(w.name, {}).get("acked", 0) for w in others), 30,
+             "the other workers to ack")  # fmt: skip
+        p = c.job_progress(job)["workers"]["victim"]
+        assert p["acked"] == 3 and p["handed"] - p["acked"] >= 2, p  # the held batch and at least one prefetched
+        victim.proc.send_signal(signal.SIGKILL)
+        victim.proc.wait()
+
+        for w in others:
+            assert w.wait(60) == 0, w.output()
+        mine = victim.batches()
+        assert len(mine) == 3 and all(r["result"] == "acked" for r in mine)
+        records = [r for w in (victim, *others) for r in w.batches()]
+        by_key = check_exactly_once(records, n=n, b=b, epochs=epochs, seed=seed)
+        p = check_progress(c, job, bpe=bpe, epochs=epochs)
+        assert p["redelivered"] >= 2 and p["workers"]["victim"]["acked"] == 3
+        assert p["handed_out"] == epochs * bpe + p["redelivered"]
+        held_key = (held["epoch"], held["index"])
+        assert by_key[held_key]["worker"] != "victim"  # the batch it held was trained and acked by another
+        for r in mine:  # what it acked before dying counts once: nobody else acked those
+            assert [x["worker"] for x in counted(records) if (x["epoch"], x["index"]) == (r["epoch"], r["index"])] \
+                == ["victim"]  # fmt: skip
+
+
+# ---- services die under the workers ---------------------------------------------------------
+
+
+def _run_with_service_failure(c: Client, workers, urls: dict[str, list[str]], kill, *, name: str, n: int):
+    job, b, seed, epochs = uid("job"), 16, 5, 2
+    bpe = -(-n // b)
+    c.create_job(job, name, batch_size=b, seed=seed, epochs=epochs, lease_timeout_s=1.5)
+    ws = workers(list(urls), job, urls, mode="explicit", step_s=0.05, prefetch=2)
+    poll(lambda: c.job_progress(job)["acked"] >= 10, 30, "the workers to get going")
+    before = c.job_progress(job)
+    assert before["status"] == "active" and before["acked"] < epochs * bpe
+    kill()
+    for w in ws:
+        assert w.wait(90) == 0, w.output()
+    records = [r for w in ws for r in w.batches()]
+    check_exactly_once(records, n=n, b=b, epochs=epochs, seed=seed)
+    p = check_progress(c, job, bpe=bpe, epochs=epochs)
+    assert sum(w.summary()["reconnects"] for w in ws) >= 1, "no worker noticed the failure"
+    assert p["acked"] >= before["acked"]
+    return p
+
+
+@pytest.mark.slow
+def test_service_killed_and_restarted_mid_job(spawn_service, redis_url, rdb, workers, bpe_tokenizer, corpus):
+    env = service_env(REDIS_URL=redis_url)
+    port = free_port()
+    first = spawn_service(env, port=port)
+    with Client(first.url) as c:
+        name, n = make_dataset(c, bpe_tokenizer, corpus)
+
+        def kill() -> None:
+            first.stop(signal.SIGKILL)
+            spawn_service(env, port=port)  # the same address, the same Redis
+
+        _run_with_service_failure(c, workers, {f"w{i}": [first.url] for i in range(3)}, kill, name=name, n=n)
+
+
+@pytest.mark.slow
+def test_one_of_two_replicas_killed_mid_job(spawn_service, redis_url, rdb, workers, bpe_tokenizer, corpus):
+    env = service_env(REDIS_URL=redis_url)
+    a, b = spawn_service(env), spawn_service(env)
+    with Client(b.url) as c:
+        name, n = make_dataset(c, bpe_tokenizer, corpus)
+        urls = {"w0": [a.url, b.url], "w1": [a.url, b.url], "w2": [b.url, a.url]}
+        p = _run_with_service_failure(c, workers, urls, lambda: a.stop(signal.SIGKILL), name=name, n=n)
+        assert {"w0", "w1", "w2"} <= set(p["workers"])
+
+
+# ---- Redis restarts from its append-only file -----------------------------------------------
+
+
+def test_job_resumes_after_redis_restarts_from_aof(spawn_service, tmp_path: Path, bpe_tokenizer, corpus):
+    data = tmp_path / "redis"
+    server = EmbeddedRedis(data, appendonly=True).start()
+    try:
+        svc = spawn_service(service_env(REDIS_URL=server.url))
+        job, b, seed, epochs = "resumed", 32, 8, 2
+        with Client(svc.url, retries=5, backoff=0.1) as c, httpx.Client(base_url=svc.url, timeout=10) as http:
+            name, n = make_dataset(c, bpe_tokenizer, corpus, docs=60)
+            bpe = -(-n // b)
+            c.create_job(job, name, batch_size=b, seed=seed, epochs=epochs)
+            got: list[tuple[int, int, list[int], str]] = []
+            for _ in range(bpe + 2):  # into the second epoch
+                r = http.post(f"/v1/jobs/{job}/next", params={"worker": "before"})
+                assert r.status_code == 200, r.text
+                h = r.headers
+                arrays, _ = decode(r.content)
+                got.append((int(h["maskserve-epoch"]), int(h["maskserve-batch-index"]),
+                            arrays["sequence_ids"].tolist(), h["maskserve-lease"]))  # fmt: skip
+            acked, held = got[:-3], got[-3:]
+            r = http.post(f"/v1/jobs/{job}/ack", json={"worker": "before", "leases": [g[3] for g in acked]})
+            assert r.json()["results"] == ["acked"] * len(acked)
+            before = c.job_progress(job)
+            assert before["acked"] == len(acked) and before["leased"] == 3 and before["epoch"] == 1
+
+            port = server.port
+            server.stop()  # SIGTERM: the server writes out its AOF
+            poll(lambda: not c.ready(), 10, "the service to notice Redis is gone")
+            server = EmbeddedRedis(data, port=port, appendonly=True).start()
+            assert server.port == port
+            poll(c.ready, 30, "the service to reach Redis again")
+
+            after = c.job_progress(job)
+            for k in ("status", "epoch", "next_batch", "handed_out", "acked", "leased", "acked_per_epoch"):
+                assert after[k] == before[k], k
+            r = http.post(f"/v1/jobs/{job}/ack", json={"worker": "after", "leases": [g[3] for g in held]})
+            assert r.json()["results"] == ["acked"] * 3  # leases granted before the restart are still good
+
+            rest: list[tuple[int, int, list[int]]] = []
+            deadline = time.monotonic() + 60
+            while True:  # finish the job; a stream is re-created if the service still reports Redis errors
+                assert time.monotonic() < deadline
+                try:
+                    with c.job(job, worker="after", prefetch=1) as stream:
+                        for bt in stream:
+                            rest.append((bt.epoch, bt.index, bt["sequence_ids"].tolist()))
+                    break
+                except (TransportError, ServiceUnavailableError):
+                    time.sleep(0.1)
+            p = c.job_progress(job)
+            assert p["status"] == "done" and p["acked"] == epochs * bpe
+            assert p["acked_per_epoch"] == {str(e): bpe for e in range(epochs)}
+            keys = Counter([(e, i) for e, i, _, _ in got] + [(e, i) for e, i, _ in rest])
+            assert set(keys.values()) == {1} and len(keys) == epochs * bpe
+            for e in range(epochs):
+                ids = [x for ee, _, s, _ in got if ee == e for x in s] + [x for ee, _, s in rest if ee == e for x in s]
+                assert sorted(ids) == list(range(n))
+    finally:
+        server.stop()
+
+
+# ---- the trainer ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_trainers_share_a_job(service: ServiceProcess, tmp_path: Path, bpe_tokenizer, corpus):
+    """Two ``python -m trainer --job`` processes attach to one job by name and share its epoch.
+
+    So that neither can finish the epoch before the other has started, the test first creates the
+    job (with the trainers' own config, so they attach) and leases every batch itself; once both
+    trainers are in their training loops it gives all of them back at once.
+    """
+    with Client(service.url) as c, httpx.Client(base_url=service.url, timeout=30) as http:
+        name, n = make_dataset(c, bpe_tokenizer, corpus, docs=300)
+        job, b = uid("train"), 4
+        bpe = -(-n // b)
+        assert bpe >= 200
+        c.create_job(job, name, batch_size=b, seed=0, epochs=1, masking={"mlm_probability": 0.15})
+        gate = []
+        for _ in range(bpe):
+            r = http.post(f"/v1/jobs/{job}/next", params={"worker": "gate"})
+            assert r.status_code == 200, r.text
+            gate.append(r.headers["maskserve-lease"])
+        assert c.job_progress(job)["leased"] == bpe
+
+        env = {**service_env(), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        args = ["--url", service.url, "--dataset", name, "--job", job, "--batch-size", str(b), "--epochs", "1",
+                "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--steps", "100000",
+                "--device", "cpu", "--threads", "1", "--log-every", "1000", "--prefetch", "1"]  # fmt: skip
+        procs = {}
+        for w in ("tA", "tB"):
+            out = open(tmp_path / f"{w}.txt", "wb")
+            procs[w] = (out, subprocess.Popen([sys.executable, "-m", "trainer", *args, "--worker", w],
+                                              cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT))
+        logs = {w: tmp_path / f"{w}.txt" for w in procs}
+        try:
+            poll(lambda: all("| steps 0 -> 100000" in logs[w].read_text() or procs[w][1].poll() is not None
+                             for w in procs), 90, "both trainers to start training")  # fmt: skip
+            for w, (_, proc) in procs.items():
+                assert proc.poll() is None, logs[w].read_text()
+            r = http.post(f"/v1/jobs/{job}/release", json={"worker": "gate", "leases": gate})
+            assert r.json()["released"] == bpe
+            for w, (_, proc) in procs.items():
+                assert proc.wait(120) == 0, logs[w].read_text()
+        finally:
+            for out, proc in procs.values():
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+                out.close()
+        p = c.job_progress(job)
+        assert p["status"] == "done"
+        assert p["acked"] == bpe and p["acked_per_epoch"] == {"0": bpe}
+        assert p["handed_out"] == 2 * bpe and p["redelivered"] == bpe  # the gate's leases, handed out again once
+        acked = {w: p["workers"].get(w, {}).get("acked", 0) for w in procs}
+        assert all(acked.values()) and sum(acked.values()) == bpe, acked
+        assert sum(p["workers"][w]["acked_sequences"] for w in procs) == n
+        steps = {}
+        for w in procs:
+            text = logs[w].read_text()
+            assert "done: loss" in text, text
+            steps[w] = int(text.split("steps (now at ")[1].split(")")[0])
+        assert steps == acked  # each trained exactly the batches it acked: no batch trained twice
