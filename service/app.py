@@ -21,8 +21,8 @@ from .catalog import Catalog
 from .config import Settings
 from .deps import require_token
 from .embedded import EmbeddedRedis
-from .jobs import Jobs
 from .errors import PayloadTooLarge, install, problem_response
+from .jobs import Jobs
 from .metrics import Metrics
 from .routes import batches, datasets, health, jobs, masks, tokenizers
 from .store import Store
