@@ -34,5 +34,5 @@ class Settings(BaseSettings):
 
     ingest_batch_bytes: int = Field(default=1 << 20, ge=1024, description="Text handed to the tokenizer per call.")
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
-    chunk_max_sequences: int = Field(default=4096, ge=1, description="Most sequences in one chunk blob.")
+    chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")

@@ -5,7 +5,7 @@ of one dataset live in one Redis Cluster slot)::
 
     P:datasets                      SET    names of all datasets (the index; no KEYS scans)
     P:ds:{name}:meta                HASH   config and counters (see DatasetMeta)
-    P:ds:{name}:tokenizer           STRING tokenizer.json
+    P:ds:{name}:tokenizer           STRING tokenizer.json, zlib-compressed
     P:ds:{name}:chunks              STRING uint64 LE: first sequence id of each chunk
     P:ds:{name}:c:<k>               STRING chunk k (layout in packing.py), immutable
     P:ds:{name}:ingests             HASH   idempotency key -> JSON result of a committed ingest
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import uuid
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -282,7 +283,8 @@ class Store:
             fields += [k, json.dumps(v) if k in JSON_FIELDS else v]
         k = self.keys
         created = await self._create(
-            keys=[k.ds(name, "meta"), k.ds(name, "tokenizer"), k.index], args=[name, tokenizer_json, *fields]
+            keys=[k.ds(name, "meta"), k.ds(name, "tokenizer"), k.index],
+            args=[name, zlib.compress(tokenizer_json.encode(), 6), *fields],
         )
         return bool(created)
 
@@ -302,7 +304,7 @@ class Store:
 
     async def tokenizer_json(self, name: str) -> str | None:
         raw = await self.r.get(self.keys.ds(name, "tokenizer"))
-        return raw.decode() if raw is not None else None
+        return zlib.decompress(raw).decode() if raw is not None else None
 
     async def delete_dataset(self, name: str) -> int:
         k = self.keys
