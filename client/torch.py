@@ -1,4 +1,4 @@
-"""A ``torch.utils.data.IterableDataset`` over the service's batch stream.
+"""``torch.utils.data.IterableDataset`` adapters over the service's batch streams.
 
 Each item is already a whole batch, so use ``DataLoader(ds, batch_size=None)``.
 With ``num_workers=n`` worker w fetches batches ``start+w, start+w+n, ...``;
@@ -8,6 +8,9 @@ the same for any number of workers.
     from torch.utils.data import DataLoader
     from client.torch import MaskedBatches
     loader = DataLoader(MaskedBatches(url, "wiki", batch_size=64, steps=1000), batch_size=None, num_workers=2)
+
+``JobBatches`` does the same over a shared job (every sequence once per epoch
+across all workers of the job).
 """
 
 from __future__ import annotations
@@ -62,5 +65,42 @@ class MaskedBatches(IterableDataset):
                 for batch in stream:
                     out = batch.torch()
                     out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
+                    out["index"] = torch.tensor(batch.index)
+                    yield out
+
+
+class JobBatches(IterableDataset):
+    """The batches of a shared job (see ``Client.job``) as an ``IterableDataset``.
+
+    Use ``DataLoader(ds, batch_size=None)``. With ``num_workers=0`` a batch is
+    acked when the training loop asks for the next one, i.e. after its step.
+    With loader workers, each worker attaches under its own name and acks a
+    batch once it has produced the next one, which DataLoader does
+    ``prefetch_factor`` batches ahead of training: a crash can then lose that
+    many acked-but-untrained batches per worker. Items carry ``epoch``,
+    ``index`` and ``sequence_ids`` tensors besides the model inputs.
+    """
+
+    def __init__(
+        self, base_url: str, job: str, *, create: dict[str, Any] | None = None, worker: str | None = None,
+        prefetch: int = 2, token: str | None = None,
+    ) -> None:  # fmt: skip
+        super().__init__()
+        self.base_url = base_url
+        self.job = job
+        self.create = create
+        self.worker = worker
+        self.prefetch = prefetch
+        self.token = token
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker = self.worker if info is None or self.worker is None else f"{self.worker}-{info.id}"
+        with Client(self.base_url, token=self.token) as c:
+            with c.job(self.job, create=self.create, worker=worker, prefetch=self.prefetch) as stream:
+                for batch in stream:
+                    out = batch.torch()
+                    out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
+                    out["epoch"] = torch.tensor(batch.epoch)
                     out["index"] = torch.tensor(batch.index)
                     yield out

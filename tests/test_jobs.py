@@ -776,3 +776,23 @@ def poll_until(cond, what: str, timeout: float = 10) -> None:
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+def test_job_batches_dataset_covers_the_epoch_once(client, bpe_tokenizer, corpus, service_url):
+    """The torch IterableDataset over a job: one epoch, every sequence exactly once, job done after."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    from client.torch import JobBatches
+
+    client.create_dataset("jb", tokenizer=bpe_tokenizer, seq_len=64, packing="doc")
+    n = client.ingest("jb", corpus[:120])["sequences"]
+    ds = JobBatches(service_url, "jb-job", create={"dataset": "jb", "batch_size": 16, "epochs": 1, "seed": 3})
+    seen = []
+    for item in DataLoader(ds, batch_size=None):
+        assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape[1] == 64
+        assert int(item["epoch"]) == 0
+        seen += item["sequence_ids"].tolist()
+    assert sorted(seen) == list(range(n))
+    progress = client.job_progress("jb-job")
+    assert progress["status"] == "done" and progress["acked"] == progress["batches_per_epoch"]
