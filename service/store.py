@@ -130,11 +130,10 @@ if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], encoded) end
 return {0, encoded}
 """
 
-# KEYS[1..B]: the chunk key of each wanted sequence (repeats allowed),
-# KEYS[B+1..2B]: with masks, the static-mask chunk key of each sequence
-# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch masks, ARGV[4]: 1 to fetch word-start bits,
-# ARGV[5..4+2B]: each sequence's (offset, tokens) in its chunk,
-# ARGV[5+2B..4+4B]: with masks, each mask record's (offset, pairs) in its mask chunk
+# KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks)
+# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch word-start bits,
+# ARGV[4]: per sequence, (key number, offset, tokens) as packed uint32 triples,
+# ARGV[5]: with masks, per sequence, (key number, offset, pairs) of its mask record, packed likewise
 # (the callers read the chunks' immutable tables once and cache them, so a sequence costs one GETRANGE)
 # returns three strings, the parts of all B sequences joined (few, large replies parse fast):
 #   {ids, word-start bytes (or ''), mask records (or '')}
@@ -142,26 +141,26 @@ return {0, encoded}
 FETCH_RANGES = """
 local w = tonumber(ARGV[1])
 local b = tonumber(ARGV[2])
-local want_bits = ARGV[4] == '1'
+local want_bits = ARGV[3] == '1'
+local entries = ARGV[4]
 local ids, bits, masks = {}, {}, {}
 for i = 1, b do
-  local off = tonumber(ARGV[3 + 2 * i])
-  local n = tonumber(ARGV[4 + 2 * i])
-  local part = redis.call('GETRANGE', KEYS[i], off, off + n * w - 1)
-  if #part ~= n * w then return redis.error_reply('missing chunk ' .. KEYS[i]) end
+  local k, off, n = struct.unpack('<I4I4I4', entries, 12 * i - 11)
+  local key = KEYS[k]
+  local part = redis.call('GETRANGE', key, off, off + n * w - 1)
+  if #part ~= n * w then return redis.error_reply('missing chunk ' .. key) end
   ids[i] = part
   if want_bits then
-    bits[i] = redis.call('GETRANGE', KEYS[i], off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
+    bits[i] = redis.call('GETRANGE', key, off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
   end
 end
-if ARGV[3] == '1' then
-  local base = 4 + 2 * b
+if ARGV[5] then
+  local mentries = ARGV[5]
   for i = 1, b do
-    local off = tonumber(ARGV[base + 2 * i - 1])
-    local m = tonumber(ARGV[base + 2 * i])
+    local k, off, m = struct.unpack('<I4I4I4', mentries, 12 * i - 11)
     if m > 0 then
-      local part = redis.call('GETRANGE', KEYS[b + i], off, off + m * 2 * w - 1)
-      if #part ~= m * 2 * w then return redis.error_reply('missing masks ' .. KEYS[b + i]) end
+      local part = redis.call('GETRANGE', KEYS[k], off, off + m * 2 * w - 1)
+      if #part ~= m * 2 * w then return redis.error_reply('missing masks ' .. KEYS[k]) end
       masks[i] = part
     else
       masks[i] = ''
@@ -427,13 +426,20 @@ class Store:
         records come along. Returns all ids joined, all word-start bytes joined
         (or None) and all mask records joined (or None).
         """
+        uniq, which = np.unique(chunk_ids, return_inverse=True)
         prefix = self.keys.chunk_prefix(name)
-        keys = [f"{prefix}{c}" for c in chunk_ids.tolist()]
-        args: list[object] = [itemsize, len(keys), 1 if masks else 0, 1 if word_starts else 0]
-        args += entries.ravel().tolist()
+        keys = [f"{prefix}{c}" for c in uniq.tolist()]
+
+        def packed(first_key: int, pairs: np.ndarray) -> bytes:
+            triples = np.empty((len(which), 3), dtype="<u4")
+            triples[:, 0] = which + first_key  # Lua's KEYS are 1-based
+            triples[:, 1:] = pairs
+            return triples.tobytes()
+
+        args: list[object] = [itemsize, len(chunk_ids), 1 if word_starts else 0, packed(1, entries)]
         if masks is not None:
             mprefix = self.keys.mask_chunk_prefix(name, masks[0])
-            keys += [f"{mprefix}{c}" for c in chunk_ids.tolist()]
-            args += masks[1].ravel().tolist()
+            args.append(packed(len(keys) + 1, masks[1]))
+            keys += [f"{mprefix}{c}" for c in uniq.tolist()]
         ids, bits, records = await self._fetch(keys=keys, args=args)
         return ids, bits if word_starts else None, records if masks else None
