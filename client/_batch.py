@@ -8,6 +8,25 @@ from typing import Any
 import numpy as np
 
 
+class Closing:
+    """Context-manager and finalizer plumbing of the client's background streams."""
+
+    _closed: bool = False
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def __enter__(self):  # noqa: ANN204 - returns the subclass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self.close()
+
+
 @dataclass
 class Batch:
     """One masked batch. Arrays share memory with the received bytes.

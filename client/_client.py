@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from ._batch import Batch
+from ._batch import Batch, Closing
 from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError, error_from_response
 from ._wire import CONTENT_TYPE, WireFormatError, decode
 
@@ -338,7 +338,7 @@ class Client:
         return BatchStream(fetch, start, steps, prefetch)
 
 
-class BatchStream:
+class BatchStream(Closing):
     """An iterator over ``fetch(k)`` with ``prefetch`` calls in flight on threads."""
 
     def __init__(self, fetch: Callable[[int], Batch], start: int, steps: int | None, prefetch: int) -> None:
@@ -378,15 +378,6 @@ class BatchStream:
         self._pending.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self) -> "BatchStream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not self._closed:
-            self.close()
 
 
 def _param(value: Any) -> Any:

@@ -18,7 +18,7 @@ import uuid
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING, Any
 
-from ._batch import Batch
+from ._batch import Batch, Closing
 from ._errors import APIError, ProtocolError
 from ._wire import CONTENT_TYPE, WireFormatError, decode
 
@@ -30,7 +30,7 @@ def default_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class JobStream:
+class JobStream(Closing):
     """Iterator of leased :class:`Batch` objects of one job."""
 
     def __init__(
@@ -167,12 +167,3 @@ class JobStream:
         except Exception:  # noqa: BLE001 - leases expire by themselves if the service is gone
             pass
 
-    def __enter__(self) -> "JobStream":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        if not self._closed:
-            self.close()

@@ -23,6 +23,7 @@ from redis.asyncio import Redis
 
 from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, DELETE_JOB, NEXT, RELEASE, JobKeys
 from .schemas import MaskingParams
+from .store import pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -107,13 +108,10 @@ class Jobs:
             "handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0, "late_acks": 0,
             "num_chunks": num_chunks, "created_at": time.time(), "instance": secrets.token_hex(8),
         }  # fmt: skip
-        flat: list[Any] = []
-        for f, v in fields.items():
-            flat += [f, v]
-        meta = f"{k.prefix}:ds:{{{cfg.dataset}}}:meta"
+        meta = k.dataset_meta(cfg.dataset)
         out = await self._create(
             keys=[k.job(cfg.dataset, name), k.index, k.dataset_jobs(cfg.dataset), meta],
-            args=[name, cfg.dataset, dataset_uid, cfg.digest(), *flat],
+            args=[name, cfg.dataset, dataset_uid, cfg.digest(), *pairs(fields)],
         )
         return _s(out[0]), _s(out[1]) if len(out) > 1 else ""
 

@@ -19,6 +19,8 @@ lease is simply handed out again, and an ack counts once.
 
 from __future__ import annotations
 
+from .store import Keys
+
 # Shared Lua: time, lease bookkeeping and the ack of one lease.
 # KEYS[1]: job hash, KEYS[2]: leases zset, KEYS[3]: lease hash, KEYS[4]: workers hash, KEYS[5]: ackcount hash
 _PRELUDE = """
@@ -217,16 +219,20 @@ return removed
 class JobKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
+        self._datasets = Keys(prefix)
+
+    def dataset_meta(self, dataset: str) -> str:
+        return self._datasets.ds(dataset, "meta")
 
     @property
     def index(self) -> str:
         return f"{self.prefix}:jobs"
 
     def dataset_jobs(self, dataset: str) -> str:
-        return f"{self.prefix}:ds:{{{dataset}}}:jobs"
+        return self._datasets.ds(dataset, "jobs")
 
     def job(self, dataset: str, job: str) -> str:
-        return f"{self.prefix}:ds:{{{dataset}}}:job:{job}"
+        return self._datasets.ds(dataset, f"job:{job}")
 
     def lease_keys(self, dataset: str, job: str) -> list[str]:
         base = self.job(dataset, job)

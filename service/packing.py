@@ -159,21 +159,12 @@ def record_length(ntok: int, itemsize: int) -> int:
 
 
 def decode_records(records: list[tuple[int, bytes]], dtype: np.dtype, seq_len: int) -> tuple[np.ndarray, ...]:
-    """Records fetched from chunks -> padded ``(ids, word_start, lengths)`` arrays.
-
-    ``ids`` is int32 (B, L) with 0 beyond each length (callers pad), ``word_start``
-    bool (B, L), ``lengths`` int64 (B,).
-    """
-    b = len(records)
-    ids = np.zeros((b, seq_len), dtype=np.int32)
-    ws = np.zeros((b, seq_len), dtype=bool)
-    lengths = np.empty(b, dtype=np.int64)
-    nbytes = dtype.itemsize
-    for k, (n, rec) in enumerate(records):
-        ids[k, :n] = np.frombuffer(rec, dtype=dtype, count=n)
-        ws[k, :n] = np.unpackbits(np.frombuffer(rec, dtype=np.uint8, offset=n * nbytes), count=n, bitorder="little")
-        lengths[k] = n
-    return ids, ws, lengths
+    """Whole records (``ntok`` ids then word-start bytes each) -> ``assemble``'s arrays."""
+    w = dtype.itemsize
+    lengths = np.array([n for n, _ in records], dtype=np.int64)
+    ids = b"".join(rec[: n * w] for n, rec in records)
+    bits = b"".join(rec[n * w : record_length(n, w)] for n, rec in records)
+    return assemble(lengths, ids, bits, dtype, seq_len)
 
 
 def assemble(

@@ -248,6 +248,11 @@ class Keys:
         return self.ds(name, f"sm:{cache}:c:")
 
 
+def pairs(mapping: dict[str, Any]) -> list[Any]:
+    """``{f: v, ...}`` -> ``[f, v, ...]``, the argument shape of HSET in the scripts."""
+    return [x for kv in mapping.items() for x in kv]
+
+
 def decode_meta(raw: dict[bytes, bytes]) -> dict[str, Any]:
     meta: dict[str, Any] = {
         (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v) for k, v in raw.items()
@@ -277,9 +282,7 @@ class Store:
         self._freeze = r.register_script(FREEZE_FREQUENCIES)
 
     async def create_dataset(self, name: str, meta: dict[str, Any], tokenizer_json: str) -> bool:
-        fields: list[Any] = []
-        for k, v in meta.items():
-            fields += [k, json.dumps(v) if k in JSON_FIELDS else v]
+        fields = pairs({f: json.dumps(v) if f in JSON_FIELDS else v for f, v in meta.items()})
         k = self.keys
         created = await self._create(
             keys=[k.ds(name, "meta"), k.ds(name, "tokenizer"), k.index],
@@ -326,11 +329,8 @@ class Store:
     async def open_mask_cache(self, name: str, uid: str, cache: str, fields: dict[str, Any]) -> dict[str, Any] | None:
         """Create the cache's meta unless it exists; returns it (None: dataset gone)."""
         k = self.keys
-        flat: list[Any] = []
-        for f, v in fields.items():
-            flat += [f, v]
         raw = await self._open_cache(
-            keys=[k.ds(name, "meta"), k.mask_meta(name, cache), k.ds(name, "sm")], args=[uid, cache, *flat]
+            keys=[k.ds(name, "meta"), k.mask_meta(name, cache), k.ds(name, "sm")], args=[uid, cache, *pairs(fields)]
         )
         if not raw:
             return None
