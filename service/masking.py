@@ -142,17 +142,30 @@ class Masked:
 class _Ctx:
     """What every unit selector gets."""
 
-    h: np.ndarray  # (B, L) uint32: one hash per position
     rows: np.ndarray  # (B,) uint64 row keys
     cand: np.ndarray  # (B, L) bool: real, non-special tokens
     word_start: np.ndarray  # (B, L) bool: word starts; pads and specials are words of their own
     budget: np.ndarray | None  # (B,) int64: exact count mode's token budget
     spec: MaskSpec
 
+    @cached_property
+    def h(self) -> np.ndarray:
+        """(B, L) uint32: one hash per position (computed only for the units that use it)."""
+        return rng.grid32(self.rows, self.cand.shape[1])
 
-# A selector returns the selected tokens and, for units whose replacement is
-# decided once per group (spans), a function from flat positions to group ids.
-Selector = Callable[[_Ctx], tuple[np.ndarray, Callable[[np.ndarray], np.ndarray] | None]]
+
+@dataclass
+class _Selection:
+    """A selector's answer: the selected tokens and, for units whose replacement is
+    decided once per group (spans), each selected token's group number, in flat
+    position order (``at``, the flat positions, when the selector has them)."""
+
+    selected: np.ndarray  # (B, L) bool
+    at: np.ndarray | None = None
+    groups: np.ndarray | None = None  # uint64, one per selected token
+
+
+Selector = Callable[[_Ctx], _Selection]
 
 
 def _budget(cand: np.ndarray, spec: MaskSpec) -> np.ndarray:
@@ -186,11 +199,11 @@ def _unique_keys(h: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.gener
     return keys, never
 
 
-def _select_token(c: _Ctx) -> tuple[np.ndarray, None]:
+def _select_token(c: _Ctx) -> _Selection:
     if c.budget is None:
-        return c.cand & chance(c.h, c.spec.mlm_probability), None
+        return _Selection(c.cand & chance(c.h, c.spec.mlm_probability))
     keys, never = _unique_keys(c.h, c.cand)
-    return _smallest(keys, c.budget, never), None
+    return _Selection(_smallest(keys, c.budget, never))
 
 
 class _Words:
@@ -219,11 +232,11 @@ class _Words:
         return (word_selected[self.word_of] & cand.ravel()).reshape(self.shape)
 
 
-def _select_whole_word(c: _Ctx) -> tuple[np.ndarray, None]:
+def _select_whole_word(c: _Ctx) -> _Selection:
     w = _Words(c.word_start, c.cand)
     if c.budget is None:
         hit = chance(c.h.ravel()[w.starts], c.spec.mlm_probability)
-        return w.tokens(w.cand_word & hit, c.cand), None
+        return _Selection(w.tokens(w.cand_word & hit, c.cand))
     # exact: words in hash order, as many as fit the token budget
     token_keys, never = _unique_keys(c.h, np.ones(c.h.shape, dtype=bool))
     keys = w.per_start(token_keys.ravel()[w.starts], never)
@@ -235,10 +248,17 @@ def _select_whole_word(c: _Ctx) -> tuple[np.ndarray, None]:
     )
     chosen = np.zeros(w.shape, dtype=bool)
     np.put_along_axis(chosen, order, took, 1)
-    return w.tokens(chosen.ravel()[w.starts], c.cand), None
+    return _Selection(w.tokens(chosen.ravel()[w.starts], c.cand))
 
 
-def _select_span(c: _Ctx) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+def _runs(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``first[i], first[i] + 1, ..., first[i] + counts[i] - 1`` for every i, concatenated."""
+    total = int(counts.sum())
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(first - offsets, counts) + np.arange(total, dtype=first.dtype)
+
+
+def _select_span(c: _Ctx) -> _Selection:
     """Spans of whole candidate words laid out by a renewal process.
 
     Along each row's candidate words, gaps (1 + geometric: spans never touch,
@@ -246,22 +266,43 @@ def _select_span(c: _Ctx) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray
     alternate, so span lengths follow the law exactly (only a span cut by the
     end of its row is shorter) and the expected share of words covered is p.
     Exact mode lays spans out at twice the rate and keeps them, in hash order,
-    while they fit the token budget.
+    while they fit the token budget. A span's replacement kind is decided once
+    for the whole span (its group number: the span's rank among its row's kept
+    spans, from 1).
+
+    Only words and spans are enumerated, never the (B, L) grid: the row's
+    candidate words are indexed by rank, and the covered ranks are generated
+    span by span.
     """
     spec = c.spec
-    w = _Words(c.word_start, c.cand)
-    b, n = w.shape
-    cdf, mean_len = spec.span_lengths()
+    b, n = c.cand.shape
+    nothing = _Selection(np.zeros((b, n), bool), np.empty(0, np.int64), np.empty(0, np.uint64))
     p = spec.mlm_probability if c.budget is None else min(0.9, 2 * spec.mlm_probability)
-    if p <= 0:
-        return np.zeros((b, n), bool), lambda at: np.zeros(len(at), np.uint64)
-    # each candidate word's rank among its row's candidate words
-    row_of_word = np.repeat(np.arange(b), np.bincount(w.starts // n, minlength=b)) if b else w.starts
-    cum = np.cumsum(w.cand_word, dtype=np.int64)
-    first_word = np.searchsorted(w.starts, np.arange(b) * n)
-    before = np.concatenate([[0], cum])[first_word]
-    rank = cum - 1 - before[row_of_word]  # meaningless (but a valid index) where not a candidate
+    if p <= 0 or b == 0:
+        return nothing
+    cand = c.cand.ravel()
+    starts = np.flatnonzero(c.word_start.ravel())  # every row begins a word
 
+    def word_len(words: np.ndarray) -> np.ndarray:
+        following = np.take(starts, words + 1, mode="clip")
+        return np.where(words + 1 < len(starts), following, b * n) - starts[words]
+
+    # A word is a candidate when any of its tokens is (an unknown piece inside a word
+    # is never selected, but the rest of the word can be): usually its first token
+    # says so; the few words that begin with a special piece are checked in full.
+    cand_word = cand[starts]
+    odd = np.flatnonzero(~cand_word)
+    odd = odd[word_len(odd) > 1]
+    if len(odd):
+        lengths = word_len(odd)
+        inside = cand[_runs(starts[odd], lengths)].astype(np.int32)
+        cand_word[odd] = np.add.reduceat(inside, np.cumsum(lengths) - lengths) > 0
+    cw = np.flatnonzero(cand_word)  # word numbers of candidate words, in flat order
+    # each row's first candidate word (an index into cw); the rows' candidate word counts
+    first = np.searchsorted(cw, np.searchsorted(starts, np.arange(b + 1) * n))
+    words_in_row = np.diff(first)
+
+    cdf, mean_len = spec.span_lengths()
     n_pairs = int(np.ceil(n * p / mean_len * 1.5)) + 8
     j = np.arange(n_pairs, dtype=np.uint64)[None, :] * np.uint64(rng.GOLDEN)
     lengths = np.searchsorted(cdf, rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_LEN))))) + 1
@@ -272,37 +313,39 @@ def _select_span(c: _Ctx) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray
         u = rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_GAP))))
         gaps = 1 + np.floor(np.log(u) / np.log1p(-1.0 / (1.0 + extra))).astype(np.int64)
     ends = np.cumsum(gaps + lengths, axis=1)
-    begins = ends - lengths
-    if c.budget is not None:
-        keep = _fit_spans(c, w, row_of_word, rank, begins, ends)
-        begins, ends = np.where(keep, begins, n), np.where(keep, ends, n)
-    # coverage over ranks: +1 at each span's begin, -1 at its end
-    row_base = (np.arange(b) * (n + 1))[:, None]
-    opened = np.bincount((row_base + np.minimum(begins, n)).ravel(), minlength=b * (n + 1))
-    closed = np.bincount((row_base + np.minimum(ends, n)).ravel(), minlength=b * (n + 1))
-    covered = np.cumsum((opened - closed).reshape(b, n + 1), axis=1, dtype=np.int32).ravel()
-    word_at = row_of_word * (n + 1) + rank  # each word's cell in the (B, L+1) rank grid
-    selected = w.tokens(w.cand_word & (covered[word_at] > 0), c.cand)
-
-    def groups(at: np.ndarray) -> np.ndarray:
-        cell = word_at[w.word_of[at]]  # the span number of a cell: spans opened up to it in its row
-        span_no = np.cumsum(opened.reshape(b, n + 1), axis=1, dtype=np.int32).ravel()
-        return span_no[cell].astype(np.uint64)
-
-    return selected, groups
+    # spans over candidate-word ranks, cut at the row's last candidate word
+    lo = np.minimum(ends - lengths, words_in_row[:, None])
+    hi = np.minimum(ends, words_in_row[:, None])
+    if c.budget is None:
+        keep = hi > lo
+        group = np.broadcast_to(np.arange(1, n_pairs + 1, dtype=np.uint64), keep.shape)
+    else:
+        keep = _fit_spans(c, starts, cw, first, lo, hi)
+        group = np.cumsum(keep, axis=1).astype(np.uint64)
+    spans = np.flatnonzero(keep)
+    count = (hi - lo).ravel()[spans]
+    begin = (first[:-1, None] + lo).ravel()[spans]  # the span's first word, as an index into cw
+    words = cw[_runs(begin, count)]  # word numbers of the covered words, in flat order
+    tokens = word_len(words)
+    at = _runs(starts[words], tokens)
+    groups = np.repeat(np.repeat(group.ravel()[spans], count), tokens)
+    ok = cand[at]
+    at, groups = at[ok], groups[ok]
+    selected = np.zeros(b * n, dtype=bool)
+    selected[at] = True
+    return _Selection(selected.reshape(b, n), at, groups)
 
 
 def _fit_spans(
-    c: _Ctx, w: _Words, row_of_word: np.ndarray, rank: np.ndarray, begins: np.ndarray, ends: np.ndarray
+    c: _Ctx, starts: np.ndarray, cw: np.ndarray, first: np.ndarray, lo: np.ndarray, hi: np.ndarray
 ) -> np.ndarray:
     """Exact mode: keep spans, in hash order, while their tokens fit the budget."""
-    b, n = w.shape
-    tokens_by_rank = np.zeros(b * (n + 1), dtype=np.int64)
-    cw = w.cand_word
-    tokens_by_rank[row_of_word[cw] * (n + 1) + rank[cw] + 1] = w.length[cw]
-    cum = np.cumsum(tokens_by_rank.reshape(b, n + 1), axis=1)  # cum[r, k]: tokens of the first k words
-    span_tokens = np.take_along_axis(cum, np.minimum(ends, n), 1) - np.take_along_axis(cum, np.minimum(begins, n), 1)
-    j = np.arange(begins.shape[1], dtype=np.uint64)[None, :]
+    seen = np.cumsum(c.cand.ravel(), dtype=np.int64)
+    below = seen[starts] - c.cand.ravel()[starts]  # candidate tokens before each word
+    cum = np.append(below[cw], seen[-1])  # ... before the k-th candidate word, and in all
+    base = first[:-1, None]
+    span_tokens = cum[base + hi] - cum[base + lo]
+    j = np.arange(lo.shape[1], dtype=np.uint64)[None, :]
     keys = fmix64(c.rows[:, None] ^ (j * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_ORDER)))
     keys[span_tokens == 0] = MAX64
     order = np.argsort(keys, axis=1)
@@ -310,11 +353,11 @@ def _fit_spans(
     valid = np.take_along_axis(keys, order, 1) != MAX64
     left = c.budget.copy()
     took = np.zeros(order.shape, dtype=bool)
-    for j in range(order.shape[1]):  # a span that does not fit is skipped; smaller ones after it may fit
+    for j in range(int(valid.sum(axis=1).max(initial=0))):  # a span that does not fit is skipped; smaller ones after it may fit
         ok = valid[:, j] & (tokens[:, j] <= left)
         took[:, j] = ok
         left -= np.where(ok, tokens[:, j], 0)
-    keep = np.zeros(begins.shape, dtype=bool)
+    keep = np.zeros(lo.shape, dtype=bool)
     np.put_along_axis(keep, order, took, 1)
     return keep
 
@@ -340,24 +383,24 @@ def mask_batch(
     special = vocab.is_special[input_ids] | ~real
     cand = ~special
     rows = fmix64(rng.key64(seed, epoch, spec.key(), rng.MASK) ^ rng.u64(seq_ids))
-    h = rng.grid32(rows, n)
     if spec.unit != "token":
         if word_start is None:
             raise ValueError(f"unit {spec.unit!r} needs word_start")
         word_start = word_start | ~real  # each pad is a word of its own
         word_start[:, 0] = True
-    ctx = _Ctx(h, rows, cand, word_start, _budget(cand, spec) if spec.count == "exact" else None, spec)
-    selected, group = UNITS[spec.unit](ctx)
+    ctx = _Ctx(rows, cand, word_start, _budget(cand, spec) if spec.count == "exact" else None, spec)
+    sel = UNITS[spec.unit](ctx)
+    selected = sel.selected
 
     # Replacement decisions, only where selected.
-    at = np.flatnonzero(selected)
+    at = np.flatnonzero(selected) if sel.at is None else sel.at
     r, col = np.divmod(at, n)
     labels = np.full((b, n), IGNORE_INDEX, dtype=np.int32)
     labels.ravel()[at] = input_ids.ravel()[at]
-    if group is None:  # one decision per token
+    if sel.groups is None:  # one decision per token
         k = fmix64(rows[r] ^ rng.position_keys(n)[col] ^ np.uint64(rng.KIND))
     else:  # one decision per span
-        k = fmix64(rows[r] ^ (group(at) * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_KIND)))
+        k = fmix64(rows[r] ^ (sel.groups * np.uint64(rng.GOLDEN) + np.uint64(rng.SPAN_KIND)))
     kind = k >> S40
     to_mask = kind < threshold24(spec.mask_ratio)
     to_random = ~to_mask & (kind < threshold24(spec.mask_ratio + spec.random_ratio))

@@ -40,12 +40,21 @@ def u64(values: int | np.ndarray) -> np.ndarray:
     return np.array([int(values) & _LOW64], dtype=np.uint64)
 
 
-def key64(*parts: int | np.ndarray) -> np.ndarray:
-    """Chain-hash integers (or arrays of them, broadcast) into uint64 keys."""
-    k = np.array([GOLDEN], dtype=np.uint64)
+def _fmix64_int(x: int) -> int:
+    x ^= x >> 30
+    x = (x * 0xBF58476D1CE4E5B9) & _LOW64
+    x ^= x >> 27
+    x = (x * 0x94D049BB133111EB) & _LOW64
+    return x ^ (x >> 31)
+
+
+def key64(*parts: int) -> np.ndarray:
+    """Chain-hash integers into one uint64 key (a 1-element array): the same
+    finalizer as ``fmix64``, on Python ints (cheaper than numpy for scalars)."""
+    k = GOLDEN
     for p in parts:
-        k = fmix64(k ^ u64(p))
-    return k
+        k = _fmix64_int(k ^ (int(p) & _LOW64))
+    return np.array([k], dtype=np.uint64)
 
 
 _POSITIONS: dict[int, np.ndarray] = {}
