@@ -15,7 +15,7 @@ from redis.exceptions import ResponseError
 
 from client._wire import encode
 
-from .catalog import Catalog, DatasetRuntime
+from .catalog import Catalog, Chunks, DatasetRuntime
 from .errors import Conflict, DatasetEmpty, DatasetNotFound, StaticMasksMissing
 from .masking import Masked, MaskSpec, mask_batch
 from .packing import assemble
@@ -49,14 +49,15 @@ async def masked(
     """Mask the sequences ``seq_ids`` for ``epoch``; ``need_words`` also returns word starts."""
     rt = ds.rt
     chunk, local = rt.locate(seq_ids)
+    chunks = Chunks.of(chunk)
     static = params.mode == "static"
     need_words = need_words or (not static and spec.unit != "token")
-    entries = await catalog.entries(rt, chunk, local, ds.num_sequences)
+    entries = await catalog.entries(rt, chunks, local, ds.num_sequences)
     masks = None
     if static:
         cache = cache_id(spec, seed, params.copies)
         mask_entries = await catalog.entries(
-            rt, chunk, local * params.copies + epoch % params.copies, ds.num_sequences, cache, params.copies
+            rt, chunks, local * params.copies + epoch % params.copies, ds.num_sequences, cache, params.copies
         )
         if mask_entries is None:
             raise StaticMasksMissing(
@@ -66,8 +67,8 @@ async def masked(
             )  # fmt: skip
         masks = (cache, mask_entries)
     try:
-        ids_joined, bits_joined, mask_records = await catalog.store.fetch(
-            rt.name, chunk, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words
+        joined, mask_records = await catalog.store.fetch(
+            rt.name, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words
         )
     except ResponseError as exc:
         if masks is not None and "missing masks" in str(exc):
@@ -78,7 +79,7 @@ async def masked(
             ) from None  # fmt: skip
         raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry ({exc})") from None
     lengths = entries[:, 1]
-    ids, ws, n = assemble(lengths, ids_joined, bits_joined, rt.id_dtype, rt.seq_len)
+    ids, ws, n = assemble(lengths, joined, rt.id_dtype, rt.seq_len, words=need_words)
     if masks is not None:
         out = apply(ids, n, masks[1][:, 1], mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
         out.word_start = ws

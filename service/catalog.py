@@ -45,6 +45,23 @@ class DatasetRuntime:
         return chunk, seq_ids - self.chunk_starts[chunk]
 
 
+@dataclass(frozen=True)
+class Chunks:
+    """The distinct chunks a batch reads (sorted) and, per sequence, which of them holds it."""
+
+    ids: np.ndarray
+    which: np.ndarray
+
+    @classmethod
+    def of(cls, chunk: np.ndarray) -> "Chunks":
+        ordered = np.sort(chunk)
+        ids = ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))] if len(ordered) else ordered
+        return cls(ids, np.searchsorted(ids, chunk))
+
+
+_GROUPED_UP_TO = 16
+
+
 class TableCache:
     """LRU, by bytes, of chunk tables: immutable once written, so safe to keep."""
 
@@ -82,46 +99,40 @@ class Catalog:
         self.table_cache = TableCache(table_cache_bytes)
 
     async def entries(
-        self, rt: DatasetRuntime, chunk: np.ndarray, index: np.ndarray, num_sequences: int,
+        self, rt: DatasetRuntime, chunks: Chunks, index: np.ndarray, num_sequences: int,
         mask_cache: str | None = None, copies: int = 1,
     ) -> np.ndarray | None:  # fmt: skip
         """(offset, n) of each sequence in its data chunk, or of each ``index`` entry in its
         static-mask chunk when ``mask_cache`` is given; None when a mask chunk is not built."""
         kind = mask_cache or "data"
-        uniq = np.unique(chunk)
-        tables: dict[int, np.ndarray] = {}
-        missing = []
-        for k in uniq.tolist():
-            t = self.table_cache.get((rt.uid, kind, k))
-            if t is None:
-                missing.append(k)
-            else:
-                tables[k] = t
+        tables: list[np.ndarray | None] = [self.table_cache.get((rt.uid, kind, k)) for k in chunks.ids.tolist()]
+        missing = [i for i, t in enumerate(tables) if t is None]
         if missing:
             starts = rt.chunk_starts
-            counts = [
-                (int(starts[k + 1]) if k + 1 < len(starts) else num_sequences) - int(starts[k]) for k in missing
-            ]
+            ks = [int(chunks.ids[i]) for i in missing]
+            counts = [(int(starts[k + 1]) if k + 1 < len(starts) else num_sequences) - int(starts[k]) for k in ks]
             if mask_cache is None:
-                keys = [f"{self.store.keys.chunk_prefix(rt.name)}{k}" for k in missing]
+                keys = [f"{self.store.keys.chunk_prefix(rt.name)}{k}" for k in ks]
             else:
-                keys = [f"{self.store.keys.mask_chunk_prefix(rt.name, mask_cache)}{k}" for k in missing]
+                keys = [f"{self.store.keys.mask_chunk_prefix(rt.name, mask_cache)}{k}" for k in ks]
                 counts = [c * copies for c in counts]
-            for k, t in zip(missing, await self.store.tables(keys, counts)):
+            for i, k, t in zip(missing, ks, await self.store.tables(keys, counts)):
                 if t is None:
                     if mask_cache is not None:
                         return None
                     raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry")
                 self.table_cache.put((rt.uid, kind, k), t)
-                tables[k] = t
-        out = np.empty((len(chunk), 2), dtype=np.int64)
-        if len(uniq) == 1:
-            out[:] = tables[int(uniq[0])][index]
-        else:
-            for k, t in tables.items():
-                sel = chunk == k
-                out[sel] = t[index[sel]]
-        return out
+                tables[i] = t
+        if len(tables) == 1:
+            return tables[0][index].astype(np.int64)
+        if len(tables) <= _GROUPED_UP_TO:  # a few chunks: one gather per chunk
+            out = np.empty((len(index), 2), dtype=np.int64)
+            for i, t in enumerate(tables):
+                rows = chunks.which == i
+                out[rows] = t[index[rows]]
+            return out
+        # a batch spread over many chunks (a large dataset): one lookup per row beats one pass per chunk
+        return np.array([tables[w][i] for w, i in zip(chunks.which.tolist(), index.tolist())], dtype=np.int64)
 
     async def runtime(self, name: str, uid: str | None = None) -> DatasetRuntime:
         """The cached runtime for ``name`` (reloaded when ``uid`` differs)."""

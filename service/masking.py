@@ -29,6 +29,7 @@ from functools import cached_property
 import numpy as np
 
 from . import rng
+from .packing import runs
 from .rng import MAX64, S40, chance, fmix64, sample_ids, threshold24
 
 __all__ = ["IGNORE_INDEX", "MaskSpec", "Masked", "Vocab", "mask_batch", "mask_tokens", "sample_ids", "UNITS"]
@@ -133,9 +134,19 @@ class Masked:
     input_ids: np.ndarray  # int32
     labels: np.ndarray  # int32, IGNORE_INDEX where not selected
     attention_mask: np.ndarray  # uint8
-    special_tokens_mask: np.ndarray  # bool: special or pad
     selected: np.ndarray  # bool
     word_start: np.ndarray | None = None  # bool, when the unit used words
+    special: np.ndarray | None = None  # bool: special or pad (derived from ``is_special`` when not given)
+    is_special: np.ndarray | None = None  # bool per id
+
+    @property
+    def special_tokens_mask(self) -> np.ndarray:
+        """Special or pad, per position of the original sequence."""
+        if self.special is None:
+            assert self.is_special is not None, "Masked needs special or is_special"
+            original = np.where(self.selected, self.labels, self.input_ids)
+            self.special = self.is_special[original] | (self.attention_mask == 0)
+        return self.special
 
 
 @dataclass
@@ -251,13 +262,6 @@ def _select_whole_word(c: _Ctx) -> _Selection:
     return _Selection(w.tokens(chosen.ravel()[w.starts], c.cand))
 
 
-def _runs(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``first[i], first[i] + 1, ..., first[i] + counts[i] - 1`` for every i, concatenated."""
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(first - offsets, counts) + np.arange(total, dtype=first.dtype)
-
-
 def _select_span(c: _Ctx) -> _Selection:
     """Spans of whole candidate words laid out by a renewal process.
 
@@ -295,7 +299,7 @@ def _select_span(c: _Ctx) -> _Selection:
     odd = odd[word_len(odd) > 1]
     if len(odd):
         lengths = word_len(odd)
-        inside = cand[_runs(starts[odd], lengths)].astype(np.int32)
+        inside = cand[runs(starts[odd], lengths)].astype(np.int32)
         cand_word[odd] = np.add.reduceat(inside, np.cumsum(lengths) - lengths) > 0
     cw = np.flatnonzero(cand_word)  # word numbers of candidate words, in flat order
     # each row's first candidate word (an index into cw); the rows' candidate word counts
@@ -325,9 +329,9 @@ def _select_span(c: _Ctx) -> _Selection:
     spans = np.flatnonzero(keep)
     count = (hi - lo).ravel()[spans]
     begin = (first[:-1, None] + lo).ravel()[spans]  # the span's first word, as an index into cw
-    words = cw[_runs(begin, count)]  # word numbers of the covered words, in flat order
+    words = cw[runs(begin, count)]  # word numbers of the covered words, in flat order
     tokens = word_len(words)
-    at = _runs(starts[words], tokens)
+    at = runs(starts[words], tokens)
     groups = np.repeat(np.repeat(group.ravel()[spans], count), tokens)
     ok = cand[at]
     at, groups = at[ok], groups[ok]
@@ -409,7 +413,7 @@ def mask_batch(
     if to_random.any():
         k2 = fmix64(k[to_random] ^ np.uint64(rng.TOKEN))
         out.ravel()[at[to_random]] = vocab.draw(k2, spec.random_tokens == "frequency")
-    return Masked(out, labels, real.astype(np.uint8), special, selected, word_start)
+    return Masked(out, labels, real.astype(np.uint8), selected, word_start, special=special)
 
 
 def mask_tokens(

@@ -158,54 +158,59 @@ def record_length(ntok: int, itemsize: int) -> int:
     return ntok * itemsize + (ntok + 7) // 8
 
 
+def runs(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """``first[i], first[i] + 1, ..., first[i] + counts[i] - 1`` for every i, concatenated."""
+    total = int(counts.sum())
+    offsets = np.cumsum(counts) - counts
+    return np.repeat(first - offsets, counts) + np.arange(total, dtype=first.dtype)
+
+
 def decode_records(records: list[tuple[int, bytes]], dtype: np.dtype, seq_len: int) -> tuple[np.ndarray, ...]:
     """Whole records (``ntok`` ids then word-start bytes each) -> ``assemble``'s arrays."""
     w = dtype.itemsize
     lengths = np.array([n for n, _ in records], dtype=np.int64)
-    ids = b"".join(rec[: n * w] for n, rec in records)
-    bits = b"".join(rec[n * w : record_length(n, w)] for n, rec in records)
-    return assemble(lengths, ids, bits, dtype, seq_len)
+    return assemble(lengths, b"".join(rec[: record_length(n, w)] for n, rec in records), dtype, seq_len, words=True)
 
 
 def assemble(
-    lengths: np.ndarray, ids_joined: bytes, bits_joined: bytes | None, dtype: np.dtype, seq_len: int
+    lengths: np.ndarray, joined: bytes | memoryview, dtype: np.dtype, seq_len: int, *, words: bool
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fetched sequences -> ``(ids (B, L) int32, word_start (B, L) bool or None, lengths)``.
 
-    ``ids_joined`` holds every sequence's ids back to back, ``bits_joined``
-    every sequence's word-start bytes (``ceil(n / 8)`` each). Vectorized: one
-    scatter, row-major, and a plain reshape when every sequence is full.
+    ``joined`` holds the sequences back to back: each one's ids, or with
+    ``words`` its whole record (ids, then ``ceil(n / 8)`` word-start bytes).
+    Vectorized: a reshape when every sequence is full, else one gather.
     """
     n = np.asarray(lengths, dtype=np.int64)
-    b = len(n)
-    flat = np.frombuffer(ids_joined, dtype=dtype)
-    if b and (n == seq_len).all():
-        ids = flat.reshape(b, seq_len).astype(np.int32)
+    b, w = len(n), dtype.itemsize
+    buf = np.frombuffer(joined, dtype=np.uint8)
+    bit_bytes = (n + 7) // 8
+    size = n * w + (bit_bytes if words else 0)  # bytes per sequence in ``joined``
+    begin = np.cumsum(size) - size
+    full = b > 0 and bool((n == seq_len).all())
+    if full:  # the common case: rows of equal records
+        rows = buf.reshape(b, -1)
+        ids = rows[:, : seq_len * w].view(dtype).astype(np.int32)
     else:
         ids = np.zeros((b, seq_len), dtype=np.int32)
-        ids[np.arange(seq_len)[None, :] < n[:, None]] = flat
-    if bits_joined is None:
+        ids[np.arange(seq_len)[None, :] < n[:, None]] = (buf[runs(begin, n * w)] if words else buf).view(dtype)
+    if not words:
         return ids, None, n
-    padded = (n + 7) // 8 * 8
-    width = int(padded.max()) if b else 0
-    bits = np.unpackbits(np.frombuffer(bits_joined, dtype=np.uint8), bitorder="little").astype(bool)
-    if b and (padded == width).all():
-        grid = bits.reshape(b, width)
+    if full:
+        packed = rows[:, seq_len * w :]
     else:
-        grid = np.zeros((b, width), dtype=bool)
-        grid[np.arange(width)[None, :] < padded[:, None]] = bits
+        width = int(bit_bytes.max()) if b else 0
+        packed = np.zeros((b, width), dtype=np.uint8)
+        packed[np.arange(width)[None, :] < bit_bytes[:, None]] = buf[runs(begin + n * w, bit_bytes)]
+    bits = np.unpackbits(packed, axis=1, bitorder="little").view(bool)
     ws = np.zeros((b, seq_len), dtype=bool)
-    cols = min(width, seq_len)
-    ws[:, :cols] = grid[:, :cols] & (np.arange(cols)[None, :] < n[:, None])
+    cols = min(bits.shape[1], seq_len)
+    ws[:, :cols] = bits[:, :cols] & (np.arange(cols)[None, :] < n[:, None])
     return ids, ws, n
 
 
-def split_chunk(blob: bytes, itemsize: int) -> tuple[np.ndarray, bytes, bytes]:
-    """A whole chunk blob -> lengths, all ids joined, all word-start bytes joined (as ``assemble`` takes)."""
+def split_chunk(blob: bytes, itemsize: int) -> tuple[np.ndarray, memoryview]:
+    """A whole chunk blob -> its sequences' lengths and their records, back to back (as ``assemble`` takes)."""
     (count,) = struct.unpack_from("<I", blob, 0)
     table = np.frombuffer(blob, dtype="<u4", count=2 * count, offset=4).reshape(count, 2)
-    ids, bits = [], []
-    for off, n in table.tolist():
-        ids.append(blob[off : off + n * itemsize])
-        bits.append(blob[off + n * itemsize : off + record_length(n, itemsize)])
-    return table[:, 1].astype(np.int64), b"".join(ids), b"".join(bits)
+    return table[:, 1].astype(np.int64), memoryview(blob)[4 + 8 * count :]

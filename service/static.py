@@ -73,5 +73,4 @@ def apply(
     selected = np.zeros((b, n), dtype=bool)
     selected.ravel()[flat] = True
     input_ids.ravel()[flat] = pairs["id"]
-    special = is_special[np.where(real, ids, pad_id)] | ~real
-    return Masked(input_ids, labels, real.astype(np.uint8), special, selected)
+    return Masked(input_ids, labels, real.astype(np.uint8), selected, is_special=is_special)

@@ -131,28 +131,26 @@ return {0, encoded}
 """
 
 # KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks)
-# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch word-start bits,
+# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch whole records (ids and word-start bits),
 # ARGV[4]: per sequence, (key number, offset, tokens) as packed uint32 triples,
 # ARGV[5]: with masks, per sequence, (key number, offset, pairs) of its mask record, packed likewise
 # (the callers read the chunks' immutable tables once and cache them, so a sequence costs one GETRANGE)
-# returns three strings, the parts of all B sequences joined (few, large replies parse fast):
-#   {ids, word-start bytes (or ''), mask records (or '')}
+# returns two arrays, of B strings each: each sequence's ids (or whole record), and its mask record
+# (arrays, not joined strings: Lua's table.concat re-copies its growing buffer, quadratic in the batch)
 # a range that comes back short (a dataset deleted mid-request) is an error reply naming the key
 FETCH_RANGES = """
 local w = tonumber(ARGV[1])
 local b = tonumber(ARGV[2])
-local want_bits = ARGV[3] == '1'
+local whole = ARGV[3] == '1'
 local entries = ARGV[4]
-local ids, bits, masks = {}, {}, {}
+local data, masks = {}, {}
 for i = 1, b do
   local k, off, n = struct.unpack('<I4I4I4', entries, 12 * i - 11)
-  local key = KEYS[k]
-  local part = redis.call('GETRANGE', key, off, off + n * w - 1)
-  if #part ~= n * w then return redis.error_reply('missing chunk ' .. key) end
-  ids[i] = part
-  if want_bits then
-    bits[i] = redis.call('GETRANGE', key, off + n * w, off + n * w + math.floor((n + 7) / 8) - 1)
-  end
+  local size = n * w
+  if whole then size = size + math.floor((n + 7) / 8) end
+  local part = redis.call('GETRANGE', KEYS[k], off, off + size - 1)
+  if #part ~= size then return redis.error_reply('missing chunk ' .. KEYS[k]) end
+  data[i] = part
 end
 if ARGV[5] then
   local mentries = ARGV[5]
@@ -167,7 +165,7 @@ if ARGV[5] then
     end
   end
 end
-return {table.concat(ids), table.concat(bits), table.concat(masks)}
+return {data, masks}
 """
 
 # KEYS[1]: live frequency table, KEYS[2]: frozen copy
@@ -417,18 +415,19 @@ class Store:
         ]
 
     async def fetch(
-        self, name: str, chunk_ids: np.ndarray, entries: np.ndarray, itemsize: int, *,
+        self, name: str, chunks: np.ndarray, which: np.ndarray, entries: np.ndarray, itemsize: int, *,
         masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
-    ) -> tuple[bytes, bytes | None, bytes | None]:  # fmt: skip
-        """Sequences at ``entries`` ((offset, tokens) each) of their chunks, in one round trip.
+    ) -> tuple[bytes, bytes | None]:  # fmt: skip
+        """Sequences at ``entries`` ((offset, tokens) each) of their chunks, in one round trip:
+        sequence i lies in chunk ``chunks[which[i]]`` (``chunks``: the distinct chunks).
 
-        With ``masks=(cache id, (offset, pairs) per sequence)`` the static mask
-        records come along. Returns all ids joined, all word-start bytes joined
-        (or None) and all mask records joined (or None).
+        Returns the sequences back to back (their ids, or with ``word_starts``
+        their whole records, as ``packing.assemble`` takes) and, with
+        ``masks=(cache id, (offset, pairs) per sequence)``, their static mask
+        records back to back (else None).
         """
-        uniq, which = np.unique(chunk_ids, return_inverse=True)
         prefix = self.keys.chunk_prefix(name)
-        keys = [f"{prefix}{c}" for c in uniq.tolist()]
+        keys = [f"{prefix}{c}" for c in chunks.tolist()]
 
         def packed(first_key: int, pairs: np.ndarray) -> bytes:
             triples = np.empty((len(which), 3), dtype="<u4")
@@ -436,10 +435,10 @@ class Store:
             triples[:, 1:] = pairs
             return triples.tobytes()
 
-        args: list[object] = [itemsize, len(chunk_ids), 1 if word_starts else 0, packed(1, entries)]
+        args: list[object] = [itemsize, len(which), 1 if word_starts else 0, packed(1, entries)]
         if masks is not None:
             mprefix = self.keys.mask_chunk_prefix(name, masks[0])
             args.append(packed(len(keys) + 1, masks[1]))
-            keys += [f"{mprefix}{c}" for c in uniq.tolist()]
-        ids, bits, records = await self._fetch(keys=keys, args=args)
-        return ids, bits if word_starts else None, records if masks else None
+            keys += [f"{mprefix}{c}" for c in chunks.tolist()]
+        data, records = await self._fetch(keys=keys, args=args)
+        return b"".join(data), b"".join(records) if masks else None

@@ -82,8 +82,8 @@ async def build_static(name: str, body: StaticBuild, store: StoreDep, catalog: C
 
 
 def _mask_chunk(catalog: Catalog, rt: Any, blob: bytes, first_id: int, body: StaticBuild, spec: MaskSpec) -> bytes:
-    lengths, ids_joined, bits_joined = split_chunk(blob, rt.id_dtype.itemsize)
-    ids, ws, n = assemble(lengths, ids_joined, bits_joined, rt.id_dtype, rt.seq_len)
+    lengths, records = split_chunk(blob, rt.id_dtype.itemsize)
+    ids, ws, n = assemble(lengths, records, rt.id_dtype, rt.seq_len, words=True)
     seq_ids = first_id + np.arange(len(n), dtype=np.int64)
     vocab = rt.weighted if spec.random_tokens == "frequency" and rt.weighted else rt.vocab
     copies = [
