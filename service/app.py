@@ -13,15 +13,15 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
 from .catalog import Catalog
 from .config import Settings
-from .deps import require_token
+from .deps import check_token
 from .embedded import EmbeddedRedis
-from .errors import PayloadTooLarge, install, problem_response
+from .errors import PayloadTooLarge, ServiceError, install, problem_response
 from .jobs import Jobs
 from .metrics import Metrics
 from .routes import batches, datasets, health, jobs, masks, tokenizers
@@ -32,6 +32,8 @@ log = logging.getLogger("maskserve")
 
 # Bodies parsed whole (JSON) get this limit; streamed ingest bodies check their own.
 _STREAMED_SUFFIXES = ("/documents", "/tokenizers/train")
+# Open without the bearer token: probes and the API's own documentation.
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -70,23 +72,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = Metrics()
     install(app)
 
-    guarded = [Depends(require_token)]
-    app.include_router(health.router)
-    app.include_router(health.metrics_router, dependencies=guarded)
-    app.include_router(datasets.router, dependencies=guarded)
-    app.include_router(batches.router, dependencies=guarded)
-    app.include_router(masks.router, dependencies=guarded)
-    app.include_router(jobs.router, dependencies=guarded)
-    app.include_router(tokenizers.router, dependencies=guarded)
+    # the batch routes first: requests are matched against routes in order
+    for module in (batches, jobs, health, datasets, masks, tokenizers):
+        app.include_router(module.router)
 
-    app.add_middleware(LimitAndMeasure, settings=settings, metrics=app.state.metrics)
+    app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics)
     return app
 
 
-class LimitAndMeasure:
-    """Pure ASGI middleware: refuse oversized JSON bodies early; count and time requests.
+class Gatekeeper:
+    """Pure ASGI middleware: check the bearer token (all but the public paths),
+    refuse oversized JSON bodies early, count and time requests.
 
-    (Starlette's ``BaseHTTPMiddleware`` costs a task and a stream per request.)
+    As middleware rather than per-route dependencies (FastAPI solves each
+    dependency on every request) and not Starlette's ``BaseHTTPMiddleware``
+    (a task and a stream per request).
     """
 
     def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
@@ -99,13 +99,18 @@ class LimitAndMeasure:
             await self.app(scope, receive, send)
             return
         path: str = scope["path"]
+        refusal: ServiceError | None = None
+        if self.settings.auth_token is not None and path not in _PUBLIC_PATHS:
+            authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
+            refusal = check_token(self.settings, authorization.decode("latin-1"))
         limit = self.settings.max_tokenizer_bytes
-        if not path.endswith(_STREAMED_SUFFIXES):
+        if refusal is None and not path.endswith(_STREAMED_SUFFIXES):
             for name, value in scope["headers"]:
                 if name == b"content-length" and value.isdigit() and int(value) > limit:
-                    err = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
-                    await problem_response(err, Request(scope))(scope, receive, send)
-                    return
+                    refusal = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
+        if refusal is not None:
+            await problem_response(refusal, Request(scope))(scope, receive, send)
+            return
         start = time.perf_counter()
         status = [500]
 

@@ -24,7 +24,7 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -73,12 +73,7 @@ class MaskSpec:
 
     def key(self) -> int:
         """A stable 64-bit digest of the config."""
-        return self._key
-
-    @cached_property
-    def _key(self) -> int:
-        canonical = json.dumps(asdict(self), sort_keys=True).encode()
-        return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
+        return _digest(self)
 
     def span_lengths(self) -> tuple[np.ndarray, float]:
         """CDF of the span-length law over 1..span_max, and its mean."""
@@ -86,6 +81,12 @@ class MaskSpec:
         pmf = self.span_p * (1 - self.span_p) ** (k - 1)
         pmf /= pmf.sum()
         return np.cumsum(pmf), float((k * pmf).sum())
+
+
+@lru_cache(maxsize=1024)
+def _digest(spec: MaskSpec) -> int:  # specs are frozen: one digest per distinct config, not per request
+    canonical = json.dumps(asdict(spec), sort_keys=True).encode()
+    return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
 
 
 @dataclass(frozen=True)
@@ -268,9 +269,11 @@ def _select_span(c: _Ctx) -> _Selection:
     Along each row's candidate words, gaps (1 + geometric: spans never touch,
     so each masked run is one span) and spans (the clipped geometric law)
     alternate, so span lengths follow the law exactly (only a span cut by the
-    end of its row is shorter) and the expected share of words covered is p.
+    start or end of its row is shorter) and every word is covered with
+    probability p, the row's first words included.
     Exact mode lays spans out at twice the rate and keeps them, in hash order,
-    while they fit the token budget. A span's replacement kind is decided once
+    while they fit the token budget (a greedy fill, which favours short spans,
+    so spans cut by a row's ends a little). A span's replacement kind is decided once
     for the whole span (its group number: the span's rank among its row's kept
     spans, from 1).
 
@@ -307,7 +310,12 @@ def _select_span(c: _Ctx) -> _Selection:
     words_in_row = np.diff(first)
 
     cdf, mean_len = spec.span_lengths()
-    n_pairs = int(np.ceil(n * p / mean_len * 1.5)) + 8
+    # The process starts ``burn`` ranks before the row (spans cut by the row's start
+    # are cut like those at its end), so that its first words are masked at the same
+    # rate as the rest: a process started at the row's first word would never cover it.
+    cycle = mean_len / p  # mean words per (gap, span) pair
+    burn = int(np.ceil(8 * cycle))
+    n_pairs = int(np.ceil((n + burn) / cycle * 1.5)) + 8
     j = np.arange(n_pairs, dtype=np.uint64)[None, :] * np.uint64(rng.GOLDEN)
     lengths = np.searchsorted(cdf, rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_LEN))))) + 1
     extra = mean_len * (1 - p) / p - 1.0  # mean gap = mean_len * (1 - p) / p covers a share p
@@ -316,10 +324,10 @@ def _select_span(c: _Ctx) -> _Selection:
     else:
         u = rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_GAP))))
         gaps = 1 + np.floor(np.log(u) / np.log1p(-1.0 / (1.0 + extra))).astype(np.int64)
-    ends = np.cumsum(gaps + lengths, axis=1)
-    # spans over candidate-word ranks, cut at the row's last candidate word
-    lo = np.minimum(ends - lengths, words_in_row[:, None])
-    hi = np.minimum(ends, words_in_row[:, None])
+    ends = np.cumsum(gaps + lengths, axis=1) - burn
+    # spans over candidate-word ranks, cut at the row's first and last candidate words
+    lo = np.clip(ends - lengths, 0, words_in_row[:, None])
+    hi = np.clip(ends, 0, words_in_row[:, None])
     if c.budget is None:
         keep = hi > lo
         group = np.broadcast_to(np.arange(1, n_pairs + 1, dtype=np.uint64), keep.shape)

@@ -157,9 +157,15 @@ def test_custom_split_is_served(http, ds):
     assert (masked["input_ids"][sel] == ds["special_tokens"]["mask"]).all()
 
 
-def test_unmasked_ids_are_the_packed_corpus(http, ds, corpus, bpe_tokenizer):
+@pytest.mark.parametrize("gather", ["per chunk", "per row"])
+def test_unmasked_ids_are_the_packed_corpus(http, ds, corpus, bpe_tokenizer, gather, monkeypatch):
     """With p=0 a batch is the stored sequences: the corpus tokenized and packed
-    RoBERTa-style (documents joined by sep, cut into L-1 blocks, cls first)."""
+    RoBERTa-style (documents joined by sep, cut into L-1 blocks, cls first).
+    Both ways of looking sequences up in the chunk tables are checked (a batch
+    over few chunks gathers chunk by chunk, one over many chunks row by row)."""
+    assert ds["num_chunks"] >= 2
+    if gather == "per row":  # the test server runs in this process
+        monkeypatch.setattr("service.catalog._GROUPED_UP_TO", 0)
     tok = Tokenizer.from_str(bpe_tokenizer)
     cls, sep = ds["special_tokens"]["cls"], ds["special_tokens"]["sep"]
     stream = []

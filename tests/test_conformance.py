@@ -123,13 +123,14 @@ def runs_of(flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def untruncated_span_lengths(word_selected_rows: list[np.ndarray], span_max: int = SPAN_MAX) -> np.ndarray:
-    """Lengths (in words) of the runs that start at least ``span_max`` words before
-    the row's end, so no span starting there can be cut by the end of the row
-    (conditioning on the start, not the end, leaves the length law unbiased)."""
+    """Lengths (in words) of the runs that start after the row's first word (a run
+    at the first word may be a span begun before the row) and at least
+    ``span_max`` words before its end (so the end cannot cut them); conditioning
+    on the start, not the end, leaves the length law unbiased."""
     out = []
     for flags in word_selected_rows:
         starts, lengths = runs_of(flags)
-        keep = starts + span_max <= len(flags)
+        keep = (starts > 0) & (starts + span_max <= len(flags))
         out.append(lengths[keep])
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
@@ -295,6 +296,33 @@ def test_pure_whole_word_reaches_every_candidate_token():
     )
 
 
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+def test_pure_span_covers_words_that_begin_with_a_special_piece(count):
+    """For spans too, a word whose first piece is special (pieces after an unknown
+    piece, a special id in pre-tokenized input) is a candidate word: its ordinary
+    pieces are reachable and masked with the rest of their word, the special
+    piece never."""
+    ids, lengths, seq_ids, ws, cand = synthetic(300, SEQ_LEN, seed=9, specials_own_words=False)
+    special = ~cand
+    flat_ws = ws.ravel()
+    word = np.cumsum(flat_ws) - 1  # flat token -> word number (every row begins a word)
+    lead = np.flatnonzero(flat_ws)[word]  # flat token -> its word's first token
+    odd = cand.ravel() & special.ravel()[lead]
+    assert odd.sum() > 300, "too few ordinary pieces after a special piece: the test would be vacuous"
+    c = cand.ravel()
+    cand_per_word = np.bincount(word[c], minlength=word[-1] + 1)
+    hit = np.zeros(cand.size, dtype=bool)
+    for epoch in range(60):
+        m = pure(ids, lengths, seq_ids, ws, epoch=epoch, mlm_probability=0.3, unit="span", count=count)
+        sel = m.selected.ravel()
+        assert not (sel & ~c).any(), "a special piece or pad was selected"
+        selected_per_word = np.bincount(word[sel], minlength=word[-1] + 1)
+        partly = (selected_per_word > 0) & (selected_per_word < cand_per_word)
+        assert not partly.any(), f"{int(partly.sum())} words partly masked"
+        hit |= sel
+    assert hit[odd].all(), f"{int((odd & ~hit).sum())} pieces after a special piece never selected in 60 epochs"
+
+
 def test_pure_span_lengths_follow_clipped_geometric():
     """Single-token words and no special id inside rows, so a maximal masked run
     is one span and its length in tokens is its length in words."""
@@ -324,6 +352,33 @@ def test_pure_span_lengths_follow_clipped_geometric():
     cand_words = sum(len(r) for r in rows)
     share = sum(int(r.sum()) for r in rows) / cand_words
     assert abs(share - 0.15) < 0.015, share
+
+
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+def test_pure_span_masks_a_rows_first_words_like_any_other(syn, count):
+    """Spans are laid out by a process already running when the row begins: the
+    first candidate words of a row are selected as often as words mid-row."""
+    ids, lengths, seq_ids, ws, cand = syn
+    p, epochs, ranks = 0.15, 12, (0, 1, 2, 3, 40, 41)
+    hits = np.zeros(len(ranks))
+    trials = np.zeros(len(ranks))
+    first = [np.flatnonzero(ws[i] & cand[i]) for i in range(ids.shape[0])]
+    for epoch in range(epochs):
+        m = pure(ids, lengths, seq_ids, ws, epoch=epoch, mlm_probability=p, unit="span", count=count)
+        for k, rank in enumerate(ranks):
+            rows = [i for i, f in enumerate(first) if len(f) > rank]
+            at = np.array([first[i][rank] for i in rows])
+            hits[k] += m.selected[rows, at].sum()
+            trials[k] += len(rows)
+    rates = hits / trials
+    if count == "bernoulli":
+        for rank, rate, n in zip(ranks, rates, trials):
+            assert within(rate, p, int(n)), f"word {rank} of its row: rate {rate:.4f} vs {p} over {int(n)}"
+    else:
+        # exact mode fills a token budget greedily, which favours short spans, and a span
+        # cut by the row's start is short: the first words are reachable, somewhat favoured
+        mid = float(rates[-2:].mean())
+        assert all(0.8 * mid <= r <= 1.5 * mid for r in rates), (rates.round(4).tolist(), mid)
 
 
 def test_pure_span_lengths_in_words_with_multi_token_words(syn):

@@ -287,7 +287,9 @@ def test_body_over_the_limit_stores_nothing(http, rdb, settings, populated):
 
 def test_batch_size_limits(http, rdb, settings, populated):
     before = snapshot(rdb)
-    check_problem(http.get(f"/v1/datasets/{populated}/batch", params={"size": 0}), 422, "validation-failed", "size")
+    problem = check_problem(http.get(f"/v1/datasets/{populated}/batch", params={"size": 0}), 422, "validation-failed",
+                            "size")  # fmt: skip
+    assert [e["loc"] for e in problem["errors"]] == [["query", "size"]]
     too_big = settings.max_batch_size + 1
     problem = check_problem(http.get(f"/v1/datasets/{populated}/batch", params={"size": too_big}), 422,
                             "limit-exceeded", str(too_big), str(settings.max_batch_size))  # fmt: skip
@@ -368,8 +370,10 @@ def test_bearer_token(guarded, rdb, bpe_tokenizer):
         ("POST", "/v1/datasets", {"json": body}),
         ("POST", "/v1/datasets/x/documents", {"content": b'{"text": "hi"}\n', "headers": NDJSON}),
         ("GET", "/v1/datasets/x/batch", {}),
+        ("POST", "/v1/jobs/x/next", {}),
         ("DELETE", "/v1/datasets/x", {}),
         ("GET", "/metrics", {}),
+        ("GET", "/no/such/route", {}),  # unknown paths do not reveal themselves without the token
     ]
     with httpx.Client(base_url=guarded, timeout=30) as h:
         for auth in (None, "Bearer wrong", "Bearer s3cret2", "Basic s3cret", "s3cret"):
@@ -381,10 +385,26 @@ def test_bearer_token(guarded, rdb, bpe_tokenizer):
         assert rdb.keys("*") == []
         assert h.get("/healthz").status_code == 200
         assert h.get("/readyz").status_code == 200
+        assert h.get("/openapi.json").status_code == 200
         ok = {"Authorization": "Bearer s3cret"}
+        assert h.get("/no/such/route", headers=ok).status_code == 404
         assert h.get("/v1/datasets", headers=ok).json() == {"datasets": []}
         assert h.post("/v1/datasets", json=body, headers=ok).status_code == 201
         assert h.get("/metrics", headers=ok).status_code == 200
+
+
+def test_batch_routes_document_their_query_parameters(http):
+    """The batch routes read their query strings themselves; the schema still lists every parameter."""
+    from service.routes.batches import BatchQuery
+    from service.routes.jobs import NextQuery
+
+    paths = http.get("/openapi.json").json()["paths"]
+    for path, method, model in (("/v1/datasets/{name}/batch", "get", BatchQuery), ("/v1/jobs/{name}/next", "post", NextQuery)):
+        params = paths[path][method]["parameters"]
+        assert {p["name"] for p in params if p["in"] == "query"} == set(model.model_fields), path
+        assert [p["name"] for p in params if p["in"] == "path"] == ["name"], path
+        size = next((p for p in params if p["name"] == "size"), None)
+        assert size is None or (size["schema"]["minimum"] == 1 and size["description"])
 
 
 # ---------------------------------------------------------------------------

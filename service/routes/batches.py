@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import secrets
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
 from ..batching import masked, open_dataset, outputs, render
-from ..deps import CatalogDep, MetricsDep, SettingsDep
+from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
 from ..rng import sample_ids
 from ..schemas import MaskingParams, OutputParams
@@ -46,15 +45,12 @@ def wants_json(request: Request, fmt: str | None) -> bool:
     "/{name}/batch",
     summary="A random batch of B sequences, masked",
     responses={200: {"content": {CONTENT_TYPE: {}, "application/json": {}}}},
+    openapi_extra=query_docs(BatchQuery),
 )
-async def get_batch(
-    name: str,
-    q: Annotated[BatchQuery, Query()],
-    request: Request,
-    catalog: CatalogDep,
-    settings: SettingsDep,
-    metrics: MetricsDep,
-) -> Response:
+async def get_batch(name: str, request: Request) -> Response:
+    q = parse_query(BatchQuery, request)
+    state = request.app.state  # no dependencies on the hot path (see deps.parse_query)
+    catalog, settings, metrics = state.catalog, state.settings, state.metrics
     if q.size > settings.max_batch_size:
         raise LimitExceeded(f"size {q.size} exceeds the limit of {settings.max_batch_size}", limit=settings.max_batch_size)
     spec = q.spec()

@@ -8,7 +8,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from ..deps import MetricsDep, StoreDep
 
 router = APIRouter(tags=["health"])
-metrics_router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz", summary="The process is up")
@@ -22,6 +21,6 @@ async def readyz(store: StoreDep) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@metrics_router.get("/metrics", summary="Prometheus metrics")
+@router.get("/metrics", summary="Prometheus metrics")
 async def metrics(m: MetricsDep) -> Response:
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

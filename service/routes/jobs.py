@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
 from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, masked, open_dataset, outputs, render
-from ..deps import CatalogDep, MetricsDep, SettingsDep
+from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
 from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded
 from ..jobs import JobConfig, JobCreate, Jobs
 from ..masking import MaskSpec
@@ -106,11 +106,12 @@ class NextQuery(OutputParams):
     "/{name}/next",
     summary="Lease the job's next batch (acking finished ones in the same call)",
     responses={200: {"content": {CONTENT_TYPE: {}, "application/json": {}}}, 204: {"description": "Nothing to hand out now; retry"}},
+    openapi_extra=query_docs(NextQuery),
 )
-async def next_batch(
-    name: str, q: Annotated[NextQuery, Query()], request: Request, jobs: JobsDep, catalog: CatalogDep,
-    metrics: MetricsDep,
-) -> Response:  # fmt: skip
+async def next_batch(name: str, request: Request) -> Response:
+    q = parse_query(NextQuery, request)
+    state = request.app.state  # no dependencies on the hot path (see deps.parse_query)
+    jobs, catalog, metrics = state.jobs, state.catalog, state.metrics
     as_json = wants_json(request, q.format)
     dataset = await _dataset(jobs, name)
     res = await jobs.next(dataset, name, q.worker, q.ack)
