@@ -32,8 +32,8 @@ log = logging.getLogger("maskserve")
 
 # Bodies parsed whole (JSON) get this limit; streamed ingest bodies check their own.
 _STREAMED_SUFFIXES = ("/documents", "/tokenizers/train")
-# Open without the bearer token: probes and the API's own documentation.
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+# Open without the bearer token: the health probes (everything else, docs included, needs it).
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -83,9 +83,15 @@ class MaskSpec:
         return np.cumsum(pmf), float((k * pmf).sum())
 
 
+# Folded into every config digest: a change to how masks are drawn changes every
+# mask, and the ids of static caches, so a cache built by another algorithm is
+# never served as if it were this one's.
+ALGORITHM = 2
+
+
 @lru_cache(maxsize=1024)
 def _digest(spec: MaskSpec) -> int:  # specs are frozen: one digest per distinct config, not per request
-    canonical = json.dumps(asdict(spec), sort_keys=True).encode()
+    canonical = json.dumps({**asdict(spec), "algorithm": ALGORITHM}, sort_keys=True).encode()
     return int.from_bytes(hashlib.blake2b(canonical, digest_size=8).digest(), "little")
 
 
