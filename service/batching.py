@@ -8,7 +8,9 @@ Redis round trip as the data and applied, never recomputed.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from redis.exceptions import ResponseError
@@ -21,6 +23,9 @@ from .masking import Masked, MaskSpec, mask_batch
 from .packing import assemble
 from .schemas import MaskingParams, OutputParams
 from .static import apply, cache_id
+from .store import StaleCounters
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -30,23 +35,47 @@ class Fetched:
     num_chunks: int
 
 
-async def open_dataset(catalog: Catalog, name: str) -> Fetched:
-    """The dataset as it is now: runtime with its chunk table, and counters."""
-    counters = await catalog.store.counters(name)
+async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, int] | None = None) -> Fetched:
+    """The dataset as it is now: runtime with its chunk table, and counters
+    (read from Redis, unless the caller passes those it knows)."""
+    if counters is None:
+        counters = await catalog.store.counters(name)
     if counters is None:
         raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
     uid, num_sequences, num_chunks = counters
     if num_sequences == 0:
         raise DatasetEmpty(f"dataset {name!r} has no sequences yet; ingest documents first", dataset=name)
+    catalog.last_counters[name] = counters
     rt = await catalog.with_chunks(await catalog.runtime(name, uid), num_chunks)
     return Fetched(rt, num_sequences, num_chunks)
 
 
+async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awaitable[T]]) -> T:
+    """``draw(ds, checked)`` against the dataset's counters, read optimistically.
+
+    The counters this process saw last are used at once, and the batch's fetch
+    script checks them (``checked``) in the same round trip as the data: no
+    separate read on the hot path. When they moved on (an ingest, a delete, a
+    re-creation), the script answers with the current ones and the batch is
+    drawn again from those, so a batch is always drawn from the counters as they
+    were when its sequences were read.
+    """
+    known = catalog.last_counters.get(name)
+    try:
+        return await draw(await open_dataset(catalog, name, known), known is not None)
+    except StaleCounters as stale:
+        if stale.current is None:
+            catalog.last_counters.pop(name, None)
+            raise DatasetNotFound(f"no dataset named {name!r}", dataset=name) from None
+        return await draw(await open_dataset(catalog, name, stale.current), False)
+
+
 async def masked(
     catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
-    spec: MaskSpec, need_words: bool = False,
+    spec: MaskSpec, need_words: bool = False, checked: bool = False,
 ) -> Masked:  # fmt: skip
-    """Mask the sequences ``seq_ids`` for ``epoch``; ``need_words`` also returns word starts."""
+    """Mask the sequences ``seq_ids`` for ``epoch``; ``need_words`` also returns word starts.
+    ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``)."""
     rt = ds.rt
     chunk, local = rt.locate(seq_ids)
     chunks = Chunks.of(chunk)
@@ -68,7 +97,8 @@ async def masked(
         masks = (cache, mask_entries)
     try:
         joined, mask_records = await catalog.store.fetch(
-            rt.name, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words
+            rt.name, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words,
+            expect=(rt.uid, ds.num_sequences, ds.num_chunks) if checked else None,
         )
     except ResponseError as exc:
         if masks is not None and "missing masks" in str(exc):

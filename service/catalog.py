@@ -95,6 +95,9 @@ class Catalog:
         self.store = store
         self.max_entries = max_entries
         self._cache: dict[str, DatasetRuntime] = {}
+        # name -> (uid, num_sequences, num_chunks) as last read: the batch route draws from these
+        # optimistically and its fetch checks them (batching.drawn)
+        self.last_counters: dict[str, tuple[str, int, int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.table_cache = TableCache(table_cache_bytes)
 

@@ -130,15 +130,25 @@ if ARGV[2] ~= '' then redis.call('HSET', KEYS[3], ARGV[2], encoded) end
 return {0, encoded}
 """
 
-# KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks)
+# KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks), then
+# the dataset's meta hash
 # ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch whole records (ids and word-start bits),
 # ARGV[4]: per sequence, (key number, offset, tokens) as packed uint32 triples,
-# ARGV[5]: with masks, per sequence, (key number, offset, pairs) of its mask record, packed likewise
+# ARGV[5]: with masks, per sequence, (key number, offset, pairs) of its mask record, packed likewise ('' without)
+# ARGV[6]: '' or the counters the caller drew the batch from, 'uid:num_sequences:num_chunks'
 # (the callers read the chunks' immutable tables once and cache them, so a sequence costs one GETRANGE)
 # returns two arrays, of B strings each: each sequence's ids (or whole record), and its mask record
-# (arrays, not joined strings: Lua's table.concat re-copies its growing buffer, quadratic in the batch)
+# (arrays, not joined strings: Lua's table.concat re-copies its growing buffer, quadratic in the batch);
+# or, when the counters are not those of ARGV[6], {'stale', uid, num_sequences, num_chunks} as they are
+# ('' for a dataset that is gone), before reading anything
 # a range that comes back short (a dataset deleted mid-request) is an error reply naming the key
 FETCH_RANGES = """
+if ARGV[6] ~= '' then
+  local c = redis.call('HMGET', KEYS[#KEYS], 'uid', 'num_sequences', 'num_chunks')
+  if not c[1] or (c[1] .. ':' .. c[2] .. ':' .. c[3]) ~= ARGV[6] then
+    return {'stale', c[1] or '', c[2] or '', c[3] or ''}
+  end
+end
 local w = tonumber(ARGV[1])
 local b = tonumber(ARGV[2])
 local whole = ARGV[3] == '1'
@@ -152,7 +162,7 @@ for i = 1, b do
   if #part ~= size then return redis.error_reply('missing chunk ' .. KEYS[k]) end
   data[i] = part
 end
-if ARGV[5] then
+if ARGV[5] ~= '' then
   local mentries = ARGV[5]
   for i = 1, b do
     local k, off, m = struct.unpack('<I4I4I4', mentries, 12 * i - 11)
@@ -417,6 +427,7 @@ class Store:
     async def fetch(
         self, name: str, chunks: np.ndarray, which: np.ndarray, entries: np.ndarray, itemsize: int, *,
         masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
+        expect: tuple[str, int, int] | None = None,
     ) -> tuple[bytes, bytes | None]:  # fmt: skip
         """Sequences at ``entries`` ((offset, tokens) each) of their chunks, in one round trip:
         sequence i lies in chunk ``chunks[which[i]]`` (``chunks``: the distinct chunks).
@@ -424,7 +435,9 @@ class Store:
         Returns the sequences back to back (their ids, or with ``word_starts``
         their whole records, as ``packing.assemble`` takes) and, with
         ``masks=(cache id, (offset, pairs) per sequence)``, their static mask
-        records back to back (else None).
+        records back to back (else None). With ``expect`` (the counters the
+        batch was drawn from) the script first checks them and raises
+        ``StaleCounters`` with the current ones when they moved on.
         """
         prefix = self.keys.chunk_prefix(name)
         keys = [f"{prefix}{c}" for c in chunks.tolist()]
@@ -435,10 +448,24 @@ class Store:
             triples[:, 1:] = pairs
             return triples.tobytes()
 
-        args: list[object] = [itemsize, len(which), 1 if word_starts else 0, packed(1, entries)]
+        args: list[object] = [itemsize, len(which), 1 if word_starts else 0, packed(1, entries), b""]
         if masks is not None:
             mprefix = self.keys.mask_chunk_prefix(name, masks[0])
-            args.append(packed(len(keys) + 1, masks[1]))
+            args[4] = packed(len(keys) + 1, masks[1])
             keys += [f"{mprefix}{c}" for c in chunks.tolist()]
-        data, records = await self._fetch(keys=keys, args=args)
+        args.append("" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}")
+        keys.append(self.keys.ds(name, "meta"))
+        reply = await self._fetch(keys=keys, args=args)
+        if reply[0] == b"stale":
+            uid, nseq, nchunks = (x.decode() for x in reply[1:])
+            raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+        data, records = reply
         return b"".join(data), b"".join(records) if masks else None
+
+
+class StaleCounters(Exception):
+    """The dataset's counters moved on since the batch was drawn (``current``: as they are now, None when gone)."""
+
+    def __init__(self, current: tuple[str, int, int] | None) -> None:
+        super().__init__("dataset counters changed")
+        self.current = current

@@ -357,3 +357,38 @@ def test_dataset_recreated_by_another_replica_can_be_ingested_and_served(
     a, _ = arrays(get(http, name, size=8, seed=1))
     assert (a["sequence_ids"] < res["sequences"]).all()
 
+
+
+def test_batches_follow_growth_and_deletion_through_another_replica(
+    client, http, bpe_tokenizer, corpus, spawn_service, redis_url
+):
+    """A replica draws batches from the counters it saw last and its fetch checks
+    them in the same round trip: documents added, a dataset deleted or re-created
+    through another replica are seen by the very next batch."""
+    from client import Client
+
+    name = f"grown-{uuid.uuid4().hex[:12]}"
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+    before = client.ingest(name, corpus[:40])["sequences"]
+    a, _ = arrays(get(http, name, size=64, seed=2, index=0))  # this replica now holds the counters
+    assert (a["sequence_ids"] < before).all()
+    other = spawn_service(service_env(REDIS_URL=redis_url))
+    with Client(other.url, retries=0) as c2:
+        after = before + c2.ingest(name, corpus[40:400])["sequences"]
+        assert after > 4 * before
+        a, headers = arrays(get(http, name, size=256, seed=2, index=1))
+        assert a["sequence_ids"].max() >= before, "the batch was drawn from the old sequence count"
+        assert (a["sequence_ids"] < after).all()
+        assert headers["epoch"] == str(256 // after)
+        # the same draw again (now without a stale check): byte-identical
+        assert get(http, name, size=256, seed=2, index=1).content == get(http, name, size=256, seed=2, index=1).content
+        c2.delete_dataset(name)
+        r = get(http, name, size=8, seed=2)
+        assert r.status_code == 404 and r.headers["content-type"].startswith("application/problem+json")
+        assert r.json()["type"].endswith("dataset-not-found")
+        c2.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        r = get(http, name, size=8, seed=2)
+        assert r.status_code == 409 and r.json()["type"].endswith("dataset-empty")
+        small = c2.ingest(name, corpus[:5])["sequences"]
+    a, _ = arrays(get(http, name, size=64, seed=2))
+    assert (a["sequence_ids"] < small).all()

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import masked, open_dataset, outputs, render
+from ..batching import Fetched, drawn, masked, outputs, render
 from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
 from ..rng import sample_ids
@@ -55,15 +55,17 @@ async def get_batch(name: str, request: Request) -> Response:
         raise LimitExceeded(f"size {q.size} exceeds the limit of {settings.max_batch_size}", limit=settings.max_batch_size)
     spec = q.spec()
     as_json = wants_json(request, q.format)
-    ds = await open_dataset(catalog, name)
     seed = secrets.randbits(63) if q.seed is None else q.seed
-    epoch = q.index * q.size // ds.num_sequences if q.epoch is None else q.epoch
-    seq_ids = sample_ids(seed, q.index, q.size, ds.num_sequences)
-    m = await masked(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec)
-    meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
-            "mode": q.mode}  # fmt: skip
 
-    body = render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), meta, as_json)
+    async def draw(ds: Fetched, checked: bool) -> tuple[bytes, int]:
+        epoch = q.index * q.size // ds.num_sequences if q.epoch is None else q.epoch
+        seq_ids = sample_ids(seed, q.index, q.size, ds.num_sequences)
+        m = await masked(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec, checked=checked)
+        meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
+                "mode": q.mode}  # fmt: skip
+        return render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), meta, as_json), epoch
+
+    body, epoch = await drawn(catalog, name, draw)
     metrics.sequences_served.labels(name).inc(q.size)
     headers = {
         "Maskserve-Dataset": name,
