@@ -61,13 +61,18 @@ async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awa
     were when its sequences were read.
     """
     known = catalog.last_counters.get(name)
+    if known is None:
+        return await draw(await open_dataset(catalog, name), False)
     try:
-        return await draw(await open_dataset(catalog, name, known), known is not None)
+        return await draw(await open_dataset(catalog, name, known), True)
     except StaleCounters as stale:
         if stale.current is None:
             catalog.last_counters.pop(name, None)
             raise DatasetNotFound(f"no dataset named {name!r}", dataset=name) from None
-        return await draw(await open_dataset(catalog, name, stale.current), False)
+        current: tuple[str, int, int] | None = stale.current
+    except (Conflict, StaticMasksMissing):  # a chunk or cache the known counters imply is gone: read them
+        current = None
+    return await draw(await open_dataset(catalog, name, current), False)
 
 
 async def masked(
