@@ -20,7 +20,7 @@ import struct
 
 import numpy as np
 
-from .masking import IGNORE_INDEX, Masked, MaskSpec
+from .masking import IGNORE_INDEX, Masked, MaskSpec, padded
 
 
 def cache_id(spec: MaskSpec, seed: int, copies: int) -> str:
@@ -64,7 +64,9 @@ def apply(
     """Rebuild a masked batch from the data and the cached mask records of its rows, joined."""
     b, n = ids.shape
     real = np.arange(n)[None, :] < lengths[:, None]
-    input_ids = np.where(real, ids, np.int32(pad_id)).astype(np.int32, copy=False)
+    input_ids = padded(ids, real, pad_id)
+    if input_ids is ids:  # written below: never the caller's array
+        input_ids = ids.copy()
     pairs = np.frombuffer(records, dtype=pair_dtype(id_dtype))
     rows = np.repeat(np.arange(b), counts)
     flat = rows * n + pairs["pos"].astype(np.int64)

@@ -340,3 +340,25 @@ def test_sample_ids_uniform():
 def test_sample_ids_rejects_bad_range(n):
     with pytest.raises(ValueError):
         sample_ids(0, 0, 4, n)
+
+
+@pytest.mark.parametrize(("span_p", "span_max"), [(0.2, 10), (0.5, 3), (0.05, 64), (0.9, 1)])
+def test_span_length_draws_are_the_exact_inverse_cdf(span_p, span_max):
+    """The table-driven draw equals the plain inverse CDF on the hash's 53-bit
+    uniform, hashes right at and around every CDF point included, and never
+    exceeds span_max (not even for the largest hash)."""
+    from service.masking import _length_draws
+    from service.rng import uniform01
+
+    cdf, _ = MaskSpec(span_p=span_p, span_max=span_max).span_lengths()
+    assert cdf[-1] == 1.0
+    rng = np.random.default_rng(5)
+    h = rng.integers(0, 2**64, size=100_000, dtype=np.uint64)
+    points = np.floor(cdf * 2.0**53).astype(np.uint64)
+    around = np.concatenate([points - np.uint64(1), points, points + np.uint64(1)]) % np.uint64(2**53)
+    h = np.concatenate([h, around << np.uint64(11), (around << np.uint64(11)) | np.uint64(2047),
+                        np.array([0, 2**64 - 1], dtype=np.uint64)])  # fmt: skip
+    got = _length_draws(span_p, span_max)(h)
+    want = np.searchsorted(cdf, uniform01(h.copy()), side="left") + 1
+    np.testing.assert_array_equal(got, want)
+    assert got.min() >= 1 and got.max() <= span_max
