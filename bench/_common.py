@@ -336,3 +336,63 @@ def human(n: float, unit: str = "") -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {suffix}{unit}"
     return f"{n:.0f} {unit}".rstrip()
+
+
+# the steps of ``batch_path_steps``, in order
+BATCH_PATH_STEPS = ("open_dataset", "Redis fetch (Lua)", "assemble + mask/apply", "outputs + encode")
+
+
+def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dict[str, Any], *, seed: int = 0,
+                     first_index: int = 900_000, warmup: int = 3) -> dict[str, list[float]]:  # fmt: skip
+    """Seconds per step of the batch route's own path (``service.batching``), run
+    in-process on this process's event loop, the way the route runs it: the
+    dataset opened from the counters last seen and the fetch checking them."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from service.batching import masked, open_dataset, outputs, render
+    from service.catalog import Catalog
+    from service.rng import sample_ids
+    from service.routes.batches import BatchQuery
+    from service.store import Store
+
+    async def run() -> dict[str, list[float]]:
+        r = aioredis.from_url(redis_url)
+        try:
+            store = Store(r, KEY_PREFIX)
+            catalog = Catalog(store)
+            q = BatchQuery(size=b, seed=seed, **options)
+            spec = q.spec()
+            fetch, spent = store.fetch, [0.0]
+
+            async def timed_fetch(*a: Any, **kw: Any) -> Any:
+                t = time.perf_counter()
+                try:
+                    return await fetch(*a, **kw)
+                finally:
+                    spent[0] += time.perf_counter() - t
+
+            store.fetch = timed_fetch  # type: ignore[method-assign]
+            steps: dict[str, list[float]] = {k: [] for k in BATCH_PATH_STEPS}
+            for it in range(iters + warmup):
+                t0 = time.perf_counter()
+                known = catalog.last_counters.get(name)
+                ds = await open_dataset(catalog, name, known)
+                t1 = time.perf_counter()
+                index = first_index + it
+                seq_ids = sample_ids(seed, index, b, ds.num_sequences)
+                spent[0] = 0.0
+                m = await masked(catalog, ds, seq_ids, seed=seed, epoch=index * b // ds.num_sequences, params=q,
+                                 spec=spec, checked=known is not None)  # fmt: skip
+                t2 = time.perf_counter()
+                render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False)
+                t3 = time.perf_counter()
+                if it >= warmup:
+                    for key, dt in zip(steps, (t1 - t0, spent[0], t2 - t1 - spent[0], t3 - t2)):
+                        steps[key].append(dt)
+            return steps
+        finally:
+            await r.aclose()
+
+    return asyncio.run(run())

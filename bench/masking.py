@@ -34,7 +34,6 @@ maskserve:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import math
@@ -55,8 +54,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from _common import (  # noqa: E402
-    KEY_PREFIX,
     Service,
+    batch_path_steps,
     flushdb,
     free_port,
     header,
@@ -430,53 +429,8 @@ class TinyServer:
 
 def service_path(redis_url: str, name: str, b: int, iters: int, options: dict[str, Any]) -> dict[str, float]:
     """Median ms per batch of the batch route's steps (service.batching), run on this process's event loop."""
-    import redis.asyncio as aioredis
-
-    from service.batching import masked, open_dataset, outputs, render
-    from service.catalog import Catalog
-    from service.rng import sample_ids
-    from service.routes.batches import BatchQuery
-    from service.store import Store
-
-    async def run() -> dict[str, list[float]]:
-        r = aioredis.from_url(redis_url)
-        try:
-            store = Store(r, KEY_PREFIX)
-            catalog = Catalog(store)
-            q = BatchQuery(size=b, seed=0, **options)
-            spec = q.spec()
-            fetch, spent = store.fetch, [0.0]
-
-            async def timed_fetch(*a: Any, **kw: Any) -> Any:
-                t = time.perf_counter()
-                try:
-                    return await fetch(*a, **kw)
-                finally:
-                    spent[0] += time.perf_counter() - t
-
-            store.fetch = timed_fetch  # type: ignore[method-assign]
-            steps: dict[str, list[float]] = {"open_dataset": [], "Redis fetch (Lua)": [], "assemble + mask/apply": [],
-                                             "outputs + encode": []}  # fmt: skip
-            for it in range(iters + 3):
-                t0 = time.perf_counter()
-                ds = await open_dataset(catalog, name)
-                t1 = time.perf_counter()
-                index = 900_000 + it
-                seq_ids = sample_ids(0, index, b, ds.num_sequences)
-                epoch = index * b // ds.num_sequences
-                spent[0] = 0.0
-                m = await masked(catalog, ds, seq_ids, seed=0, epoch=epoch, params=q, spec=spec)
-                t2 = time.perf_counter()
-                render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False)
-                t3 = time.perf_counter()
-                if it >= 3:
-                    for key, dt in zip(steps, (t1 - t0, spent[0], t2 - t1 - spent[0], t3 - t2)):
-                        steps[key].append(dt)
-            return steps
-        finally:
-            await r.aclose()
-
-    return {k: statistics.median(v) * 1e3 for k, v in asyncio.run(run()).items()}
+    steps = batch_path_steps(redis_url, name, b, iters, options)
+    return {k: statistics.median(v) * 1e3 for k, v in steps.items()}
 
 
 # ---- py-spy ---------------------------------------------------------------------

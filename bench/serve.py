@@ -35,6 +35,7 @@ import numpy as np
 
 from _common import (
     KEY_PREFIX,
+    batch_path_steps,
     add_service_args,
     BenchRedis,
     header,
@@ -347,57 +348,9 @@ def reference(args: argparse.Namespace, redis_url: str, name: str, meta: dict, b
 
 def _service_path(args: argparse.Namespace, redis_url: str, name: str) -> dict[str, float]:
     """The batch route's own steps (``service.batching``), run in-process on this process's event loop."""
-    import asyncio
-
-    import redis.asyncio as aioredis
-
-    from service.batching import masked, open_dataset, outputs, render
-    from service.catalog import Catalog
-    from service.rng import sample_ids
-    from service.routes.batches import BatchQuery
-    from service.store import Store
-
-    b, iters = args.batch_size, args.reference_iters
-
-    async def run() -> dict[str, list[float]]:
-        r = aioredis.from_url(redis_url)
-        try:
-            store = Store(r, KEY_PREFIX)
-            catalog = Catalog(store)
-            q = BatchQuery(size=b, seed=1, mlm_probability=args.mlm_probability)
-            spec = q.spec()
-            steps: dict[str, list[float]] = {"open_dataset (counters)": [], "  Store.fetch (Lua script round trip)": [],
-                                             "  assemble + mask (masked() minus fetch)": [], "outputs + render": []}  # fmt: skip
-            fetch_time = [0.0]
-            fetch = store.fetch
-
-            async def timed_fetch(*a, **kw):  # noqa: ANN002, ANN003, ANN202
-                t = time.perf_counter()
-                try:
-                    return await fetch(*a, **kw)
-                finally:
-                    fetch_time[0] += time.perf_counter() - t
-
-            store.fetch = timed_fetch  # type: ignore[method-assign]
-            for it in range(iters + 5):
-                t0 = time.perf_counter()
-                ds = await open_dataset(catalog, name)
-                t1 = time.perf_counter()
-                seq_ids = sample_ids(1, 10_000 + it, b, ds.num_sequences)
-                fetch_time[0] = 0.0
-                m = await masked(catalog, ds, seq_ids, seed=1, epoch=0, params=q, spec=spec)
-                t2 = time.perf_counter()
-                render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": it}, False)
-                t3 = time.perf_counter()
-                if it >= 5:
-                    parts = (t1 - t0, fetch_time[0], t2 - t1 - fetch_time[0], t3 - t2)
-                    for key, dt in zip(steps, parts):
-                        steps[key].append(dt)
-            return steps
-        finally:
-            await r.aclose()
-
-    steps = asyncio.run(run())
+    b = args.batch_size
+    steps = batch_path_steps(redis_url, name, b, args.reference_iters, {"mlm_probability": args.mlm_probability},
+                             seed=1, first_index=10_000, warmup=5)  # fmt: skip
     med = {k: statistics.median(v) for k, v in steps.items()}
     print("  the service's batch path (service.batching), in-process, no HTTP:")
     for key, v in med.items():
