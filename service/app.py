@@ -102,7 +102,7 @@ class Gatekeeper:
         refusal: ServiceError | None = None
         if self.settings.auth_token is not None and path not in _PUBLIC_PATHS:
             authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-            refusal = check_token(self.settings, authorization.decode("latin-1"))
+            refusal = check_token(self.settings, authorization)
         limit = self.settings.max_tokenizer_bytes
         if refusal is None and not path.endswith(_STREAMED_SUFFIXES):
             for name, value in scope["headers"]:

@@ -43,14 +43,14 @@ CatalogDep = Annotated[Catalog, Depends(get_catalog)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def check_token(settings: Settings, authorization: str) -> Unauthorized | None:
-    """The refusal for a request whose ``Authorization`` header lacks the configured
-    bearer token (None when it has it, or when no token is configured)."""
+def check_token(settings: Settings, authorization: bytes) -> Unauthorized | None:
+    """The refusal for a request whose ``Authorization`` header (raw bytes) lacks the
+    configured bearer token (None when it has it, or when no token is configured)."""
     if settings.auth_token is None:
         return None
-    expected = settings.auth_token.get_secret_value()
-    scheme, _, given = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), expected.encode()):
+    expected = settings.auth_token.get_secret_value().encode()
+    scheme, _, given = authorization.partition(b" ")
+    if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), expected):
         return Unauthorized("send 'Authorization: Bearer <token>' with the service's configured token")
     return None
 

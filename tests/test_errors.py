@@ -514,3 +514,17 @@ def test_client_transport_error():
             c.batch("any", 4)
         assert c.health() is False
 
+
+
+def test_token_check_compares_raw_header_bytes():
+    """The token is compared as bytes (a UTF-8 token works), the scheme case-insensitively."""
+    from service.config import Settings as S
+    from service.deps import check_token
+
+    settings = S(auth_token=SecretStr("pässwörd"))
+    assert check_token(settings, b"Bearer " + "pässwörd".encode()) is None
+    assert check_token(settings, b"bearer  " + "pässwörd".encode() + b" ") is None
+    for header in (b"", b"Bearer", b"Bearer p\xe4ssw\xf6rd", b"Basic " + "pässwörd".encode(), "pässwörd".encode()):
+        refusal = check_token(settings, header)
+        assert refusal is not None and refusal.status == 401, header
+    assert check_token(S(), b"") is None  # no token configured: open
