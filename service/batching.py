@@ -38,15 +38,24 @@ class Fetched:
 async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, int] | None = None) -> Fetched:
     """The dataset as it is now: runtime with its chunk table, and counters
     (read from Redis, unless the caller passes those it knows)."""
-    if counters is None:
-        counters = await catalog.store.counters(name)
-    if counters is None:
-        raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
-    uid, num_sequences, num_chunks = counters
-    if num_sequences == 0:
-        raise DatasetEmpty(f"dataset {name!r} has no sequences yet; ingest documents first", dataset=name)
+    for _ in range(2):
+        if counters is None:
+            counters = await catalog.store.counters(name)
+        if counters is None:
+            raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        uid, num_sequences, num_chunks = counters
+        if num_sequences == 0:
+            raise DatasetEmpty(f"dataset {name!r} has no sequences yet; ingest documents first", dataset=name)
+        rt = await catalog.runtime(name, uid)
+        if rt.uid == uid:
+            break
+        # the counters are of a dataset since deleted or re-created (the runtime was loaded
+        # afresh and is the new one's): never pair them with it; read the current ones
+        counters = None
+    else:
+        raise Conflict(f"dataset {name!r} was re-created while the batch was read; retry")
     catalog.last_counters[name] = counters
-    rt = await catalog.with_chunks(await catalog.runtime(name, uid), num_chunks)
+    rt = await catalog.with_chunks(rt, num_chunks)
     return Fetched(rt, num_sequences, num_chunks)
 
 

@@ -126,16 +126,20 @@ class Catalog:
                     raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry")
                 self.table_cache.put((rt.uid, kind, k), t)
                 tables[i] = t
-        if len(tables) == 1:
-            return tables[0][index].astype(np.int64)
-        if len(tables) <= _GROUPED_UP_TO:  # a few chunks: one gather per chunk
-            out = np.empty((len(index), 2), dtype=np.int64)
-            for i, t in enumerate(tables):
-                rows = chunks.which == i
-                out[rows] = t[index[rows]]
-            return out
-        # a batch spread over many chunks (a large dataset): one lookup per row beats one pass per chunk
-        return np.array([tables[w][i] for w, i in zip(chunks.which.tolist(), index.tolist())], dtype=np.int64)
+        try:
+            if len(tables) == 1:
+                return tables[0][index].astype(np.int64)
+            if len(tables) <= _GROUPED_UP_TO:  # a few chunks: one gather per chunk
+                out = np.empty((len(index), 2), dtype=np.int64)
+                for i, t in enumerate(tables):
+                    rows = chunks.which == i
+                    out[rows] = t[index[rows]]
+                return out
+            # a batch spread over many chunks (a large dataset): one lookup per row beats one pass per chunk
+            return np.array([tables[w][i] for w, i in zip(chunks.which.tolist(), index.tolist())], dtype=np.int64)
+        except IndexError:  # sequences past a table's end: the caller's counters are not this dataset's
+            self.table_cache.drop(rt.uid, kind)
+            raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry") from None
 
     async def runtime(self, name: str, uid: str | None = None) -> DatasetRuntime:
         """The cached runtime for ``name`` (reloaded when ``uid`` differs)."""
@@ -191,6 +195,7 @@ class Catalog:
 
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
+        self.last_counters.pop(name, None)
 
 
 def sha256(text: str) -> str:

@@ -69,6 +69,10 @@ class MaskSpec:
             raise ValueError("max_predictions must be >= 0")
         if not 0.0 < self.span_p < 1.0 or not 1 <= self.span_max <= 64:
             raise ValueError("span_p must lie in (0, 1) and span_max in [1, 64]")
+        # one spelling per value: 1 and 1.0, -0.0 and 0.0 are equal (and hash alike) but would
+        # not serialize alike, and the digest is cached per equal spec
+        for name in ("mlm_probability", "mask_ratio", "random_ratio", "span_p"):
+            object.__setattr__(self, name, float(getattr(self, name)) + 0.0)
         object.__setattr__(self, "keep_ratio", max(0.0, 1.0 - self.mask_ratio - self.random_ratio))
 
     def key(self) -> int:
@@ -331,7 +335,7 @@ def _select_span(c: _Ctx) -> _Selection:
     b, n = c.cand.shape
     nothing = _Selection(np.zeros((b, n), bool), np.empty(0, np.int64), np.empty(0, np.uint64))
     p = spec.mlm_probability if c.budget is None else min(0.9, 2 * spec.mlm_probability)
-    if p <= 0 or b == 0:
+    if p < 2.0**-33 or b == 0:  # as for tokens (rng.chance), a rate below 2**-33 selects nothing
         return nothing
     cand = c.cand.ravel()
     starts = np.flatnonzero(c.word_start.ravel())  # every row begins a word

@@ -157,6 +157,17 @@ def test_custom_split_is_served(http, ds):
     assert (masked["input_ids"][sel] == ds["special_tokens"]["mask"]).all()
 
 
+def packed_corpus(corpus: list[str], tokenizer_json: str, cls: int, sep: int) -> list[list[int]]:
+    """The corpus tokenized and packed RoBERTa-style: documents joined by sep, cut into L-1 blocks, cls first."""
+    stream = []
+    for enc in Tokenizer.from_str(tokenizer_json).encode_batch(corpus, add_special_tokens=False):
+        if enc.ids:
+            stream.extend(enc.ids)
+            stream.append(sep)
+    room = SEQ_LEN - 1
+    return [[cls, *stream[a : a + room]] for a in range(0, len(stream), room)]
+
+
 @pytest.mark.parametrize("gather", ["per chunk", "per row"])
 def test_unmasked_ids_are_the_packed_corpus(http, ds, corpus, bpe_tokenizer, gather, monkeypatch):
     """With p=0 a batch is the stored sequences: the corpus tokenized and packed
@@ -166,15 +177,7 @@ def test_unmasked_ids_are_the_packed_corpus(http, ds, corpus, bpe_tokenizer, gat
     assert ds["num_chunks"] >= 2
     if gather == "per row":  # the test server runs in this process
         monkeypatch.setattr("service.catalog._GROUPED_UP_TO", 0)
-    tok = Tokenizer.from_str(bpe_tokenizer)
-    cls, sep = ds["special_tokens"]["cls"], ds["special_tokens"]["sep"]
-    stream = []
-    for enc in tok.encode_batch(corpus, add_special_tokens=False):
-        if enc.ids:
-            stream.extend(enc.ids)
-            stream.append(sep)
-    room = SEQ_LEN - 1
-    expected = [[cls, *stream[a : a + room]] for a in range(0, len(stream), room)]
+    expected = packed_corpus(corpus, bpe_tokenizer, ds["special_tokens"]["cls"], ds["special_tokens"]["sep"])
     assert ds["num_sequences"] == len(expected)
     plain, _ = arrays(get(http, ds["name"], size=512, seed=3, index=0, mlm_probability=0.0))
     for row, sid, n in zip(plain["input_ids"], plain["sequence_ids"], plain["attention_mask"].sum(axis=1)):
@@ -392,3 +395,23 @@ def test_batches_follow_growth_and_deletion_through_another_replica(
         small = c2.ingest(name, corpus[:5])["sequences"]
     a, _ = arrays(get(http, name, size=64, seed=2))
     assert (a["sequence_ids"] < small).all()
+
+
+def test_dataset_recreated_through_this_replica_with_more_chunks(client, http, bpe_tokenizer, corpus):
+    """Counters remembered for a dataset since deleted are never paired with its
+    successor's chunk tables: every batch after a re-creation is whole and right."""
+    name = f"regrown-{uuid.uuid4().hex[:12]}"
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+    client.ingest(name, corpus[:30])
+    assert get(http, name, size=16, seed=0).status_code == 200  # this replica now remembers its counters
+    client.delete_dataset(name)
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+    client.ingest(name, corpus)
+    info = client.dataset(name)
+    assert info["num_chunks"] >= 2
+    expected = packed_corpus(corpus, bpe_tokenizer, info["special_tokens"]["cls"], info["special_tokens"]["sep"])
+    assert info["num_sequences"] == len(expected)
+    for index in range(12):
+        plain, _ = arrays(get(http, name, size=64, seed=1, index=index, mlm_probability=0.0))
+        for row, sid, n in zip(plain["input_ids"], plain["sequence_ids"], plain["attention_mask"].sum(axis=1)):
+            assert list(row[:n]) == expected[sid]

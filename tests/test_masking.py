@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from service.masking import IGNORE_INDEX, MaskSpec, Vocab, mask_tokens, sample_ids
+from service.masking import IGNORE_INDEX, MaskSpec, Vocab, mask_batch, mask_tokens, sample_ids
 
 SIGMAS = 5.0
 VOCAB_SIZE = 1000
@@ -362,3 +362,26 @@ def test_span_length_draws_are_the_exact_inverse_cdf(span_p, span_max):
     want = np.searchsorted(cdf, uniform01(h.copy()), side="left") + 1
     np.testing.assert_array_equal(got, want)
     assert got.min() >= 1 and got.max() <= span_max
+
+
+def test_equal_specs_have_one_digest_whatever_came_first():
+    """1 and 1.0, -0.0 and 0.0 are the same config: the same digest (so the same masks and
+    static-cache ids on every replica) in whichever order a process first meets them."""
+    from service import masking
+
+    for a, b in ((dict(mask_ratio=-0.0), dict(mask_ratio=0.0)), (dict(mlm_probability=1), dict(mlm_probability=1.0))):
+        masking._digest.cache_clear()
+        first = MaskSpec(**a).key(), MaskSpec(**b).key()
+        masking._digest.cache_clear()
+        second = MaskSpec(**b).key(), MaskSpec(**a).key()
+        assert first[0] == first[1] == second[0] == second[1], (a, b)
+
+
+@pytest.mark.parametrize("count", ["bernoulli", "exact"])
+@pytest.mark.parametrize("p", [1e-19, 5e-324])
+def test_span_at_a_vanishing_rate_selects_nothing(p, count):
+    """A rate below 2**-33 selects nothing (as for tokens), instead of overflowing the layout."""
+    ids = np.full((4, 64), 10, dtype=np.int32)
+    m = mask_batch(ids, np.full(4, 64), np.arange(4), seed=1, epoch=0, spec=MaskSpec(p, unit="span", count=count),
+                   vocab=Vocab.build(100, [0, 1, 2, 3], 3, 1), word_start=np.ones((4, 64), dtype=bool))  # fmt: skip
+    assert not m.selected.any()
