@@ -347,7 +347,7 @@ def test_span_length_draws_are_the_exact_inverse_cdf(span_p, span_max):
     """The table-driven draw equals the plain inverse CDF on the hash's 53-bit
     uniform, hashes right at and around every CDF point included, and never
     exceeds span_max (not even for the largest hash)."""
-    from service.masking import _length_draws
+    from service.units import _length_draws
     from service.rng import uniform01
 
     cdf, _ = MaskSpec(span_p=span_p, span_max=span_max).span_lengths()
