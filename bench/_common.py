@@ -377,7 +377,7 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
             steps: dict[str, list[float]] = {k: [] for k in BATCH_PATH_STEPS}
             for it in range(iters + warmup):
                 t0 = time.perf_counter()
-                known = catalog.last_counters.get(name)
+                known = catalog.known(name)
                 ds = await open_dataset(catalog, name, known)
                 t1 = time.perf_counter()
                 index = first_index + it

@@ -35,8 +35,8 @@ import numpy as np
 
 from _common import (
     KEY_PREFIX,
-    batch_path_steps,
     add_service_args,
+    batch_path_steps,
     BenchRedis,
     header,
     percentile,

@@ -63,10 +63,7 @@ class MaskedBatches(IterableDataset):
 
             with BatchStream(fetch, 0, count, self.prefetch) as stream:
                 for batch in stream:
-                    out = batch.torch()
-                    out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
-                    out["index"] = torch.tensor(batch.index)
-                    yield out
+                    yield _item(batch, index=batch.index)
 
 
 class JobBatches(IterableDataset):
@@ -99,8 +96,13 @@ class JobBatches(IterableDataset):
         with Client(self.base_url, token=self.token) as c:
             with c.job(self.job, create=self.create, worker=worker, prefetch=self.prefetch) as stream:
                 for batch in stream:
-                    out = batch.torch()
-                    out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
-                    out["epoch"] = torch.tensor(batch.epoch)
-                    out["index"] = torch.tensor(batch.index)
-                    yield out
+                    yield _item(batch, epoch=batch.epoch, index=batch.index)
+
+
+def _item(batch: Batch, **scalars: int) -> dict[str, torch.Tensor]:
+    """A batch as the tensors a DataLoader yields: model inputs, ``sequence_ids`` and the given scalars."""
+    out = batch.torch()
+    out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
+    for name, value in scalars.items():
+        out[name] = torch.tensor(value)
+    return out

@@ -38,23 +38,17 @@ class Fetched:
 async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, int] | None = None) -> Fetched:
     """The dataset as it is now: runtime with its chunk table, and counters
     (read from Redis, unless the caller passes those it knows)."""
-    for _ in range(2):
-        if counters is None:
-            counters = await catalog.store.counters(name)
-        if counters is None:
-            raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
-        uid, num_sequences, num_chunks = counters
-        if num_sequences == 0:
-            raise DatasetEmpty(f"dataset {name!r} has no sequences yet; ingest documents first", dataset=name)
-        rt = await catalog.runtime(name, uid)
-        if rt.uid == uid:
-            break
-        # the counters are of a dataset since deleted or re-created (the runtime was loaded
-        # afresh and is the new one's): never pair them with it; read the current ones
-        counters = None
-    else:
+    if counters is None:
+        counters = await catalog.store.counters(name)
+    if counters is None:
+        raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+    uid, num_sequences, num_chunks = counters
+    if num_sequences == 0:
+        raise DatasetEmpty(f"dataset {name!r} has no sequences yet; ingest documents first", dataset=name)
+    rt = await catalog.runtime(name, uid)
+    if rt.uid != uid:  # re-created between the two reads: never pair one's counters with the other
         raise Conflict(f"dataset {name!r} was re-created while the batch was read; retry")
-    catalog.last_counters[name] = counters
+    rt.seen = (num_sequences, num_chunks)
     rt = await catalog.with_chunks(rt, num_chunks)
     return Fetched(rt, num_sequences, num_chunks)
 
@@ -62,21 +56,22 @@ async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, in
 async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awaitable[T]]) -> T:
     """``draw(ds, checked)`` against the dataset's counters, read optimistically.
 
-    The counters this process saw last are used at once, and the batch's fetch
+    The counters this process read last (kept on the dataset's runtime, so they
+    are always that dataset's) are used at once, and the batch's fetch
     script checks them (``checked``) in the same round trip as the data: no
     separate read on the hot path. When they moved on (an ingest, a delete, a
     re-creation), the script answers with the current ones and the batch is
     drawn again from those, so a batch is always drawn from the counters as they
     were when its sequences were read.
     """
-    known = catalog.last_counters.get(name)
+    known = catalog.known(name)
     if known is None:
         return await draw(await open_dataset(catalog, name), False)
     try:
         return await draw(await open_dataset(catalog, name, known), True)
     except StaleCounters as stale:
         if stale.current is None:
-            catalog.last_counters.pop(name, None)
+            catalog.forget(name)
             raise DatasetNotFound(f"no dataset named {name!r}", dataset=name) from None
         current: tuple[str, int, int] | None = stale.current
     except (Conflict, StaticMasksMissing):  # a chunk or cache the known counters imply is gone: read them

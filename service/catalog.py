@@ -34,6 +34,9 @@ class DatasetRuntime:
     chunk_starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
     tokenizer: TokenizerInfo | None = None
     weighted: Vocab | None = None  # the vocab with the frozen token counts
+    # (num_sequences, num_chunks) as last read: the batch route draws from these optimistically
+    # and its fetch checks them (batching.drawn)
+    seen: tuple[int, int] | None = None
 
     @property
     def seq_len(self) -> int:
@@ -95,9 +98,6 @@ class Catalog:
         self.store = store
         self.max_entries = max_entries
         self._cache: dict[str, DatasetRuntime] = {}
-        # name -> (uid, num_sequences, num_chunks) as last read: the batch route draws from these
-        # optimistically and its fetch checks them (batching.drawn)
-        self.last_counters: dict[str, tuple[str, int, int]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.table_cache = TableCache(table_cache_bytes)
 
@@ -193,9 +193,13 @@ class Catalog:
                     rt.tokenizer = describe(tok, rt.meta["special_tokens"])
         return rt.tokenizer
 
+    def known(self, name: str) -> tuple[str, int, int] | None:
+        """(uid, num_sequences, num_chunks) as last read for the cached runtime of ``name``."""
+        rt = self._cache.get(name)
+        return None if rt is None or rt.seen is None else (rt.uid, *rt.seen)
+
     def forget(self, name: str) -> None:
         self._cache.pop(name, None)
-        self.last_counters.pop(name, None)
 
 
 def sha256(text: str) -> str:
