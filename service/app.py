@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -20,6 +21,7 @@ from . import __version__
 from .catalog import Catalog
 from .config import Settings
 from .deps import check_token
+from .durability import Durability
 from .embedded import EmbeddedRedis
 from .errors import PayloadTooLarge, ServiceError, install, problem_response
 from .jobs import Jobs
@@ -54,7 +56,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis_url = url
         app.state.store = Store(r, settings.key_prefix)
         app.state.catalog = Catalog(app.state.store)
-        app.state.jobs = Jobs(r, settings.key_prefix)
+        durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms)
+        try:
+            await durability.probe()
+        except RedisConnectionError:
+            log.warning("Redis is not reachable yet; durability is probed at the first ack")
+        app.state.durability = durability
+        app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
+                              max_workers=settings.job_max_workers)  # fmt: skip
         try:
             yield
         finally:

@@ -9,6 +9,7 @@ below. Nothing reads the environment at import time: ``create_app`` builds a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,3 +37,17 @@ class Settings(BaseSettings):
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")
+
+    durable_acks: Literal["auto", "require", "off"] = Field(
+        default="auto",
+        description="Confirm acks and job transitions only once fsynced (WAITAOF, Redis/Valkey >= 7.2 with the "
+        "append-only file on): auto = where the server can, require = refuse to start otherwise, off = never wait.",
+    )
+    durable_replicas: int = Field(default=0, ge=0, le=16, description="Replicas that must also have fsynced an ack.")
+    durable_timeout_ms: int = Field(default=1000, ge=1, le=60000, description="Longest wait for an fsync; then 503.")
+    job_worker_idle_s: float = Field(
+        default=3600, gt=0, le=30 * 86400, description="A job's worker idle this long folds into the job's totals."
+    )
+    job_max_workers: int = Field(
+        default=1024, ge=1, le=1 << 20, description="Workers tracked per job; the longest idle beyond fold into totals."
+    )

@@ -12,6 +12,7 @@ state of its own.
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -21,7 +22,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, DELETE_JOB, NEXT, RELEASE, JobKeys
+from .durability import Durability
+from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, DELETE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
 from .schemas import MaskingParams
 from .store import pairs
 
@@ -72,15 +74,52 @@ def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
+_SECRET_FIELDS = (b"mac_in", b"mac_out")
+_RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
+
+
+def lease_keys(secret: bytes) -> dict[str, bytes]:
+    """HMAC-SHA1's padded inner and outer keys for ``secret``: the job's lease-signing key, as the scripts use it."""
+    key = secret if len(secret) <= 64 else hashlib.sha1(secret).digest()
+    key = key.ljust(64, b"\0")
+    return {"mac_in": bytes(b ^ 0x36 for b in key), "mac_out": bytes(b ^ 0x5C for b in key)}
+
+
+def lease_tag(secret: bytes, base: str, worker: str) -> str:
+    """The tag the scripts put at the end of lease id ``base:tag`` issued to ``worker`` (for tests and tools)."""
+    def mac(msg: str) -> str:
+        return hmac.new(secret, msg.encode(), hashlib.sha1).hexdigest()[:16]
+
+    return mac(base) + mac(f"{base}:{worker}")
+
+
+def parse_next(out: list[Any]) -> NextResult:
+    state = _s(out[0])
+    if state == "lease":
+        lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]))
+        return NextResult(state, lease=lease, instance=lease.instance, acks=[_s(a) for a in out[7:]])
+    if state == "missing":
+        return NextResult(state)
+    return NextResult(state, retry_ms=int(out[1]), instance=_s(out[2]), acks=[_s(a) for a in out[3:]])
+
+
 class Jobs:
     """Async access to job state; every transition is one Lua script."""
 
-    def __init__(self, r: Redis, prefix: str) -> None:
+    def __init__(
+        self, r: Redis, prefix: str, durability: Durability | None = None, *, worker_idle_s: float = 3600,
+        max_workers: int = 1024,
+    ) -> None:  # fmt: skip
         self.r = r
         self.keys = JobKeys(prefix)
+        self.durability = durability or Durability(r, "off")
+        self.worker_idle_ms = int(worker_idle_s * 1000)
+        self.max_workers = max_workers
         self._next = r.register_script(NEXT)
         self._ack = r.register_script(ACK)
         self._release = r.register_script(RELEASE)
+        self._ungrant = r.register_script(UNGRANT)
+        self._evict = r.register_script(EVICT)
         self._create = r.register_script(CREATE_JOB)
         self._cancel = r.register_script(CANCEL_JOB)
         self._delete = r.register_script(DELETE_JOB)
@@ -107,10 +146,11 @@ class Jobs:
             "lease_ms": int(cfg.lease_timeout_s * 1000), "boundary": cfg.epoch_boundary, "attempts": 0,
             "handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0, "late_acks": 0,
             "num_chunks": num_chunks, "created_at": time.time(), "instance": secrets.token_hex(8),
+            **lease_keys(secrets.token_bytes(32)),
         }  # fmt: skip
         meta = k.dataset_meta(cfg.dataset)
-        out = await self._create(
-            keys=[k.job(cfg.dataset, name), k.index, k.dataset_jobs(cfg.dataset), meta],
+        out = await self.durability.run(
+            self._create, keys=[k.job(cfg.dataset, name), k.index, k.dataset_jobs(cfg.dataset), meta],
             args=[name, cfg.dataset, dataset_uid, cfg.digest(), *pairs(fields)],
         )
         return _s(out[0]), _s(out[1]) if len(out) > 1 else ""
@@ -119,10 +159,12 @@ class Jobs:
         raw = await self.r.hgetall(self.keys.job(dataset, job))
         if not raw:
             return None
-        st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items()}
+        st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if k not in _SECRET_FIELDS}
         for f in ("epoch", "next", "n", "bpe", "epochs", "batch_size", "lease_ms", "attempts", "handed", "acked",
                   "acked_sequences", "redelivered", "late_acks", "num_chunks"):  # fmt: skip
             st[f] = int(st[f])
+        for f in _RETIRED:
+            st[f] = int(st.get(f, 0))
         st["config"] = json.loads(st["config"])
         return st
 
@@ -159,32 +201,42 @@ class Jobs:
             "acked_per_epoch": {_s(e): int(c) for e, c in sorted(ackcount.items(), key=lambda kv: int(kv[0]))},
             "sequences_per_s": st["acked_sequences"] / max(1e-3, time.time() - created),
             "workers": per_worker, "created_at": created,
+            "retired_workers": {f.removeprefix("retired_"): st[f] for f in _RETIRED},
+            **self.durability.describe(),
         }  # fmt: skip
 
-    async def next(self, dataset: str, job: str, worker: str, acks: list[str]) -> NextResult:
-        token = secrets.token_hex(4)
-        out = await self._next(keys=self.keys.lease_keys(dataset, job), args=[worker, token, *acks])
-        state = _s(out[0])
-        if state == "lease":
-            lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]))
-            return NextResult(state, lease=lease, instance=lease.instance, acks=[_s(a) for a in out[7:]])
-        if state == "missing":
-            return NextResult(state)
-        return NextResult(state, retry_ms=int(out[1]), instance=_s(out[2]), acks=[_s(a) for a in out[3:]])
+    async def next(self, dataset: str, job: str, worker: str, acks: list[str], request: str = "") -> NextResult:
+        """Ack ``acks``, then lease the next batch; ``request`` (a client-chosen id) makes a retry return
+        the lease the first attempt got. With acks in the call, the answer waits until they are durable."""
+        out = await self.durability.run(
+            self._next, keys=self.keys.lease_keys(dataset, job),
+            args=[worker, request, self.worker_idle_ms, self.max_workers, *acks], durable=bool(acks),
+        )  # fmt: skip
+        return parse_next(out)
+
+    async def ungrant(self, dataset: str, job: str, worker: str, lease: Lease) -> bool:
+        """Take back a lease whose batch never reached the worker (its request failed)."""
+        out = await self._ungrant(keys=self.keys.lease_keys(dataset, job),
+                                  args=[worker, lease.lease, int(lease.redelivered)])  # fmt: skip
+        return bool(out)
 
     async def ack(self, dataset: str, job: str, worker: str, leases: list[str]) -> list[str] | None:
         """Ack results per lease; None when there is no such job (on that dataset)."""
-        out = await self._ack(keys=self.keys.lease_keys(dataset, job), args=[worker, *leases])
+        out = await self.durability.run(self._ack, keys=self.keys.lease_keys(dataset, job), args=[worker, *leases])
         if out and _s(out[0]) == "missing":
             return None
         return [_s(a) for a in out]
 
-    async def release(self, dataset: str, job: str, leases: list[str]) -> int | None:
-        n = int(await self._release(keys=self.keys.lease_keys(dataset, job), args=leases))
+    async def release(self, dataset: str, job: str, worker: str, leases: list[str]) -> int | None:
+        n = int(await self._release(keys=self.keys.lease_keys(dataset, job), args=[worker, *leases]))
+        return None if n < 0 else n
+
+    async def evict(self, dataset: str, job: str, worker: str) -> int | None:
+        n = int(await self._evict(keys=self.keys.lease_keys(dataset, job), args=[worker]))
         return None if n < 0 else n
 
     async def cancel(self, dataset: str, job: str) -> bool | None:
-        n = int(await self._cancel(keys=[self.keys.job(dataset, job)]))
+        n = int(await self.durability.run(self._cancel, keys=[self.keys.job(dataset, job)], args=[]))
         return None if n < 0 else bool(n)
 
     def forget(self, job: str | None = None, dataset: str | None = None) -> None:

@@ -4,27 +4,40 @@ A job's keys share its dataset's hash tag, so every script touches one slot::
 
     P:jobs                              HASH   job name -> dataset (the index)
     P:ds:{D}:jobs                       SET    names of the dataset's jobs (removed with it)
-    P:ds:{D}:job:<job>                  HASH   config, status, epoch, next, counters
+    P:ds:{D}:job:<job>                  HASH   config, status, epoch, next, counters, lease-signing keys
     P:ds:{D}:job:<job>:leases           ZSET   "epoch:index" -> lease expiry (ms, Redis clock)
-    P:ds:{D}:job:<job>:lease            HASH   "epoch:index" -> "lease id|worker"
+    P:ds:{D}:job:<job>:lease            HASH   "epoch:index" -> "lease id|worker" (or "-0"/"-1": given back)
     P:ds:{D}:job:<job>:acked:<epoch>    STRING bitmap of acked batch indices
     P:ds:{D}:job:<job>:ackcount         HASH   epoch -> batches acked
     P:ds:{D}:job:<job>:workers          HASH   "<worker>:<counter>" -> value
+    P:ds:{D}:job:<job>:seen             ZSET   worker -> last request (ms); idle workers fold into totals
+    P:ds:{D}:job:<job>:requests         HASH   worker -> "request id|epoch:index|lease id|redelivered"
 
 Every handed-out batch is either leased (in the ZSET) or acked (its bit set),
 and all transitions happen inside one script, so any number of service
 replicas can serve a job and any process can die at any moment: an expired
 lease is simply handed out again, and an ack counts once.
+
+**Lease ids** are ``epoch:index:attempt:instance:tag``. ``instance`` is new
+for every created job, so ids of a deleted or re-created job are ``stale``.
+``tag`` is two 64-bit HMAC-SHA1 truncations under a per-job secret (kept in
+the job hash as the HMAC's inner and outer padded keys): one over
+``epoch:index:attempt:instance`` (the service issued this id; else
+``invalid``) and one over that and the worker's name (it was issued to this
+worker; else ``not-owner``). So only the worker a lease was issued to can ack
+or release it, and the original holder of an expired lease can still ack it
+(``late``) if nobody has: it trained the batch.
 """
 
 from __future__ import annotations
 
-from .store import Keys
+from .store import JOB_KEY_PARTS, Keys
 
-# Shared Lua: time, lease bookkeeping and the ack of one lease.
-# KEYS[1]: job hash, KEYS[2]: leases zset, KEYS[3]: lease hash, KEYS[4]: workers hash, KEYS[5]: ackcount hash
+# Shared Lua: time, lease ids, bookkeeping of workers, the ack of one lease.
+# KEYS[1]: job hash, KEYS[2]: leases zset, KEYS[3]: lease hash, KEYS[4]: workers hash, KEYS[5]: ackcount hash,
+# KEYS[6]: seen zset, KEYS[7]: requests hash
 _PRELUDE = """
-local job, leases, leasemap, workers, ackcount = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local job, leases, leasemap, workers, ackcount, seen, requests = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
@@ -41,33 +54,31 @@ local function finish_if_done()
   return false
 end
 
--- ack one lease id 'epoch:index:attempt:token'; returns 'acked', 'late', 'duplicate' or 'invalid'
-local function ack(lease, worker, size)
-  local e, i, attempt = string.match(lease, '^(%d+):(%d+):(%d+):')
-  if not e then return 'invalid' end
-  e, i, attempt = tonumber(e), tonumber(i), tonumber(attempt)
-  local epoch = tonumber(redis.call('HGET', job, 'epoch'))
-  local nxt = tonumber(redis.call('HGET', job, 'next'))
-  local bpe = tonumber(redis.call('HGET', job, 'bpe'))
-  if e > epoch or i >= bpe or (e == epoch and i >= nxt) or attempt > tonumber(redis.call('HGET', job, 'attempts')) then
-    return 'invalid'
+-- HMAC-SHA1 under the job's secret (its padded inner and outer keys), truncated to 64 bits
+local kin, kout
+local function mac(msg)
+  if not kin then
+    local k = redis.call('HMGET', job, 'mac_in', 'mac_out')
+    kin, kout = k[1], k[2]
   end
-  local bitmap = job .. ':acked:' .. e
-  if redis.call('SETBIT', bitmap, i, 1) == 1 then return 'duplicate' end
-  local member = e .. ':' .. i
-  local current = redis.call('HGET', leasemap, member)
-  local late = current == false or string.sub(current, 1, #lease + 1) ~= lease .. '|'
-  redis.call('ZREM', leases, member)
-  redis.call('HDEL', leasemap, member)
-  redis.call('HINCRBY', ackcount, e, 1)
-  redis.call('HINCRBY', job, 'acked', 1)
-  redis.call('HINCRBY', job, 'acked_sequences', size)
-  if late then redis.call('HINCRBY', job, 'late_acks', 1) end
-  redis.call('HINCRBY', workers, worker .. ':acked', 1)
-  redis.call('HINCRBY', workers, worker .. ':acked_sequences', size)
-  redis.call('HSET', workers, worker .. ':last', now)
-  redis.call('HSETNX', workers, worker .. ':first', now)
-  return late and 'late' or 'acked'
+  local inner = string.gsub(redis.sha1hex(kin .. msg), '..', function(h) return string.char(tonumber(h, 16)) end)
+  return string.sub(redis.sha1hex(kout .. inner), 1, 16)
+end
+
+local function lease_id(e, i, attempt, instance, worker)
+  local base = e .. ':' .. i .. ':' .. attempt .. ':' .. instance
+  return base .. ':' .. mac(base) .. mac(base .. ':' .. worker)
+end
+
+-- a lease id issued to this worker for this job instance: 'ok', 'invalid', 'stale' or 'not-owner'
+local function verify(lease, worker)
+  local e, i, attempt, instance, tag = string.match(lease, '^(%d+):(%d+):(%d+):(%x+):(%x+)$')
+  if not e or #tag ~= 32 or #e > 15 or #i > 15 then return 'invalid' end
+  if instance ~= redis.call('HGET', job, 'instance') then return 'stale' end
+  local base = e .. ':' .. i .. ':' .. attempt .. ':' .. instance
+  if string.sub(tag, 1, 16) ~= mac(base) then return 'invalid' end
+  if string.sub(tag, 17) ~= mac(base .. ':' .. worker) then return 'not-owner' end
+  return 'ok', tonumber(e), tonumber(i)
 end
 
 -- the size of batch i (the last one of an epoch may be short)
@@ -76,50 +87,118 @@ local function batch_size(i)
   local n = tonumber(redis.call('HGET', job, 'n'))
   return math.min(b, n - i * b)
 end
+
+local function touch(worker)
+  redis.call('ZADD', seen, now, worker)
+  redis.call('HSET', workers, worker .. ':last', now)
+  redis.call('HSETNX', workers, worker .. ':first', now)
+end
+
+-- ack one lease; returns 'acked', 'late', 'duplicate', 'invalid', 'stale' or 'not-owner'
+local function ack(lease, worker)
+  local verdict, e, i = verify(lease, worker)
+  if verdict ~= 'ok' then return verdict end
+  if redis.call('SETBIT', job .. ':acked:' .. e, i, 1) == 1 then return 'duplicate' end
+  local size = batch_size(i)
+  local member = e .. ':' .. i
+  local late = redis.call('HGET', leasemap, member) ~= lease .. '|' .. worker
+  redis.call('ZREM', leases, member)
+  redis.call('HDEL', leasemap, member)
+  redis.call('HINCRBY', ackcount, e, 1)
+  redis.call('HINCRBY', job, 'acked', 1)
+  redis.call('HINCRBY', job, 'acked_sequences', size)
+  if late then redis.call('HINCRBY', job, 'late_acks', 1) end
+  redis.call('HINCRBY', workers, worker .. ':acked', 1)
+  redis.call('HINCRBY', workers, worker .. ':acked_sequences', size)
+  touch(worker)
+  return late and 'late' or 'acked'
+end
+
+local COUNTERS = {'handed', 'acked', 'acked_sequences', 'redelivered'}
+
+-- fold a worker's counters into the job's 'retired_*' totals and forget it
+local function retire(w)
+  for _, c in ipairs(COUNTERS) do
+    local v = redis.call('HGET', workers, w .. ':' .. c)
+    if v then redis.call('HINCRBY', job, 'retired_' .. c, v) end
+  end
+  redis.call('HDEL', workers, w .. ':handed', w .. ':acked', w .. ':acked_sequences', w .. ':redelivered',
+             w .. ':first', w .. ':last')
+  redis.call('HDEL', requests, w)
+  redis.call('ZREM', seen, w)
+  redis.call('HINCRBY', job, 'retired_workers', 1)
+end
+
+-- retire workers idle for idle_ms, and the longest idle beyond max_workers (a few per call: bounded work)
+local function prune(idle_ms, max_workers)
+  for _, w in ipairs(redis.call('ZRANGEBYSCORE', seen, '-inf', now - idle_ms, 'LIMIT', 0, 4)) do retire(w) end
+  local extra = redis.call('ZCARD', seen) - max_workers
+  if extra > 0 then
+    for _, w in ipairs(redis.call('ZRANGE', seen, 0, math.min(extra, 4) - 1)) do retire(w) end
+  end
+end
 """
 
-# KEYS[1..5]: as in the prelude; ARGV[1]: worker, ARGV[2]: random token for the lease id,
-# ARGV[3..]: lease ids to ack first (the batches the worker finished)
+# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2]: request id ('' for none), ARGV[3]: idle ms after
+# which a worker's counters fold into the totals, ARGV[4]: most workers tracked, ARGV[5..]: lease ids to ack
+# first (the batches the worker finished)
 # returns {state, ...}:
 #   {'lease', epoch, index, lease id, expiry ms, redelivered 0|1, job instance id, acks...}
 #   {'wait', retry after ms, job instance id, acks...}   (all handed out; leases or the epoch boundary pending)
+#   {'done'|'cancelled', 0, job instance id, acks...}, {'missing'}
+# A request id makes the call idempotent per worker: asked again with the same id while the lease it
+# granted is still this worker's, the same lease is returned instead of a second one.
 # (the instance id is new for every created job, so callers can cache a job's config safely)
-#   {'done'|'cancelled'|'missing', ...}
 NEXT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
-local worker = ARGV[1]
+local worker, rid = ARGV[1], ARGV[2]
 local acks = {}
-for a = 3, #ARGV do
-  local e, i = string.match(ARGV[a], '^(%d+):(%d+):')
-  acks[#acks + 1] = ack(ARGV[a], worker, e and batch_size(tonumber(i)) or 0)
-end
+for a = 5, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker) end
+if #acks > 0 then redis.call('HSET', job, 'acked_at', now) end  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 local status = redis.call('HGET', job, 'status')
 local instance = redis.call('HGET', job, 'instance')
 if status ~= 'active' then return {status, 0, instance, unpack(acks)} end
+touch(worker)
+prune(tonumber(ARGV[3]), tonumber(ARGV[4]))
+
+if rid ~= '' then
+  local prev = redis.call('HGET', requests, worker)
+  if prev then
+    local prid, member, lease, redelivered = string.match(prev, '^([^|]*)|([^|]*)|([^|]*)|(%d)$')
+    local expiry = member and redis.call('ZSCORE', leases, member)
+    if prid == rid and expiry and tonumber(expiry) > 0
+        and redis.call('HGET', leasemap, member) == lease .. '|' .. worker then
+      local e, i = string.match(member, '^(%d+):(%d+)$')
+      return {'lease', tonumber(e), tonumber(i), lease, tonumber(expiry), tonumber(redelivered), instance, unpack(acks)}
+    end
+  end
+end
+
 local lease_ms = tonumber(redis.call('HGET', job, 'lease_ms'))
 
 local function grant(e, i, redelivered)
   local attempt = redis.call('HINCRBY', job, 'attempts', 1)
-  local lease = e .. ':' .. i .. ':' .. attempt .. ':' .. ARGV[2]
+  local lease = lease_id(e, i, attempt, instance, worker)
   local member = e .. ':' .. i
   redis.call('ZADD', leases, now + lease_ms, member)
   redis.call('HSET', leasemap, member, lease .. '|' .. worker)
+  if rid ~= '' then redis.call('HSET', requests, worker, rid .. '|' .. member .. '|' .. lease .. '|' .. redelivered) end
   redis.call('HINCRBY', job, 'handed', 1)
   redis.call('HINCRBY', workers, worker .. ':handed', 1)
   if redelivered == 1 then
     redis.call('HINCRBY', job, 'redelivered', 1)
     redis.call('HINCRBY', workers, worker .. ':redelivered', 1)
   end
-  redis.call('HSET', workers, worker .. ':last', now)
-  redis.call('HSETNX', workers, worker .. ':first', now)
   return {'lease', e, i, lease, now + lease_ms, redelivered, instance, unpack(acks)}
 end
 
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 1)
 if #expired > 0 then
   local e, i = string.match(expired[1], '^(%d+):(%d+)$')
-  return grant(tonumber(e), tonumber(i), 1)
+  -- a batch whose grant was taken back (its request failed) was never handed out: not a redelivery
+  local redelivered = redis.call('HGET', leasemap, expired[1]) == '-0' and 0 or 1
+  return grant(tonumber(e), tonumber(i), redelivered)
 end
 local epoch = tonumber(redis.call('HGET', job, 'epoch'))
 local nxt = tonumber(redis.call('HGET', job, 'next'))
@@ -142,33 +221,72 @@ redis.call('HSET', job, 'next', nxt + 1)
 return grant(epoch, nxt, 0)
 """
 
-# KEYS[1..5]: as in the prelude; ARGV[1]: worker, ARGV[2..]: lease ids
-# returns one status per lease ('acked', 'late', 'duplicate', 'invalid'), or {'missing'}
+# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2..]: lease ids
+# returns one verdict per lease ('acked', 'late', 'duplicate', 'invalid', 'stale', 'not-owner'), or {'missing'}
 ACK = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
 local out = {}
-for a = 2, #ARGV do
-  local e, i = string.match(ARGV[a], '^(%d+):(%d+):')
-  out[#out + 1] = ack(ARGV[a], ARGV[1], e and batch_size(tonumber(i)) or 0)
-end
+for a = 2, #ARGV do out[#out + 1] = ack(ARGV[a], ARGV[1]) end
+redis.call('HSET', job, 'acked_at', now)  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 return out
 """
 
-# KEYS[1..5]: as in the prelude; ARGV[1..]: lease ids the worker gives back unacked
-# returns how many were still leased under those ids (now due for immediate redelivery), -1: no such job
+# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2..]: lease ids the worker gives back unacked
+# returns how many were still leased to that worker under those ids (now due for immediate redelivery),
+# -1: no such job
 RELEASE = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return -1 end
 local n = 0
-for a = 1, #ARGV do
+for a = 2, #ARGV do
   local e, i = string.match(ARGV[a], '^(%d+):(%d+):')
   if e then
     local member = e .. ':' .. i
-    local current = redis.call('HGET', leasemap, member)
-    if current and string.sub(current, 1, #ARGV[a] + 1) == ARGV[a] .. '|' then
+    if redis.call('HGET', leasemap, member) == ARGV[a] .. '|' .. ARGV[1] and redis.call('ZSCORE', leases, member) then
       redis.call('ZADD', leases, 0, member)
       n = n + 1
     end
+  end
+end
+return n
+"""
+
+# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2]: lease id, ARGV[3]: 1 if its grant was a redelivery
+# Takes back a grant whose request failed before the batch reached the worker: the batch is due at once,
+# and the counters are as if it had never been handed out. Returns 1, or 0 when the lease is not current.
+UNGRANT = _PRELUDE + """
+local worker, lease = ARGV[1], ARGV[2]
+local e, i = string.match(lease, '^(%d+):(%d+):')
+if not e then return 0 end
+local member = e .. ':' .. i
+if redis.call('HGET', leasemap, member) ~= lease .. '|' .. worker or not redis.call('ZSCORE', leases, member) then
+  return 0
+end
+redis.call('ZADD', leases, 0, member)
+redis.call('HSET', leasemap, member, '-' .. ARGV[3])
+redis.call('HINCRBY', job, 'handed', -1)
+redis.call('HINCRBY', workers, worker .. ':handed', -1)
+if ARGV[3] == '1' then
+  redis.call('HINCRBY', job, 'redelivered', -1)
+  redis.call('HINCRBY', workers, worker .. ':redelivered', -1)
+end
+local prev = redis.call('HGET', requests, worker)
+if prev and string.find(prev, '|' .. lease .. '|', 1, true) then redis.call('HDEL', requests, worker) end
+return 1
+"""
+
+# KEYS[1..7]: as in the prelude; ARGV[1]: worker
+# A worker known to be gone (its host died, its pod was deleted): its live leases are due at once.
+# Returns how many leases it held.
+EVICT = _PRELUDE + """
+if redis.call('EXISTS', job) == 0 then return -1 end
+local n = 0
+local suffix = '|' .. ARGV[1]
+for _, member in ipairs(redis.call('ZRANGEBYSCORE', leases, '(0', '+inf')) do
+  local current = redis.call('HGET', leasemap, member)
+  if current and string.sub(current, -#suffix) == suffix then
+    redis.call('ZADD', leases, 0, member)
+    n = n + 1
   end
 end
 return n
@@ -236,4 +354,4 @@ class JobKeys:
 
     def lease_keys(self, dataset: str, job: str) -> list[str]:
         base = self.job(dataset, job)
-        return [base, f"{base}:leases", f"{base}:lease", f"{base}:workers", f"{base}:ackcount"]
+        return [base, *(f"{base}:{part}" for part in JOB_KEY_PARTS)]

@@ -45,6 +45,9 @@ redis.call('SADD', KEYS[3], ARGV[1])
 return 1
 """
 
+# A job's keys besides its hash: P:ds:{D}:job:<job>:<part> (jobstore.py has their layout)
+JOB_KEY_PARTS = ("leases", "lease", "workers", "ackcount", "seen", "requests")
+
 # KEYS[1]: meta, KEYS[2]: index set, KEYS[3]: staging set, KEYS[4..]: the other fixed keys
 # ARGV[1]: name, ARGV[2]: chunk key prefix, ARGV[3]: static-mask cache set (also the caches' key prefix),
 # ARGV[4]: the dataset's job set, ARGV[5]: its job key prefix, ARGV[6]: the global job index
@@ -64,7 +67,7 @@ for _, job in ipairs(redis.call('SMEMBERS', ARGV[4])) do
   local base = ARGV[5] .. job
   local epoch = tonumber(redis.call('HGET', base, 'epoch') or '-1')
   for e = 0, epoch do removed = removed + redis.call('UNLINK', base .. ':acked:' .. e) end
-  for _, part in ipairs({'', ':leases', ':lease', ':workers', ':ackcount'}) do
+  for _, part in ipairs({'', @JOB_PARTS@}) do
     removed = removed + redis.call('UNLINK', base .. part)
   end
   redis.call('HDEL', ARGV[6], job)
@@ -77,6 +80,7 @@ removed = removed + redis.call('UNLINK', KEYS[1])
 redis.call('SREM', KEYS[2], ARGV[1])
 return removed
 """
+DELETE_DATASET = DELETE_DATASET.replace("@JOB_PARTS@", ", ".join(f"':{p}'" for p in JOB_KEY_PARTS))
 
 # KEYS[1]: meta, KEYS[2]: chunk table, KEYS[3]: ingests hash, KEYS[4]: staging set,
 # KEYS[5..]: staged chunk keys in order

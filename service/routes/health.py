@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import MetricsDep, StoreDep
@@ -15,10 +17,13 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", summary="Redis answers")
-async def readyz(store: StoreDep) -> dict[str, str]:
+@router.get("/readyz", summary="Redis answers; whether acks are confirmed only once durable")
+async def readyz(store: StoreDep, request: Request) -> dict[str, Any]:
     await store.r.ping()  # a lost connection becomes a 503 problem
-    return {"status": "ready"}
+    durability = request.app.state.durability
+    if not durability.probed:
+        await durability.probe()
+    return {"status": "ready", **durability.describe()}
 
 
 @router.get("/metrics", summary="Prometheus metrics")

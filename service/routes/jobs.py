@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, masked, open_dataset, outputs, render
 from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
-from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded
-from ..jobs import JobConfig, JobCreate, Jobs
+from ..durability import NotDurable
+from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded, StaticMasksMissing
+from ..jobs import JobConfig, JobCreate, Jobs, Lease, NextResult, parse_next
 from ..masking import MaskSpec
+from ..static import cache_id
 from ..permute import batch_ids
 from ..schemas import MaskingParams, OutputParams
 from .batches import wants_json
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("maskserve")
 
 WORKER = r"^[A-Za-z0-9._:@/-]{1,128}$"
+REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 async def get_jobs(request: Request) -> Jobs:
@@ -32,8 +38,8 @@ JobsDep = Annotated[Jobs, Depends(get_jobs)]
 
 
 class Leases(BaseModel):
-    worker: str = Field(default="anonymous", pattern=WORKER)
-    leases: list[str] = Field(max_length=4096)
+    worker: str = Field(default="anonymous", pattern=WORKER, description="The worker the leases were issued to.")
+    leases: list[str] = Field(max_length=4096, description="Lease ids, as `Maskserve-Lease` gave them.")
 
 
 async def _dataset(jobs: Jobs, name: str, *, fresh: bool = False) -> str:
@@ -55,6 +61,8 @@ async def create_job(
         )
     ds = await open_dataset(catalog, cfg.dataset)
     n = ds.num_sequences
+    if cfg.masking.mode == "static":
+        await _check_static_cache(catalog, cfg, ds.num_chunks)
     bpe = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
     if bpe == 0:
         raise InvalidRequest(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} sequences")
@@ -70,6 +78,20 @@ async def create_job(
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{body.name}"
     return await _progress(jobs, body.name)
+
+
+async def _check_static_cache(catalog: Any, cfg: JobConfig, num_chunks: int) -> None:
+    """A static job serves from a cache built beforehand: refuse to create one whose cache is not complete."""
+    m = cfg.masking
+    cache = cache_id(m.spec(), cfg.seed, m.copies)
+    meta = await catalog.store.mask_cache(cfg.dataset, cache)
+    if meta is None or int(meta["built"]) < num_chunks:
+        built = 0 if meta is None else int(meta["built"])
+        raise StaticMasksMissing(
+            f"static masks (cache {cache}) of dataset {cfg.dataset!r} cover {built} of {num_chunks} chunks: "
+            f"build them first (POST /v1/datasets/{cfg.dataset}/static-masks with the job's masking config, "
+            f"seed {cfg.seed} and copies {m.copies})", dataset=cfg.dataset, cache=cache,
+        )  # fmt: skip
 
 
 async def _progress(jobs: Jobs, name: str) -> dict[str, Any]:
@@ -99,6 +121,11 @@ async def get_job(name: str, jobs: JobsDep) -> dict[str, Any]:
 class NextQuery(OutputParams):
     worker: str = Field(default="anonymous", pattern=WORKER, description="Who asks (for per-worker progress).")
     ack: list[str] = Field(default_factory=list, max_length=1024, description="Leases finished since the last call.")
+    request: str | None = Field(
+        default=None, pattern=REQUEST_ID,
+        description="A client-chosen id of this lease request: a retry with the same id (after a lost answer) "
+        "gets the lease the first attempt was granted, not a second one.",
+    )  # fmt: skip
     format: str | None = Field(default=None, pattern="^(safetensors|json)$")
 
 
@@ -110,14 +137,13 @@ class NextQuery(OutputParams):
 )
 async def next_batch(name: str, request: Request) -> Response:
     q = parse_query(NextQuery, request)
-    state = request.app.state  # no dependencies on the hot path (see deps.parse_query)
-    jobs, catalog, metrics = state.jobs, state.catalog, state.metrics
+    jobs: Jobs = request.app.state.jobs  # no dependencies on the hot path (see deps.parse_query)
     as_json = wants_json(request, q.format)
     dataset = await _dataset(jobs, name)
-    res = await jobs.next(dataset, name, q.worker, q.ack)
+    res = await _next(jobs, dataset, name, q)
     if res.state == "missing":  # deleted, or re-created on another dataset
         dataset = await _dataset(jobs, name, fresh=True)
-        res = await jobs.next(dataset, name, q.worker, q.ack)
+        res = await _next(jobs, dataset, name, q)
         if res.state == "missing":
             raise JobNotFound(f"no job named {name!r}", job=name)
     ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
@@ -126,6 +152,38 @@ async def next_batch(name: str, request: Request) -> Response:
     if res.state == "wait":
         return Response(status_code=204, headers={**ack_header, "Retry-After": str(max(1, math.ceil(res.retry_ms / 1000))),
                                                   "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
+    lease = res.lease
+    assert lease is not None
+    try:
+        return await _serve(request, q, name, dataset, res, as_json, ack_header)
+    except BaseException:  # the batch never reached the worker: take the lease back, hand it out next
+        await _take_back(jobs, dataset, name, q.worker, lease)
+        raise
+
+
+async def _take_back(jobs: Jobs, dataset: str, name: str, worker: str, lease: Lease) -> None:
+    try:
+        await jobs.ungrant(dataset, name, worker, lease)
+    except Exception:  # noqa: BLE001 - Redis gone too: the lease expires by itself
+        log.warning("could not take back lease %s of job %r; it is handed out again when it expires", lease.lease, name)
+
+
+async def _next(jobs: Jobs, dataset: str, name: str, q: "NextQuery") -> NextResult:
+    try:
+        return await jobs.next(dataset, name, q.worker, q.ack, q.request or "")
+    except NotDurable as exc:  # applied, not confirmed on disk in time: nothing may stay handed out
+        res = parse_next(exc.result)
+        if res.lease is not None:
+            await _take_back(jobs, dataset, name, q.worker, res.lease)
+        raise
+
+
+async def _serve(
+    request: Request, q: "NextQuery", name: str, dataset: str, res: NextResult, as_json: bool,
+    ack_header: dict[str, str],
+) -> Response:  # fmt: skip
+    state = request.app.state
+    jobs, catalog, metrics = state.jobs, state.catalog, state.metrics
     lease = res.lease
     assert lease is not None
     cfg, spec, st = await _config(jobs, dataset, name, res.instance)
@@ -182,7 +240,15 @@ async def ack(name: str, body: Leases, jobs: JobsDep) -> dict[str, list[str]]:
 
 @router.post("/{name}/release", summary="Give back unacked leases for immediate redelivery")
 async def release(name: str, body: Leases, jobs: JobsDep) -> dict[str, int]:
-    return {"released": await _on_job(jobs, name, lambda ds: jobs.release(ds, name, body.leases))}
+    return {"released": await _on_job(jobs, name, lambda ds: jobs.release(ds, name, body.worker, body.leases))}
+
+
+@router.post(
+    "/{name}/workers/{worker}/evict",
+    summary="A worker known to be gone: its live leases are handed out again at once",
+)
+async def evict(name: str, worker: Annotated[str, PathParam(pattern=WORKER)], jobs: JobsDep) -> dict[str, int]:
+    return {"released": await _on_job(jobs, name, lambda ds: jobs.evict(ds, name, worker))}
 
 
 @router.post("/{name}/cancel", summary="Stop handing out batches")
