@@ -25,38 +25,59 @@ Document = str | Mapping[str, Any] | Sequence[int]
 
 
 class Client:
-    """Synchronous client for one maskserve service.
+    """Synchronous client for one maskserve service (or several replicas of it).
 
     >>> with Client("http://127.0.0.1:8000") as c:          # doctest: +SKIP
     ...     for batch in c.batches("wiki", batch_size=64, steps=100):
     ...         loss = model(**batch.torch("cuda"))
 
-    ``transport`` (or a ready ``http`` client) lets tests swap the network.
-    Idempotent calls are retried ``retries`` times on transport errors and
-    502/503/504, with exponential backoff; ingests carry an Idempotency-Key
-    so a retried upload is stored once.
+    ``base_url`` may name several replicas (a list, or one string separated
+    by commas): a request that cannot reach one, or gets 502/503/504 from it,
+    moves on to the next. ``transport`` (or a ready ``http`` client) lets
+    tests swap the network. Idempotent calls are retried ``retries`` times on
+    transport errors and 502/503/504, with exponential backoff from
+    ``backoff`` seconds up to ``max_backoff`` (or the service's
+    ``Retry-After``); ingests carry an Idempotency-Key so a retried upload is
+    stored once.
     """
 
     def __init__(
         self,
-        base_url: str | None = None,
+        base_url: str | Sequence[str] | None = None,
         *,
         token: str | None = None,
         timeout: float = 60.0,
         retries: int = 3,
         backoff: float = 0.2,
+        max_backoff: float = 5.0,
         transport: httpx.BaseTransport | None = None,
         http: httpx.Client | None = None,
     ) -> None:
-        self.base_url = (base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL).rstrip("/")
+        urls = base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL
+        if isinstance(urls, str):
+            urls = urls.split(",")
+        self.base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not self.base_urls:
+            raise ValueError("no service URL given")
+        self._url = 0  # index of the replica in use
         token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.retries = retries
         self.backoff = backoff
+        self.max_backoff = max_backoff
         self._http = http or httpx.Client(
-            base_url=self.base_url, headers=headers, timeout=timeout, transport=transport,
+            headers=headers, timeout=timeout, transport=transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )  # fmt: skip
+
+    @property
+    def base_url(self) -> str:
+        """The replica requests go to now."""
+        return self.base_urls[self._url % len(self.base_urls)]
+
+    def _fail_over(self, failed: str) -> None:
+        if self.base_url == failed:  # another thread may have moved on already
+            self._url = (self._url + 1) % len(self.base_urls)
 
     # ---- plumbing ----------------------------------------------------------
 
@@ -69,31 +90,54 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(self, method: str, path: str, *, idempotent: bool, read_into: bool = False, **kw: Any) -> httpx.Response | tuple[httpx.Response, bytearray]:
-        attempts = 1 + (self.retries if idempotent else 0)
-        for attempt in range(attempts):
+    def _send(
+        self, method: str, path: str, *, idempotent: bool, read_into: bool = False, patience: float | None = None,
+        should_stop: Callable[[], bool] | None = None, on_retry: Callable[[Exception, int], None] | None = None,
+        **kw: Any,
+    ) -> httpx.Response | tuple[httpx.Response, bytearray]:  # fmt: skip
+        """One request, retried on transport errors and 502/503/504 when ``idempotent``.
+
+        Retries stop after ``retries`` attempts, or, with ``patience``, once that many seconds have
+        passed since the first failure; ``should_stop()`` ends them early. ``on_retry(error, n)`` is
+        told of each failure that will be retried.
+        """
+        attempt = 0
+        first_failure: float | None = None
+        while True:
+            url = self.base_url
             try:
                 if read_into:
-                    with self._http.stream(method, path, **kw) as resp:
+                    with self._http.stream(method, url + path, **kw) as resp:
                         if resp.status_code >= 400:
                             resp.read()
-                            raise error_from_response(resp.status_code, resp.content)
+                            raise error_from_response(resp.status_code, resp.content, resp.headers)
                         return resp, _read_into(resp)
-                resp = self._http.request(method, path, **kw)
+                resp = self._http.request(method, url + path, **kw)
                 if resp.status_code >= 400:
-                    raise error_from_response(resp.status_code, resp.content)
+                    raise error_from_response(resp.status_code, resp.content, resp.headers)
                 return resp
             except httpx.TransportError as exc:
-                err: Exception = TransportError(f"{method} {self.base_url}{path}: {exc.__class__.__name__}: {exc}")
+                err: Exception = TransportError(f"{method} {url}{path}: {exc.__class__.__name__}: {exc}")
                 err.__cause__ = exc
+                delay = None
             except APIError as exc:
                 if exc.status not in _RETRY_STATUS:
                     raise
-                err = exc
-            if attempt + 1 == attempts:
+                err, delay = exc, exc.retry_after
+            self._fail_over(url)
+            attempt += 1
+            now = time.monotonic()
+            first_failure = first_failure or now
+            out_of_time = now - first_failure >= patience if patience is not None else attempt > self.retries
+            if not idempotent or out_of_time or (should_stop is not None and should_stop()):
                 raise err
-            time.sleep(self.backoff * 2**attempt)
-        raise AssertionError("unreachable")
+            if on_retry is not None:
+                on_retry(err, attempt)
+            if delay is None:
+                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+            if patience is not None:
+                delay = min(delay, max(0.0, first_failure + patience - now))
+            time.sleep(delay)
 
     def _json(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> Any:
         resp = self._send(method, path, idempotent=idempotent, **kw)
@@ -272,19 +316,24 @@ class Client:
 
     def job(
         self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
-        create: Mapping[str, Any] | None = None, **output: Any,
+        create: Mapping[str, Any] | None = None, max_outage: float = 300.0, **output: Any,
     ) -> "JobStream":  # fmt: skip
         """Attach to job ``name`` (creating it from ``create`` if given) and iterate its batches.
 
-        Each batch is acked when the next one is asked for (or explicitly with
-        ``stream.ack(batch)`` when ``auto_ack=False``); ``close()`` gives back
-        unused leases. Batches carry ``metadata["epoch"|"index"|"lease"]``.
+        Batches come in (epoch, index) order. Each is acked when the next one
+        is asked for (or explicitly with ``stream.ack(batch)`` when
+        ``auto_ack=False``); ``close()`` acks the last one handed out and
+        gives back the rest. Lease requests ride out an unreachable or
+        overloaded service (failing over between replicas) for up to
+        ``max_outage`` seconds. A cancelled job raises :class:`JobCancelled`.
+        Batches carry ``metadata["epoch"|"index"|"lease"]``.
         """
         from ._jobs import JobStream
 
         if create is not None:
             self.create_job(name, **create)
-        return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, **output)
+        return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, max_outage=max_outage,
+                         **output)  # fmt: skip
 
     # ---- static masks and the masking report ---------------------------------
 

@@ -10,12 +10,15 @@
           ├── AuthenticationError    401 / 403
           ├── NotFoundError          404: unknown dataset or route
           ├── ConflictError          409: e.g. a dataset of that name exists
+          ├── GoneError              410: e.g. a finished job
+          │    └── JobCancelled      the job was cancelled (a finished one just ends its stream)
           ├── PayloadTooLargeError   413: request body over a configured limit
           ├── UnsupportedMediaTypeError   415 / 406
           └── ServiceUnavailableError     503: Redis unreachable, not ready
 
 Every :class:`APIError` keeps the problem's stable ``type`` URI, ``title``,
-``detail`` and any extension members in ``extra``.
+``detail``, any extension members in ``extra``, and the ``Retry-After`` the
+service advised (seconds) in ``retry_after``.
 """
 
 from __future__ import annotations
@@ -46,12 +49,14 @@ class APIError(MaskserveError):
         title: str = "",
         detail: str = "",
         extra: dict[str, Any] | None = None,
+        retry_after: float | None = None,
     ) -> None:
         self.status = status
         self.type = type
         self.title = title
         self.detail = detail
         self.extra = extra or {}
+        self.retry_after = retry_after
         super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
 
 
@@ -69,6 +74,14 @@ class NotFoundError(APIError):
 
 class ConflictError(APIError):
     pass
+
+
+class GoneError(APIError):
+    pass
+
+
+class JobCancelled(GoneError):
+    """The job was cancelled: its stream stops here, unlike a finished job's, which just ends."""
 
 
 class PayloadTooLargeError(APIError):
@@ -90,6 +103,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
     404: NotFoundError,
     406: UnsupportedMediaTypeError,
     409: ConflictError,
+    410: GoneError,
     413: PayloadTooLargeError,
     415: UnsupportedMediaTypeError,
     422: BadRequestError,
@@ -97,7 +111,7 @@ _BY_STATUS: dict[int, type[APIError]] = {
 }
 
 
-def error_from_response(status: int, body: bytes) -> APIError:
+def error_from_response(status: int, body: bytes, headers: Any = None) -> APIError:
     """Build the typed error for an error response (problem+json or not)."""
     try:
         problem = json.loads(body) if body else {}
@@ -107,13 +121,25 @@ def error_from_response(status: int, body: bytes) -> APIError:
         problem = {}
     known = {"type", "title", "detail", "status"}
     cls = _BY_STATUS.get(status, APIError)
+    if status == 410 and problem.get("job_status") == "cancelled":
+        cls = JobCancelled
     return cls(
         status,
         type=str(problem.get("type", "about:blank")),
         title=str(problem.get("title", "")) or _reason(status),
         detail=str(problem.get("detail", "")) or (body[:200].decode("utf-8", "replace") if not problem else ""),
         extra={k: v for k, v in problem.items() if k not in known},
+        retry_after=_retry_after(headers),
     )
+
+
+def _retry_after(headers: Any) -> float | None:
+    """``Retry-After`` in seconds (delta-seconds form; an HTTP date is ignored)."""
+    value = headers.get("retry-after") if headers is not None else None
+    try:
+        return max(0.0, float(value)) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _reason(status: int) -> str:

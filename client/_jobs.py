@@ -1,91 +1,179 @@
 """Job streams: lease batches of a shared job, ack them after use.
 
 Many workers attach to one job by name; the service hands each batch of an
-epoch to one of them under a lease. A :class:`JobStream` keeps ``prefetch``
-lease requests in flight and acks a batch when the consumer asks for the next
-one (``auto_ack``), piggybacking the ack on a later lease request, or when
-:meth:`JobStream.ack` is called. Closing the stream acks what was finished and
-gives back what was leased but never used, so it is redelivered at once.
+epoch to one of them under a lease. A :class:`JobStream` keeps up to
+``prefetch`` batches leased or being leased ahead of the consumer and yields
+them in (epoch, index) order. A batch is acked when the consumer asks for the
+next one (``auto_ack``) or when :meth:`JobStream.ack` is called; acks ride on
+the next lease request.
+
+Nothing the consumer finished is ever lost: acks that a failed request carried
+are sent again with the next one, lease requests are retried (with the same
+request id, so a retry after a lost answer gets the same lease, never a second
+one) across transport errors, 502/503/504 and the service's ``Retry-After``,
+failing over between the client's replicas, for up to ``max_outage`` seconds.
+Closing the stream acks the batch the consumer was given last (it was
+trained; closing after an exception gives it back instead) and gives back the
+batches it never handed out, so they are redelivered at once. A cancelled job
+raises :class:`JobCancelled`; a finished one just ends the stream.
 """
 
 from __future__ import annotations
 
+import heapq
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ._batch import Batch, Closing
-from ._errors import APIError, ProtocolError
+from ._errors import APIError, GoneError, JobCancelled, MaskserveError, ProtocolError
 from ._wire import CONTENT_TYPE, WireFormatError, decode
 
 if TYPE_CHECKING:
     from ._client import Client
+
+log = logging.getLogger("maskserve.client")
+
+#: ack verdicts that mean the batch is counted (``duplicate``: an earlier send of the same ack counted)
+CONFIRMED = frozenset({"acked", "late", "duplicate"})
+_IDLE = float("inf")  # a request slot that is not on the wire
 
 
 def default_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+@dataclass
+class _Slot:
+    """One lease request in progress; ``sent_after``: arrivals counted when its current send began."""
+
+    sent_after: float = _IDLE
+    future: Future[None] | None = field(default=None, repr=False)
+
+
 class JobStream(Closing):
-    """Iterator of leased :class:`Batch` objects of one job."""
+    """Iterator of leased :class:`Batch` objects of one job, in (epoch, index) order."""
 
     def __init__(
         self, client: "Client", job: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
-        **output: Any,
+        max_outage: float = 300.0, **output: Any,
     ) -> None:  # fmt: skip
         self.client = client
         self.job = job
         self.worker = worker or default_worker()
         self.auto_ack = auto_ack
+        self.max_outage = max_outage
         self._output = {k: v for k, v in output.items() if v is not None}
         self._depth = max(1, prefetch)
         self._pool = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix=f"maskserve-job-{job}")
-        self._pending: list[Future[Batch | None]] = []  # in the order sent
-        self._acks: list[str] = []  # finished, not yet sent
-        self._lock = threading.Lock()
+        self._cv = threading.Condition()
+        self._slots: list[_Slot] = []  # requests in progress
+        self._ready: list[tuple[int, int, int, Batch]] = []  # heap of (epoch, index, arrival, batch)
+        self._arrivals = 0  # leases received so far
+        self._acks: list[str] = []  # finished, not yet confirmed by the service
         self._current: Batch | None = None  # yielded, not yet acked
-        self._finished = False  # the service said the job is done
+        self._ended: str | None = None  # 'done' or 'cancelled', as the service said
+        self._error: BaseException | None = None
         self._closed = False
-        self.acked = 0
+        self._outage_since: float | None = None
+        self.acked = 0  # acks the service confirmed
+        self.rejected: list[tuple[str, str]] = []  # (lease id, verdict) of acks the service refused
 
-    # ---- leasing -------------------------------------------------------------
+    # ---- leasing (on the pool's threads) ------------------------------------------
 
-    def _lease(self) -> Batch | None:
-        """One lease request (retrying while the service says 'wait'); None when the job ended."""
-        while not self._closed:
-            with self._lock:
-                acks, self._acks = self._acks, []
-            params: dict[str, Any] = {"worker": self.worker, "ack": acks, **self._output}
-            try:
-                resp = self.client._send("POST", f"/v1/jobs/{self.job}/next", idempotent=False, read_into=True,
-                                         params=params, headers={"Accept": CONTENT_TYPE})  # fmt: skip
-            except APIError as exc:
-                if exc.status == 410:  # done or cancelled: the acks in this call were applied
-                    self.acked += len(acks)
-                    self._finished = True
-                    return None
-                with self._lock:  # the acks were not applied: send them again with the next call
-                    self._acks = acks + self._acks
-                raise
-            r, buf = resp  # type: ignore[misc]
-            self.acked += len(acks)
-            if r.status_code == 204:
-                time.sleep(int(r.headers.get("maskserve-retry-after-ms", "100")) / 1000)
-                continue
-            try:
-                arrays, metadata = decode(buf)
-            except WireFormatError as exc:
-                raise ProtocolError(f"job batch from {self.client.base_url}: {exc}") from None
-            return Batch(arrays, metadata, step=int(metadata.get("index", 0)))
-        return None
+    def _lease(self, slot: _Slot) -> None:
+        """Lease one batch, asking again while the service says 'wait'; files the outcome under the lock."""
+        rid = uuid.uuid4().hex  # one id for every retry of this request: a lost answer is not a lost lease
+        try:
+            while True:
+                with self._cv:
+                    if self._closed:
+                        return
+                    acks, self._acks = self._acks, []
+                    slot.sent_after = self._arrivals
+                try:
+                    resp, buf = self.client._send(
+                        "POST", f"/v1/jobs/{self.job}/next", idempotent=True, read_into=True,
+                        patience=self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage,
+                        params={"worker": self.worker, "ack": acks, "request": rid, **self._output},
+                        headers={"Accept": CONTENT_TYPE},
+                    )  # type: ignore[misc]  # fmt: skip
+                except GoneError as exc:  # finished or cancelled; the acks in this call were applied
+                    self._confirm(acks, exc.extra.get("acks") or [])
+                    with self._cv:
+                        self._ended = "cancelled" if isinstance(exc, JobCancelled) else "done"
+                    return
+                except BaseException:
+                    with self._cv:  # not applied, or not known to be: they go again with the next request
+                        self._acks[:0] = acks
+                    raise
+                self._back()
+                verdicts = resp.headers.get("maskserve-acks", "")
+                self._confirm(acks, verdicts.split(",") if verdicts else [])
+                if resp.status_code == 204:
+                    with self._cv:
+                        slot.sent_after = _IDLE
+                        self._cv.notify_all()
+                        self._cv.wait_for(lambda: self._closed,
+                                          int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)  # fmt: skip
+                    continue
+                try:
+                    arrays, metadata = decode(buf)
+                except WireFormatError as exc:
+                    raise ProtocolError(f"job batch from {self.client.base_url}: {exc}") from None
+                batch = Batch(arrays, metadata, step=int(metadata.get("index", 0)))
+                with self._cv:
+                    self._arrivals += 1
+                    heapq.heappush(self._ready, (batch.epoch, batch.index, self._arrivals, batch))
+                return
+        except BaseException as exc:  # noqa: BLE001 - handed to the consumer
+            with self._cv:
+                if self._error is None and not self._closed:
+                    self._error = exc
+        finally:
+            with self._cv:
+                self._slots.remove(slot)
+                self._cv.notify_all()
 
-    def _fill(self) -> None:
-        while len(self._pending) < self._depth and not self._finished and not self._closed:
-            self._pending.append(self._pool.submit(self._lease))
+    def _confirm(self, sent: list[str], verdicts: list[str]) -> None:
+        with self._cv:
+            for lease, verdict in zip(sent, verdicts, strict=False):
+                if verdict in CONFIRMED:
+                    self.acked += 1
+                else:
+                    self.rejected.append((lease, verdict))
+                    log.warning("job %r: the service refused the ack of lease %s (%s)", self.job, lease, verdict)
+
+    def _outage(self, err: Exception, attempt: int) -> None:
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("job %r: %s; retrying for up to %.0fs", self.job, err, self.max_outage)
+
+    def _back(self) -> None:
+        if self._outage_since is not None:
+            log.warning("job %r: the service answers again (after %.1fs), at %s",
+                        self.job, time.monotonic() - self._outage_since, self.client.base_url)  # fmt: skip
+            self._outage_since = None
+
+    def _top_up(self) -> None:
+        while not self._ended and not self._closed and len(self._ready) + len(self._slots) < self._depth:
+            slot = _Slot()
+            self._slots.append(slot)
+            slot.future = self._pool.submit(self._lease, slot)
+
+    def _yieldable(self) -> bool:
+        """The smallest ready batch may go out once no request that might still return a smaller one is on
+        the wire: one sent after it arrived gets a later grant (the service grants in order)."""
+        if not self._ready:
+            return False
+        arrival = self._ready[0][2]
+        return all(s.sent_after >= arrival for s in self._slots)
 
     def __iter__(self) -> "JobStream":
         return self
@@ -93,77 +181,96 @@ class JobStream(Closing):
     def __next__(self) -> Batch:
         if self.auto_ack and self._current is not None:
             self.ack(self._current, send=False)
-        while True:
-            if self._closed:
-                raise StopIteration
-            self._fill()
-            if not self._pending:
-                self.close()
-                raise StopIteration
-            # whichever request is answered first: an earlier one may be waiting for a batch
-            # that a later one of this very stream holds (its ack rides on the waiting one)
-            done, _ = wait(self._pending, return_when=FIRST_COMPLETED)
-            future = next(f for f in self._pending if f in done)
-            self._pending.remove(future)
-            try:
-                batch = future.result()
-            except BaseException:
-                self.close()
-                raise
-            if batch is not None:
-                self._current = batch
-                return batch
-            # that request found the job finished; drain what is still in flight
+        with self._cv:
+            while True:
+                if self._closed:
+                    raise StopIteration
+                if self._error is not None:
+                    break
+                if self._ended == "cancelled":
+                    break
+                self._top_up()
+                if self._yieldable():
+                    self._current = heapq.heappop(self._ready)[3]
+                    self._top_up()
+                    return self._current
+                if self._ended and not self._slots and not self._ready:
+                    break
+                self._cv.wait()
+        error, ended = self._error, self._ended
+        self.close()
+        if error is not None:
+            raise error
+        if ended == "cancelled":
+            raise JobCancelled(410, "urn:maskserve:problem:job-finished", "Job cancelled",
+                               f"job {self.job!r} was cancelled", {"job_status": "cancelled"})  # fmt: skip
+        raise StopIteration
 
     # ---- acks and shutdown -----------------------------------------------------
 
     def ack(self, batch: Batch, *, send: bool = True) -> None:
-        """Mark ``batch`` done; ``send`` posts it now rather than with the next lease request."""
+        """Mark ``batch`` trained; ``send`` posts it now rather than with the next lease request."""
         lease = batch.metadata.get("lease")
         if lease is None:
             return
         if batch is self._current:
             self._current = None
-        with self._lock:
+        with self._cv:
             self._acks.append(lease)
         if send:
             self.flush()
 
     def flush(self) -> None:
-        """Send the acks not yet sent."""
-        with self._lock:
+        """Send the acks not yet sent, retrying for up to ``max_outage``; on failure they stay queued."""
+        with self._cv:
             acks, self._acks = self._acks, []
-        if acks:
-            self.client._json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True,
-                              json={"worker": self.worker, "leases": acks})  # fmt: skip
-            self.acked += len(acks)
-
-    def close(self) -> None:
-        """Ack what was finished; give back leased batches that were never used."""
-        if self._closed:
+        if not acks:
             return
-        self._closed = True
-        unused: list[str] = []
-        for f in self._pending:
-            f.cancel()
-        for f in self._pending:
-            if not f.cancelled():
-                try:
-                    b = f.result(timeout=30)
-                except Exception:  # noqa: BLE001 - a failed prefetch holds no lease
-                    b = None
-                if b is not None:
-                    unused.append(b.metadata["lease"])
-        self._pending.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        if self._current is not None:  # handed to the consumer but not acked: redeliver
-            unused.append(self._current.metadata["lease"])
-            self._current = None
         try:
-            self.flush()
-            if unused:
+            out = self.client._json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True, patience=self.max_outage,
+                                    on_retry=self._outage, json={"worker": self.worker, "leases": acks})  # fmt: skip
+        except BaseException:
+            with self._cv:
+                self._acks[:0] = acks
+            raise
+        self._back()
+        self._confirm(acks, out["results"])
+
+    def close(self, ack_current: bool = True) -> None:
+        """Ack what the consumer was given (``ack_current=False``: give its last batch back instead) and
+        give back what it never got. Raises if the acks could not be delivered within ``max_outage``."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+            futures = [s.future for s in self._slots if s.future is not None]
+        for f in futures:  # requests on the wire finish (their leases are given back below)
+            f.exception()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        unused = [entry[3].metadata["lease"] for entry in self._ready]
+        self._ready.clear()
+        if self._current is not None:
+            if ack_current:
+                self.ack(self._current, send=False)
+            else:
+                unused.append(self._current.metadata["lease"])
+            self._current = None
+        if unused:
+            try:
                 self.client._json("POST", f"/v1/jobs/{self.job}/release", idempotent=True,
                                   json={"worker": self.worker, "leases": unused})  # fmt: skip
-        except Exception:  # noqa: BLE001 - leases expire by themselves if the service is gone
-            pass
+            except MaskserveError as exc:  # they are handed out again when their leases expire
+                log.warning("job %r: could not give back %d leases (%s)", self.job, len(unused), exc)
+        self.flush()
 
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        # leaving the block on an error: the last batch was not trained (GeneratorExit: the consumer stopped)
+        self.close(ack_current=exc_type is None or issubclass(exc_type, GeneratorExit))
+
+    def __del__(self) -> None:
+        if not self._closed:
+            try:
+                self.close()
+            except Exception:  # noqa: BLE001 - nothing to report to at garbage collection
+                pass

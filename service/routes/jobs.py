@@ -148,7 +148,7 @@ async def next_batch(name: str, request: Request) -> Response:
             raise JobNotFound(f"no job named {name!r}", job=name)
     ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
     if res.state in ("done", "cancelled"):
-        raise JobFinished(f"job {name!r} is {res.state}", job=name, status=res.state, acks=res.acks or [])
+        raise JobFinished(f"job {name!r} is {res.state}", job=name, job_status=res.state, acks=res.acks or [])
     if res.state == "wait":
         return Response(status_code=204, headers={**ack_header, "Retry-After": str(max(1, math.ceil(res.retry_ms / 1000))),
                                                   "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
