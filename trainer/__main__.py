@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -34,6 +35,12 @@ examples:
   # a quick CPU smoke test with a tiny model
   python -m trainer --dataset wikitext --steps 50 --batch-size 8 \\
       --d-model 64 --layers 2 --heads 2 --device cpu --threads 4
+
+  # one of many workers sharing job "pretrain" (2 epochs), over two service replicas
+  python -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000 \\
+      --url http://data-a:8000,http://data-b:8000
+
+exit status: 0 done (or the job finished), 1 error, 2 bad arguments, 3 the job was cancelled, 130 interrupted
 """
 
 
@@ -53,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_HelpFormatter)
     g = p.add_argument_group("data service")
     g.add_argument("--url", default=os.environ.get("MASKSERVE_URL", "http://127.0.0.1:8000"),
-                   help="base URL of the service (env MASKSERVE_URL)")
+                   help="base URL of the service, or several replicas separated by commas (env MASKSERVE_URL)")
     g.add_argument("--token", default=None,  # read from the environment in main, never shown in --help
                    help="bearer token, if the service requires one (env MASKSERVE_TOKEN)")
     g.add_argument("--dataset", required=True, help="name of the dataset on the service")
@@ -68,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the job gets different batches, each sequence once per epoch, acked after each step")
     g.add_argument("--epochs", type=int, default=1, help="with --job: epochs of a job this worker creates [default: 1]")
     g.add_argument("--worker", default=None, help="with --job: this worker's name [default: host:pid:random]")
+    g.add_argument("--lease-timeout", type=float, default=60.0,
+                   help="with --job: lease timeout (s) of a job this worker creates: a batch not acked by then "
+                        "goes to another worker")
+    g.add_argument("--max-outage", type=float, default=300.0, metavar="SECONDS",
+                   help="with --job: keep retrying (and failing over between the --url replicas) this long when "
+                        "the service is unreachable or overloaded, then give up")
 
     g = p.add_argument_group("model (ignored with --resume: the checkpoint's model is used)")
     g.add_argument("--d-model", type=int, default=256, help="hidden size")
@@ -100,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+EXIT_CANCELLED = 3  # the job was cancelled under the trainer
+
+
 def _fail(msg: str) -> int:
     print(f"trainer: error: {' '.join(str(msg).split())}", file=sys.stderr)
     return 1
@@ -114,6 +130,8 @@ def _pick(explicit, saved, default):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the client reports outages it rides out (and when the service is back) through logging
+    logging.basicConfig(level=logging.WARNING, format="trainer: %(message)s", stream=sys.stdout)
 
     import torch
 
@@ -155,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cudnn.allow_tf32 = True
 
     try:
-        from client import Client, MaskserveError
+        from client import Client, JobCancelled, JobStream, MaskserveError
     except ImportError as exc:
         return _fail(f"the maskserve client is not importable: {exc}")
 
@@ -206,30 +224,46 @@ def main(argv: list[str] | None = None) -> int:
         print(describe(model))
 
         stream = None
+        trained = False  # the last batch handed to the loop was trained (so closing a job stream acks it)
         try:
             if args.job:
                 create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": args.epochs,
-                          "masking": {"mlm_probability": mlm_probability}}
-                stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch)
+                          "lease_timeout_s": args.lease_timeout, "masking": {"mlm_probability": mlm_probability}}
+                stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch,
+                                    max_outage=args.max_outage)
             else:
                 stream = client.batches(args.dataset, batch_size=batch_size, seed=seed, start=start_step,
                                         steps=steps - start_step, prefetch=args.prefetch,
                                         mlm_probability=mlm_probability)
             result = train(model, stream, cfg, start_step=start_step,
                            optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state)
+            trained = True
+        except JobCancelled:
+            print(f"trainer: job {args.job!r} was cancelled; stopping", file=sys.stderr)
+            return EXIT_CANCELLED
         except MaskserveError as exc:
             return _fail(f"data stream from {args.url} failed: {exc}")
         except KeyboardInterrupt:
             print("trainer: interrupted", file=sys.stderr)
             return 130
         finally:
-            if stream is not None:
+            if isinstance(stream, JobStream):
+                try:
+                    stream.close(ack_current=trained)
+                except MaskserveError as exc:
+                    print(f"trainer: error: could not ack the last batches: {exc}", file=sys.stderr)
+                    trained = False
+            elif stream is not None:
                 stream.close()
+        if not trained:
+            return 1
 
     n = len(result.losses)
     if n == 0 and args.job:
-        print(f"job {args.job!r} has no batches left: it is finished or cancelled")
+        print(f"job {args.job!r} has no batches left: it is finished")
         return 0
+    if args.job and result.final_step < steps:
+        print(f"job {args.job!r} is finished: every epoch was handed out and acked")
     if n == 0:
         return _fail("no batches were received")
     w = max(1, min(args.log_every, n))
