@@ -294,8 +294,16 @@ def fake_client_module(calls):
             calls[-1]["stream"] = stream
             return stream
 
+    class FakeJobStream:  # never made here: these runs use stateless streams
+        pass
+
+    class FakeJobCancelled(FakeMaskserveError):
+        pass
+
     mod = types.ModuleType("client")
-    mod.Client, mod.MaskserveError = Client, FakeMaskserveError
+    mod.Client, mod.MaskserveError, mod.JobStream, mod.JobCancelled = (
+        Client, FakeMaskserveError, FakeJobStream, FakeJobCancelled
+    )
     return mod
 
 
