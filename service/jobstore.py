@@ -6,12 +6,14 @@ A job's keys share its dataset's hash tag, so every script touches one slot::
     P:ds:{D}:jobs                       SET    names of the dataset's jobs (removed with it)
     P:ds:{D}:job:<job>                  HASH   config, status, epoch, next, counters, lease-signing keys
     P:ds:{D}:job:<job>:leases           ZSET   "epoch:index" -> lease expiry (ms, Redis clock)
-    P:ds:{D}:job:<job>:lease            HASH   "epoch:index" -> "lease id|worker" (or "-0"/"-1": given back)
+    P:ds:{D}:job:<job>:lease            HASH   "epoch:index" -> "lease id|worker|request id" (or "-0"/"-1":
+                                               taken back from a failed request)
     P:ds:{D}:job:<job>:acked:<epoch>    STRING bitmap of acked batch indices
     P:ds:{D}:job:<job>:ackcount         HASH   epoch -> batches acked
     P:ds:{D}:job:<job>:workers          HASH   "<worker>:<counter>" -> value
     P:ds:{D}:job:<job>:seen             ZSET   worker -> last request (ms); idle workers fold into totals
-    P:ds:{D}:job:<job>:requests         HASH   worker -> "request id|epoch:index|lease id|redelivered"
+    P:ds:{D}:job:<job>:requests         HASH   "worker|request id" -> "epoch:index|redelivered", one per live
+                                               lease granted to a request that carried an id
 
 Every handed-out batch is either leased (in the ZSET) or acked (its bit set),
 and all transitions happen inside one script, so any number of service
@@ -88,6 +90,19 @@ local function batch_size(i)
   return math.min(b, n - i * b)
 end
 
+-- who holds batch 'member' now: lease id, worker, request id (nil if nobody)
+local function holder(member)
+  local v = redis.call('HGET', leasemap, member)
+  if not v then return nil end
+  return string.match(v, '^([^|]*)|([^|]*)|([^|]*)$')
+end
+
+-- the lease of 'member' ends: a retry of the request that got it must not get it again
+local function forget_request(member)
+  local _, w, rid = holder(member)
+  if rid and rid ~= '' then redis.call('HDEL', requests, w .. '|' .. rid) end
+end
+
 local function touch(worker)
   redis.call('ZADD', seen, now, worker)
   redis.call('HSET', workers, worker .. ':last', now)
@@ -101,7 +116,9 @@ local function ack(lease, worker)
   if redis.call('SETBIT', job .. ':acked:' .. e, i, 1) == 1 then return 'duplicate' end
   local size = batch_size(i)
   local member = e .. ':' .. i
-  local late = redis.call('HGET', leasemap, member) ~= lease .. '|' .. worker
+  local held, by = holder(member)
+  local late = held ~= lease or by ~= worker
+  forget_request(member)
   redis.call('ZREM', leases, member)
   redis.call('HDEL', leasemap, member)
   redis.call('HINCRBY', ackcount, e, 1)
@@ -124,7 +141,6 @@ local function retire(w)
   end
   redis.call('HDEL', workers, w .. ':handed', w .. ':acked', w .. ':acked_sequences', w .. ':redelivered',
              w .. ':first', w .. ':last')
-  redis.call('HDEL', requests, w)
   redis.call('ZREM', seen, w)
   redis.call('HINCRBY', job, 'retired_workers', 1)
 end
@@ -163,12 +179,12 @@ touch(worker)
 prune(tonumber(ARGV[3]), tonumber(ARGV[4]))
 
 if rid ~= '' then
-  local prev = redis.call('HGET', requests, worker)
+  local prev = redis.call('HGET', requests, worker .. '|' .. rid)
   if prev then
-    local prid, member, lease, redelivered = string.match(prev, '^([^|]*)|([^|]*)|([^|]*)|(%d)$')
-    local expiry = member and redis.call('ZSCORE', leases, member)
-    if prid == rid and expiry and tonumber(expiry) > 0
-        and redis.call('HGET', leasemap, member) == lease .. '|' .. worker then
+    local member, redelivered = string.match(prev, '^([^|]*)|(%d)$')
+    local lease, by, by_rid = holder(member)
+    local expiry = redis.call('ZSCORE', leases, member)
+    if by == worker and by_rid == rid and expiry and tonumber(expiry) > 0 then
       local e, i = string.match(member, '^(%d+):(%d+)$')
       return {'lease', tonumber(e), tonumber(i), lease, tonumber(expiry), tonumber(redelivered), instance, unpack(acks)}
     end
@@ -181,9 +197,10 @@ local function grant(e, i, redelivered)
   local attempt = redis.call('HINCRBY', job, 'attempts', 1)
   local lease = lease_id(e, i, attempt, instance, worker)
   local member = e .. ':' .. i
+  forget_request(member)  -- an expired lease's holder may ask again with its old request id: not for this one
   redis.call('ZADD', leases, now + lease_ms, member)
-  redis.call('HSET', leasemap, member, lease .. '|' .. worker)
-  if rid ~= '' then redis.call('HSET', requests, worker, rid .. '|' .. member .. '|' .. lease .. '|' .. redelivered) end
+  redis.call('HSET', leasemap, member, lease .. '|' .. worker .. '|' .. rid)
+  if rid ~= '' then redis.call('HSET', requests, worker .. '|' .. rid, member .. '|' .. redelivered) end
   redis.call('HINCRBY', job, 'handed', 1)
   redis.call('HINCRBY', workers, worker .. ':handed', 1)
   if redelivered == 1 then
@@ -242,7 +259,9 @@ for a = 2, #ARGV do
   local e, i = string.match(ARGV[a], '^(%d+):(%d+):')
   if e then
     local member = e .. ':' .. i
-    if redis.call('HGET', leasemap, member) == ARGV[a] .. '|' .. ARGV[1] and redis.call('ZSCORE', leases, member) then
+    local lease, by = holder(member)
+    if lease == ARGV[a] and by == ARGV[1] and redis.call('ZSCORE', leases, member) then
+      forget_request(member)
       redis.call('ZADD', leases, 0, member)
       n = n + 1
     end
@@ -259,9 +278,9 @@ local worker, lease = ARGV[1], ARGV[2]
 local e, i = string.match(lease, '^(%d+):(%d+):')
 if not e then return 0 end
 local member = e .. ':' .. i
-if redis.call('HGET', leasemap, member) ~= lease .. '|' .. worker or not redis.call('ZSCORE', leases, member) then
-  return 0
-end
+local held, by = holder(member)
+if held ~= lease or by ~= worker or not redis.call('ZSCORE', leases, member) then return 0 end
+forget_request(member)
 redis.call('ZADD', leases, 0, member)
 redis.call('HSET', leasemap, member, '-' .. ARGV[3])
 redis.call('HINCRBY', job, 'handed', -1)
@@ -270,8 +289,6 @@ if ARGV[3] == '1' then
   redis.call('HINCRBY', job, 'redelivered', -1)
   redis.call('HINCRBY', workers, worker .. ':redelivered', -1)
 end
-local prev = redis.call('HGET', requests, worker)
-if prev and string.find(prev, '|' .. lease .. '|', 1, true) then redis.call('HDEL', requests, worker) end
 return 1
 """
 
@@ -281,10 +298,10 @@ return 1
 EVICT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return -1 end
 local n = 0
-local suffix = '|' .. ARGV[1]
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', leases, '(0', '+inf')) do
-  local current = redis.call('HGET', leasemap, member)
-  if current and string.sub(current, -#suffix) == suffix then
+  local _, by = holder(member)
+  if by == ARGV[1] then
+    forget_request(member)
     redis.call('ZADD', leases, 0, member)
     n = n + 1
   end

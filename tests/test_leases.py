@@ -120,8 +120,12 @@ def test_a_retried_lease_request_gets_the_same_lease(raw: Raw, ds):
     assert retried.lease == second.lease and retried.acks == ["duplicate"]
     other = raw.lease(job, "v")  # another worker is not affected by w's request ids
     assert other.key == (0, 2)
+    third, fourth = next_with("r3"), next_with("r4")  # two requests in flight at once (prefetch)
+    assert next_with("r3").lease == third.lease and next_with("r4").lease == fourth.lease
+    assert raw.ack(job, [third.lease], "w") == ["acked"]
+    assert next_with("r3").key == (0, 5)  # once acked, the id is spent: a new request
     p = raw.progress(job)
-    assert p["handed_out"] == 3 and p["acked"] == 1 and p["workers"]["w"]["handed"] == 2
+    assert p["handed_out"] == 6 and p["acked"] == 2 and p["workers"]["w"]["handed"] == 5
     assert_problem(raw.http.post(f"/v1/jobs/{job}/next", params={"request": "not ok!"}), 422, "validation-failed")
 
 

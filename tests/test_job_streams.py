@@ -1,0 +1,176 @@
+"""The client's job streams under faults: order, lost answers, refused connections, 503s,
+replicas that are down, and what closing a stream acks or gives back.
+
+The network faults are injected by an httpx transport in front of the real one, so the
+service and Redis are real and only the chosen requests fail, deterministically.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from client import Client, TransportError
+
+from .conftest import free_port
+from .test_jobs import make_dataset, uid
+
+PROBLEM_503 = b'{"type": "urn:maskserve:problem:overloaded", "title": "Overloaded", "status": 503}'
+
+
+class Faults(httpx.BaseTransport):
+    """Real HTTP, except where ``plan(path, n)`` says otherwise for the n-th call (1-based) to ``path``'s
+    last segment: 'refuse' (never sent), 'lose' (sent and answered, the answer lost), '503'
+    (an overloaded replica, Retry-After 0), or None. ``jitter`` delays answers by up to that many seconds."""
+
+    def __init__(self, plan: Callable[[str, int], str | None] = lambda path, n: None, jitter: float = 0.0) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.plan = plan
+        self.jitter = jitter
+        self.calls: Counter[str] = Counter()
+        self.faults: Counter[str] = Counter()
+        self.lock = threading.Lock()
+        self.rng = random.Random(0)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        kind = request.url.path.rsplit("/", 1)[-1]
+        with self.lock:
+            self.calls[kind] += 1
+            fault = self.plan(kind, self.calls[kind])
+            delay = self.rng.random() * self.jitter
+            if fault:
+                self.faults[fault] += 1
+        if fault == "refuse":
+            raise httpx.ConnectError("connection refused (injected)", request=request)
+        if fault == "503":
+            return httpx.Response(503, headers={"Retry-After": "0", "Content-Type": "application/problem+json"},
+                                  content=PROBLEM_503, request=request)  # fmt: skip
+        resp = self.inner.handle_request(request)
+        if fault == "lose":
+            resp.read()
+            resp.close()
+            raise httpx.ReadError("connection reset before the answer (injected)", request=request)
+        if delay:
+            threading.Event().wait(delay)
+        return resp
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def ds(client: Client, bpe_tokenizer: str, corpus: list[str]) -> tuple[str, int]:
+    return make_dataset(client, bpe_tokenizer, corpus)
+
+
+def _drain(c: Client, job: str, **kw) -> list[tuple[int, int]]:
+    with c.job(job, **kw) as stream:
+        return [(bt.epoch, bt.index) for bt in stream]
+
+
+def test_a_stream_yields_its_leases_in_order(service_url: str, ds):
+    """However the answers of concurrent lease requests arrive, one worker's batches come in (epoch, index) order,
+    across epoch boundaries too."""
+    name, n = ds
+    for trial in range(3):
+        transport = Faults(jitter=0.02)
+        with Client(service_url, transport=transport) as c:
+            job = uid("job")
+            c.create_job(job, name, batch_size=16, epochs=3, seed=trial)
+            keys = _drain(c, job, prefetch=4)
+        bpe = -(-n // 16)
+        assert keys == [(e, i) for e in range(3) for i in range(bpe)], f"trial {trial}: out of order"
+
+
+@pytest.mark.parametrize("fault", ["refuse", "lose", "503"])
+def test_a_stream_rides_out_failed_lease_requests(service_url: str, ds, fault: str):
+    """Every 3rd lease request fails (never sent / answer lost / 503): the stream retries with the same request id,
+    so no lease leaks and no batch is handed out twice, and the acks that rode on a failed request are not lost."""
+    name, n = ds
+    transport = Faults(lambda kind, k: fault if kind == "next" and k % 3 == 0 else None)
+    with Client(service_url, transport=transport, backoff=0.01) as c:
+        job = uid("job")
+        c.create_job(job, name, batch_size=16, epochs=2)
+        with c.job(job, worker="w", prefetch=2) as stream:
+            keys = [(bt.epoch, bt.index) for bt in stream]
+        p = c.job_progress(job)
+    bpe = -(-n // 16)
+    assert transport.faults[fault] >= 5
+    assert keys == [(e, i) for e in range(2) for i in range(bpe)]
+    assert p["status"] == "done" and p["acked"] == 2 * bpe and stream.acked == 2 * bpe and not stream.rejected
+    assert p["handed_out"] == 2 * bpe and p["redelivered"] == 0  # a lost answer did not cost a lease
+
+
+def test_closing_acks_the_batches_handed_out_and_gives_back_the_rest(client: Client, ds):
+    """A worker that stops after N steps: its N batches count, its prefetched ones go to the next worker at once,
+    and no batch is trained twice."""
+    name, n = ds
+    job = uid("job")
+    client.create_job(job, name, batch_size=16)
+    stream = client.job(job, worker="first", prefetch=3)
+    first = [next(stream) for _ in range(3)]  # three training steps, then the worker stops
+    stream.close()
+    p = client.job_progress(job)
+    assert p["acked"] == 3 and p["workers"]["first"]["acked"] == 3
+    rest = _drain(client, job, worker="second", prefetch=1)
+    keys = [(b.epoch, b.index) for b in first] + rest
+    assert sorted(keys) == [(0, i) for i in range(-(-n // 16))]  # each batch once
+    assert client.job_progress(job)["status"] == "done"
+
+
+def test_leaving_the_block_on_an_error_gives_back_the_untrained_batch(client: Client, ds):
+    name, _ = ds
+    job = uid("job")
+    client.create_job(job, name, batch_size=16)
+    with pytest.raises(RuntimeError):
+        with client.job(job, worker="crashes", prefetch=2) as stream:
+            trained = next(stream)
+            failed = next(stream)  # the step on this one fails
+            raise RuntimeError("the training step failed")
+    p = client.job_progress(job)
+    assert p["acked"] == 1 and p["workers"]["crashes"]["acked"] == 1
+    with client.job(job, worker="next", prefetch=1) as again:
+        first = next(again)
+    assert (first.epoch, first.index) == (failed.epoch, failed.index) != (trained.epoch, trained.index)
+    assert first.metadata["lease"] != failed.metadata["lease"]
+
+
+def test_acks_that_cannot_be_sent_are_kept_and_reported(service_url: str, ds):
+    """close() does not swallow a failed ack: it raises, and the acks stay queued until they get through."""
+    name, _ = ds
+    down = threading.Event()
+    transport = Faults(lambda kind, k: "refuse" if down.is_set() else None)
+    with Client(service_url, transport=transport, backoff=0.01, max_backoff=0.05) as c:
+        job = uid("job")
+        c.create_job(job, name, batch_size=16)
+        stream = c.job(job, worker="w", prefetch=1, max_outage=0.3)
+        batch = next(stream)
+        down.set()
+        with pytest.raises(TransportError):
+            stream.close()
+        assert c.job_progress  # the client itself is fine
+        down.clear()
+        assert c.job_progress(job)["acked"] == 0
+        stream.flush()  # the network is back: the ack that failed goes out now
+        assert stream.acked == 1 and c.job_progress(job)["acked"] == 1
+        assert c.job_progress(job)["workers"]["w"]["acked"] == 1 and batch.index == 0
+
+
+def test_requests_fail_over_between_replicas(service_url: str, ds):
+    name, n = ds
+    dead = f"http://127.0.0.1:{free_port()}"
+    with Client([dead, service_url], backoff=0.01) as c:
+        assert c.dataset(name)["num_sequences"] == n  # the first replica refuses; the second answers
+        assert c.base_url == service_url
+        job = uid("job")
+        c.create_job(job, name, batch_size=64)
+        assert len(_drain(c, job)) == -(-n // 64)
+    with Client(f"{dead},{service_url}", retries=0) as c:  # a comma-separated list works too
+        with pytest.raises(TransportError):
+            c.dataset(name)  # no retries: the dead replica's error is final
+        assert c.dataset(name)["num_sequences"] == n  # ...but the next call goes to the other one
