@@ -58,6 +58,7 @@ class Outages(logging.Handler):
         global reconnects
         if "retrying" in record.getMessage():
             reconnects += 1
+            write({"worker": name, "outage": record.getMessage()})
 
 
 logging.getLogger("maskserve.client").addHandler(Outages())
@@ -542,3 +543,123 @@ def test_two_trainers_share_a_job(service: ServiceProcess, tmp_path: Path, bpe_t
             assert "done: loss" in text, text
             steps[w] = int(text.split("steps (now at ")[1].split(")")[0])
         assert steps == acked  # each trained exactly the batches it acked: no batch trained twice
+
+
+# ---- everything at once: a fleet under faults ------------------------------------------------
+
+
+@pytest.mark.slow
+def test_fleet_trains_each_sequence_once_through_kills_restarts_and_pauses(
+    spawn_service, redis_url, rdb, workers, bpe_tokenizer, corpus
+):
+    """Four workers on two replicas. One worker is SIGKILLed holding leases; another is SIGSTOPped mid-step
+    (both evicted, as an operator would once they are known gone); a replica is SIGKILLed and restarted on its
+    port while the paused worker holds a batch, so the job cannot finish around the faults. Then the paused
+    worker wakes up, trains what it held and acks it. Per epoch, what was trained and counted (received and
+    acked with 'acked' or 'late') is the dataset exactly once, and the service counted no ack of a batch a
+    worker did not train."""
+    env = service_env(REDIS_URL=redis_url)
+    a, b = spawn_service(env), spawn_service(env)
+    with Client(b.url) as c:
+        name, n = make_dataset(c, bpe_tokenizer, corpus)
+        job, size, seed, epochs = uid("job"), 16, 11, 2
+        bpe = -(-n // size)
+        c.create_job(job, name, batch_size=size, seed=seed, epochs=epochs, lease_timeout_s=60)
+        urls = {"w0": [a.url, b.url], "w1": [a.url, b.url], "sleeper": [a.url, b.url], "victim": [b.url, a.url]}
+        ws = {w.name: w for w in workers(
+            list(urls), job, urls, mode="explicit", step_s=0.02, prefetch=2,
+            per_worker={"victim": {"stall_after": 3}, "sleeper": {"pause_at": 4}},
+        )}  # fmt: skip
+
+        # a worker dies holding leases
+        poll(lambda: ws["victim"].marker.exists(), 60, "the victim to hold a batch")
+        ws["victim"].proc.send_signal(signal.SIGKILL)
+        ws["victim"].proc.wait()
+        assert evict(b.url, job, "victim") >= 1
+
+        # a worker stops mid-step, holding its batch
+        sleeper = ws["sleeper"]
+        held = json.loads(poll(lambda: sleeper.marker.exists() and sleeper.marker.read_text(), 60, "the sleeper"))
+        sleeper.proc.send_signal(signal.SIGSTOP)
+
+        # a replica dies and comes back on its port, while the job cannot finish (the sleeper holds a batch)
+        a.stop(signal.SIGKILL)
+        poll(lambda: any("outage" in r for w in ("w0", "w1") for r in ws[w].records()), 60,
+             "a worker to run into the dead replica")  # fmt: skip
+        assert c.job_progress(job)["status"] == "active"
+        spawn_service(env, port=a.port)
+
+        assert evict(b.url, job, "sleeper") >= 1  # known gone: its batches go to the others
+        poll(lambda: c.job_progress(job)["status"] == "done", 90, "the others to finish the job")
+        sleeper.resume.touch()
+        sleeper.proc.send_signal(signal.SIGCONT)  # it wakes up, trains what it held, acks it: too late to count
+
+        for w in ws.values():
+            if w.name != "victim":
+                assert w.wait(90) == 0, w.output()
+        records = [r for w in ws.values() for r in w.batches()]
+        check_exactly_once(records, n=n, b=size, epochs=epochs, seed=seed)
+        p = check_progress(c, job, bpe=bpe, epochs=epochs)
+        woke = [r for r in sleeper.batches() if (r["epoch"], r["index"]) == (held["epoch"], held["index"])]
+        assert [r["result"] for r in woke] == ["duplicate"]  # trained twice in fact, counted once
+        for w in ws.values():  # the service counted exactly the acks of batches each worker trained
+            counted_here = [r for r in counted(w.batches()) if r["worker"] == w.name]
+            assert p["workers"].get(w.name, {}).get("acked", 0) == len(counted_here), w.name
+        assert sum(ws[w].summary()["reconnects"] for w in ("w0", "w1")) >= 1
+        assert p["redelivered"] >= 2
+
+
+@pytest.mark.slow
+def test_trainer_rides_out_its_only_replica_killed_and_restarted(spawn_service, redis_url, rdb, tmp_path: Path,
+                                                                 bpe_tokenizer, corpus):  # fmt: skip
+    """``python -m trainer --job`` keeps training through a SIGKILL of its only service and a restart, and
+    finishes the epoch: every batch trained and acked once, by it."""
+    env = service_env(REDIS_URL=redis_url)
+    svc = spawn_service(env)
+    with Client(svc.url, retries=5, backoff=0.2) as c, httpx.Client(base_url=svc.url, timeout=30) as http:
+        name, n = make_dataset(c, bpe_tokenizer, corpus, docs=150)
+        job, size = uid("train"), 4
+        bpe = -(-n // size)
+        c.create_job(job, name, batch_size=size, seed=0, epochs=1, lease_timeout_s=60,
+                     masking={"mlm_probability": 0.15})  # the trainer's own config: it attaches
+        gate = []  # hold every batch until the trainer is running, so it cannot finish before the fault
+        for _ in range(bpe):
+            r = http.post(f"/v1/jobs/{job}/next", params={"worker": "gate"})
+            assert r.status_code == 200, r.text
+            gate.append(r.headers["maskserve-lease"])
+
+        log = tmp_path / "trainer.txt"
+        args = ["--url", svc.url, "--dataset", name, "--job", job, "--batch-size", str(size), "--epochs", "1",
+                "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64", "--steps", "100000",
+                "--device", "cpu", "--threads", "1", "--log-every", "1000", "--prefetch", "2",
+                "--max-outage", "120", "--worker", "trainer"]  # fmt: skip
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT,
+                                    env={**env, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            try:
+                poll(lambda: "| steps 0 -> 100000" in log.read_text() or proc.poll() is not None, 90,
+                     "the trainer to start training")  # fmt: skip
+                assert proc.poll() is None, log.read_text()
+                half = bpe // 2
+                assert http.post(f"/v1/jobs/{job}/release", json={"worker": "gate", "leases": gate[:half]}).json() \
+                    == {"released": half}  # fmt: skip
+                poll(lambda: c.job_progress(job)["acked"] >= 5, 60, "the trainer to train a few batches")
+
+                svc.stop(signal.SIGKILL)
+                poll(lambda: "retrying for up to 120s" in log.read_text(), 60, "the trainer to notice the outage")
+                assert proc.poll() is None, log.read_text()
+                svc = spawn_service(env, port=svc.port)  # the same address, the same Redis
+                r = http.post(f"/v1/jobs/{job}/release", json={"worker": "gate", "leases": gate[half:]})
+                assert r.json() == {"released": bpe - half}
+                assert proc.wait(180) == 0, log.read_text()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        text = log.read_text()
+        assert "the service answers again" in text and "is finished" in text, text
+        p = c.job_progress(job)
+        assert p["status"] == "done" and p["acked"] == bpe and p["workers"]["trainer"]["acked"] == bpe
+        assert int(text.split("steps (now at ")[1].split(")")[0]) == bpe  # each batch trained once
+        assert p["handed_out"] == 2 * bpe  # the gate's, then the trainer's: no lease lost in the restart
