@@ -314,6 +314,10 @@ class Client:
     def delete_job(self, name: str) -> None:
         self._json("DELETE", f"/v1/jobs/{name}")
 
+    def evict_worker(self, name: str, worker: str) -> int:
+        """A worker known to be gone: its leased batches are handed out again now. Returns how many."""
+        return self._json("POST", f"/v1/jobs/{name}/workers/{worker}/evict")["released"]
+
     def job(
         self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
         create: Mapping[str, Any] | None = None, max_outage: float = 300.0, **output: Any,

@@ -241,6 +241,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         elif args.action == "delete":
             c.delete_job(args.name)
             print(f"deleted job {args.name}")
+        elif args.action == "evict":
+            n = c.evict_worker(args.name, args.worker)
+            print(f"job {args.name}: {n} batches of worker {args.worker} are handed out again")
     return 0
 
 
@@ -385,12 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     _masking_args(mr)
     mk.set_defaults(func=cmd_masks)
 
-    jb = sub.add_parser("jobs", help="shared jobs: create, list, show progress, cancel, delete")
+    jb = sub.add_parser("jobs", help="shared jobs: create, list, show progress, cancel, delete, evict a worker")
     jsub = jb.add_subparsers(dest="action", required=True, metavar="ACTION")
     jsub.add_parser("list", parents=[conn], help="all jobs, one line each")
     jsub.add_parser("show", parents=[conn], help="one job's progress, per worker").add_argument("name")
     jsub.add_parser("cancel", parents=[conn], help="stop handing out batches").add_argument("name")
     jsub.add_parser("delete", parents=[conn], help="delete a job and its state").add_argument("name")
+    je = jsub.add_parser("evict", parents=[conn],
+                         help="a worker known to be gone: hand its leased batches out again now, not at expiry")
+    je.add_argument("name")
+    je.add_argument("worker")
     jc = jsub.add_parser("create", parents=[conn], help="create a job (attaching when it exists with this config)")
     jc.add_argument("name")
     jc.add_argument("--dataset", required=True)

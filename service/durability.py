@@ -4,8 +4,8 @@ Acks and job transitions run as Lua scripts; with ``appendfsync everysec`` a
 host crash can lose the last second of them after they were confirmed. On
 Redis/Valkey >= 7.2 with the append-only file on, ``WAITAOF`` blocks until
 the connection's writes are fsynced locally (and, if asked, on N replicas), so
-the script and the wait travel in one pipeline on one connection and the
-answer goes out only after both. Older servers (no ``WAITAOF``) or servers
+the script and the wait go over one connection and the answer goes out only
+after both. Older servers (no ``WAITAOF``) or servers
 with the AOF off confirm as soon as the script ran: the window that remains is
 the server's own (up to a second of writes with ``everysec``; see the README).
 
@@ -15,7 +15,9 @@ it, ``require`` refuses to start where it does not, ``off`` never waits.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -27,6 +29,7 @@ from .errors import StoreUnavailable
 log = logging.getLogger("maskserve")
 
 Mode = Literal["auto", "require", "off"]
+Confirm = Callable[[], Awaitable[None]]
 
 
 class DurabilityError(RuntimeError):
@@ -78,20 +81,49 @@ class Durability:
 
     async def run(self, script: AsyncScript, keys: list[Any], args: list[Any], *, durable: bool = True) -> Any:
         """Run ``script``; when ``durable`` and the server can, return only once its writes are fsynced."""
+        out, confirm = await self.start(script, keys, args, durable=durable)
+        await confirm()
+        return out
+
+    async def start(
+        self, script: AsyncScript, keys: list[Any], args: list[Any], *, durable: bool = True
+    ) -> tuple[Any, Confirm]:
+        """Run ``script`` and start waiting for its writes to be fsynced. Returns its result and ``confirm``,
+        to await before answering: it returns once the writes are durable (or raises :class:`NotDurable`).
+        The wait runs meanwhile, so work done before ``confirm`` (building a batch) hides the fsync."""
         if durable and not self.probed:
             await self.probe()
         if not (durable and self.enabled):
-            return await script(keys=keys, args=args)
-        async with self.r.pipeline(transaction=False) as p:
-            await script(keys=keys, args=args, client=p)
-            p.execute_command("WAITAOF", 1, self.replicas, self.timeout_ms)
-            out, waited = await p.execute(raise_on_error=False)
-        if isinstance(out, Exception):
-            raise out
+            return await script(keys=keys, args=args), confirmed
+        # Two round trips on one connection (WAITAOF covers the writes of its own connection). Not one
+        # pipeline: a WAITAOF read together with the write blocks before that write reaches the AOF, and
+        # the server then wakes it only at its next cron tick (100 ms at hz 10) rather than at the fsync.
+        conn = self.r.client()
+        try:
+            out = await script(keys=keys, args=args, client=conn)
+        except BaseException:
+            await conn.aclose()
+            raise
+        waiting = asyncio.ensure_future(self._wait(conn))
+
+        async def confirm() -> None:
+            self._check(await waiting, out)
+
+        return out, confirm
+
+    async def _wait(self, conn: Redis) -> Any:
+        try:
+            return await conn.execute_command("WAITAOF", 1, self.replicas, self.timeout_ms)
+        except Exception as exc:  # noqa: BLE001 - judged in _check, by whoever awaits the confirmation
+            return exc
+        finally:
+            await conn.aclose()
+
+    def _check(self, waited: Any, out: Any) -> None:
         if isinstance(waited, ResponseError) and "appendonly" in str(waited).lower():
             self.enabled, self.reason = False, "the server's append-only file was turned off"
             log.warning("acks are confirmed before they are fsynced: %s", self.reason)
-            return out
+            return
         if isinstance(waited, Exception):
             raise waited
         local, replicas = int(waited[0]), int(waited[1])
@@ -102,4 +134,7 @@ class Durability:
             )
             err.result = out
             raise err
-        return out
+
+
+async def confirmed() -> None:
+    return None

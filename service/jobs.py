@@ -22,7 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
-from .durability import Durability
+from .durability import Confirm, Durability, confirmed
 from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, DELETE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
 from .schemas import MaskingParams
 from .store import pairs
@@ -68,6 +68,7 @@ class NextResult:
     retry_ms: int = 0
     instance: str = ""  # new for every created job: what cached configs are keyed on
     acks: list[str] | None = None
+    confirm: Confirm = confirmed  # await before answering: the acks are durable (see durability.py)
 
 
 def _s(v: Any) -> str:
@@ -208,11 +209,13 @@ class Jobs:
     async def next(self, dataset: str, job: str, worker: str, acks: list[str], request: str = "") -> NextResult:
         """Ack ``acks``, then lease the next batch; ``request`` (a client-chosen id) makes a retry return
         the lease the first attempt got. With acks in the call, the answer waits until they are durable."""
-        out = await self.durability.run(
+        out, confirm = await self.durability.start(
             self._next, keys=self.keys.lease_keys(dataset, job),
             args=[worker, request, self.worker_idle_ms, self.max_workers, *acks], durable=bool(acks),
         )  # fmt: skip
-        return parse_next(out)
+        res = parse_next(out)
+        res.confirm = confirm
+        return res
 
     async def ungrant(self, dataset: str, job: str, worker: str, lease: Lease) -> bool:
         """Take back a lease whose batch never reached the worker (its request failed)."""

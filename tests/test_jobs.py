@@ -754,7 +754,7 @@ def test_job_stream_prefetch_does_not_wait_for_its_own_leases(raw: Raw, client: 
     of the same stream already leased: the stream would wait for its own lease to expire, then yield
     that batch twice."""
     name, n = ds
-    lease_s = 3.0
+    lease_s = 30.0  # long: the stream must not wait for it (were it to, the test would take this long and fail)
     job = uid("job")
     client.create_job(job, name, batch_size=-(-n // 3), lease_timeout_s=lease_s)  # three batches
     other = raw.lease(job, "other")  # batch 0 is held elsewhere for now

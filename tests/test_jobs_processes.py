@@ -229,9 +229,8 @@ def waitaof_calls(redis_url: str) -> int:
 
 
 def evict(url: str, job: str, worker: str) -> int:
-    r = httpx.post(f"{url}/v1/jobs/{job}/workers/{worker}/evict", timeout=30)
-    assert r.status_code == 200, r.text
-    return r.json()["released"]
+    with Client(url) as c:
+        return c.evict_worker(job, worker)
 
 
 def uid(prefix: str) -> str:

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from client import Client
+from service.cli import main as cli
 from service.durability import Durability, DurabilityError
 from service.embedded import EmbeddedRedis
 from service.jobs import lease_keys, lease_tag
@@ -158,13 +159,13 @@ def test_a_failing_request_hands_out_nothing(raw: Raw, client: Client, ds):
 # ---- eviction, bounded per-worker state ---------------------------------------------------------
 
 
-def test_evicting_a_worker_hands_its_leases_out_again_at_once(raw: Raw, ds):
+def test_evicting_a_worker_hands_its_leases_out_again_at_once(raw: Raw, ds, service_url: str, capsys):
     name, _ = ds
     job = _job(raw, name, batch_size=16, lease_timeout_s=3600)
     held = [raw.lease(job, "gone") for _ in range(3)]
     kept = raw.lease(job, "alive")
-    r = raw.http.post(f"/v1/jobs/{job}/workers/gone/evict")
-    assert r.status_code == 200 and r.json() == {"released": 3}
+    assert cli(["jobs", "evict", job, "gone", "--url", service_url]) == 0  # maskserve jobs evict JOB WORKER
+    assert f"job {job}: 3 batches of worker gone are handed out again" in capsys.readouterr().out
     again = [raw.lease(job, "alive") for _ in range(3)]
     assert sorted(x.key for x in again) == sorted(x.key for x in held) and all(x.redelivered for x in again)
     assert raw.ack(job, [held[0].lease], "gone") == ["late"]  # it did train it: counts if nobody acked yet

@@ -14,9 +14,8 @@ from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, masked, open_dataset, outputs, render
 from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
-from ..durability import NotDurable
 from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded, StaticMasksMissing
-from ..jobs import JobConfig, JobCreate, Jobs, Lease, NextResult, parse_next
+from ..jobs import JobConfig, JobCreate, Jobs, Lease, NextResult
 from ..masking import MaskSpec
 from ..static import cache_id
 from ..permute import batch_ids
@@ -140,24 +139,28 @@ async def next_batch(name: str, request: Request) -> Response:
     jobs: Jobs = request.app.state.jobs  # no dependencies on the hot path (see deps.parse_query)
     as_json = wants_json(request, q.format)
     dataset = await _dataset(jobs, name)
-    res = await _next(jobs, dataset, name, q)
+    res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "")
     if res.state == "missing":  # deleted, or re-created on another dataset
         dataset = await _dataset(jobs, name, fresh=True)
-        res = await _next(jobs, dataset, name, q)
+        res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "")
         if res.state == "missing":
             raise JobNotFound(f"no job named {name!r}", job=name)
     ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
-    if res.state in ("done", "cancelled"):
-        raise JobFinished(f"job {name!r} is {res.state}", job=name, job_status=res.state, acks=res.acks or [])
-    if res.state == "wait":
-        return Response(status_code=204, headers={**ack_header, "Retry-After": str(max(1, math.ceil(res.retry_ms / 1000))),
-                                                  "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
-    lease = res.lease
-    assert lease is not None
     try:
-        return await _serve(request, q, name, dataset, res, as_json, ack_header)
+        if res.state in ("done", "cancelled"):
+            await res.confirm()
+            raise JobFinished(f"job {name!r} is {res.state}", job=name, job_status=res.state, acks=res.acks or [])
+        if res.state == "wait":
+            await res.confirm()
+            return Response(status_code=204, headers={
+                **ack_header, "Retry-After": str(max(1, math.ceil(res.retry_ms / 1000))),
+                "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
+        response = await _serve(request, q, name, dataset, res, as_json, ack_header)
+        await res.confirm()  # the acks this request carried are durable (the wait ran while the batch was built)
+        return response
     except BaseException:  # the batch never reached the worker: take the lease back, hand it out next
-        await _take_back(jobs, dataset, name, q.worker, lease)
+        if res.lease is not None:
+            await _take_back(jobs, dataset, name, q.worker, res.lease)
         raise
 
 
@@ -166,16 +169,6 @@ async def _take_back(jobs: Jobs, dataset: str, name: str, worker: str, lease: Le
         await jobs.ungrant(dataset, name, worker, lease)
     except Exception:  # noqa: BLE001 - Redis gone too: the lease expires by itself
         log.warning("could not take back lease %s of job %r; it is handed out again when it expires", lease.lease, name)
-
-
-async def _next(jobs: Jobs, dataset: str, name: str, q: "NextQuery") -> NextResult:
-    try:
-        return await jobs.next(dataset, name, q.worker, q.ack, q.request or "")
-    except NotDurable as exc:  # applied, not confirmed on disk in time: nothing may stay handed out
-        res = parse_next(exc.result)
-        if res.lease is not None:
-            await _take_back(jobs, dataset, name, q.worker, res.lease)
-        raise
 
 
 async def _serve(
