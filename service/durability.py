@@ -30,6 +30,7 @@ log = logging.getLogger("maskserve")
 
 Mode = Literal["auto", "require", "off"]
 Confirm = Callable[[], Awaitable[None]]
+IDLE_LANES = 32  # single-connection clients kept for the script + WAITAOF pairs (not made per request)
 
 
 class DurabilityError(RuntimeError):
@@ -50,6 +51,7 @@ class Durability:
         self.timeout_ms = timeout_ms
         self.enabled = False
         self.probed = False
+        self._lanes: list[Redis] = []  # idle clients, each holding one connection of the pool
         self.reason = "not probed yet"
 
     async def probe(self) -> "Durability":
@@ -98,7 +100,7 @@ class Durability:
         # Two round trips on one connection (WAITAOF covers the writes of its own connection). Not one
         # pipeline: a WAITAOF read together with the write blocks before that write reaches the AOF, and
         # the server then wakes it only at its next cron tick (100 ms at hz 10) rather than at the fsync.
-        conn = self.r.client()
+        conn = self._lanes.pop() if self._lanes else self.r.client()
         try:
             out = await script(keys=keys, args=args, client=conn)
         except BaseException:
@@ -113,11 +115,19 @@ class Durability:
 
     async def _wait(self, conn: Redis) -> Any:
         try:
-            return await conn.execute_command("WAITAOF", 1, self.replicas, self.timeout_ms)
+            out = await conn.execute_command("WAITAOF", 1, self.replicas, self.timeout_ms)
         except Exception as exc:  # noqa: BLE001 - judged in _check, by whoever awaits the confirmation
-            return exc
-        finally:
             await conn.aclose()
+            return exc
+        if len(self._lanes) < IDLE_LANES:
+            self._lanes.append(conn)
+        else:
+            await conn.aclose()
+        return out
+
+    async def aclose(self) -> None:
+        while self._lanes:
+            await self._lanes.pop().aclose()
 
     def _check(self, waited: Any, out: Any) -> None:
         if isinstance(waited, ResponseError) and "appendonly" in str(waited).lower():

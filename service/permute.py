@@ -53,10 +53,33 @@ def permute(seed: int, epoch: int, n: int, positions: np.ndarray) -> np.ndarray:
     return out.astype(np.int64)
 
 
+# Evaluating the network costs mostly per numpy call, not per element, and cycle walking runs as many
+# passes as the slowest element needs: a block of BLOCK positions costs about what one batch does. So an
+# epoch's order is evaluated a block at a time and the last BLOCKS_CACHED blocks are kept (8 bytes a
+# position: 8 MiB in all), and consecutive batches of a job slice one block.
+BLOCK = 4096
+BLOCKS_CACHED = 256
+
+
+@lru_cache(maxsize=BLOCKS_CACHED)
+def _block(seed: int, epoch: int, n: int, block: int) -> np.ndarray:
+    start = block * BLOCK
+    out = permute(seed, epoch, n, np.arange(start, min(start + BLOCK, n), dtype=np.int64))
+    out.setflags(write=False)
+    return out
+
+
 def batch_ids(seed: int, epoch: int, n: int, batch_size: int, index: int, shuffle: bool) -> np.ndarray:
     """Sequence ids of batch ``index`` of an epoch (the last batch may be short)."""
     start = index * batch_size
-    pos = np.arange(start, min(start + batch_size, n), dtype=np.int64)
-    return permute(seed, epoch, n, pos) if shuffle else pos
+    stop = min(start + batch_size, n)
+    if not shuffle:
+        return np.arange(start, stop, dtype=np.int64)
+    first, last = start // BLOCK, max(start, stop - 1) // BLOCK
+    if last - first > 1:  # a batch wider than a block: evaluate it directly
+        return permute(seed, epoch, n, np.arange(start, stop, dtype=np.int64))
+    blocks = [_block(seed, epoch, n, k) for k in range(first, last + 1)]
+    joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
+    return joined[start - first * BLOCK : stop - first * BLOCK].copy()
 
 
