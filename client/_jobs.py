@@ -51,10 +51,22 @@ def default_worker() -> str:
 
 @dataclass
 class _Slot:
-    """One lease request in progress; ``sent_after``: arrivals counted when its current send began."""
+    """One lease request in progress: ``seq`` numbers its current send (increasing through the stream),
+    ``sent_after`` counts the batches that had arrived when it began; both _IDLE while it is not on the wire."""
 
+    seq: float = _IDLE
     sent_after: float = _IDLE
     future: Future[None] | None = field(default=None, repr=False)
+
+
+@dataclass(order=True)
+class _Ready:
+    epoch: int
+    index: int
+    arrival: int
+    seq: float = field(compare=False)
+    in_order: bool = field(compare=False)
+    batch: Batch = field(compare=False, repr=False)
 
 
 class JobStream(Closing):
@@ -74,8 +86,9 @@ class JobStream(Closing):
         self._pool = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix=f"maskserve-job-{job}")
         self._cv = threading.Condition()
         self._slots: list[_Slot] = []  # requests in progress
-        self._ready: list[tuple[int, int, int, Batch]] = []  # heap of (epoch, index, arrival, batch)
+        self._ready: list[_Ready] = []  # a heap: smallest (epoch, index) first
         self._arrivals = 0  # leases received so far
+        self._seq = 0  # the last request number sent (microseconds since the epoch, made increasing)
         self._acks: list[str] = []  # finished, not yet confirmed by the service
         self._current: Batch | None = None  # yielded, not yet acked
         self._ended: str | None = None  # 'done' or 'cancelled', as the service said
@@ -97,11 +110,13 @@ class JobStream(Closing):
                         return
                     acks, self._acks = self._acks, []
                     slot.sent_after = self._arrivals
+                    self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
                 try:
                     resp, buf = self.client._send(
                         "POST", f"/v1/jobs/{self.job}/next", idempotent=True, read_into=True,
                         patience=self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage,
-                        params={"worker": self.worker, "ack": acks, "request": rid, **self._output},
+                        params={"worker": self.worker, "ack": acks, "request": rid, "seq": int(slot.seq),
+                                **self._output},
                         headers={"Accept": CONTENT_TYPE},
                     )  # type: ignore[misc]  # fmt: skip
                 except GoneError as exc:  # finished or cancelled; the acks in this call were applied
@@ -118,7 +133,7 @@ class JobStream(Closing):
                 self._confirm(acks, verdicts.split(",") if verdicts else [])
                 if resp.status_code == 204:
                     with self._cv:
-                        slot.sent_after = _IDLE
+                        slot.seq = slot.sent_after = _IDLE
                         self._cv.notify_all()
                         self._cv.wait_for(lambda: self._closed,
                                           int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)  # fmt: skip
@@ -128,9 +143,11 @@ class JobStream(Closing):
                 except WireFormatError as exc:
                     raise ProtocolError(f"job batch from {self.client.base_url}: {exc}") from None
                 batch = Batch(arrays, metadata, step=int(metadata.get("index", 0)))
+                in_order = resp.headers.get("maskserve-in-order") == "1"
                 with self._cv:
                     self._arrivals += 1
-                    heapq.heappush(self._ready, (batch.epoch, batch.index, self._arrivals, batch))
+                    heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order,
+                                                       batch))  # fmt: skip
                 return
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             with self._cv:
@@ -169,11 +186,16 @@ class JobStream(Closing):
 
     def _yieldable(self) -> bool:
         """The smallest ready batch may go out once no request that might still return a smaller one is on
-        the wire: one sent after it arrived gets a later grant (the service grants in order)."""
+        the wire. The service grants fresh batches in order, so a request sent after the batch arrived gets
+        a later one; and when the service says the batch was granted in order (no later-numbered request of
+        this stream got one first), so does every later-numbered request. Redelivered batches come as they
+        are handed out."""
         if not self._ready:
             return False
-        arrival = self._ready[0][2]
-        return all(s.sent_after >= arrival for s in self._slots)
+        head = self._ready[0]
+        if head.in_order:
+            return all(s.seq > head.seq for s in self._slots)
+        return all(s.sent_after >= head.arrival for s in self._slots)
 
     def __iter__(self) -> "JobStream":
         return self
@@ -191,7 +213,7 @@ class JobStream(Closing):
                     break
                 self._top_up()
                 if self._yieldable():
-                    self._current = heapq.heappop(self._ready)[3]
+                    self._current = heapq.heappop(self._ready).batch
                     self._top_up()
                     return self._current
                 if self._ended and not self._slots and not self._ready:
@@ -248,7 +270,7 @@ class JobStream(Closing):
         for f in futures:  # requests on the wire finish (their leases are given back below)
             f.exception()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        unused = [entry[3].metadata["lease"] for entry in self._ready]
+        unused = [entry.batch.metadata["lease"] for entry in self._ready]
         self._ready.clear()
         if self._current is not None:
             if ack_current:

@@ -59,6 +59,7 @@ class Lease:
     expires_ms: int
     redelivered: bool
     instance: str
+    in_order: bool = False  # no later request of the worker's stream got a batch first (see jobstore.NEXT)
 
 
 @dataclass
@@ -97,8 +98,9 @@ def lease_tag(secret: bytes, base: str, worker: str) -> str:
 def parse_next(out: list[Any]) -> NextResult:
     state = _s(out[0])
     if state == "lease":
-        lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]))
-        return NextResult(state, lease=lease, instance=lease.instance, acks=[_s(a) for a in out[7:]])
+        lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]),
+                      bool(int(out[7])))  # fmt: skip
+        return NextResult(state, lease=lease, instance=lease.instance, acks=[_s(a) for a in out[8:]])
     if state == "missing":
         return NextResult(state)
     return NextResult(state, retry_ms=int(out[1]), instance=_s(out[2]), acks=[_s(a) for a in out[3:]])
@@ -206,12 +208,15 @@ class Jobs:
             **self.durability.describe(),
         }  # fmt: skip
 
-    async def next(self, dataset: str, job: str, worker: str, acks: list[str], request: str = "") -> NextResult:
+    async def next(
+        self, dataset: str, job: str, worker: str, acks: list[str], request: str = "", seq: int = 0
+    ) -> NextResult:
         """Ack ``acks``, then lease the next batch; ``request`` (a client-chosen id) makes a retry return
-        the lease the first attempt got. With acks in the call, the answer waits until they are durable."""
+        the lease the first attempt got; ``seq`` numbers the worker's requests (see ``Lease.in_order``).
+        ``confirm()`` on the result returns once the acks are durable."""
         out, confirm = await self.durability.start(
             self._next, keys=self.keys.lease_keys(dataset, job),
-            args=[worker, request, self.worker_idle_ms, self.max_workers, *acks], durable=bool(acks),
+            args=[worker, request, self.worker_idle_ms, self.max_workers, seq, *acks], durable=bool(acks),
         )  # fmt: skip
         res = parse_next(out)
         res.confirm = confirm

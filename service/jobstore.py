@@ -140,7 +140,7 @@ local function retire(w)
     if v then redis.call('HINCRBY', job, 'retired_' .. c, v) end
   end
   redis.call('HDEL', workers, w .. ':handed', w .. ':acked', w .. ':acked_sequences', w .. ':redelivered',
-             w .. ':first', w .. ':last')
+             w .. ':first', w .. ':last', w .. ':seq')
   redis.call('ZREM', seen, w)
   redis.call('HINCRBY', job, 'retired_workers', 1)
 end
@@ -156,20 +156,24 @@ end
 """
 
 # KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2]: request id ('' for none), ARGV[3]: idle ms after
-# which a worker's counters fold into the totals, ARGV[4]: most workers tracked, ARGV[5..]: lease ids to ack
-# first (the batches the worker finished)
+# which a worker's counters fold into the totals, ARGV[4]: most workers tracked, ARGV[5]: the request's
+# sequence number in its worker's stream (increasing; 0 for none), ARGV[6..]: lease ids to ack first (the
+# batches the worker finished)
 # returns {state, ...}:
-#   {'lease', epoch, index, lease id, expiry ms, redelivered 0|1, job instance id, acks...}
+#   {'lease', epoch, index, lease id, expiry ms, redelivered 0|1, job instance id, in order 0|1, acks...}
 #   {'wait', retry after ms, job instance id, acks...}   (all handed out; leases or the epoch boundary pending)
 #   {'done'|'cancelled', 0, job instance id, acks...}, {'missing'}
 # A request id makes the call idempotent per worker: asked again with the same id while the lease it
 # granted is still this worker's, the same lease is returned instead of a second one.
+# 'in order': no request of this worker with a higher sequence number was granted a batch before this one,
+# so every later-numbered request gets a later batch (or a redelivered one): the client may yield this batch
+# once its earlier-numbered requests are answered, without waiting for the later ones.
 # (the instance id is new for every created job, so callers can cache a job's config safely)
 NEXT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
 local worker, rid = ARGV[1], ARGV[2]
 local acks = {}
-for a = 5, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker) end
+for a = 6, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker) end
 if #acks > 0 then redis.call('HSET', job, 'acked_at', now) end  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 local status = redis.call('HGET', job, 'status')
@@ -181,12 +185,13 @@ prune(tonumber(ARGV[3]), tonumber(ARGV[4]))
 if rid ~= '' then
   local prev = redis.call('HGET', requests, worker .. '|' .. rid)
   if prev then
-    local member, redelivered = string.match(prev, '^([^|]*)|(%d)$')
+    local member, redelivered, inorder = string.match(prev, '^([^|]*)|(%d)|(%d)$')
     local lease, by, by_rid = holder(member)
     local expiry = redis.call('ZSCORE', leases, member)
     if by == worker and by_rid == rid and expiry and tonumber(expiry) > 0 then
       local e, i = string.match(member, '^(%d+):(%d+)$')
-      return {'lease', tonumber(e), tonumber(i), lease, tonumber(expiry), tonumber(redelivered), instance, unpack(acks)}
+      return {'lease', tonumber(e), tonumber(i), lease, tonumber(expiry), tonumber(redelivered), instance,
+              tonumber(inorder), unpack(acks)}
     end
   end
 end
@@ -194,20 +199,27 @@ end
 local lease_ms = tonumber(redis.call('HGET', job, 'lease_ms'))
 
 local function grant(e, i, redelivered)
+  local seq, inorder = tonumber(ARGV[5]), 0
+  if seq > 0 then
+    if seq > tonumber(redis.call('HGET', workers, worker .. ':seq') or '0') then inorder = 1 end
+    if inorder == 1 then redis.call('HSET', workers, worker .. ':seq', seq) end
+  end
   local attempt = redis.call('HINCRBY', job, 'attempts', 1)
   local lease = lease_id(e, i, attempt, instance, worker)
   local member = e .. ':' .. i
   forget_request(member)  -- an expired lease's holder may ask again with its old request id: not for this one
   redis.call('ZADD', leases, now + lease_ms, member)
   redis.call('HSET', leasemap, member, lease .. '|' .. worker .. '|' .. rid)
-  if rid ~= '' then redis.call('HSET', requests, worker .. '|' .. rid, member .. '|' .. redelivered) end
+  if rid ~= '' then
+    redis.call('HSET', requests, worker .. '|' .. rid, member .. '|' .. redelivered .. '|' .. inorder)
+  end
   redis.call('HINCRBY', job, 'handed', 1)
   redis.call('HINCRBY', workers, worker .. ':handed', 1)
   if redelivered == 1 then
     redis.call('HINCRBY', job, 'redelivered', 1)
     redis.call('HINCRBY', workers, worker .. ':redelivered', 1)
   end
-  return {'lease', e, i, lease, now + lease_ms, redelivered, instance, unpack(acks)}
+  return {'lease', e, i, lease, now + lease_ms, redelivered, instance, inorder, unpack(acks)}
 end
 
 local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, 1)

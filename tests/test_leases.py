@@ -130,6 +130,26 @@ def test_a_retried_lease_request_gets_the_same_lease(raw: Raw, ds):
     assert_problem(raw.http.post(f"/v1/jobs/{job}/next", params={"request": "not ok!"}), 422, "validation-failed")
 
 
+def test_grants_say_whether_they_came_in_the_order_of_the_requests(raw: Raw, ds):
+    """A worker numbers its requests; a grant is 'in order' when no higher-numbered request of that worker got
+    a batch first, which lets a client yield it without waiting for its later requests."""
+    name, _ = ds
+    job = _job(raw, name, batch_size=16)
+
+    def grant(seq: int, worker: str = "w") -> tuple[tuple[int, int], str]:
+        r = raw.http.post(f"/v1/jobs/{job}/next", params={"worker": worker, "seq": seq})
+        assert r.status_code == 200, r.text
+        return (int(r.headers["maskserve-epoch"]), int(r.headers["maskserve-batch-index"])), \
+            r.headers["maskserve-in-order"]  # fmt: skip
+
+    assert grant(10) == ((0, 0), "1")
+    assert grant(20) == ((0, 1), "1")
+    assert grant(15) == ((0, 2), "0")  # sent before the one numbered 20, granted after it: a later batch
+    assert grant(30) == ((0, 3), "1")
+    assert grant(5, "v") == ((0, 4), "1")  # numbers are per worker
+    assert grant(0) == ((0, 5), "0")  # unnumbered: no promise
+
+
 def test_a_failing_request_hands_out_nothing(raw: Raw, client: Client, ds):
     """A static job whose cache was dropped: /next fails, and its batch is the next one handed out,
     not one that comes back only when a lease times out."""

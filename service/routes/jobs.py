@@ -125,6 +125,12 @@ class NextQuery(OutputParams):
         description="A client-chosen id of this lease request: a retry with the same id (after a lost answer) "
         "gets the lease the first attempt was granted, not a second one.",
     )  # fmt: skip
+    seq: int = Field(
+        default=0, ge=0, le=1 << 52,
+        description="This request's number in the worker's stream, increasing (e.g. microseconds since the epoch). "
+        "The answer's `Maskserve-In-Order: 1` then says no later-numbered request of the worker was granted "
+        "a batch first, so the client can keep its batches in order without waiting on later requests.",
+    )  # fmt: skip
     format: str | None = Field(default=None, pattern="^(safetensors|json)$")
 
 
@@ -139,10 +145,10 @@ async def next_batch(name: str, request: Request) -> Response:
     jobs: Jobs = request.app.state.jobs  # no dependencies on the hot path (see deps.parse_query)
     as_json = wants_json(request, q.format)
     dataset = await _dataset(jobs, name)
-    res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "")
+    res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "", q.seq)
     if res.state == "missing":  # deleted, or re-created on another dataset
         dataset = await _dataset(jobs, name, fresh=True)
-        res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "")
+        res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "", q.seq)
         if res.state == "missing":
             raise JobNotFound(f"no job named {name!r}", job=name)
     ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
@@ -199,6 +205,7 @@ async def _serve(
         "Maskserve-Lease": lease.lease,
         "Maskserve-Lease-Expires-Ms": str(lease.expires_ms),
         "Maskserve-Redelivered": "1" if lease.redelivered else "0",
+        "Maskserve-In-Order": "1" if lease.in_order else "0",
     }
     return Response(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
 
