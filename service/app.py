@@ -67,7 +67,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield
         finally:
-            await durability.aclose()
             await r.aclose()
             if embedded is not None:
                 embedded.stop()

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
-from redis.exceptions import ResponseError
+from redis.asyncio.connection import Connection
+from redis.exceptions import NoScriptError, ResponseError
 
 from .errors import StoreUnavailable
 
@@ -30,7 +31,6 @@ log = logging.getLogger("maskserve")
 
 Mode = Literal["auto", "require", "off"]
 Confirm = Callable[[], Awaitable[None]]
-IDLE_LANES = 32  # single-connection clients kept for the script + WAITAOF pairs (not made per request)
 
 
 class DurabilityError(RuntimeError):
@@ -51,7 +51,6 @@ class Durability:
         self.timeout_ms = timeout_ms
         self.enabled = False
         self.probed = False
-        self._lanes: list[Redis] = []  # idle clients, each holding one connection of the pool
         self.reason = "not probed yet"
 
     async def probe(self) -> "Durability":
@@ -97,14 +96,16 @@ class Durability:
             await self.probe()
         if not (durable and self.enabled):
             return await script(keys=keys, args=args), confirmed
-        # Two round trips on one connection (WAITAOF covers the writes of its own connection). Not one
-        # pipeline: a WAITAOF read together with the write blocks before that write reaches the AOF, and
-        # the server then wakes it only at its next cron tick (100 ms at hz 10) rather than at the fsync.
-        conn = self._lanes.pop() if self._lanes else self.r.client()
+        # Two round trips on one connection of the pool (WAITAOF covers the writes of its own connection).
+        # Not one pipeline: a WAITAOF read together with the write blocks before that write reaches the AOF,
+        # and the server then wakes it only at its next cron tick (100 ms at hz 10) rather than at the fsync.
+        pool = self.r.connection_pool
+        conn = await pool.get_connection()  # checked by the pool (a server restart closes connections)
         try:
-            out = await script(keys=keys, args=args, client=conn)
+            out = await _evalsha(conn, script, keys, args)
         except BaseException:
-            await conn.aclose()
+            await conn.disconnect()  # an answer may be left unread on it
+            await pool.release(conn)
             raise
         waiting = asyncio.ensure_future(self._wait(conn))
 
@@ -113,21 +114,16 @@ class Durability:
 
         return out, confirm
 
-    async def _wait(self, conn: Redis) -> Any:
+    async def _wait(self, conn: Connection) -> Any:
+        pool = self.r.connection_pool
         try:
-            out = await conn.execute_command("WAITAOF", 1, self.replicas, self.timeout_ms)
-        except Exception as exc:  # noqa: BLE001 - judged in _check, by whoever awaits the confirmation
-            await conn.aclose()
+            await conn.send_command("WAITAOF", 1, self.replicas, self.timeout_ms)
+            return await conn.read_response()
+        except BaseException as exc:  # judged in _check, by whoever awaits the confirmation
+            await conn.disconnect()
             return exc
-        if len(self._lanes) < IDLE_LANES:
-            self._lanes.append(conn)
-        else:
-            await conn.aclose()
-        return out
-
-    async def aclose(self) -> None:
-        while self._lanes:
-            await self._lanes.pop().aclose()
+        finally:
+            await pool.release(conn)
 
     def _check(self, waited: Any, out: Any) -> None:
         if isinstance(waited, ResponseError) and "appendonly" in str(waited).lower():
@@ -148,3 +144,15 @@ class Durability:
 
 async def confirmed() -> None:
     return None
+
+
+async def _evalsha(conn: Connection, script: AsyncScript, keys: list[Any], args: list[Any]) -> Any:
+    """``script`` on this very connection (loading it first if the server does not know it)."""
+    try:
+        await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await conn.read_response()
+    except NoScriptError:
+        await conn.send_command("SCRIPT", "LOAD", script.script)
+        await conn.read_response()
+        await conn.send_command("EVALSHA", script.sha, len(keys), *keys, *args)
+        return await conn.read_response()

@@ -455,6 +455,7 @@ def test_job_resumes_after_redis_restarts_from_aof(spawn_service, tmp_path: Path
             for k in ("status", "epoch", "next_batch", "handed_out", "acked", "leased", "acked_per_epoch"):
                 assert after[k] == before[k], k
             r = http.post(f"/v1/jobs/{job}/ack", json={"worker": "before", "leases": [g[3] for g in held]})
+            assert r.status_code == 200, r.text
             assert r.json()["results"] == ["acked"] * 3  # leases granted before the restart are still good
 
             rest: list[tuple[int, int, list[int]]] = []
