@@ -103,7 +103,7 @@ class Raw:
         assert isinstance(out, Leased), f"expected a batch, got {out.status_code}: {out.text}"
         return out
 
-    def lease_when_ready(self, job: str, worker: str = "w", timeout: float = 10) -> Leased:
+    def lease_when_ready(self, job: str, worker: str = "w", timeout: float = 30) -> Leased:
         """Lease, waiting out 204s as the service advises."""
         deadline = time.monotonic() + timeout
         while True:
@@ -352,7 +352,7 @@ def test_ack_results_acked_duplicate_invalid_late(raw: Raw, ds):
     assert raw.ack(job, ["garbage", "", "1:0:1:ab", not_handed, "0:999:1:ab"], "A") == ["invalid"] * 5
 
     # B's lease runs out; the batch is handed to C; B's late ack still counts once, C's is then a duplicate
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:
         c = raw.lease_when_ready(job, "C")
         if c.redelivered:
@@ -408,7 +408,7 @@ def test_redelivered_batch_is_identical_and_masks_are_recomputable(raw: Raw, cli
     masking = {"mlm_probability": 0.3, "mask_ratio": 0.6, "random_ratio": 0.3}
     assert raw.create(job_body(job, name, batch_size=b, lease_timeout_s=0.4, seed=seed, masking=masking)).status_code == 201
     first = raw.lease(job, "dies")
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while True:  # another worker takes the other batches, then the expired one
         out = raw.next(job, "lives")
         assert time.monotonic() < deadline, "the expired lease was never handed out again"
@@ -731,11 +731,12 @@ def test_job_stream_acks_on_next_and_gives_back_unused_leases(client: Client, ds
         seen.append((bt.epoch, bt.index))
         if len(seen) == 5:
             break
+    poll_until(lambda: client.job_progress(job)["handed_out"] > 5, "the stream to prefetch")
     stream.close()  # acks the 5 batches it handed out (trained); gives back the prefetched ones
     p = client.job_progress(job)
     given_back = p["handed_out"] - 5
     assert p["acked"] == 5 and given_back >= 1 and p["leased"] == given_back
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     with client.job(job, worker="second", prefetch=1) as rest:
         for bt in rest:
             seen.append((bt.epoch, bt.index))
@@ -774,7 +775,7 @@ def test_job_stream_prefetch_does_not_wait_for_its_own_leases(raw: Raw, client: 
     assert released == 1
 
 
-def poll_until(cond, what: str, timeout: float = 10) -> None:
+def poll_until(cond, what: str, timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
