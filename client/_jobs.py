@@ -220,9 +220,13 @@ class JobStream(Closing):
                     break
                 self._cv.wait()
         error, ended = self._error, self._ended
-        self.close()
         if error is not None:
+            try:
+                self.close()
+            except MaskserveError as exc:  # the first failure is the one to report; the acks stay queued
+                log.warning("job %r: closing after an error: %s", self.job, exc)
             raise error
+        self.close()
         if ended == "cancelled":
             raise JobCancelled(410, "urn:maskserve:problem:job-finished", "Job cancelled",
                                f"job {self.job!r} was cancelled", {"job_status": "cancelled"})  # fmt: skip

@@ -663,3 +663,35 @@ def test_trainer_rides_out_its_only_replica_killed_and_restarted(spawn_service, 
         assert p["status"] == "done" and p["acked"] == bpe and p["workers"]["trainer"]["acked"] == bpe
         assert int(text.split("steps (now at ")[1].split(")")[0]) == bpe  # each batch trained once
         assert p["handed_out"] == 2 * bpe  # the gate's, then the trainer's: no lease lost in the restart
+
+
+@pytest.mark.slow
+def test_trainer_says_a_cancelled_job_was_cancelled(service: ServiceProcess, tmp_path: Path, bpe_tokenizer, corpus):
+    """A job cancelled under a trainer ends it with its own status and message, not as if it had finished."""
+    with Client(service.url) as c, httpx.Client(base_url=service.url, timeout=30) as http:
+        name, n = make_dataset(c, bpe_tokenizer, corpus, docs=40)
+        job = uid("cancel")
+        c.create_job(job, name, batch_size=8, seed=0, epochs=1, lease_timeout_s=60, masking={"mlm_probability": 0.15})
+        r = http.post(f"/v1/jobs/{job}/next", params={"worker": "gate"})  # one batch held, so the job cannot end
+        assert r.status_code == 200
+        log = tmp_path / "trainer.txt"
+        args = ["--url", service.url, "--dataset", name, "--job", job, "--batch-size", "8", "--epochs", "1",
+                "--lease-timeout", "60", "--d-model", "32", "--layers", "1", "--heads", "2", "--d-ff", "64",
+                "--steps", "100000", "--device", "cpu", "--threads", "1", "--log-every", "1000", "--prefetch", "1"]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=ROOT, stdout=out,
+                                    stderr=subprocess.STDOUT,
+                                    env={**service_env(), "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            try:
+                bpe = -(-n // 8)
+                poll(lambda: c.job_progress(job)["acked"] == bpe - 1 or proc.poll() is not None, 90,
+                     "the trainer to train every batch but the held one")  # fmt: skip
+                assert c.cancel_job(job)["status"] == "cancelled"
+                assert proc.wait(60) == 3, log.read_text()
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        text = log.read_text()
+        assert "was cancelled" in text and "is finished" not in text, text
+        assert c.job_progress(job)["workers"].get("gate", {}).get("acked", 0) == 0
