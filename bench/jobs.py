@@ -5,8 +5,10 @@ time; the figure is sequences per second across all workers. Reported side
 by side in one run:
 
 * stateless ``GET /batch`` (B random sequences) with 1 and with N workers,
-* job batches (leased, acked on the next request) with 1 and with N workers,
-  and their ratio (the target: job >= 80% of stateless),
+* job batches (leased, acked on the next request, the acks confirmed once
+  durable where the server can: ``--embedded`` runs Valkey with its AOF and
+  WAITAOF) with 1 and with N workers, and their ratio (the target: job >= 80%
+  of stateless),
 * the job with N workers spread over 1 and over 2 service processes.
 
 Run: ``python bench/jobs.py`` (``--help`` for the knobs).
@@ -47,18 +49,18 @@ def _drain(stream, seconds: float, out: mp.Queue) -> None:  # noqa: ANN001
     out.put((n, time.perf_counter() - t0))
 
 
-def _stateless(url: str, dataset: str, size: int, seconds: float, worker: int, out: mp.Queue) -> None:
+def _stateless(url: str, dataset: str, size: int, seconds: float, prefetch: int, worker: int, out: mp.Queue) -> None:
     from client import Client
 
     with Client(url) as c:
-        _drain(c.batches(dataset, batch_size=size, seed=1000 + worker, prefetch=2), seconds, out)
+        _drain(c.batches(dataset, batch_size=size, seed=1000 + worker, prefetch=prefetch), seconds, out)
 
 
-def _job(url: str, job: str, seconds: float, worker: int, out: mp.Queue) -> None:
+def _job(url: str, job: str, seconds: float, prefetch: int, worker: int, out: mp.Queue) -> None:
     from client import Client
 
     with Client(url) as c:
-        _drain(c.job(job, worker=f"bench-{worker}", prefetch=2), seconds, out)
+        _drain(c.job(job, worker=f"bench-{worker}", prefetch=prefetch), seconds, out)
 
 
 def run_workers(target, args_for, workers: int) -> float:  # noqa: ANN001
@@ -80,10 +82,12 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=4, help="the N of the multi-worker runs")
     p.add_argument("--seconds", type=float, default=8.0, help="pull time per measurement")
     p.add_argument("--corpus-mb", type=float, default=6.0, help="text ingested (stdlib docstrings, repeated)")
+    p.add_argument("--prefetch", type=int, default=2, help="requests in flight per worker, on both paths")
     add_service_args(p)
     args = p.parse_args()
     header("job batches vs stateless batches", ["sequences/s summed over worker processes"],
-           {"B": args.batch_size, "L": args.seq_len, "N": args.workers, "seconds": args.seconds})  # fmt: skip
+           {"B": args.batch_size, "L": args.seq_len, "N": args.workers, "seconds": args.seconds,
+            "prefetch": args.prefetch})  # fmt: skip
 
     from client import Client
 
@@ -103,9 +107,11 @@ def main() -> None:
 
             rows = []
             for n in (1, args.workers):
-                stateless = run_workers(_stateless, lambda w: (svc.url, "bench", args.batch_size, args.seconds), n)
+                stateless = run_workers(
+                    _stateless, lambda w: (svc.url, "bench", args.batch_size, args.seconds, args.prefetch), n
+                )
                 job = new_job(f"w{n}")
-                leased = run_workers(_job, lambda w, job=job: (svc.url, job, args.seconds), n)
+                leased = run_workers(_job, lambda w, job=job: (svc.url, job, args.seconds, args.prefetch), n)
                 rows.append((n, stateless, leased))
             print(f"\n{'workers':>8} {'stateless seq/s':>16} {'job seq/s':>10} {'job/stateless':>14}")
             for n, s, j in rows:
@@ -114,10 +120,10 @@ def main() -> None:
 
             # scaling: the same job over two service processes
             job = new_job("scale")
-            one = run_workers(_job, lambda w: (svc.url, job, args.seconds), args.workers)
+            one = run_workers(_job, lambda w: (svc.url, job, args.seconds, args.prefetch), args.workers)
             with Service(redis_url=svc.redis_url, embedded=False) as second:
                 urls = [svc.url, second.url]
-                two = run_workers(_job, lambda w: (urls[w % 2], job, args.seconds), args.workers)
+                two = run_workers(_job, lambda w: (urls[w % 2], job, args.seconds, args.prefetch), args.workers)
             progress = c.job_progress(job)
             print(f"\njob over 1 service process: {one:,.0f} seq/s; over 2: {two:,.0f} seq/s "
                   f"(x{two / one:.2f}); redelivered {progress['redelivered']}, late acks {progress['late_acks']}")  # fmt: skip
