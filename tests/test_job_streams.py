@@ -18,7 +18,7 @@ import pytest
 from client import Client, TransportError
 
 from .conftest import free_port
-from .test_jobs import make_dataset, uid
+from .test_jobs import ds, uid  # noqa: F401 - ds is a fixture
 
 PROBLEM_503 = b'{"type": "urn:maskserve:problem:overloaded", "title": "Overloaded", "status": 503}'
 
@@ -61,11 +61,6 @@ class Faults(httpx.BaseTransport):
 
     def close(self) -> None:
         self.inner.close()
-
-
-@pytest.fixture
-def ds(client: Client, bpe_tokenizer: str, corpus: list[str]) -> tuple[str, int]:
-    return make_dataset(client, bpe_tokenizer, corpus)
 
 
 def _drain(c: Client, job: str, **kw) -> list[tuple[int, int]]:

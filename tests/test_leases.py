@@ -20,18 +20,7 @@ from service.jobs import lease_keys, lease_tag
 
 from .conftest import ServerThread
 from .test_jobs import PROBLEM, Leased, Raw, assert_problem, drain, job_body, make_dataset, uid
-
-
-@pytest.fixture
-def raw(service_url: str):
-    r = Raw(service_url)
-    yield r
-    r.close()
-
-
-@pytest.fixture
-def ds(client: Client, bpe_tokenizer: str, corpus: list[str]) -> tuple[str, int]:
-    return make_dataset(client, bpe_tokenizer, corpus)
+from .test_jobs import ds, raw  # noqa: F401 - fixtures
 
 
 def _job(raw: Raw, name: str, **kw) -> str:
