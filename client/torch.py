@@ -74,13 +74,15 @@ class JobBatches(IterableDataset):
     With loader workers, each worker attaches under its own name and acks a
     batch once it has produced the next one, which DataLoader does
     ``prefetch_factor`` batches ahead of training: a crash can then lose that
-    many acked-but-untrained batches per worker. Items carry ``epoch``,
-    ``index`` and ``sequence_ids`` tensors besides the model inputs.
+    many acked-but-untrained batches per worker. Stopping early (the loop
+    breaks) acks the last batch taken; lease requests ride out outages
+    shorter than ``max_outage`` seconds. Items carry ``epoch``, ``index`` and
+    ``sequence_ids`` tensors besides the model inputs.
     """
 
     def __init__(
         self, base_url: str, job: str, *, create: dict[str, Any] | None = None, worker: str | None = None,
-        prefetch: int = 2, token: str | None = None,
+        prefetch: int = 2, token: str | None = None, max_outage: float = 300.0,
     ) -> None:  # fmt: skip
         super().__init__()
         self.base_url = base_url
@@ -89,12 +91,14 @@ class JobBatches(IterableDataset):
         self.worker = worker
         self.prefetch = prefetch
         self.token = token
+        self.max_outage = max_outage
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker = self.worker if info is None or self.worker is None else f"{self.worker}-{info.id}"
         with Client(self.base_url, token=self.token) as c:
-            with c.job(self.job, create=self.create, worker=worker, prefetch=self.prefetch) as stream:
+            with c.job(self.job, create=self.create, worker=worker, prefetch=self.prefetch,
+                       max_outage=self.max_outage) as stream:  # fmt: skip
                 for batch in stream:
                     yield _item(batch, epoch=batch.epoch, index=batch.index)
 
