@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import __version__
@@ -112,11 +113,14 @@ class Gatekeeper:
         if self.settings.auth_token is not None and path not in _PUBLIC_PATHS:
             authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             refusal = check_token(self.settings, authorization)
-        limit = self.settings.max_tokenizer_bytes
         if refusal is None and not path.endswith(_STREAMED_SUFFIXES):
+            # JSON bodies are read whole: bounded as they arrive, however they are framed (a chunked body
+            # has no Content-Length); tokenizer.json uploads get their own, larger limit
+            limit = self.settings.max_tokenizer_bytes if path == "/v1/datasets" else self.settings.max_json_bytes
             for name, value in scope["headers"]:
                 if name == b"content-length" and value.isdigit() and int(value) > limit:
                     refusal = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
+            receive = _bounded(receive, limit)
         if refusal is not None:
             await problem_response(refusal, Request(scope))(scope, receive, send)
             return
@@ -135,3 +139,26 @@ class Gatekeeper:
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status[0])).inc()
             self.metrics.latency.labels(label).observe(time.perf_counter() - start)
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """Raised while a body is read, past its limit (an HTTP exception, so the body parser passes it on)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the {limit}-byte limit")
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """``receive`` that raises :class:`BodyTooLarge` once more than ``limit`` body bytes have come in."""
+    seen = 0
+
+    async def bounded() -> Message:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise BodyTooLarge(limit)
+        return message
+
+    return bounded

@@ -31,6 +31,9 @@ class Settings(BaseSettings):
     max_seq_len: int = Field(default=8192, ge=8, le=65536, description="Largest sequence length L of a dataset.")
     max_body_bytes: int = Field(default=1 << 30, ge=1024, description="Largest ingest request body.")
     max_tokenizer_bytes: int = Field(default=64 << 20, ge=1024, description="Largest tokenizer.json upload.")
+    max_json_bytes: int = Field(
+        default=1 << 20, ge=1024, description="Largest JSON body of every other route (acks, jobs, masks, reports)."
+    )
     max_train_bytes: int = Field(default=256 << 20, ge=1024, description="Largest corpus for tokenizer training.")
 
     ingest_batch_bytes: int = Field(default=1 << 20, ge=1024, description="Text handed to the tokenizer per call.")

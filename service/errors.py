@@ -149,8 +149,9 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ServiceError(str(exc.detail))
         err.status = exc.status_code  # type: ignore[misc]
-        err.type = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http-error")  # type: ignore[misc]
-        err.title = str(exc.detail)  # type: ignore[misc]
+        kind = {404: "not-found", 405: "method-not-allowed", 413: PayloadTooLarge.type}.get(exc.status_code, "http-error")
+        err.type = kind  # type: ignore[misc]
+        err.title = PayloadTooLarge.title if exc.status_code == 413 else str(exc.detail)  # type: ignore[misc]
         return problem_response(err, request)
 
     @app.exception_handler(Exception)

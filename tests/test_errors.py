@@ -528,3 +528,36 @@ def test_token_check_compares_raw_header_bytes():
         refusal = check_token(settings, header)
         assert refusal is not None and refusal.status == 401, header
     assert check_token(S(), b"") is None  # no token configured: open
+
+
+# ---- JSON bodies are bounded while they arrive, however they are framed ----------------------
+
+
+def _chunked(total: int, piece: int = 16 << 10, fill: bytes = b" "):
+    def gen():
+        sent = 0
+        while sent < total:
+            n = min(piece, total - sent)
+            sent += n
+            yield fill * n
+    return gen()
+
+
+def test_chunked_json_bodies_are_bounded_per_route(settings, rdb, bpe_tokenizer):
+    """A chunked body has no Content-Length: it is counted as it arrives and refused once past its route's
+    limit (tokenizer uploads to POST /v1/datasets get the larger one), with a 413 problem, storing nothing."""
+    small = settings.model_copy(update={"max_json_bytes": 4096, "max_tokenizer_bytes": 256 << 10})
+    with ServerThread(small) as server, httpx.Client(base_url=server.url, timeout=60) as http:
+        r = http.post("/v1/jobs/anything/ack", content=_chunked(8 << 20), headers={"Content-Type": "application/json"})
+        check_problem(r, 413, "payload-too-large", "4096")
+        r = http.post("/v1/jobs", content=_chunked(8 << 20), headers={"Content-Type": "application/json"})
+        check_problem(r, 413, "payload-too-large", "4096")
+        r = http.post("/v1/datasets", content=_chunked(8 << 20), headers={"Content-Type": "application/json"})
+        check_problem(r, 413, "payload-too-large", str(256 << 10))
+        # a real tokenizer.json above the JSON limit but below the tokenizer limit still goes through, chunked
+        body = json.dumps({"name": "chunky", "seq_len": 64, "tokenizer": json.loads(bpe_tokenizer)}).encode()
+        assert 4096 < len(body) < 256 << 10
+        r = http.post("/v1/datasets", content=iter([body[i : i + 1000] for i in range(0, len(body), 1000)]),
+                      headers={"Content-Type": "application/json"})  # fmt: skip
+        assert r.status_code == 201, r.text
+        assert [k for k in rdb.keys("*") if b"chunky" not in k and b"datasets" not in k] == []
