@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,6 +26,13 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default=Path("maskserve-data"), description="Embedded server's data (AOF) directory.")
     key_prefix: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
     auth_token: SecretStr | None = Field(default=None, description="Bearer token required on every route but health.")
+
+    @field_validator("auth_token")
+    @classmethod
+    def _token_not_blank(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().strip():
+            raise ValueError("an empty bearer token would let anyone in: unset MASKSERVE_AUTH_TOKEN or give a token")
+        return v
 
     max_batch_size: int = Field(default=4096, ge=1, description="Largest B a batch request may ask for.")
     max_seq_len: int = Field(default=8192, ge=8, le=65536, description="Largest sequence length L of a dataset.")

@@ -50,7 +50,8 @@ def check_token(settings: Settings, authorization: bytes) -> Unauthorized | None
         return None
     expected = settings.auth_token.get_secret_value().encode()
     scheme, _, given = authorization.partition(b" ")
-    if scheme.lower() != b"bearer" or not secrets.compare_digest(given.strip(), expected):
+    given = given.strip()
+    if scheme.lower() != b"bearer" or not given or not secrets.compare_digest(given, expected):
         return Unauthorized("send 'Authorization: Bearer <token>' with the service's configured token")
     return None
 

@@ -35,9 +35,11 @@ class JobConfig(BaseModel):
     batch_size: int = Field(default=32, ge=1, description="Sequences per batch.")
     seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations and the masks.")
     shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
-    epochs: int | None = Field(default=1, ge=1, description="Number of epochs; null runs until cancelled.")
+    epochs: int | None = Field(default=1, ge=1, le=1_000_000, description="Number of epochs; null runs until cancelled.")
     drop_last: bool = Field(default=False, description="Drop the short last batch of each epoch.")
-    lease_timeout_s: float = Field(default=60.0, gt=0, le=86400, description="A batch not acked by then is handed out again.")
+    lease_timeout_s: float = Field(
+        default=60.0, ge=0.01, le=86400, description="A batch not acked by then is handed out again (10 ms or more)."
+    )
     epoch_boundary: Literal["handout", "ack"] = Field(
         default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
     )

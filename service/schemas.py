@@ -20,7 +20,9 @@ class MaskingParams(BaseModel):
     count: Literal["bernoulli", "exact"] = Field(
         default="bernoulli", description="Each unit with p, or exactly round(p*n) tokens per sequence."
     )
-    max_predictions: int | None = Field(default=None, ge=0, description="Cap on selected tokens per sequence (exact).")
+    max_predictions: int | None = Field(
+        default=None, ge=0, le=65536, description="Cap on selected tokens per sequence (exact); at most the longest L."
+    )
     random_tokens: Literal["uniform", "frequency"] = Field(
         default="uniform", description="How random replacements are drawn from the ordinary vocabulary."
     )

@@ -530,6 +530,22 @@ def test_token_check_compares_raw_header_bytes():
     assert check_token(S(), b"") is None  # no token configured: open
 
 
+def test_an_empty_token_is_refused_at_start_up(monkeypatch):
+    """MASKSERVE_AUTH_TOKEN="" would accept a bare 'Authorization: Bearer': the service refuses to start."""
+    from pydantic import ValidationError
+
+    from service.config import Settings as S
+
+    for blank in ("", "   "):
+        with pytest.raises(ValidationError, match="empty bearer token"):
+            S(auth_token=SecretStr(blank))
+        monkeypatch.setenv("MASKSERVE_AUTH_TOKEN", blank)
+        with pytest.raises(ValidationError, match="empty bearer token"):
+            S()
+    monkeypatch.delenv("MASKSERVE_AUTH_TOKEN")
+    assert S().auth_token is None
+
+
 # ---- JSON bodies are bounded while they arrive, however they are framed ----------------------
 
 

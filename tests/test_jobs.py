@@ -212,13 +212,16 @@ def test_create_rejects_bad_input(raw: Raw, ds):
     name, n = ds
     assert raw.create(job_body(uid("job"), "no-such-dataset")).status_code == 404
     for bad in ({"batch_size": 0}, {"epochs": 0}, {"lease_timeout_s": 0}, {"epoch_boundary": "never"},
-                {"name": "bad name!"}, {"masking": {"mlm_probability": 2}}):  # fmt: skip
+                {"name": "bad name!"}, {"masking": {"mlm_probability": 2}},
+                {"lease_timeout_s": 1e-12}, {"epochs": 10**30}, {"masking": {"max_predictions": 2**63}},
+                {"masking": {"max_predictions": 2**70, "count": "exact"}}):  # fmt: skip
         body = job_body(uid("job"), name)
         body.update(bad)
         r = raw.create(body)
         assert 400 <= r.status_code < 500, (bad, r.status_code, r.text)
     r = raw.create(job_body(uid("job"), name, batch_size=n + 1, drop_last=True))
     assert 400 <= r.status_code < 500, r.text  # no full batch at all
+    assert raw.http.get("/v1/jobs").json() == {"jobs": []}  # nothing was created by any of them
 
 
 def test_job_batch_size_is_limited_like_batches(raw: Raw, ds, settings):
