@@ -56,6 +56,12 @@ class InvalidTokenizer(ServiceError):
     type, title, status = "invalid-tokenizer", "Invalid tokenizer", 400
 
 
+class TokenizerFailed(ServiceError):
+    """The dataset's tokenizer itself failed (a panic inside the library, e.g. a normalizer's regex)."""
+
+    type, title, status = "tokenizer-failed", "The tokenizer failed on this input", 422
+
+
 class MalformedDocument(ServiceError):
     type, title, status = "malformed-document", "Malformed document", 400
 

@@ -7,13 +7,14 @@ so the event loop keeps serving batches while a corpus is tokenized.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from .errors import InvalidTokenizer
+from .errors import InvalidTokenizer, TokenizerFailed
 
 ROLES = ("cls", "sep", "pad", "mask", "unk")
 # Looked up in this order when the caller names no token for a role.
@@ -43,6 +44,21 @@ class TokenizerInfo:
         return np.dtype("<u2") if self.vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+@contextmanager
+def tokenizer_guard(what: str) -> Iterator[None]:
+    """Turn the library's failures inside the block, panics included (``PanicException`` is a
+    ``BaseException``, not an ``Exception``), into :class:`TokenizerFailed`."""
+    try:
+        yield
+    except (InvalidTokenizer, TokenizerFailed, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TokenizerFailed(f"the dataset's tokenizer failed while {what}: {reason}") from None
+
+
 def load_tokenizer(data: str | bytes) -> Tokenizer:
     """Parse a tokenizer.json; raise :class:`InvalidTokenizer` with the reason."""
     if isinstance(data, bytes):
@@ -52,7 +68,9 @@ def load_tokenizer(data: str | bytes) -> Tokenizer:
             raise InvalidTokenizer(f"tokenizer.json is not UTF-8: {exc}") from None
     try:
         tok = Tokenizer.from_str(data)
-    except Exception as exc:  # noqa: BLE001 - the library raises plain Exception subclasses
+    except BaseException as exc:  # noqa: BLE001 - plain Exception subclasses, or a panic
+        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+            raise
         raise InvalidTokenizer(f"not a valid tokenizer.json for the 'tokenizers' library: {exc}") from None
     tok.no_truncation()
     tok.no_padding()
@@ -122,7 +140,8 @@ def encode_texts(info: TokenizerInfo, texts: list[str]) -> tuple[np.ndarray, np.
     Returns ``(ids, word_start, doc_lengths)``: all documents' ids concatenated
     (int64), a bool per token, and each document's token count.
     """
-    encodings = info.tokenizer.encode_batch(texts, add_special_tokens=False)
+    with tokenizer_guard("encoding documents"):
+        encodings = info.tokenizer.encode_batch(texts, add_special_tokens=False)
     ids: list[int] = []
     words: list[int | None] = []
     lengths = np.empty(len(encodings), dtype=np.int64)
@@ -183,7 +202,8 @@ def train_tokenizer(
         cls, sep = "<s>", "</s>"
     else:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {TOKENIZER_KINDS}")
-    tok.train_from_iterator(texts, trainer=trainer)
+    with tokenizer_guard("training"):
+        tok.train_from_iterator(texts, trainer=trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls} $A {sep}",
         pair=f"{cls} $A {sep} {sep} $B {sep}",

@@ -577,3 +577,23 @@ def test_chunked_json_bodies_are_bounded_per_route(settings, rdb, bpe_tokenizer)
                       headers={"Content-Type": "application/json"})  # fmt: skip
         assert r.status_code == 201, r.text
         assert [k for k in rdb.keys("*") if b"chunky" not in k and b"datasets" not in k] == []
+
+
+def test_a_panicking_tokenizer_is_a_problem_not_a_crash(client, rdb, service_url):
+    """A normalizer whose regex hits the regex engine's retry limit makes the tokenizers library panic (a
+    BaseException): the ingest answers a 422 problem, stores nothing, and the service keeps serving."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "a": 1, "x": 2, "[CLS]": 3, "[SEP]": 4, "[PAD]": 5, "[MASK]": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Replace(Regex("(a+)+$"), "x")  # catastrophic backtracking
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    client.create_dataset("panics", tokenizer=tok.to_str(), seq_len=16, packing="doc")
+    with httpx.Client(base_url=service_url, timeout=60) as http:
+        r = http.post("/v1/datasets/panics/documents", content=json.dumps({"text": "a" * 40 + "b"}) + "\n",
+                      headers=NDJSON)  # fmt: skip
+        check_problem(r, 422, "tokenizer-failed", "tokenizer")
+        assert http.get("/healthz").status_code == 200
+    assert client.dataset("panics")["num_sequences"] == 0
+    client.ingest("panics", ["a a x"])  # input it can handle still goes in
+    assert client.dataset("panics")["num_sequences"] == 1
