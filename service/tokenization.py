@@ -98,6 +98,13 @@ def prepare(tok: Tokenizer, overrides: Mapping[str, str] | None = None) -> Token
 def describe(tok: Tokenizer, special_ids: Mapping[str, int | None]) -> TokenizerInfo:
     """Build the info for a tokenizer whose roles are already resolved."""
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    vocab = tok.get_vocab(with_added_tokens=True)
+    if vocab and (max(vocab.values()) >= vocab_size or min(vocab.values()) < 0):
+        # ids index per-token tables and are stored as uint16/uint32: they must be 0 .. size-1
+        raise InvalidTokenizer(
+            f"token ids must be dense, 0 to {vocab_size - 1} for a vocabulary of {vocab_size}; "
+            f"this one uses ids up to {max(vocab.values())}"
+        )
     added = [int(i) for i, t in tok.get_added_tokens_decoder().items() if t.special]
     all_special = sorted({*added, *(i for i in special_ids.values() if i is not None)})
     if any(i >= vocab_size for i in all_special):
@@ -107,11 +114,11 @@ def describe(tok: Tokenizer, special_ids: Mapping[str, int | None]) -> Tokenizer
         special_ids=dict(special_ids),
         all_special_ids=tuple(all_special),
         vocab_size=vocab_size,
-        word_start=_word_start_table(tok, vocab_size, all_special),
+        word_start=_word_start_table(tok, vocab, vocab_size, all_special),
     )
 
 
-def _word_start_table(tok: Tokenizer, vocab_size: int, special: Iterable[int]) -> np.ndarray:
+def _word_start_table(tok: Tokenizer, vocab: Mapping[str, int], vocab_size: int, special: Iterable[int]) -> np.ndarray:
     """Per id: does the token begin a word? Used for pre-tokenized input.
 
     WordPiece marks continuations (``##``); byte-level BPE marks starts (``Ġ``);
@@ -119,7 +126,6 @@ def _word_start_table(tok: Tokenizer, vocab_size: int, special: Iterable[int]) -
     """
     spec = json.loads(tok.to_str())
     model = spec.get("model") or {}
-    vocab = tok.get_vocab(with_added_tokens=True)
     table = np.ones(vocab_size, dtype=bool)
     if model.get("type") == "WordPiece":
         prefix = model.get("continuing_subword_prefix") or "##"

@@ -597,3 +597,17 @@ def test_a_panicking_tokenizer_is_a_problem_not_a_crash(client, rdb, service_url
     assert client.dataset("panics")["num_sequences"] == 0
     client.ingest("panics", ["a a x"])  # input it can handle still goes in
     assert client.dataset("panics")["num_sequences"] == 1
+
+
+def test_a_tokenizer_with_sparse_ids_is_refused(service_url, rdb):
+    """Ids index per-token tables: a 6-token vocabulary using id 70000 is refused at creation (not accepted,
+    then failing every ingest with memory scaling with the largest id)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[CLS]": 1, "[SEP]": 2, "[PAD]": 3, "[MASK]": 4, "hello": 70000}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    with httpx.Client(base_url=service_url, timeout=60) as http:
+        r = http.post("/v1/datasets", json={"name": "sparse", "seq_len": 16, "tokenizer": json.loads(tok.to_str())})
+        check_problem(r, 400, "invalid-tokenizer", "dense", "70000")
+    assert rdb.keys("*") == []
