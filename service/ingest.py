@@ -35,17 +35,24 @@ async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[byt
 
 
 async def lines(stream: AsyncIterator[bytes]) -> AsyncIterator[tuple[int, bytes]]:
-    """Split a byte stream into numbered lines (1-based, without the newline)."""
-    buf = b""
+    """Split a byte stream into numbered lines (1-based, without the newline).
+
+    Linear in the body: each piece is searched once, and a line's pieces are joined once, when its newline
+    comes (re-splitting a growing buffer per piece would be quadratic in a long line)."""
+    pending: list[bytes] = []
     number = 0
     async for piece in stream:
-        buf += piece
-        *complete, buf = buf.split(b"\n")
-        for line in complete:
+        start = 0
+        while (end := piece.find(b"\n", start)) >= 0:
+            pending.append(piece[start:end])
             number += 1
-            yield number, line
-    if buf:
-        yield number + 1, buf
+            yield number, b"".join(pending)
+            pending = []
+            start = end + 1
+        if start < len(piece):
+            pending.append(piece[start:])
+    if pending:
+        yield number + 1, b"".join(pending)
 
 
 def _utf8(raw: bytes, where: str) -> str:

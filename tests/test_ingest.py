@@ -524,3 +524,39 @@ def test_recreated_dataset_seen_by_another_replica(settings, rdb, bpe_tokenizer,
         _, got = stored(rdb, settings.key_prefix, name)
         want = expected_packing([doc_tokens(tok, t) for t in texts], "none", 32, *specials(tok))
         assert [ids for ids, _ in got] == [ids for ids, _ in want]
+
+
+async def _split(pieces: list[bytes]) -> list[tuple[int, bytes]]:
+    from service.ingest import lines
+
+    async def stream():
+        for p in pieces:
+            yield p
+
+    return [x async for x in lines(stream())]
+
+
+def test_line_splitting_matches_split_for_any_chunking():
+    import asyncio
+    import random
+
+    rng = random.Random(7)
+    for _ in range(200):
+        body = b"".join(rng.choice([b"\n", b"ab", b"c", b"\n\n", b"xyz" * rng.randint(0, 20)]) for _ in range(30))
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randint(0, 12))))
+        pieces = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)])]
+        want = body.split(b"\n")
+        if want and want[-1] == b"":
+            want.pop()
+        assert asyncio.run(_split(pieces)) == list(enumerate(want, 1))
+
+
+@pytest.mark.timeout(120)
+def test_a_long_line_in_small_pieces_is_split_in_linear_time():
+    """32 MB without a newline, in 4 KiB pieces: joined once (re-splitting the growing buffer per piece, as
+    before, copies ~130 GB here and does not finish)."""
+    import asyncio
+
+    piece = b"x" * 4096
+    out = asyncio.run(_split([piece] * 8192 + [b"\ntail"]))
+    assert [(n, len(line)) for n, line in out] == [(1, 8192 * 4096), (2, 4)]
