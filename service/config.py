@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_train_bytes: int = Field(default=256 << 20, ge=1024, description="Largest corpus for tokenizer training.")
 
     ingest_batch_bytes: int = Field(default=1 << 20, ge=1024, description="Text handed to the tokenizer per call.")
+    ingest_batch_docs: int = Field(
+        default=8192, ge=1, le=1 << 20, description="Most documents handed to the tokenizer per call."
+    )
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")

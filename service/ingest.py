@@ -201,15 +201,18 @@ class Pipeline:
 
 
 async def run_pipeline(
-    pipeline: Pipeline, docs: AsyncIterator[Document], batch_bytes: int, stage
+    pipeline: Pipeline, docs: AsyncIterator[Document], batch_bytes: int, stage, batch_docs: int = 8192
 ) -> IngestStats:
-    """Drive ``docs`` through ``pipeline``; ``stage(blob)`` stores each chunk."""
+    """Drive ``docs`` through ``pipeline``; ``stage(blob)`` stores each chunk.
+
+    A batch goes to the tokenizer at ``batch_bytes`` of text or ``batch_docs`` documents, whichever comes
+    first: each document costs objects of its own (its encoding), so many tiny ones must not pile up."""
     batch: list[Document] = []
     size = 0
     async for doc in docs:
         batch.append(doc)
         size += len(doc) if isinstance(doc, str) else 4 * len(doc)
-        if size >= batch_bytes:
+        if size >= batch_bytes or len(batch) >= batch_docs:
             for blob in await anyio.to_thread.run_sync(pipeline.feed, batch):
                 await stage(blob)
             batch, size = [], 0

@@ -560,3 +560,32 @@ def test_a_long_line_in_small_pieces_is_split_in_linear_time():
     piece = b"x" * 4096
     out = asyncio.run(_split([piece] * 8192 + [b"\ntail"]))
     assert [(n, len(line)) for n, line in out] == [(1, 8192 * 4096), (2, 4)]
+
+
+def test_ingest_batches_are_bounded_in_documents_too():
+    """Many tiny documents: each tokenizer call gets at most batch_docs of them, however little text they hold."""
+    import asyncio
+
+    from service.ingest import IngestStats, run_pipeline
+
+    fed: list[int] = []
+
+    class Recorder:  # stands in for the tokenizing pipeline: records each batch it is handed
+        stats = IngestStats()
+
+        def feed(self, docs):
+            fed.append(len(docs))
+            return []
+
+        def finish(self):
+            return []
+
+    async def docs():
+        for _ in range(2500):
+            yield "abc"
+
+    async def stage(blob):
+        raise AssertionError("nothing to stage")
+
+    asyncio.run(run_pipeline(Recorder(), docs(), 1 << 20, stage, batch_docs=1000))
+    assert fed == [1000, 1000, 500]

@@ -189,7 +189,8 @@ async def ingest(
     body = limited(request.stream(), settings.max_body_bytes)
     try:
         stats = await run_pipeline(
-            pipeline, documents(body, media_type, split, rt.meta["vocab_size"]), settings.ingest_batch_bytes, stage
+            pipeline, documents(body, media_type, split, rt.meta["vocab_size"]), settings.ingest_batch_bytes, stage,
+            settings.ingest_batch_docs,
         )
         result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
                   "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip
