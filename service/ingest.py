@@ -62,7 +62,9 @@ def _utf8(raw: bytes, where: str) -> str:
         raise MalformedDocument(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
-def parse_ndjson_line(number: int, raw: bytes, vocab_size: int) -> Document | None:
+def parse_ndjson_line(number: int, raw: bytes, vocab_size: int, reserved: np.ndarray | None = None) -> Document | None:
+    """One NDJSON document: text, or ids within the vocabulary and none of them ``reserved`` (the special
+    tokens the service places itself: cls/bos, sep/eos, pad, mask; unk is an ordinary token here)."""
     raw = raw.strip()
     if not raw:
         return None
@@ -95,16 +97,23 @@ def parse_ndjson_line(number: int, raw: bytes, vocab_size: int) -> Document | No
         raise TokenOutOfVocabulary(
             f"{where}: id {bad} is outside the vocabulary [0, {vocab_size})", line=number, id=bad
         )
+    if reserved is not None and len(arr) and reserved[arr].any():
+        bad = int(arr[reserved[arr]][0])
+        raise MalformedDocument(
+            f"{where}: id {bad} is a special token; pre-tokenized ids are the document's own tokens "
+            "(the service adds cls/sep itself, and pad/mask would be taken for padding or masks)",
+            line=number, id=bad,
+        )  # fmt: skip
     return arr
 
 
 async def documents(
-    body: AsyncIterator[bytes], media_type: str, split: str, vocab_size: int
+    body: AsyncIterator[bytes], media_type: str, split: str, vocab_size: int, reserved: np.ndarray | None = None
 ) -> AsyncIterator[Document]:
     """Documents of a body: NDJSON lines, or plain text split as asked."""
     if media_type in ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"):
         async for number, raw in lines(body):
-            doc = parse_ndjson_line(number, raw, vocab_size)
+            doc = parse_ndjson_line(number, raw, vocab_size, reserved)
             if doc is not None:
                 yield doc
         return

@@ -611,3 +611,17 @@ def test_a_tokenizer_with_sparse_ids_is_refused(service_url, rdb):
         r = http.post("/v1/datasets", json={"name": "sparse", "seq_len": 16, "tokenizer": json.loads(tok.to_str())})
         check_problem(r, 400, "invalid-tokenizer", "dense", "70000")
     assert rdb.keys("*") == []
+
+
+def test_pretokenized_ids_may_not_hold_special_tokens(http, rdb, populated, bpe_tokenizer):
+    """The service places cls/sep itself and takes pad and mask for padding and masks: such ids inside a
+    pre-tokenized document are refused (400, nothing stored); unk stays an ordinary token."""
+    specials = http.get(f"/v1/datasets/{populated}").json()["special_tokens"]
+    before = snapshot(rdb)
+    for role in ("cls", "sep", "pad", "mask"):
+        body = ndjson([{"ids": [5, 6, 7]}, {"ids": [5, specials[role], 7]}])
+        problem = check_problem(post_docs(http, populated, body), 400, "malformed-document", "special token", "line 2")
+        assert problem["id"] == specials[role]
+    assert snapshot(rdb) == before
+    if specials.get("unk") is not None:
+        assert post_docs(http, populated, ndjson([{"ids": [5, specials["unk"], 7]}])).status_code == 200

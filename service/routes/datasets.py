@@ -9,10 +9,11 @@ import uuid
 from typing import Annotated, Any, Literal
 
 import anyio
+import numpy as np
 from fastapi import APIRouter, Header, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from ..catalog import sha256
+from ..catalog import DatasetRuntime, sha256
 from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 from ..errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ..ingest import SPLITS, Pipeline, documents, limited, run_pipeline
@@ -189,7 +190,8 @@ async def ingest(
     body = limited(request.stream(), settings.max_body_bytes)
     try:
         stats = await run_pipeline(
-            pipeline, documents(body, media_type, split, rt.meta["vocab_size"]), settings.ingest_batch_bytes, stage,
+            pipeline, documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt)), settings.ingest_batch_bytes,
+            stage,
             settings.ingest_batch_docs,
         )
         result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
@@ -214,3 +216,12 @@ async def ingest(
         metrics.tokens_ingested.labels(name).inc(stats.tokens)
         metrics.documents_ingested.labels(name).inc(stats.documents)
     return out
+
+
+def _reserved(rt: DatasetRuntime) -> np.ndarray:
+    """Ids pre-tokenized documents may not hold: the special tokens, except unk."""
+    reserved = rt.vocab.is_special.copy()
+    unk = rt.meta["special_tokens"].get("unk")
+    if unk is not None:
+        reserved[unk] = False
+    return reserved
