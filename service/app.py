@@ -108,6 +108,9 @@ class Gatekeeper:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":  # every GET route answers HEAD: the same status and headers, no body
+            scope = {**scope, "method": "GET"}
+            send = _headless(send)
         path: str = scope["path"]
         refusal: ServiceError | None = None
         if self.settings.auth_token is not None and path not in _PUBLIC_PATHS:
@@ -162,3 +165,14 @@ def _bounded(receive: Receive, limit: int) -> Receive:
         return message
 
     return bounded
+
+
+def _headless(send: Send) -> Send:
+    """``send`` for a HEAD request answered by its GET route: the body is dropped, its headers kept."""
+
+    async def headless(message: Message) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return headless

@@ -8,6 +8,8 @@ lost Redis connection) into the response.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import logging
 from typing import Any, ClassVar
 
@@ -130,8 +132,10 @@ class StoreUnavailable(ServiceError):
     type, title, status = "store-unavailable", "Redis is unreachable", 503
 
 
-def problem_response(err: ServiceError, request: Request | None = None) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+def problem_response(
+    err: ServiceError, request: Request | None = None, headers: Mapping[str, str] | None = None
+) -> JSONResponse:
+    headers = {**(headers or {}), **({"WWW-Authenticate": "Bearer"} if err.status == 401 else {})}
     instance = request.url.path if request is not None else None
     return JSONResponse(err.body(instance), status_code=err.status, media_type=PROBLEM_JSON, headers=headers)
 
@@ -155,10 +159,10 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ServiceError(str(exc.detail))
         err.status = exc.status_code  # type: ignore[misc]
-        kind = {404: "not-found", 405: "method-not-allowed", 413: PayloadTooLarge.type}.get(exc.status_code, "http-error")
-        err.type = kind  # type: ignore[misc]
+        kinds = {400: InvalidRequest.type, 404: "not-found", 405: "method-not-allowed", 413: PayloadTooLarge.type}
+        err.type = kinds.get(exc.status_code, "http-error")  # type: ignore[misc]
         err.title = PayloadTooLarge.title if exc.status_code == 413 else str(exc.detail)  # type: ignore[misc]
-        return problem_response(err, request)
+        return problem_response(err, request, exc.headers)  # e.g. Allow on a 405
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

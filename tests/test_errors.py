@@ -318,6 +318,40 @@ def test_batch_not_acceptable(http, populated):
     check_problem(resp, 406, "not-acceptable", "text/html")
 
 
+@pytest.mark.parametrize(
+    ("accept", "served"),
+    [
+        ("application/json;q=0, */*", "application/vnd.safetensors"),  # JSON explicitly refused
+        ("application/vnd.safetensors;q=0.5, application/json", "application/json"),
+        ("application/json, application/vnd.safetensors", "application/vnd.safetensors"),  # a tie: the default
+        ("application/*;q=0.9, application/vnd.safetensors;q=0.1", "application/json"),
+        ("text/html, application/json;q=0.2", "application/json"),
+        ("application/json;q=0", None),
+        ("application/vnd.safetensors;q=0, application/json;q=0", None),
+    ],
+)
+def test_batch_accept_q_values(http, populated, accept: str, served: str | None):
+    resp = http.get(f"/v1/datasets/{populated}/batch", params={"size": 2, "seed": 1}, headers={"Accept": accept})
+    if served is None:
+        check_problem(resp, 406, "not-acceptable")
+    else:
+        assert resp.status_code == 200 and resp.headers["content-type"].startswith(served), (accept, resp.headers)
+
+
+def test_head_answers_like_get_and_405_says_what_is_allowed(http, populated):
+    for path in ("/healthz", "/readyz", f"/v1/datasets/{populated}", "/v1/datasets"):
+        got, head = http.get(path), http.head(path)
+        assert head.status_code == got.status_code == 200 and head.content == b""
+        assert head.headers["content-type"] == got.headers["content-type"]
+        assert int(head.headers["content-length"]) == len(got.content)
+    resp = http.delete("/healthz")
+    check_problem(resp, 405, "method-not-allowed")
+    assert "GET" in resp.headers["allow"]
+    resp = http.put(f"/v1/datasets/{populated}/documents", content=b"")
+    check_problem(resp, 405, "method-not-allowed")
+    assert resp.headers["allow"] == "POST"
+
+
 def test_batch_on_empty_dataset(http, rdb, bpe_tokenizer):
     name = uniq("empty")
     assert http.post("/v1/datasets", json={**create_body(bpe_tokenizer), "name": name}).status_code == 201

@@ -31,14 +31,44 @@ class BatchQuery(MaskingParams, OutputParams):
 
 
 def wants_json(request: Request, fmt: str | None) -> bool:
+    """Content negotiation for batches: safetensors or JSON, by the Accept header's q-values (RFC 9110);
+    ties, and no Accept at all, go to safetensors."""
     if fmt is not None:
         return fmt == "json"
     accept = request.headers.get("accept", "*/*").lower()
-    if CONTENT_TYPE in accept or "application/octet-stream" in accept or "*/*" in accept or not accept:
+    if accept in (CONTENT_TYPE, "*/*", ""):  # the common cases, decided without parsing
         return False
-    if "application/json" in accept:
-        return True
-    raise NotAcceptable(f"batches are served as {CONTENT_TYPE} or application/json, not {accept!r}")
+    binary = _quality(accept, CONTENT_TYPE)
+    if "application/octet-stream" in accept:  # an alias of ours, when named: not through application/* or */*
+        binary = max(binary, _quality(accept, "application/octet-stream", exact=True))
+    as_json = _quality(accept, "application/json")
+    if binary <= 0 and as_json <= 0:
+        raise NotAcceptable(f"batches are served as {CONTENT_TYPE} or application/json, not {accept!r}")
+    return as_json > binary
+
+
+def _quality(accept: str, media_type: str, exact: bool = False) -> float:
+    """The q-value ``accept`` gives ``media_type``: that of its most specific matching range, 0 if none
+    (``exact``: only a range naming it counts)."""
+    main = media_type.split("/")[0]
+    best: tuple[int, float] = (-1, 0.0)
+    for item in accept.split(","):
+        kind, *params = (p.strip() for p in item.split(";"))
+        specificity = 2 if kind == media_type else 1 if kind == f"{main}/*" else 0 if kind == "*/*" else -1
+        if exact and specificity < 2:
+            continue
+        if specificity < best[0] or specificity < 0:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    q = 0.0
+        best = (specificity, q)
+    return best[1]
 
 
 @router.get(
