@@ -44,6 +44,9 @@ class Settings(BaseSettings):
     max_train_bytes: int = Field(default=256 << 20, ge=1024, description="Largest corpus for tokenizer training.")
 
     ingest_batch_bytes: int = Field(default=1 << 20, ge=1024, description="Text handed to the tokenizer per call.")
+    max_report_tokens: int = Field(
+        default=1 << 25, ge=1024, description="Most tokens a masking report masks (sequences x epochs x L)."
+    )
     ingest_batch_docs: int = Field(
         default=8192, ge=1, le=1 << 20, description="Most documents handed to the tokenizer per call."
     )

@@ -659,3 +659,17 @@ def test_pretokenized_ids_may_not_hold_special_tokens(http, rdb, populated, bpe_
     assert snapshot(rdb) == before
     if specials.get("unk") is not None:
         assert post_docs(http, populated, ndjson([{"ids": [5, specials["unk"], 7]}])).status_code == 200
+
+
+def test_masking_report_work_is_bounded(rdb, populated, settings):
+    """sequences x epochs x L above MASKSERVE_MAX_REPORT_TOKENS is refused before any masking."""
+    limit = 100_000
+    with ServerThread(settings.model_copy(update={"max_report_tokens": limit})) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as http:  # fmt: skip
+        n = http.get(f"/v1/datasets/{populated}").json()["num_sequences"]
+        epochs = limit // (n * 64) + 1
+        r = http.post(f"/v1/datasets/{populated}/masking-report", json={"sequences": n, "epochs": epochs})
+        problem = check_problem(r, 422, "limit-exceeded", str(limit))
+        assert problem["limit"] == limit
+        ok = http.post(f"/v1/datasets/{populated}/masking-report", json={"sequences": n, "epochs": epochs - 1})
+        assert ok.status_code == 200 and ok.json()["epochs"] == epochs - 1

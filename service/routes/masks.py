@@ -12,8 +12,8 @@ from pydantic import Field
 
 from ..batching import masked, open_dataset
 from ..catalog import Catalog
-from ..deps import CatalogDep, StoreDep
-from ..errors import DatasetNotFound, NotFound
+from ..deps import CatalogDep, SettingsDep, StoreDep
+from ..errors import DatasetNotFound, LimitExceeded, NotFound
 from ..masking import MaskSpec, mask_batch
 from ..packing import assemble, split_chunk
 from ..schemas import MaskingParams
@@ -113,13 +113,21 @@ async def drop_static(
 
 
 @router.post("/{name}/masking-report", summary="Mask N sequences for several epochs and measure the result")
-async def report(name: str, body: ReportRequest, catalog: CatalogDep) -> dict[str, Any]:
+async def report(name: str, body: ReportRequest, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
     spec = body.spec()
     ds = await open_dataset(catalog, name)
+    epochs = body.epochs or (2 * body.copies if body.mode == "static" else 20)
+    sequences = min(body.sequences, ds.num_sequences)
+    work = sequences * epochs * ds.rt.seq_len
+    if work > settings.max_report_tokens:
+        raise LimitExceeded(
+            f"a report of {sequences} sequences x {epochs} epochs x L={ds.rt.seq_len} masks {work} tokens, over the "
+            f"limit of {settings.max_report_tokens}: ask for fewer sequences or epochs",
+            limit=settings.max_report_tokens,
+        )  # fmt: skip
     if spec.random_tokens == "frequency":
         await catalog.weighted_vocab(ds.rt)
-    epochs = body.epochs or (2 * body.copies if body.mode == "static" else 20)
-    seq_ids = np.unique(np.linspace(0, ds.num_sequences - 1, min(body.sequences, ds.num_sequences)).astype(np.int64))
+    seq_ids = np.unique(np.linspace(0, ds.num_sequences - 1, sequences).astype(np.int64))
     vocab = ds.rt.vocab
     totals = dict.fromkeys(("candidates", "selected", "masked", "random", "kept", "selected_words",
                             "special_selected", "special_drawn"), 0)  # fmt: skip
