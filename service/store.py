@@ -31,6 +31,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 import redis.asyncio as aioredis
 
@@ -260,6 +261,15 @@ class Keys:
         return self.ds(name, f"sm:{cache}:c:")
 
 
+def pack_tokenizer(tokenizer_json: str) -> bytes:
+    """How a tokenizer.json is stored: zlib-compressed UTF-8."""
+    return zlib.compress(tokenizer_json.encode(), 6)
+
+
+def unpack_tokenizer(blob: bytes) -> str:
+    return zlib.decompress(blob).decode()
+
+
 def pairs(mapping: dict[str, Any]) -> list[Any]:
     """``{f: v, ...}`` -> ``[f, v, ...]``, the argument shape of HSET in the scripts."""
     return [x for kv in mapping.items() for x in kv]
@@ -293,12 +303,12 @@ class Store:
         self._drop_cache = r.register_script(DROP_MASK_CACHE)
         self._freeze = r.register_script(FREEZE_FREQUENCIES)
 
-    async def create_dataset(self, name: str, meta: dict[str, Any], tokenizer_json: str) -> bool:
+    async def create_dataset(self, name: str, meta: dict[str, Any], tokenizer_blob: bytes) -> bool:
+        """``tokenizer_blob``: :func:`pack_tokenizer` of the tokenizer.json (made off the event loop)."""
         fields = pairs({f: json.dumps(v) if f in JSON_FIELDS else v for f, v in meta.items()})
         k = self.keys
         created = await self._create(
-            keys=[k.ds(name, "meta"), k.ds(name, "tokenizer"), k.index],
-            args=[name, zlib.compress(tokenizer_json.encode(), 6), *fields],
+            keys=[k.ds(name, "meta"), k.ds(name, "tokenizer"), k.index], args=[name, tokenizer_blob, *fields]
         )
         return bool(created)
 
@@ -318,7 +328,9 @@ class Store:
 
     async def tokenizer_json(self, name: str) -> str | None:
         raw = await self.r.get(self.keys.ds(name, "tokenizer"))
-        return zlib.decompress(raw).decode() if raw is not None else None
+        if raw is None:
+            return None
+        return await anyio.to_thread.run_sync(unpack_tokenizer, raw)  # up to tens of MB: not on the event loop
 
     async def delete_dataset(self, name: str) -> int:
         k = self.keys

@@ -11,14 +11,16 @@ from typing import Annotated, Any, Literal
 import anyio
 import numpy as np
 from fastapi import APIRouter, Header, Query, Request, Response
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from ..catalog import DatasetRuntime, sha256
+from ..store import pack_tokenizer
 from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 from ..errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ..ingest import SPLITS, Pipeline, documents, limited, run_pipeline
 from ..packing import PACKING_MODES
-from ..tokenization import ROLES, load_tokenizer, prepare
+from ..tokenization import ROLES, TokenizerInfo, load_tokenizer, prepare
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 log = logging.getLogger("maskserve")
@@ -67,21 +69,40 @@ class IngestResult(BaseModel):
     duplicate: bool = Field(default=False, description="True when this Idempotency-Key was committed before.")
 
 
+def _prepare_create(raw: bytes, max_seq_len: int) -> tuple[DatasetCreate, TokenizerInfo, bytes, str]:
+    """Parse and check a create request, load its tokenizer; (body, tokenizer info, the tokenizer.json as
+    stored, its sha256)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"JSON decode error: {exc}", "type": "json_invalid"}])
+    try:
+        body = DatasetCreate.model_validate(obj)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    if body.seq_len > max_seq_len:
+        raise LimitExceeded(f"seq_len {body.seq_len} exceeds the service limit of {max_seq_len}", limit=max_seq_len)
+    info = prepare(load_tokenizer(json.dumps(body.tokenizer)), body.special_tokens)
+    if info.special_ids["mask"] is None or info.special_ids["pad"] is None:
+        raise InvalidRequest("the tokenizer needs a mask and a pad token")
+    tok_json = info.tokenizer.to_str()
+    return body, info, pack_tokenizer(tok_json), sha256(tok_json)
+
+
 def _info(meta: dict[str, Any]) -> DatasetInfo:
     return DatasetInfo(**{k: meta[k] for k in DatasetInfo.model_fields})
 
 
-@router.post("", status_code=201, response_model=DatasetInfo, summary="Create a dataset")
-async def create_dataset(body: DatasetCreate, store: StoreDep, settings: SettingsDep, response: Response) -> DatasetInfo:
-    if body.seq_len > settings.max_seq_len:
-        raise LimitExceeded(
-            f"seq_len {body.seq_len} exceeds the service limit of {settings.max_seq_len}", limit=settings.max_seq_len
-        )
-    tok = await anyio.to_thread.run_sync(load_tokenizer, json.dumps(body.tokenizer))
-    info = await anyio.to_thread.run_sync(prepare, tok, body.special_tokens)
-    if info.special_ids["mask"] is None or info.special_ids["pad"] is None:
-        raise InvalidRequest("the tokenizer needs a mask and a pad token")
-    tok_json = info.tokenizer.to_str()
+@router.post(
+    "", status_code=201, response_model=DatasetInfo, summary="Create a dataset",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": DatasetCreate.model_json_schema()}}}},
+)  # fmt: skip
+async def create_dataset(request: Request, store: StoreDep, settings: SettingsDep, response: Response) -> DatasetInfo:
+    # The body (up to MASKSERVE_MAX_TOKENIZER_BYTES of tokenizer.json) is parsed, validated and loaded in a worker
+    # thread, not on the event loop: a large tokenizer must not stall the health probes or other requests.
+    raw = await request.body()  # bounded as it arrives (see app.Gatekeeper)
+    body, info, tok_blob, tok_sha = await anyio.to_thread.run_sync(_prepare_create, raw, settings.max_seq_len)
     meta = {
         "name": body.name,
         "uid": uuid.uuid4().hex,
@@ -98,9 +119,9 @@ async def create_dataset(body: DatasetCreate, store: StoreDep, settings: Setting
         "bytes": 0,
         "generation": 0,
         "created_at": time.time(),
-        "tokenizer_sha256": sha256(tok_json),
+        "tokenizer_sha256": tok_sha,
     }
-    if not await store.create_dataset(body.name, meta, tok_json):
+    if not await store.create_dataset(body.name, meta, tok_blob):
         raise DatasetExists(f"a dataset named {body.name!r} exists; delete it first", dataset=body.name)
     response.headers["Location"] = f"/v1/datasets/{body.name}"
     return _info(meta)
