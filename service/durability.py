@@ -5,9 +5,9 @@ host crash can lose the last second of them after they were confirmed. On
 Redis/Valkey >= 7.2 with the append-only file on, ``WAITAOF`` blocks until
 the connection's writes are fsynced locally (and, if asked, on N replicas), so
 the script and the wait go over one connection and the answer goes out only
-after both. Older servers (no ``WAITAOF``) or servers
-with the AOF off confirm as soon as the script ran: the window that remains is
-the server's own (up to a second of writes with ``everysec``; see the README).
+after both. Older servers (no ``WAITAOF``) or servers with the AOF off confirm
+as soon as the script ran: the window that remains is the server's own (up to
+a second of writes with ``everysec``; see the README).
 
 Modes (``MASKSERVE_DURABLE_ACKS``): ``auto`` waits where the server supports
 it, ``require`` refuses to start where it does not, ``off`` never waits.
@@ -21,8 +21,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.asyncio.connection import Connection
+from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
 from .errors import StoreUnavailable
@@ -60,8 +60,11 @@ class Durability:
             self.enabled, self.reason = False, "disabled by configuration"
             return self
         try:
-            await self.r.execute_command("WAITAOF", 1, 0, 1)
+            _, replicas = await self.r.execute_command("WAITAOF", 1, self.replicas, 1)
             self.enabled, self.reason = True, "WAITAOF: confirmed once in the append-only file on disk"
+            if int(replicas) < self.replicas:
+                log.warning("only %s of the %d replicas asked for have the AOF; acks wait for them (503 after %d ms)",
+                            replicas, self.replicas, self.timeout_ms)  # fmt: skip
         except ResponseError as exc:
             text = str(exc).lower()
             self.enabled = False
