@@ -102,9 +102,11 @@ class JobStream(Closing):
 
     def _lease(self, slot: _Slot) -> None:
         """Lease one batch, asking again while the service says 'wait'; files the outcome under the lock."""
-        rid = uuid.uuid4().hex  # one id for every retry of this request: a lost answer is not a lost lease
         try:
             while True:
+                # one id for every retry of this request (a lost answer is not a lost lease), a new one once
+                # an answer came: the request number and arrivals counted below belong to it
+                rid = uuid.uuid4().hex
                 with self._cv:
                     if self._closed:
                         return

@@ -12,8 +12,9 @@ A job's keys share its dataset's hash tag, so every script touches one slot::
     P:ds:{D}:job:<job>:ackcount         HASH   epoch -> batches acked
     P:ds:{D}:job:<job>:workers          HASH   "<worker>:<counter>" -> value
     P:ds:{D}:job:<job>:seen             ZSET   worker -> last request (ms); idle workers fold into totals
-    P:ds:{D}:job:<job>:requests         HASH   "worker|request id" -> "epoch:index|redelivered", one per live
-                                               lease granted to a request that carried an id
+    P:ds:{D}:job:<job>:requests         HASH   "worker|request id" -> "epoch:index|redelivered|in order|
+                                               answered again", one per live lease granted to a request
+                                               that carried an id
 
 Every handed-out batch is either leased (in the ZSET) or acked (its bit set),
 and all transitions happen inside one script, so any number of service
@@ -49,7 +50,8 @@ local function finish_if_done()
   local epoch = tonumber(redis.call('HGET', job, 'epoch'))
   local nxt = tonumber(redis.call('HGET', job, 'next'))
   local bpe = tonumber(redis.call('HGET', job, 'bpe'))
-  if epoch == epochs - 1 and nxt >= bpe and redis.call('ZCARD', leases) == 0 then
+  if epoch == epochs - 1 and nxt >= bpe and redis.call('ZCARD', leases) == 0
+      and redis.call('HGET', job, 'status') == 'active' then
     redis.call('HSET', job, 'status', 'done', 'finished_at', now)
     return true
   end
@@ -139,6 +141,10 @@ local function retire(w)
     local v = redis.call('HGET', workers, w .. ':' .. c)
     if v then redis.call('HINCRBY', job, 'retired_' .. c, v) end
   end
+  -- request numbers are microsecond clocks: the highest one retired is the floor a worker without a record
+  -- must pass for its grants to count as in order (a retired worker's late request must not)
+  local seq = tonumber(redis.call('HGET', workers, w .. ':seq') or '0')
+  if seq > tonumber(redis.call('HGET', job, 'retired_seq') or '0') then redis.call('HSET', job, 'retired_seq', seq) end
   redis.call('HDEL', workers, w .. ':handed', w .. ':acked', w .. ':acked_sequences', w .. ':redelivered',
              w .. ':first', w .. ':last', w .. ':seq')
   redis.call('ZREM', seen, w)
@@ -146,11 +152,17 @@ local function retire(w)
 end
 
 -- retire workers idle for idle_ms, and the longest idle beyond max_workers (a few per call: bounded work)
-local function prune(idle_ms, max_workers)
+-- (never the worker asking: it may share its millisecond with the longest idle)
+local function prune(idle_ms, max_workers, asking)
   for _, w in ipairs(redis.call('ZRANGEBYSCORE', seen, '-inf', now - idle_ms, 'LIMIT', 0, 4)) do retire(w) end
-  local extra = redis.call('ZCARD', seen) - max_workers
+  local extra = math.min(redis.call('ZCARD', seen) - max_workers, 4)
   if extra > 0 then
-    for _, w in ipairs(redis.call('ZRANGE', seen, 0, math.min(extra, 4) - 1)) do retire(w) end
+    for _, w in ipairs(redis.call('ZRANGE', seen, 0, extra)) do
+      if extra > 0 and w ~= asking then
+        retire(w)
+        extra = extra - 1
+      end
+    end
   end
 end
 """
@@ -180,15 +192,17 @@ local status = redis.call('HGET', job, 'status')
 local instance = redis.call('HGET', job, 'instance')
 if status ~= 'active' then return {status, 0, instance, unpack(acks)} end
 touch(worker)
-prune(tonumber(ARGV[3]), tonumber(ARGV[4]))
+prune(tonumber(ARGV[3]), tonumber(ARGV[4]), worker)
 
 if rid ~= '' then
   local prev = redis.call('HGET', requests, worker .. '|' .. rid)
   if prev then
-    local member, redelivered, inorder = string.match(prev, '^([^|]*)|(%d)|(%d)$')
+    local member, redelivered, inorder = string.match(prev, '^([^|]*)|(%d)|(%d)|%d$')
     local lease, by, by_rid = holder(member)
     local expiry = redis.call('ZSCORE', leases, member)
-    if by == worker and by_rid == rid and expiry and tonumber(expiry) > 0 then
+    if by == worker and by_rid == rid and expiry and tonumber(expiry) > now then
+      -- answered again: from now on this grant may have reached the worker, so it is never taken back
+      redis.call('HSET', requests, worker .. '|' .. rid, member .. '|' .. redelivered .. '|' .. inorder .. '|1')
       local e, i = string.match(member, '^(%d+):(%d+)$')
       return {'lease', tonumber(e), tonumber(i), lease, tonumber(expiry), tonumber(redelivered), instance,
               tonumber(inorder), unpack(acks)}
@@ -201,8 +215,11 @@ local lease_ms = tonumber(redis.call('HGET', job, 'lease_ms'))
 local function grant(e, i, redelivered)
   local seq, inorder = tonumber(ARGV[5]), 0
   if seq > 0 then
-    if seq > tonumber(redis.call('HGET', workers, worker .. ':seq') or '0') then inorder = 1 end
-    if inorder == 1 then redis.call('HSET', workers, worker .. ':seq', seq) end
+    local last = redis.call('HGET', workers, worker .. ':seq') or redis.call('HGET', job, 'retired_seq') or '0'
+    if seq > tonumber(last) then
+      inorder = 1
+      redis.call('HSET', workers, worker .. ':seq', seq)
+    end
   end
   local attempt = redis.call('HINCRBY', job, 'attempts', 1)
   local lease = lease_id(e, i, attempt, instance, worker)
@@ -211,7 +228,7 @@ local function grant(e, i, redelivered)
   redis.call('ZADD', leases, now + lease_ms, member)
   redis.call('HSET', leasemap, member, lease .. '|' .. worker .. '|' .. rid)
   if rid ~= '' then
-    redis.call('HSET', requests, worker .. '|' .. rid, member .. '|' .. redelivered .. '|' .. inorder)
+    redis.call('HSET', requests, worker .. '|' .. rid, member .. '|' .. redelivered .. '|' .. inorder .. '|0')
   end
   redis.call('HINCRBY', job, 'handed', 1)
   redis.call('HINCRBY', workers, worker .. ':handed', 1)
@@ -274,6 +291,7 @@ for a = 2, #ARGV do
     local lease, by = holder(member)
     if lease == ARGV[a] and by == ARGV[1] and redis.call('ZSCORE', leases, member) then
       forget_request(member)
+      redis.call('HSET', leasemap, member, lease .. '|' .. by .. '|')  -- no request id answers with it now
       redis.call('ZADD', leases, 0, member)
       n = n + 1
     end
@@ -284,14 +302,18 @@ return n
 
 # KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2]: lease id, ARGV[3]: 1 if its grant was a redelivery
 # Takes back a grant whose request failed before the batch reached the worker: the batch is due at once,
-# and the counters are as if it had never been handed out. Returns 1, or 0 when the lease is not current.
+# and the counters are as if it had never been handed out. Returns 1, or 0 when the lease is not current
+# or a retry of the same request was already answered with it (on another replica, say).
 UNGRANT = _PRELUDE + """
 local worker, lease = ARGV[1], ARGV[2]
 local e, i = string.match(lease, '^(%d+):(%d+):')
 if not e then return 0 end
 local member = e .. ':' .. i
-local held, by = holder(member)
+local held, by, rid = holder(member)
 if held ~= lease or by ~= worker or not redis.call('ZSCORE', leases, member) then return 0 end
+if rid ~= '' and string.sub(redis.call('HGET', requests, worker .. '|' .. rid) or '', -2) == '|1' then
+  return 0  -- a retry of the same request was answered with it: it may be in the worker's hands
+end
 forget_request(member)
 redis.call('ZADD', leases, 0, member)
 redis.call('HSET', leasemap, member, '-' .. ARGV[3])
@@ -311,9 +333,10 @@ EVICT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return -1 end
 local n = 0
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', leases, '(0', '+inf')) do
-  local _, by = holder(member)
+  local lease, by = holder(member)
   if by == ARGV[1] then
     forget_request(member)
+    redis.call('HSET', leasemap, member, lease .. '|' .. by .. '|')  -- no request id answers with it now
     redis.call('ZADD', leases, 0, member)
     n = n + 1
   end
