@@ -105,6 +105,13 @@ local function forget_request(member)
   if rid and rid ~= '' then redis.call('HDEL', requests, w .. '|' .. rid) end
 end
 
+-- a live lease given back unused: due at once, and no request id answers with it any more
+local function give_back(member, lease, by)
+  forget_request(member)
+  redis.call('HSET', leasemap, member, lease .. '|' .. by .. '|')
+  redis.call('ZADD', leases, 0, member)
+end
+
 local function touch(worker)
   redis.call('ZADD', seen, now, worker)
   redis.call('HSET', workers, worker .. ':last', now)
@@ -290,9 +297,7 @@ for a = 2, #ARGV do
     local member = e .. ':' .. i
     local lease, by = holder(member)
     if lease == ARGV[a] and by == ARGV[1] and redis.call('ZSCORE', leases, member) then
-      forget_request(member)
-      redis.call('HSET', leasemap, member, lease .. '|' .. by .. '|')  -- no request id answers with it now
-      redis.call('ZADD', leases, 0, member)
+      give_back(member, lease, by)
       n = n + 1
     end
   end
@@ -335,9 +340,7 @@ local n = 0
 for _, member in ipairs(redis.call('ZRANGEBYSCORE', leases, '(0', '+inf')) do
   local lease, by = holder(member)
   if by == ARGV[1] then
-    forget_request(member)
-    redis.call('HSET', leasemap, member, lease .. '|' .. by .. '|')  -- no request id answers with it now
-    redis.call('ZADD', leases, 0, member)
+    give_back(member, lease, by)
     n = n + 1
   end
 end
