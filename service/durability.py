@@ -38,9 +38,7 @@ class DurabilityError(RuntimeError):
 
 
 class NotDurable(StoreUnavailable):
-    """The script ran, but its writes were not confirmed on disk in time; ``result`` is what it returned."""
-
-    result: Any = None
+    """The script ran, but its writes were not confirmed on disk in time (retrying the request is safe)."""
 
 
 class Durability:
@@ -113,7 +111,7 @@ class Durability:
         waiting = asyncio.ensure_future(self._wait(conn))
 
         async def confirm() -> None:
-            self._check(await waiting, out)
+            self._check(await waiting)
 
         return out, confirm
 
@@ -128,7 +126,7 @@ class Durability:
         finally:
             await pool.release(conn)
 
-    def _check(self, waited: Any, out: Any) -> None:
+    def _check(self, waited: Any) -> None:
         if isinstance(waited, ResponseError) and "appendonly" in str(waited).lower():
             self.enabled, self.reason = False, "the server's append-only file was turned off"
             log.warning("acks are confirmed before they are fsynced: %s", self.reason)
@@ -137,12 +135,10 @@ class Durability:
             raise waited
         local, replicas = int(waited[0]), int(waited[1])
         if local < 1 or replicas < self.replicas:
-            err = NotDurable(
+            raise NotDurable(
                 f"the write was applied but not confirmed on disk within {self.timeout_ms} ms "
                 f"(local fsync {local}, replicas {replicas} of {self.replicas}); retrying the same request is safe"
             )
-            err.result = out
-            raise err
 
 
 async def confirmed() -> None:
