@@ -602,9 +602,13 @@ def test_fleet_trains_each_sequence_once_through_kills_restarts_and_pauses(
         p = check_progress(c, job, bpe=bpe, epochs=epochs)
         woke = [r for r in sleeper.batches() if (r["epoch"], r["index"]) == (held["epoch"], held["index"])]
         assert [r["result"] for r in woke] == ["duplicate"]  # trained twice in fact, counted once
-        for w in ws.values():  # the service counted exactly the acks of batches each worker trained
-            counted_here = [r for r in counted(w.batches()) if r["worker"] == w.name]
-            assert p["workers"].get(w.name, {}).get("acked", 0) == len(counted_here), w.name
+        for w in ws.values():  # the service counted only acks of batches each worker trained
+            mine = w.batches()
+            counted_here = counted(mine)
+            # an ack whose answer died with the replica counted there, and its retry then said 'duplicate'
+            lost_answers = [r for r in mine if r.get("result") == "duplicate" and r.get("retried")]
+            acked = p["workers"].get(w.name, {}).get("acked", 0)
+            assert len(counted_here) <= acked <= len(counted_here) + len(lost_answers), w.name
         assert sum(ws[w].summary()["reconnects"] for w in ("w0", "w1")) >= 1
         assert p["redelivered"] >= 2
 
