@@ -219,7 +219,8 @@ class Service:
         cmd = [sys.executable]
         if self.profile:
             cmd += ["-m", "cProfile", "-o", str(Path(self.profile).resolve())]
-        cmd += ["-m", "service", "serve", "--port", str(self.port), "--log-level", "info"]
+        cmd += ["-m", "service", "serve", "--port", str(self.port), "--log-level", "info",
+                "--workers", env.get("MASKSERVE_WORKERS", "1")]  # one process unless asked: figures stay comparable
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout

@@ -346,13 +346,18 @@ class Client:
     ) -> dict[str, Any]:
         """Build (or finish) the static-mask cache for this config; idempotent.
 
-        With ``max_chunks`` only that many chunks are built per call (loop until
-        ``complete`` to show progress).
+        With ``max_chunks``, one call building at most that many chunks (loop until
+        ``complete`` to show progress). Without, calls until the cache is complete
+        (the service bounds the time of each call and goes on where the last stopped).
         """
         body = {"seed": seed, "copies": copies, **masking}
         if max_chunks is not None:
             body["max_chunks"] = max_chunks
-        return self._json("POST", f"/v1/datasets/{name}/static-masks", json=body)
+        path = f"/v1/datasets/{name}/static-masks"
+        status = self._json("POST", path, json=body)
+        while max_chunks is None and not status["complete"]:
+            status = self._json("POST", path, json=body)
+        return status
 
     def static_masks(self, name: str) -> list[dict[str, Any]]:
         return self._json("GET", f"/v1/datasets/{name}/static-masks")["caches"]

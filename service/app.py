@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
@@ -24,12 +27,14 @@ from .config import Settings
 from .deps import check_token
 from .durability import Durability
 from .embedded import EmbeddedRedis
-from .errors import PayloadTooLarge, ServiceError, install, problem_response
+from .errors import Overloaded, PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
 from .jobs import Jobs
 from .metrics import Metrics
 from .routes import batches, datasets, health, jobs, masks, tokenizers
+from .serving import die_with_supervisor
 from .store import Store
 from .tuning import tune_allocator
+from .work import Workload, is_heavy
 
 log = logging.getLogger("maskserve")
 
@@ -45,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_allocator()
+        die_with_supervisor()
         embedded: EmbeddedRedis | None = None
         url = settings.redis_url
         if url is None:
@@ -53,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             embedded = EmbeddedRedis(settings.data_dir).start()
             url = embedded.url
             log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
-        r = aioredis.from_url(url, max_connections=256, health_check_interval=30)
+        r = connect(url, settings)
         app.state.redis_url = url
         app.state.store = Store(r, settings.key_prefix)
         app.state.catalog = Catalog(app.state.store)
@@ -80,14 +86,40 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
+    app.state.work = Workload(cpu_threads=settings.cpu_threads, max_inflight=settings.max_inflight,
+                              inline_tokens=settings.inline_tokens)  # fmt: skip
     install(app)
 
     # the batch routes first: requests are matched against routes in order
     for module in (batches, jobs, health, datasets, masks, tokenizers):
         app.include_router(module.router)
 
-    app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics)
+    app.state.metrics.inflight.set_function(lambda: app.state.work.inflight)
+    app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
     return app
+
+
+class _Pool(aioredis.BlockingConnectionPool):
+    """A pool that waits for a free connection (the default one fails at once when all are taken), and says so
+    apart from a dead server when the wait runs out: that is an overloaded process, not a lost store."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except RedisConnectionError as exc:
+            if str(exc) == "No connection available.":
+                raise PoolExhausted(f"no Redis connection came free within {self.timeout} s") from None
+            raise
+
+
+def connect(url: str, settings: Settings) -> aioredis.Redis:
+    """The process's Redis client: a bounded pool, explicit timeouts (see the ``redis_*`` settings)."""
+    pool = _Pool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s,
+        socket_connect_timeout=settings.redis_connect_timeout_s, socket_timeout=settings.redis_socket_timeout_s,
+        health_check_interval=30,
+    )  # fmt: skip
+    return aioredis.Redis.from_pool(pool)
 
 
 class Gatekeeper:
@@ -99,10 +131,11 @@ class Gatekeeper:
     (a task and a stream per request).
     """
 
-    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, settings: Settings, metrics: Metrics, work: Workload) -> None:
         self.app = app
         self.settings = settings
         self.metrics = metrics
+        self.work = work
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -124,9 +157,18 @@ class Gatekeeper:
                 if name == b"content-length" and value.isdigit() and int(value) > limit:
                     refusal = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
             receive = _bounded(receive, limit)
+        heavy = refusal is None and is_heavy(scope["method"], path)
+        if heavy and not self.work.admit():
+            self.metrics.overloaded.inc()
+            refusal = Overloaded(
+                f"this process is working on its limit of {self.work.max_inflight} heavy requests",
+                retry_after_s=self.settings.overload_retry_after_s,
+            )  # fmt: skip
         if refusal is not None:
-            await problem_response(refusal, Request(scope))(scope, receive, send)
+            await problem_response(refusal, Request(scope), getattr(refusal, "headers", None))(scope, receive, send)
             return
+        receive = _paced(receive, self.settings.body_timeout_s)
+        send = _patient(send, self.settings.send_timeout_s)
         start = time.perf_counter()
         status = [500]
 
@@ -137,7 +179,12 @@ class Gatekeeper:
 
         try:
             await self.app(scope, receive, send_status)
+        except SendTimeout:
+            # the client stopped reading its response: give up on it (the server closes the connection)
+            log.info("dropped a client that did not read its response for %s s", self.settings.send_timeout_s)
         finally:
+            if heavy:
+                self.work.release()
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status[0])).inc()
@@ -165,6 +212,51 @@ def _bounded(receive: Receive, limit: int) -> Receive:
         return message
 
     return bounded
+
+
+class BodyTimeout(StarletteHTTPException):
+    """Raised while a body is read, when its next piece is too long in coming."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(408, f"no part of the request body arrived for {timeout} s")
+
+
+class SendTimeout(Exception):
+    """A client took no part of its response for too long."""
+
+
+def _paced(receive: Receive, timeout: float) -> Receive:
+    """``receive`` that raises :class:`BodyTimeout` when the next body piece takes over ``timeout`` seconds.
+
+    Only while the body is still coming: once it is complete, ``receive`` waits for the client to
+    disconnect, which may rightly take as long as the response does."""
+    done = False
+
+    async def paced() -> Message:
+        nonlocal done
+        if done:
+            return await receive()
+        with anyio.move_on_after(timeout) as scope:
+            message = await receive()
+        if scope.cancelled_caught:
+            raise BodyTimeout(timeout)
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            done = True
+        return message
+
+    return paced
+
+
+def _patient(send: Send, timeout: float) -> Send:
+    """``send`` that gives up with :class:`SendTimeout` when a client takes no data for ``timeout`` seconds."""
+
+    async def patient(message: Message) -> None:
+        with anyio.move_on_after(timeout) as scope:
+            await send(message)
+        if scope.cancelled_caught:
+            raise SendTimeout
+
+    return patient
 
 
 def _headless(send: Send) -> Send:

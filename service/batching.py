@@ -24,6 +24,7 @@ from .packing import assemble
 from .schemas import MaskingParams, OutputParams
 from .static import apply, cache_id
 from .store import StaleCounters
+from .work import Workload
 
 T = TypeVar("T")
 
@@ -81,10 +82,21 @@ async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awa
 
 async def masked(
     catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
-    spec: MaskSpec, need_words: bool = False, checked: bool = False,
+    spec: MaskSpec, work: Workload, need_words: bool = False, checked: bool = False,
 ) -> Masked:  # fmt: skip
-    """Mask the sequences ``seq_ids`` for ``epoch``; ``need_words`` also returns word starts.
-    ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``)."""
+    """Mask the sequences ``seq_ids`` for ``epoch`` (on the CPU pool unless the batch is small)."""
+    compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=params, spec=spec,
+                            need_words=need_words, checked=checked)  # fmt: skip
+    return await work.run(compute, tokens=len(seq_ids) * ds.rt.seq_len)
+
+
+async def fetched(
+    catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
+    spec: MaskSpec, need_words: bool = False, checked: bool = False,
+) -> Callable[[], Masked]:  # fmt: skip
+    """Read the sequences ``seq_ids`` (and their static masks); return the CPU work that masks them for
+    ``epoch``, to run where the caller chooses (see ``work.Workload.run``). ``need_words`` also
+    returns word starts; ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``)."""
     rt = ds.rt
     chunk, local = rt.locate(seq_ids)
     chunks = Chunks.of(chunk)
@@ -117,16 +129,19 @@ async def masked(
                 dataset=rt.name, cache=masks[0],
             ) from None  # fmt: skip
         raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry ({exc})") from None
-    lengths = entries[:, 1]
-    ids, ws, n = assemble(lengths, joined, rt.id_dtype, rt.seq_len, words=need_words)
-    if masks is not None:
-        out = apply(ids, n, masks[1][:, 1], mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
-        out.word_start = ws
-        return out
     vocab = rt.vocab
-    if spec.random_tokens == "frequency":
+    if masks is None and spec.random_tokens == "frequency":
         vocab = await catalog.weighted_vocab(rt)
-    return mask_batch(ids, n, seq_ids, seed=seed, epoch=epoch, spec=spec, vocab=vocab, word_start=ws)
+
+    def compute() -> Masked:
+        ids, ws, n = assemble(entries[:, 1], joined, rt.id_dtype, rt.seq_len, words=need_words)
+        if masks is not None:
+            out = apply(ids, n, masks[1][:, 1], mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
+            out.word_start = ws
+            return out
+        return mask_batch(ids, n, seq_ids, seed=seed, epoch=epoch, spec=spec, vocab=vocab, word_start=ws)
+
+    return compute
 
 
 def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> dict[str, np.ndarray]:

@@ -34,6 +34,19 @@ EPILOG = """examples:
 """
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _default_workers() -> int:
+    if os.environ.get("MASKSERVE_WORKERS"):
+        return _positive(os.environ["MASKSERVE_WORKERS"])
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _client(args: argparse.Namespace):  # noqa: ANN202 - the client is imported lazily
     from client import Client
 
@@ -50,10 +63,8 @@ def _print(obj: object) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
-    from .app import create_app
     from .config import Settings
+    from .serving import serve
 
     overrides = {}
     if args.redis_url:
@@ -63,9 +74,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(**overrides)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     where = settings.redis_url or f"embedded server, data in {settings.data_dir.resolve()}"
-    print(f"maskserve: serving on http://{args.host}:{args.port} (Redis: {where})", flush=True)
-    uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level,
-                access_log=args.access_log)  # fmt: skip
+    print(f"maskserve: serving on http://{args.host}:{args.port} with {args.workers} worker process(es) "
+          f"(Redis: {where})", flush=True)  # fmt: skip
+    serve(settings, host=args.host, port=args.port, workers=args.workers, log_level=args.log_level,
+          access_log=args.access_log)  # fmt: skip
     return 0
 
 
@@ -270,7 +282,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     env["MASKSERVE_DATA_DIR"] = str(data_dir / "redis")
     print(f"[1/3] service: {url} (embedded Redis, data in {data_dir / 'redis'}, log {log_path})", flush=True)
     with open(log_path, "ab") as log:
-        service = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port)],
+        service = subprocess.Popen([sys.executable, "-m", "service", "serve", "--port", str(port), "--workers", "1"],
                                    env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         with Client(url) as c:
@@ -316,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=int(os.environ.get("MASKSERVE_PORT", "8000")))
     s.add_argument("--redis-url", help="Redis URL (default $REDIS_URL; unset: embedded server)")
     s.add_argument("--data-dir", help="embedded server's data directory (default $MASKSERVE_DATA_DIR or ./maskserve-data)")
+    s.add_argument("--workers", type=_positive, default=_default_workers(),
+                   help="worker processes sharing the port, each with its own event loop, CPU pool and Redis "
+                        "connections (default $MASKSERVE_WORKERS or the number of usable cores)")  # fmt: skip
     s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=False, help="log every request")
     s.set_defaults(func=cmd_serve)

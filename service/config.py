@@ -67,3 +67,38 @@ class Settings(BaseSettings):
     job_max_workers: int = Field(
         default=1024, ge=1, le=1 << 20, description="Workers tracked per job; the longest idle beyond fold into totals."
     )
+
+    cpu_threads: int = Field(
+        default=2, ge=1, le=256, description="Threads per process for CPU work (masking, rendering, tokenizing)."
+    )
+    max_inflight: int = Field(
+        default=64, ge=1, le=65536,
+        description="Heavy requests (batches, leases, ingest, reports, builds) a process works on at once; "
+        "beyond it they get 503 overloaded with Retry-After.",
+    )  # fmt: skip
+    inline_tokens: int = Field(
+        default=16384, ge=0, description="Batches of at most this many tokens (B x L) are masked on the event loop."
+    )
+    overload_retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After of an overloaded 503.")
+    redis_max_connections: int = Field(default=256, ge=4, le=65536, description="Redis connections per process.")
+    redis_pool_timeout_s: float = Field(
+        default=5, gt=0, le=600, description="Longest wait for a free pooled connection; then 503 overloaded."
+    )
+    redis_connect_timeout_s: float = Field(default=5, gt=0, le=600, description="Timeout of a new Redis connection.")
+    redis_socket_timeout_s: float = Field(
+        default=30, gt=0, le=3600, description="Timeout of one Redis reply; then 503 store-unavailable."
+    )
+    header_timeout_s: float = Field(
+        default=30, gt=0, le=3600, description="A request's headers must arrive within this; else the connection closes."
+    )
+    body_timeout_s: float = Field(
+        default=60, gt=0, le=3600, description="Longest pause between two pieces of a request body; then 408."
+    )
+    send_timeout_s: float = Field(
+        default=120, gt=0, le=3600, description="Longest wait for a client to take the next piece of a response."
+    )
+    static_build_max_s: float = Field(
+        default=300, gt=0, le=86400, description="A static-mask build call stops after this long; the next goes on."
+    )
+    max_static_copies: int = Field(default=100, ge=1, le=1000, description="Most static masks per sequence (K).")
+    max_mask_caches: int = Field(default=16, ge=1, le=4096, description="Most static-mask caches per dataset.")

@@ -132,6 +132,24 @@ class StoreUnavailable(ServiceError):
     type, title, status = "store-unavailable", "Redis is unreachable", 503
 
 
+class Overloaded(ServiceError):
+    """The process is at its limit of heavy requests (or Redis connections): retry after ``Retry-After``."""
+
+    type, title, status = "overloaded", "The service is at capacity; retry later", 503
+
+    def __init__(self, detail: str, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(detail, retry_after_s=retry_after_s, **extra)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class RequestTimeout(ServiceError):
+    type, title, status = "request-timeout", "The request body arrived too slowly", 408
+
+
+class PoolExhausted(RedisConnectionError):
+    """No pooled Redis connection came free in time: the process is busy, Redis itself may be fine."""
+
+
 def problem_response(
     err: ServiceError, request: Request | None = None, headers: Mapping[str, str] | None = None
 ) -> JSONResponse:
@@ -145,7 +163,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return problem_response(exc, request)
+        return problem_response(exc, request, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -159,9 +177,12 @@ def install(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         err = ServiceError(str(exc.detail))
         err.status = exc.status_code  # type: ignore[misc]
-        kinds = {400: InvalidRequest.type, 404: "not-found", 405: "method-not-allowed", 413: PayloadTooLarge.type}
-        err.type = kinds.get(exc.status_code, "http-error")  # type: ignore[misc]
-        err.title = PayloadTooLarge.title if exc.status_code == 413 else str(exc.detail)  # type: ignore[misc]
+        kinds = {400: InvalidRequest, 408: RequestTimeout, 413: PayloadTooLarge}
+        known = kinds.get(exc.status_code)
+        err.type = known.type if known else {404: "not-found", 405: "method-not-allowed"}.get(  # type: ignore[misc]
+            exc.status_code, "http-error"
+        )
+        err.title = known.title if known and known is not InvalidRequest else str(exc.detail)  # type: ignore[misc]
         return problem_response(err, request, exc.headers)  # e.g. Allow on a 405
 
     @app.exception_handler(Exception)
@@ -172,5 +193,8 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RedisConnectionError)
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+        if isinstance(exc, PoolExhausted):
+            busy = Overloaded(f"every Redis connection of this process is busy: {exc}")
+            return problem_response(busy, request, busy.headers)
         log.warning("redis unreachable: %s", exc)
         return problem_response(StoreUnavailable(f"the service cannot reach Redis: {exc}"), request)

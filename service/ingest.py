@@ -210,24 +210,26 @@ class Pipeline:
 
 
 async def run_pipeline(
-    pipeline: Pipeline, docs: AsyncIterator[Document], batch_bytes: int, stage, batch_docs: int = 8192
+    pipeline: Pipeline, docs: AsyncIterator[Document], batch_bytes: int, stage, batch_docs: int = 8192,
+    limiter: anyio.CapacityLimiter | None = None,
 ) -> IngestStats:
     """Drive ``docs`` through ``pipeline``; ``stage(blob)`` stores each chunk.
 
     A batch goes to the tokenizer at ``batch_bytes`` of text or ``batch_docs`` documents, whichever comes
-    first: each document costs objects of its own (its encoding), so many tiny ones must not pile up."""
+    first: each document costs objects of its own (its encoding), so many tiny ones must not pile up.
+    Tokenizing runs on worker threads (``limiter``: the process's CPU pool)."""
     batch: list[Document] = []
     size = 0
     async for doc in docs:
         batch.append(doc)
         size += len(doc) if isinstance(doc, str) else 4 * len(doc)
         if size >= batch_bytes or len(batch) >= batch_docs:
-            for blob in await anyio.to_thread.run_sync(pipeline.feed, batch):
+            for blob in await anyio.to_thread.run_sync(pipeline.feed, batch, limiter=limiter):
                 await stage(blob)
             batch, size = [], 0
     if batch:
-        for blob in await anyio.to_thread.run_sync(pipeline.feed, batch):
+        for blob in await anyio.to_thread.run_sync(pipeline.feed, batch, limiter=limiter):
             await stage(blob)
-    for blob in await anyio.to_thread.run_sync(pipeline.finish):
+    for blob in await anyio.to_thread.run_sync(pipeline.finish, limiter=limiter):
         await stage(blob)
     return pipeline.stats

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 
 class Metrics:
@@ -17,6 +17,12 @@ class Metrics:
         )  # fmt: skip
         self.sequences_served = Counter(
             "maskserve_sequences_served_total", "Masked sequences served", ["dataset"], registry=self.registry
+        )
+        self.overloaded = Counter(
+            "maskserve_overloaded_total", "Heavy requests refused at the admission limit", registry=self.registry
+        )
+        self.inflight = Gauge(
+            "maskserve_inflight_heavy_requests", "Heavy requests this process is working on", registry=self.registry
         )
         self.tokens_ingested = Counter(
             "maskserve_tokens_ingested_total", "Tokens stored by ingest", ["dataset"], registry=self.registry

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -32,22 +33,31 @@ def pair_dtype(id_dtype: np.dtype) -> np.dtype:
     return np.dtype([("pos", id_dtype), ("id", id_dtype)])
 
 
-def encode_chunk(copies: list[Masked], id_dtype: np.dtype) -> bytes:
-    """One blob from the K masked versions of a chunk's sequences."""
-    k = len(copies)
-    b = copies[0].selected.shape[0]
-    rows_cols = []
-    for m in copies:
-        r, c = np.nonzero(m.selected)
-        rows_cols.append((r, c, m.input_ids[r, c]))
+def encode_chunk(copies: Iterable[Masked], id_dtype: np.dtype) -> bytes:
+    """One blob from the K masked versions of a chunk's sequences.
+
+    ``copies`` is consumed one at a time and each reduced to its selected
+    positions at once, so memory holds one masked copy plus the K compact
+    records, never K full copies."""
+    rows, cols, vals, copy_of = [], [], [], []
+    b = 0
+    for c, m in enumerate(copies):
+        b = m.selected.shape[0]
+        r, col = np.nonzero(m.selected)
+        rows.append(r.astype(np.int32))
+        cols.append(col.astype(id_dtype))
+        vals.append(m.input_ids[r, col].astype(id_dtype))
+        copy_of.append(np.full(len(r), c, dtype=np.int32))
+        del m
+    k = len(rows)
     # counts[i, c]: selected tokens of sequence i in copy c
-    counts = np.stack([np.bincount(r, minlength=b) for r, _, _ in rows_cols], axis=1)
+    counts = np.stack([np.bincount(r, minlength=b) for r in rows], axis=1)
+    order_rows = np.concatenate(rows)
+    order = np.lexsort((np.concatenate(copy_of), order_rows))  # by sequence, then copy; stable keeps positions sorted
+    del order_rows, copy_of
     pairs = np.empty(int(counts.sum()), dtype=pair_dtype(id_dtype))
-    order_rows = np.concatenate([r for r, _, _ in rows_cols])
-    order_copy = np.concatenate([np.full(len(r), c) for c, (r, _, _) in enumerate(rows_cols)])
-    order = np.lexsort((order_copy, order_rows))  # by sequence, then copy; stable keeps positions sorted
-    pairs["pos"] = np.concatenate([c for _, c, _ in rows_cols])[order]
-    pairs["id"] = np.concatenate([v for _, _, v in rows_cols])[order]
+    pairs["pos"] = np.concatenate(cols)[order]
+    pairs["id"] = np.concatenate(vals)[order]
     entries = b * k
     width = pair_dtype(id_dtype).itemsize
     table = np.empty((entries, 2), dtype="<u4")

@@ -195,12 +195,15 @@ return redis.call('GET', KEYS[2])
 """
 
 # KEYS[1]: dataset meta, KEYS[2]: cache meta, KEYS[3]: cache set
-# ARGV[1]: dataset uid, ARGV[2]: cache id, ARGV[3..]: field/value pairs of a new cache's meta
-# returns the cache meta as a flat field/value list ({} when the dataset is gone)
+# ARGV[1]: dataset uid, ARGV[2]: cache id, ARGV[3]: most caches per dataset, ARGV[4..]: field/value pairs of a
+# new cache's meta
+# returns the cache meta as a flat field/value list ({} when the dataset is gone, 'full' when a new cache would
+# pass the limit)
 OPEN_MASK_CACHE = """
 if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] then return {} end
 if redis.call('EXISTS', KEYS[2]) == 0 then
-  redis.call('HSET', KEYS[2], unpack(ARGV, 3))
+  if redis.call('SCARD', KEYS[3]) >= tonumber(ARGV[3]) then return 'full' end
+  redis.call('HSET', KEYS[2], unpack(ARGV, 4))
   redis.call('SADD', KEYS[3], ARGV[2])
 end
 return redis.call('HGETALL', KEYS[2])
@@ -350,12 +353,18 @@ class Store:
 
     # ---- static masks --------------------------------------------------------
 
-    async def open_mask_cache(self, name: str, uid: str, cache: str, fields: dict[str, Any]) -> dict[str, Any] | None:
-        """Create the cache's meta unless it exists; returns it (None: dataset gone)."""
+    async def open_mask_cache(
+        self, name: str, uid: str, cache: str, fields: dict[str, Any], max_caches: int
+    ) -> dict[str, Any] | None:
+        """Create the cache's meta unless it exists; returns it (None: dataset gone). Raises
+        :class:`CachesFull` when the dataset already has ``max_caches`` others."""
         k = self.keys
         raw = await self._open_cache(
-            keys=[k.ds(name, "meta"), k.mask_meta(name, cache), k.ds(name, "sm")], args=[uid, cache, *pairs(fields)]
+            keys=[k.ds(name, "meta"), k.mask_meta(name, cache), k.ds(name, "sm")],
+            args=[uid, cache, max_caches, *pairs(fields)],
         )
+        if raw == b"full":
+            raise CachesFull(max_caches)
         if not raw:
             return None
         return decode_meta(dict(zip(raw[0::2], raw[1::2])))
@@ -477,6 +486,14 @@ class Store:
             raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
         data, records = reply
         return b"".join(data), b"".join(records) if masks else None
+
+
+class CachesFull(Exception):
+    """A dataset holds as many static-mask caches as allowed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the dataset already has {limit} static-mask caches")
+        self.limit = limit
 
 
 class StaleCounters(Exception):

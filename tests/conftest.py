@@ -144,11 +144,11 @@ def service_env(**extra: str) -> dict[str, str]:
 class ServiceProcess:
     """``maskserve serve`` in its own process."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1) -> None:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--workers", str(workers)],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -177,8 +177,8 @@ class ServiceProcess:
 def spawn_service() -> Iterator:
     procs: list[ServiceProcess] = []
 
-    def spawn(env: dict[str, str], port: int | None = None) -> ServiceProcess:
-        p = ServiceProcess(env, port)
+    def spawn(env: dict[str, str], port: int | None = None, workers: int = 1) -> ServiceProcess:
+        p = ServiceProcess(env, port, workers)
         procs.append(p)
         return p.wait_ready()
 

@@ -9,7 +9,7 @@ from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import Fetched, drawn, masked, outputs, render
+from ..batching import Fetched, drawn, fetched, outputs, render
 from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
 from ..rng import sample_ids
@@ -80,7 +80,7 @@ def _quality(accept: str, media_type: str, exact: bool = False) -> float:
 async def get_batch(name: str, request: Request) -> Response:
     q = parse_query(BatchQuery, request)
     state = request.app.state  # no dependencies on the hot path (see deps.parse_query)
-    catalog, settings, metrics = state.catalog, state.settings, state.metrics
+    catalog, settings, metrics, work = state.catalog, state.settings, state.metrics, state.work
     if q.size > settings.max_batch_size:
         raise LimitExceeded(f"size {q.size} exceeds the limit of {settings.max_batch_size}", limit=settings.max_batch_size)
     spec = q.spec()
@@ -90,10 +90,12 @@ async def get_batch(name: str, request: Request) -> Response:
     async def draw(ds: Fetched, checked: bool) -> tuple[bytes, int]:
         epoch = q.index * q.size // ds.num_sequences if q.epoch is None else q.epoch
         seq_ids = sample_ids(seed, q.index, q.size, ds.num_sequences)
-        m = await masked(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec, checked=checked)
+        compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec, checked=checked)
         meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
                 "mode": q.mode}  # fmt: skip
-        return render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), meta, as_json), epoch
+        body = await work.run(lambda: render(outputs(compute(), seq_ids, q, ds.rt.vocab.pad_id), meta, as_json),
+                              tokens=q.size * ds.rt.seq_len)  # fmt: skip
+        return body, epoch
 
     body, epoch = await drawn(catalog, name, draw)
     metrics.sequences_served.labels(name).inc(q.size)

@@ -102,7 +102,7 @@ async def create_dataset(request: Request, store: StoreDep, settings: SettingsDe
     # The body (up to MASKSERVE_MAX_TOKENIZER_BYTES of tokenizer.json) is parsed, validated and loaded in a worker
     # thread, not on the event loop: a large tokenizer must not stall the health probes or other requests.
     raw = await request.body()  # bounded as it arrives (see app.Gatekeeper)
-    body, info, tok_blob, tok_sha = await anyio.to_thread.run_sync(_prepare_create, raw, settings.max_seq_len)
+    body, info, tok_blob, tok_sha = await request.app.state.work.run(_prepare_create, raw, settings.max_seq_len)
     meta = {
         "name": body.name,
         "uid": uuid.uuid4().hex,
@@ -212,8 +212,7 @@ async def ingest(
     try:
         stats = await run_pipeline(
             pipeline, documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt)), settings.ingest_batch_bytes,
-            stage,
-            settings.ingest_batch_docs,
+            stage, settings.ingest_batch_docs, request.app.state.work.limiter,
         )
         result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
                   "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -12,9 +13,9 @@ from ..deps import MetricsDep, StoreDep
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", summary="The process is up")
-async def healthz() -> dict[str, str]:
-    return {"status": "ok"}
+@router.get("/healthz", summary="The process is up (and which worker process answered)")
+async def healthz() -> dict[str, Any]:
+    return {"status": "ok", "process": os.getpid()}
 
 
 @router.get("/readyz", summary="Redis answers; whether acks are confirmed only once durable")

@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import Fetched, masked, open_dataset, outputs, render
+from ..batching import Fetched, fetched, open_dataset, outputs, render
 from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
 from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded, StaticMasksMissing
 from ..jobs import JobConfig, JobCreate, Jobs, Lease, NextResult
@@ -190,11 +190,11 @@ async def _serve(
     rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
     ds = Fetched(rt, st["n"], st["num_chunks"])
     seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
-    m = await masked(catalog, ds, seq_ids, seed=cfg.seed, epoch=lease.epoch, params=params, spec=spec)
+    compute = await fetched(catalog, ds, seq_ids, seed=cfg.seed, epoch=lease.epoch, params=params, spec=spec)
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
-
-    body = render(outputs(m, seq_ids, q, rt.vocab.pad_id), meta, as_json)
+    body = await state.work.run(lambda: render(outputs(compute(), seq_ids, q, rt.vocab.pad_id), meta, as_json),
+                                tokens=len(seq_ids) * rt.seq_len)  # fmt: skip
     metrics.sequences_served.labels(dataset).inc(len(seq_ids))
     headers = {
         **ack_header,

@@ -7,17 +7,19 @@ from typing import Annotated, Any
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 from pydantic import Field
 
-from ..batching import masked, open_dataset
+from ..batching import fetched, open_dataset
 from ..catalog import Catalog
 from ..deps import CatalogDep, SettingsDep, StoreDep
 from ..errors import DatasetNotFound, LimitExceeded, NotFound
-from ..masking import MaskSpec, mask_batch
+from ..masking import Masked, MaskSpec, mask_batch
 from ..packing import assemble, split_chunk
 from ..schemas import MaskingParams
 from ..static import cache_id, encode_chunk
+from ..store import CachesFull
+from ..work import Workload
 
 
 router = APIRouter(prefix="/v1/datasets", tags=["masks"])
@@ -52,8 +54,16 @@ def _status(meta: dict[str, Any], num_chunks: int, num_tokens: int) -> dict[str,
     }
 
 
-@router.post("/{name}/static-masks", summary="Build (or finish building) a static-mask cache; idempotent")
-async def build_static(name: str, body: StaticBuild, store: StoreDep, catalog: CatalogDep) -> dict[str, Any]:
+@router.post("/{name}/static-masks", summary="Build (or go on building) a static-mask cache; idempotent")
+async def build_static(
+    name: str, body: StaticBuild, store: StoreDep, catalog: CatalogDep, settings: SettingsDep, request: Request
+) -> dict[str, Any]:
+    """Builds chunk by chunk, each on the CPU pool. A call stops after ``static_build_max_s`` (or
+    ``max_chunks`` chunks, or when its client has gone) with the chunks so far kept: the answer says
+    ``complete: false`` and the next call goes on from there."""
+    if body.copies > settings.max_static_copies:
+        raise LimitExceeded(f"copies {body.copies} exceeds the limit of {settings.max_static_copies}",
+                            limit=settings.max_static_copies)  # fmt: skip
     spec = body.spec()
     ds = await open_dataset(catalog, name)
     rt = ds.rt
@@ -62,20 +72,28 @@ async def build_static(name: str, body: StaticBuild, store: StoreDep, catalog: C
               "seed": body.seed, "copies": body.copies, "built": 0, "bytes": 0, "created_at": time.time()}  # fmt: skip
     if spec.random_tokens == "frequency":
         await catalog.weighted_vocab(rt)
-    meta = await store.open_mask_cache(name, rt.uid, cache, fields)
+    try:
+        meta = await store.open_mask_cache(name, rt.uid, cache, fields, settings.max_mask_caches)
+    except CachesFull as full:
+        raise LimitExceeded(f"dataset {name!r} {full}: drop one first (DELETE .../static-masks/ID)",
+                            limit=full.limit, dataset=name)  # fmt: skip
     if meta is None:
         raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+    work: Workload = request.app.state.work
     k = meta["built"]
     stop = ds.num_chunks if body.max_chunks is None else min(ds.num_chunks, k + body.max_chunks)
-    while k < stop:
+    deadline = time.monotonic() + settings.static_build_max_s
+    while k < stop:  # at least one chunk per call, so that calls in a row always finish the cache
         blob = await store.read_chunk(name, k)
         if blob is None:
             raise DatasetNotFound(f"dataset {name!r} was deleted during the build", dataset=name)
-        masks = await anyio.to_thread.run_sync(_mask_chunk, catalog, rt, blob, int(rt.chunk_starts[k]), body, spec)
+        masks = await work.run(_mask_chunk, catalog, rt, blob, int(rt.chunk_starts[k]), body, spec)
         built = await store.save_mask_chunk(name, rt.uid, cache, k, masks)
         if built < 0:
             raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the build", dataset=name)
         k = max(k + 1, built)
+        if time.monotonic() > deadline or await request.is_disconnected():
+            break
     meta = await store.mask_cache(name, cache)
     counters = await store.meta(name)
     return _status(meta, ds.num_chunks, counters["num_tokens"] if counters else 0)
@@ -86,10 +104,10 @@ def _mask_chunk(catalog: Catalog, rt: Any, blob: bytes, first_id: int, body: Sta
     ids, ws, n = assemble(lengths, records, rt.id_dtype, rt.seq_len, words=True)
     seq_ids = first_id + np.arange(len(n), dtype=np.int64)
     vocab = rt.weighted if spec.random_tokens == "frequency" and rt.weighted else rt.vocab
-    copies = [
+    copies = (  # one copy at a time: encode_chunk keeps only each copy's selected positions
         mask_batch(ids, n, seq_ids, seed=body.seed, epoch=c, spec=spec, vocab=vocab, word_start=ws.copy())
         for c in range(body.copies)
-    ]
+    )
     return encode_chunk(copies, rt.id_dtype)
 
 
@@ -113,15 +131,18 @@ async def drop_static(
 
 
 @router.post("/{name}/masking-report", summary="Mask N sequences for several epochs and measure the result")
-async def report(name: str, body: ReportRequest, catalog: CatalogDep, settings: SettingsDep) -> dict[str, Any]:
+async def report(
+    name: str, body: ReportRequest, catalog: CatalogDep, settings: SettingsDep, request: Request
+) -> dict[str, Any]:
+    work: Workload = request.app.state.work
     spec = body.spec()
     ds = await open_dataset(catalog, name)
     epochs = body.epochs or (2 * body.copies if body.mode == "static" else 20)
     sequences = min(body.sequences, ds.num_sequences)
-    work = sequences * epochs * ds.rt.seq_len
-    if work > settings.max_report_tokens:
+    tokens = sequences * epochs * ds.rt.seq_len
+    if tokens > settings.max_report_tokens:
         raise LimitExceeded(
-            f"a report of {sequences} sequences x {epochs} epochs x L={ds.rt.seq_len} masks {work} tokens, over the "
+            f"a report of {sequences} sequences x {epochs} epochs x L={ds.rt.seq_len} masks {tokens} tokens, over the "
             f"limit of {settings.max_report_tokens}: ask for fewer sequences or epochs",
             limit=settings.max_report_tokens,
         )  # fmt: skip
@@ -133,8 +154,7 @@ async def report(name: str, body: ReportRequest, catalog: CatalogDep, settings: 
                             "special_selected", "special_drawn"), 0)  # fmt: skip
     seen: list[set[bytes]] = [set() for _ in seq_ids]
     runs: list[np.ndarray] = []
-    for epoch in range(epochs):
-        m = await masked(catalog, ds, seq_ids, seed=body.seed, epoch=epoch, params=body, spec=spec, need_words=True)
+    def tally(m: Masked) -> None:
         sel = m.selected
         orig = np.where(sel, m.labels, 0)
         totals["candidates"] += int((~m.special_tokens_mask).sum())
@@ -151,6 +171,11 @@ async def report(name: str, body: ReportRequest, catalog: CatalogDep, settings: 
             seen[i].add(row.tobytes())
         if spec.unit == "span" and m.word_start is not None:
             runs.append(_run_words(sel, m.word_start))
+
+    for epoch in range(epochs):  # one epoch's masks in memory at a time; the CPU work off the event loop
+        compute = await fetched(catalog, ds, seq_ids, seed=body.seed, epoch=epoch, params=body, spec=spec,
+                                need_words=True)  # fmt: skip
+        await work.run(lambda: tally(compute()))
     distinct = np.array([len(s) for s in seen])
     sel = max(1, totals["selected"])
     out: dict[str, Any] = {

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import anyio
 from fastapi import APIRouter, Query, Request, Response
 
 from ..deps import SettingsDep
@@ -39,5 +38,5 @@ async def train(
         raise UnsupportedMediaType(f"send application/x-ndjson or text/plain, not {media_type or 'nothing'!r}")
     body = limited(request.stream(), settings.max_train_bytes)
     texts = [d async for d in documents(body, media_type, split, vocab_size=1 << 32) if isinstance(d, str)]
-    tok = await anyio.to_thread.run_sync(lambda: train_tokenizer(texts, kind, vocab_size, min_frequency))
+    tok = await request.app.state.work.run(train_tokenizer, texts, kind, vocab_size, min_frequency)
     return Response(tok.to_str(), media_type="application/json")

@@ -1,0 +1,279 @@
+"""Serving under load: many concurrent clients against one service, with 1 or more worker processes.
+
+For each worker count (``--workers``, default 1 and 2), a ``maskserve serve --workers W``
+subprocess on a real Redis holds the stdlib docstrings at L=128 and L=512. For each
+batch shape (``--shapes``, default B=64 L=128 and B=256 L=512) and each level of
+concurrency (``--levels``, default 4 16 64 256), that many clients (asyncio tasks of
+this process, each with its own connection) pull batches back to back for
+``--seconds``; a client told 503 ``overloaded`` waits its ``Retry-After`` and asks
+again, as the thin client does. Meanwhile a separate process probes ``/healthz``
+every 20 ms, and this process samples the service's resident memory (manager
+and workers together) every 50 ms. Reported per run:
+
+* sequences/s and batches/s actually served (200s),
+* p50/p99 latency of the served requests,
+* every other answer counted by kind (``overloaded``, ``store-unavailable``, other
+  problem types, transport errors),
+* ``/healthz`` p99 and worst latency,
+* peak RSS of the service, next to the bound documented in the README
+  (baseline + ``cpu_threads`` x W x the masking peak + ``max_inflight`` x W x the
+  rendered batch; see "Capacity and limits").
+
+The load generator shares the machine with the service: on a 2-core host the
+figures are those of the pair, and the same for every run.
+
+    .venv/bin/python bench/load.py --embedded
+    .venv/bin/python bench/load.py --levels 4 64 --shapes 64x128 --seconds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import os
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import httpx
+
+from _common import (
+    BenchRedis,
+    Service,
+    add_service_args,
+    header,
+    percentile,
+    repeat_to,
+    service_env,
+    stdlib_docs,
+    train_bpe,
+)
+
+
+@dataclass
+class Run:
+    workers: int
+    batch: int
+    seq_len: int
+    clients: int
+    seconds: float = 0.0
+    served: int = 0
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter = field(default_factory=Counter)
+    health: list[float] = field(default_factory=list)
+    peak_rss: int = 0
+
+    @property
+    def sequences_per_s(self) -> float:
+        return self.served * self.batch / self.seconds if self.seconds else 0.0
+
+
+# ---- the service's memory ----------------------------------------------------------------------------------
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _family(root: int) -> list[int]:
+    """``root`` and its descendants that are Python (the embedded Redis is reported apart)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if "valkey" not in name and "redis" not in name:
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(children.get(pid, []))
+    return out
+
+
+class RssSampler(threading.Thread):
+    def __init__(self, root: int, every: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.root, self.every, self.peak = root, every, 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        pids = _family(self.root)
+        last_scan = time.monotonic()
+        while not self._stop_event.wait(self.every):
+            if time.monotonic() - last_scan > 1:
+                pids, last_scan = _family(self.root), time.monotonic()
+            self.peak = max(self.peak, sum(_rss(p) for p in pids))
+
+    def stop(self) -> int:
+        self._stop_event.set()
+        self.join()
+        return self.peak
+
+
+# ---- the health prober (its own process, so that the load generator's loop does not delay it) ----------------
+
+
+def _probe(url: str, stop: mp.Event, out: mp.Queue) -> None:  # noqa: ANN001 - multiprocessing types
+    latencies = []
+    with httpx.Client(timeout=30) as h:
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            try:
+                h.get(f"{url}/healthz")
+                latencies.append(time.perf_counter() - t0)
+            except httpx.HTTPError:
+                latencies.append(float("inf"))
+            stop.wait(0.02)
+    out.put(latencies)
+
+
+# ---- the load ------------------------------------------------------------------------------------------------
+
+
+async def _client(url: str, name: str, run: Run, deadline: float, rng: random.Random) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1)) as h:
+        index = 0
+        while time.monotonic() < deadline:
+            t0 = time.perf_counter()
+            try:
+                r = await h.get(f"/v1/datasets/{name}/batch",
+                                params={"size": run.batch, "seed": rng.randrange(1 << 30), "index": index})  # fmt: skip
+                body = r.content
+            except httpx.HTTPError as exc:
+                run.errors[f"transport:{type(exc).__name__}"] += 1
+                continue
+            index += 1
+            if r.status_code == 200:
+                run.served += 1
+                run.latencies.append(time.perf_counter() - t0)
+                del body
+                continue
+            kind = str(r.status_code)
+            if r.headers.get("content-type", "").startswith("application/problem+json"):
+                kind = r.json()["type"].rsplit(":", 1)[-1]
+            run.errors[kind] += 1
+            if "Retry-After" in r.headers:
+                await asyncio.sleep(min(float(r.headers["Retry-After"]), max(0.0, deadline - time.monotonic())))
+
+
+async def _load(url: str, name: str, run: Run, seconds: float) -> None:
+    rng = random.Random(run.clients * 1_000_003 + run.batch)
+    start = time.monotonic()
+    deadline = start + seconds
+    await asyncio.gather(*(_client(url, name, run, deadline, random.Random(rng.random())) for _ in range(run.clients)))
+    run.seconds = time.monotonic() - start
+
+
+def measure(svc: Service, name: str, run: Run, seconds: float) -> Run:
+    ctx = mp.get_context("spawn")
+    stop, out = ctx.Event(), ctx.Queue()
+    prober = ctx.Process(target=_probe, args=(svc.url, stop, out))
+    prober.start()
+    sampler = RssSampler(svc.pid)
+    sampler.start()
+    try:
+        asyncio.run(_load(svc.url, name, run, seconds))
+    finally:
+        stop.set()
+        run.health = out.get(timeout=60)
+        prober.join()
+        run.peak_rss = sampler.stop()
+    return run
+
+
+# ---- set-up and report --------------------------------------------------------------------------------------
+
+
+def prepare(url: str, tokenizer: dict, docs: list[str], seq_len: int) -> str:
+    from client import Client
+
+    name = f"load-{seq_len}"
+    with Client(url, timeout=600) as c:
+        try:
+            info = c.dataset(name)
+            if info["num_sequences"]:
+                return name
+            c.delete_dataset(name)
+        except Exception:  # noqa: BLE001 - not there yet
+            pass
+        c.create_dataset(name, tokenizer=tokenizer, seq_len=seq_len, packing="complete")
+        c.ingest(name, docs)
+    return name
+
+
+def report_line(run: Run) -> str:
+    lat = run.latencies or [float("nan")]
+    health = run.health or [float("nan")]
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(run.errors.items())) or "none"
+    return (f"  W={run.workers} B={run.batch:<4} L={run.seq_len:<4} clients={run.clients:<4} "
+            f"{run.sequences_per_s:>9,.0f} seq/s  {run.served / max(run.seconds, 1e-9):>6.1f} batch/s  "
+            f"p50 {1000 * percentile(lat, 50):>7.1f} ms  p99 {1000 * percentile(lat, 99):>7.1f} ms  "
+            f"healthz p99 {1000 * percentile(health, 99):>6.1f} ms (max {1000 * max(health):.1f})  "
+            f"peak RSS {run.peak_rss / 2**20:>6.0f} MiB  non-200: {errors}")  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_service_args(p)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="service worker processes per run")
+    p.add_argument("--levels", type=int, nargs="+", default=[4, 16, 64, 256], help="concurrent clients")
+    p.add_argument("--shapes", nargs="+", default=["64x128", "256x512"], help="batch shapes BxL")
+    p.add_argument("--seconds", type=float, default=8.0, help="load per (workers, shape, level)")
+    p.add_argument("--corpus-mb", type=float, default=4.0, help="text ingested per dataset")
+    args = p.parse_args()
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
+    env = service_env(args)
+    header("serving under load", [
+        "N concurrent clients pulling stateless dynamic batches back to back; 503 overloaded honoured (Retry-After)",
+        "healthz probed every 20 ms from its own process; service RSS = manager + workers (Redis apart)",
+    ], {"workers": args.workers, "levels": args.levels, "shapes": args.shapes, "seconds": args.seconds,
+        "service env": env or "defaults"})  # fmt: skip
+    docs = repeat_to(stdlib_docs(), min_bytes=int(args.corpus_mb * 1e6))
+    _, tokenizer = train_bpe(docs)
+    runs: list[Run] = []
+    with BenchRedis(args):
+        for workers in args.workers:
+            svc = Service(redis_url=args.redis_url, embedded=args.embedded, log_file=args.service_log,
+                          env={**env, "MASKSERVE_WORKERS": str(workers)})  # fmt: skip
+            with svc:
+                names = {L: prepare(svc.url, tokenizer, docs, L) for L in sorted({L for _, L in shapes})}
+                print(f"W={workers}: service pid {svc.pid}, idle RSS {sum(_rss(q) for q in _family(svc.pid)) / 2**20:.0f} MiB",
+                      flush=True)  # fmt: skip
+                for b, L in shapes:
+                    for level in args.levels:
+                        run = measure(svc, names[L], Run(workers, b, L, level), args.seconds)
+                        runs.append(run)
+                        print(report_line(run), flush=True)
+    print()
+    print("targets:")
+    unavailable = sum(r.errors.get("store-unavailable", 0) for r in runs)
+    others = sum(v for r in runs for k, v in r.errors.items() if k != "overloaded")
+    worst_health = max(percentile(r.health, 99) for r in runs if r.health)
+    print(f"  store-unavailable answers: {unavailable} (target 0); non-200 other than overloaded: {others} (target 0)")
+    print(f"  worst /healthz p99: {1000 * worst_health:.1f} ms (target < 100 ms)")
+    for workers in args.workers:
+        for b, L in shapes:
+            mine = [r for r in runs if r.workers == workers and r.batch == b and r.seq_len == L]
+            best = max(r.sequences_per_s for r in mine)
+            at64 = next((r.sequences_per_s for r in mine if r.clients == 64), float("nan"))
+            print(f"  W={workers} B={b} L={L}: 64 clients {at64:,.0f} seq/s = {100 * at64 / best:.0f}% of the best "
+                  f"level ({best:,.0f}) (target >= 90%); peak RSS {max(r.peak_rss for r in mine) / 2**20:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
