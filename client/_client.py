@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from ._batch import Batch, Closing
-from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError, error_from_response
+from ._errors import APIError, OverloadedError, ProtocolError, ServiceUnavailableError, TransportError, error_from_response
 from ._wire import CONTENT_TYPE, WireFormatError, decode
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -95,7 +95,8 @@ class Client:
         should_stop: Callable[[], bool] | None = None, on_retry: Callable[[Exception, int], None] | None = None,
         **kw: Any,
     ) -> httpx.Response | tuple[httpx.Response, bytearray]:  # fmt: skip
-        """One request, retried on transport errors and 502/503/504 when ``idempotent``.
+        """One request, retried on transport errors and 502/503/504 when ``idempotent``, and whatever it
+        is when the service answered ``overloaded`` (it did nothing with it) and its body can be sent again.
 
         Retries stop after ``retries`` attempts, or, with ``patience``, once that many seconds have
         passed since the first failure; ``should_stop()`` ends them early. ``on_retry(error, n)`` is
@@ -129,7 +130,9 @@ class Client:
             now = time.monotonic()
             first_failure = first_failure or now
             out_of_time = now - first_failure >= patience if patience is not None else attempt > self.retries
-            if not idempotent or out_of_time or (should_stop is not None and should_stop()):
+            replayable = isinstance(kw.get("content"), (bytes, str, type(None)))  # not a consumed generator
+            retryable = idempotent or (isinstance(err, OverloadedError) and replayable)
+            if not retryable or out_of_time or (should_stop is not None and should_stop()):
                 raise err
             if on_retry is not None:
                 on_retry(err, attempt)

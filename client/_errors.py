@@ -15,6 +15,7 @@
           ├── PayloadTooLargeError   413: request body over a configured limit
           ├── UnsupportedMediaTypeError   415 / 406
           └── ServiceUnavailableError     503: Redis unreachable, not ready
+               └── OverloadedError       the service is at capacity and did nothing: retry after ``retry_after``
 
 Every :class:`APIError` keeps the problem's stable ``type`` URI, ``title``,
 ``detail``, any extension members in ``extra``, and the ``Retry-After`` the
@@ -96,6 +97,10 @@ class ServiceUnavailableError(APIError):
     pass
 
 
+class OverloadedError(ServiceUnavailableError):
+    """The service refused the request before doing anything (at its limit): any request may be sent again."""
+
+
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError,
     401: AuthenticationError,
@@ -123,6 +128,8 @@ def error_from_response(status: int, body: bytes, headers: Any = None) -> APIErr
     cls = _BY_STATUS.get(status, APIError)
     if status == 410 and problem.get("job_status") == "cancelled":
         cls = JobCancelled
+    if status == 503 and str(problem.get("type", "")).endswith(":overloaded"):
+        cls = OverloadedError
     return cls(
         status,
         type=str(problem.get("type", "about:blank")),

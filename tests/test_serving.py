@@ -410,3 +410,28 @@ def test_worker_processes_share_one_port_and_one_embedded_store(spawn_service, t
             return probe.connect_ex(("127.0.0.1", svc.port)) != 0
 
     _until(port_free, "the port was released")
+
+
+def test_client_retries_a_refused_dataset_creation(redis_url, rdb, bpe_tokenizer, corpus):
+    """Creating a dataset is not idempotent, yet an ``overloaded`` refusal did nothing: the client sends it again."""
+    from client import OverloadedError
+
+    with _server(redis_url, max_inflight=1) as s, Client(s.url, retries=0) as setup:
+        name = _dataset(setup, bpe_tokenizer, corpus)
+        sock = _open_ingest(s.url, name)
+        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 1, "the ingest was admitted")
+        with pytest.raises(OverloadedError) as refused:
+            setup.create_dataset("second", tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        assert refused.value.retry_after == 1 and setup.datasets()[0]["name"] == name
+        seen: list[int] = []
+
+        def on_response(resp: httpx.Response) -> None:
+            seen.append(resp.status_code)
+            if resp.status_code == 503:
+                assert _finish_ingest(sock) == 200
+
+        with Client(s.url, retries=2) as c:
+            c._http.event_hooks["response"].append(on_response)
+            c.create_dataset("second", tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        assert seen == [503, 201]
+        assert sorted(d["name"] for d in setup.datasets()) == sorted([name, "second"])
