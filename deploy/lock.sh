@@ -44,5 +44,5 @@ compile "deploy/lock.sh ${VARIANT}" "deploy/requirements-torch-${VARIANT}.txt" \
 # everything else the trainer runs, torch's own requirements included, from PyPI only (torch's
 # page is read for its metadata, and torch itself left out)
 compile "deploy/lock.sh ${VARIANT}" "deploy/requirements-trainer-${VARIANT}.txt" \
-    --index-url https://pypi.org/simple --find-links "$TORCH_INDEX_URL/torch/" --constraint "$tmp/torch.in" --no-emit-package torch \
-    --extra trainer pyproject.toml
+    --index-url https://pypi.org/simple --find-links "$TORCH_INDEX_URL/torch/" --constraint "$tmp/torch.in" \
+    --no-emit-package torch --extra trainer pyproject.toml

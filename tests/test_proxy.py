@@ -130,9 +130,9 @@ class Nginx:
         self.url = f"http://127.0.0.1:{port}"
         self.port = port
         self.log_path = workdir / "nginx.log"
+        command = [NGINX, "-p", f"{workdir}/", "-e", "stderr", "-c", str(workdir / "nginx.conf")]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([NGINX, "-p", f"{workdir}/", "-e", "stderr", "-c", str(workdir / "nginx.conf")],
-                                         stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + WAIT
         while True:
             try:
@@ -236,7 +236,7 @@ def test_repo_file_balances_streams_and_times_out():
 # ---- nginx in front of two replicas ---------------------------------------------
 
 
-def test_requests_spread_over_both_replicas(start_proxy, replicas, dns, rdb: redis.Redis):
+def test_requests_spread_over_both_replicas(start_proxy, replicas, dns):
     proxy = start_proxy()
     route, n = "/v1/datasets", 40
     before = [r.requests(route) for r in replicas]
@@ -273,7 +273,7 @@ def test_ingest_and_large_batch_pass_through(start_proxy, replicas, rdb: redis.R
     assert len(proxied.content) > 2 << 20 and proxied.content == direct.content
 
 
-def test_stalled_replicas_answered_by_proxy(start_proxy, replicas, rdb: redis.Redis):
+def test_stalled_replicas_answered_by_proxy(start_proxy, replicas):
     assert directive(CONF, "proxy_read_timeout") == "300s"
     proxy = start_proxy(proxy_read_timeout="2s")
     for r in replicas:
@@ -291,7 +291,7 @@ def test_stalled_replicas_answered_by_proxy(start_proxy, replicas, rdb: redis.Re
     assert httpx.get(f"{proxy.url}/v1/datasets", headers=AUTH, timeout=WAIT).status_code == 200
 
 
-def test_client_trickling_its_header_is_cut_off(start_proxy, rdb: redis.Redis):
+def test_client_trickling_its_header_is_cut_off(start_proxy):
     assert directive(CONF, "client_header_timeout") == "10s"
     proxy = start_proxy(client_header_timeout="2s")
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as sock:
@@ -313,10 +313,10 @@ def test_client_stalling_its_body_is_cut_off_and_nothing_is_stored(
     before = sum(r.requests(route) for r in replicas)
     part = "".join(json.dumps({"text": d}) + "\n" for d in corpus[:20]).encode()
     head = (f"POST /v1/datasets/stalled/documents HTTP/1.1\r\nHost: maskserve\r\nAuthorization: Bearer {TOKEN}\r\n"
-            f"Content-Type: application/x-ndjson\r\nContent-Length: {len(part) + 1_000_000}\r\n\r\n").encode()  # fmt: skip
+            f"Content-Type: application/x-ndjson\r\nContent-Length: {len(part) + 1_000_000}\r\n\r\n")  # fmt: skip
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=WAIT) as sock:
         start = time.monotonic()
-        sock.sendall(head + part)  # then nothing more
+        sock.sendall(head.encode() + part)  # then nothing more
         received, ended = wait_closed(sock)
     assert ended - start >= 2 - 0.25, "closed before the body timeout"
     assert not received.startswith(b"HTTP/1.1 2")
