@@ -144,11 +144,13 @@ def service_env(**extra: str) -> dict[str, str]:
 class ServiceProcess:
     """``maskserve serve`` in its own process."""
 
-    def __init__(self, env: dict[str, str], port: int | None = None, workers: int = 1) -> None:
+    def __init__(self, env: dict[str, str], port: int | None = None, workers: int | None = 1) -> None:
+        """``workers``: worker processes (None: as ``serve`` decides by itself, from the environment)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service", "serve", "--port", str(self.port), "--workers", str(workers)],
+            [sys.executable, "-m", "service", "serve", "--port", str(self.port),
+             *(["--workers", str(workers)] if workers is not None else [])],
             env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         )  # fmt: skip
 

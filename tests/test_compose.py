@@ -87,6 +87,8 @@ def test_compose_wiring():
     tag = services["redis"]["image"].split(":")[1].split("@")[0]
     assert tuple(int(x) for x in tag.split("-")[0].split(".")[:2]) >= (7, 2)
     assert services["service"]["environment"]["MASKSERVE_DURABLE_ACKS"] == "require"
+    # as many worker processes as the container has CPUs
+    assert int(services["service"]["environment"]["MASKSERVE_WORKERS"]) == services["service"]["cpus"]
     # trainers and bootstrap reach the replicas through the proxy, with the token the service requires
     for name in ("bootstrap", "trainer"):
         assert PROXY_URL in services[name]["command"] and "MASKSERVE_TOKEN" in services[name]["environment"]
@@ -209,7 +211,7 @@ def test_compose_commands_run_the_whole_job(tmp_path: Path):
         env = service_env(**{**service_vars, "REDIS_URL": redis_url})
         serve_cmd = _local(services["service"]["command"], "")
         assert serve_cmd[-4:] == ["--host", "0.0.0.0", "--port", "8000"]
-        service = ServiceProcess(env, port)  # runs `maskserve serve`, on a free port instead of 8000
+        service = ServiceProcess(env, port, workers=None)  # `maskserve serve` as written, on a free port
         try:
             service.wait_ready()
             assert httpx.get(f"{service.url}/v1/datasets", timeout=30).status_code == 401  # the token is required
