@@ -323,7 +323,8 @@ class Client:
 
     def job(
         self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
-        create: Mapping[str, Any] | None = None, max_outage: float = 300.0, **output: Any,
+        create: Mapping[str, Any] | None = None, max_outage: float = 300.0, ack_every: int = 1,
+        ack_delay: float = 2.0, **output: Any,
     ) -> "JobStream":  # fmt: skip
         """Attach to job ``name`` (creating it from ``create`` if given) and iterate its batches.
 
@@ -333,6 +334,9 @@ class Client:
         gives back the rest. Lease requests ride out an unreachable or
         overloaded service (failing over between replicas) for up to
         ``max_outage`` seconds. A cancelled job raises :class:`JobCancelled`.
+        ``ack_every=N`` sends acks in groups of N (or after ``ack_delay`` seconds):
+        fewer fsyncs on a service with durable acks, at the price of up to N-1
+        batches trained again should this worker die.
         Batches carry ``metadata["epoch"|"index"|"lease"]``.
         """
         from ._jobs import JobStream
@@ -340,7 +344,7 @@ class Client:
         if create is not None:
             self.create_job(name, **create)
         return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, max_outage=max_outage,
-                         **output)  # fmt: skip
+                         ack_every=ack_every, ack_delay=ack_delay, **output)  # fmt: skip
 
     # ---- static masks and the masking report ---------------------------------
 

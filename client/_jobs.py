@@ -5,7 +5,10 @@ epoch to one of them under a lease. A :class:`JobStream` keeps up to
 ``prefetch`` batches leased or being leased ahead of the consumer and yields
 them in (epoch, index) order. A batch is acked when the consumer asks for the
 next one (``auto_ack``) or when :meth:`JobStream.ack` is called; acks ride on
-the next lease request.
+the next lease request (with ``ack_every=N``, on the first lease request once
+N are pending or the oldest has waited ``ack_delay`` seconds: fewer
+confirmed writes, which a service with durable acks must each fsync, for at
+most N-1 batches a crashed worker's successor trains again).
 
 Nothing the consumer finished is ever lost: acks that a failed request carried
 are sent again with the next one, lease requests are retried (with the same
@@ -74,9 +77,11 @@ class JobStream(Closing):
 
     def __init__(
         self, client: "Client", job: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
-        max_outage: float = 300.0, **output: Any,
+        max_outage: float = 300.0, ack_every: int = 1, ack_delay: float = 2.0, **output: Any,
     ) -> None:  # fmt: skip
         self.client = client
+        self.ack_every = max(1, ack_every)
+        self.ack_delay = ack_delay
         self.job = job
         self.worker = worker or default_worker()
         self.auto_ack = auto_ack
@@ -90,6 +95,8 @@ class JobStream(Closing):
         self._arrivals = 0  # leases received so far
         self._seq = 0  # the last request number sent (microseconds since the epoch, made increasing)
         self._acks: list[str] = []  # finished, not yet confirmed by the service
+        self._acks_since: float | None = None  # when the oldest of them was finished
+        self._flush_next = False  # the service is waiting: the next request carries every ack
         self._current: Batch | None = None  # yielded, not yet acked
         self._ended: str | None = None  # 'done' or 'cancelled', as the service said
         self._error: BaseException | None = None
@@ -110,7 +117,7 @@ class JobStream(Closing):
                 with self._cv:
                     if self._closed:
                         return
-                    acks, self._acks = self._acks, []
+                    acks = self._take_acks()
                     slot.sent_after = self._arrivals
                     self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
                 try:
@@ -128,13 +135,14 @@ class JobStream(Closing):
                     return
                 except BaseException:
                     with self._cv:  # not applied, or not known to be: they go again with the next request
-                        self._acks[:0] = acks
+                        self._put_back(acks)
                     raise
                 self._back()
                 verdicts = resp.headers.get("maskserve-acks", "")
                 self._confirm(acks, verdicts.split(",") if verdicts else [])
                 if resp.status_code == 204:
                     with self._cv:
+                        self._flush_next = True  # e.g. the end of the job waits on acks still held here
                         slot.seq = slot.sent_after = _IDLE
                         self._cv.notify_all()
                         self._cv.wait_for(lambda: self._closed,
@@ -159,6 +167,22 @@ class JobStream(Closing):
             with self._cv:
                 self._slots.remove(slot)
                 self._cv.notify_all()
+
+    def _take_acks(self) -> list[str]:
+        """The acks the next lease request carries (under the lock): all of them once ``ack_every`` are
+        pending, the oldest has waited ``ack_delay`` seconds, or the service said it waits; else none."""
+        due = self._flush_next or len(self._acks) >= self.ack_every or (
+            self._acks_since is not None and time.monotonic() - self._acks_since >= self.ack_delay
+        )
+        if not due or not self._acks:
+            return []
+        acks, self._acks, self._acks_since, self._flush_next = self._acks, [], None, False
+        return acks
+
+    def _put_back(self, acks: list[str]) -> None:
+        if acks:
+            self._acks[:0] = acks
+            self._acks_since = self._acks_since or time.monotonic()
 
     def _confirm(self, sent: list[str], verdicts: list[str]) -> None:
         with self._cv:
@@ -245,13 +269,14 @@ class JobStream(Closing):
             self._current = None
         with self._cv:
             self._acks.append(lease)
+            self._acks_since = self._acks_since or time.monotonic()
         if send:
             self.flush()
 
     def flush(self) -> None:
         """Send the acks not yet sent, retrying for up to ``max_outage``; on failure they stay queued."""
         with self._cv:
-            acks, self._acks = self._acks, []
+            acks, self._acks, self._acks_since = self._acks, [], None
         if not acks:
             return
         try:
@@ -259,7 +284,7 @@ class JobStream(Closing):
                                     on_retry=self._outage, json={"worker": self.worker, "leases": acks})  # fmt: skip
         except BaseException:
             with self._cv:
-                self._acks[:0] = acks
+                self._put_back(acks)
             raise
         self._back()
         self._confirm(acks, out["results"])

@@ -169,3 +169,35 @@ def test_requests_fail_over_between_replicas(service_url: str, ds):
         with pytest.raises(TransportError):
             c.dataset(name)  # no retries: the dead replica's error is final
         assert c.dataset(name)["num_sequences"] == n  # ...but the next call goes to the other one
+
+
+class _AckLog(httpx.BaseTransport):
+    """Real HTTP; records how many acks each lease request carried."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.carried: list[int] = []
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/next"):
+            self.carried.append(len(request.url.params.get_list("ack")))
+        return self.inner.handle_request(request)
+
+
+def test_acks_can_go_in_groups_and_the_job_still_ends_with_every_batch_counted(service_url: str, ds):
+    """``ack_every=3``: lease requests carry no ack until three are pending, then all three; at the end
+    of the job the service waits for the held acks (204), and the next request carries them."""
+    name, n = ds
+    transport = _AckLog()
+    with Client(service_url, transport=transport) as c:
+        job = uid("job")
+        c.create_job(job, name, batch_size=64, epochs=1, seed=0, epoch_boundary="handout")
+        batches = -(-n // 64)
+        with c.job(job, prefetch=1, ack_every=3, ack_delay=1e9) as stream:
+            seen = [(bt.epoch, bt.index) for bt in stream]
+        progress = c.job_progress(job)
+    assert len(seen) == batches and progress["status"] == "done"
+    assert stream.acked == batches and not stream.rejected
+    carried = [k for k in transport.carried if k]
+    assert carried and all(k >= 3 for k in carried[:-1]), transport.carried
+    assert sum(transport.carried) == batches  # every ack went with a lease request, none by a separate call
