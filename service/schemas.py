@@ -52,5 +52,6 @@ class OutputParams(BaseModel):
     special_tokens_mask: bool = Field(default=False, description="Also send `special_tokens_mask` (B, L).")
     pad_to_multiple_of: int | None = Field(
         default=None, ge=1, le=4096,
-        description="Pad to the batch's longest sequence rounded up to this multiple, instead of to L.",
+        description="Pad to the batch's longest sequence rounded up to this multiple, instead of to L "
+        "(never past L).",
     )  # fmt: skip
