@@ -81,10 +81,13 @@ async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awa
 
 async def masked(
     catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
-    spec: MaskSpec, need_words: bool = False, checked: bool = False,
+    spec: MaskSpec, need_words: bool = False, checked: bool = False, step: int | None = None,
 ) -> Masked:  # fmt: skip
     """Mask the sequences ``seq_ids`` for ``epoch``; ``need_words`` also returns word starts.
-    ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``)."""
+    ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``). ``step``: where the batch
+    sits for a mask-rate schedule counted in steps (callers without steps count one per epoch)."""
+    if params.schedule != "constant":
+        spec = params.spec_at(epoch, epoch if step is None else step)
     rt = ds.rt
     chunk, local = rt.locate(seq_ids)
     chunks = Chunks.of(chunk)

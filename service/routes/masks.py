@@ -13,7 +13,7 @@ from pydantic import Field
 from ..batching import masked, open_dataset
 from ..catalog import Catalog
 from ..deps import CatalogDep, SettingsDep, StoreDep
-from ..errors import DatasetNotFound, LimitExceeded, NotFound
+from ..errors import DatasetNotFound, LimitExceeded, NotFound, ValidationFailed
 from ..masking import MaskSpec, mask_batch
 from ..packing import assemble, split_chunk
 from ..schemas import MaskingParams
@@ -54,6 +54,8 @@ def _status(meta: dict[str, Any], num_chunks: int, num_tokens: int) -> dict[str,
 
 @router.post("/{name}/static-masks", summary="Build (or finish building) a static-mask cache; idempotent")
 async def build_static(name: str, body: StaticBuild, store: StoreDep, catalog: CatalogDep) -> dict[str, Any]:
+    if body.schedule != "constant":
+        raise ValidationFailed("static masks are built once, at one rate: a mask-rate schedule needs dynamic masks")
     spec = body.spec()
     ds = await open_dataset(catalog, name)
     rt = ds.rt
