@@ -129,22 +129,30 @@ def _word_tables(
 ) -> dict[str, np.ndarray]:
     """The per-id tables of the word rule (see ``word_starts``).
 
-    ``word_start``: the vocabulary marks the token as a word's first piece (WordPiece: no ``##``;
-    byte-level BPE: ``Ġ``; SentencePiece-style: ``▁``), or it begins with whitespace, or it is special
-    (except a marked vocabulary's unknown piece, which stands for characters inside a word).
+    ``word_start``: the vocabulary marks the token as a word's first piece (WordPiece, or a BPE with a
+    continuing-subword prefix: no ``##``; byte-level BPE: ``Ġ``; SentencePiece-style: ``▁``), or it
+    begins with whitespace, or it is special
+    (except the unknown piece of a marked vocabulary other than WordPiece's, which stands for characters
+    inside a word; WordPiece's replaces a whole word).
     ``word_end``: the token ends with whitespace (a lone space piece excepted: byte-level BPE leaves
-    it when it cannot merge it with the word it prefixes), so the next token begins a word.
+    it when it cannot merge it with the word it prefixes), or with a BPE's end-of-word suffix
+    (``</w>``), so the next token begins a word.
     A vocabulary with no marker convention (e.g. word-level) makes every token a word.
     """
     spec = json.loads(tok.to_str())
     model = spec.get("model") or {}
     starts = np.ones(vocab_size, dtype=bool)
     ends = np.zeros(vocab_size, dtype=bool)
-    if model.get("type") == "WordPiece":
+    marker = None
+    if model.get("type") == "WordPiece" or model.get("continuing_subword_prefix"):
         prefix = model.get("continuing_subword_prefix") or "##"
-        marker = None
         for piece, i in vocab.items():
             starts[i] = not piece.startswith(prefix)
+    elif model.get("end_of_word_suffix"):  # BPE marking a word's last piece ("</w>"): the next one starts a word
+        suffix = model["end_of_word_suffix"]
+        for piece, i in vocab.items():
+            starts[i] = False
+            ends[i] = piece.endswith(suffix)
     else:
         marker = next((m for m in ("Ġ", "▁") if sum(p.startswith(m) for p in vocab) > len(vocab) // 10), None)
         if marker is not None:
@@ -157,7 +165,8 @@ def _word_tables(
         if text[-1:].isspace() and piece != marker:  # a lone "Ġ" is the space of the word after it
             ends[i] = True
     starts[list(special)] = True
-    if marker is not None and unk is not None:
+    marked = marker is not None or (model.get("type") != "WordPiece" and not starts.all())
+    if marked and unk is not None:
         starts[unk] = False  # an unknown piece stands for characters inside a word ("▁", unk, "class")
     return {"word_start": starts, "word_end": ends}
 

@@ -453,3 +453,28 @@ def test_load_tokenizer_disables_truncation_and_padding(bpe_tokenizer):
     loaded = load_tokenizer(tok.to_str())
     assert loaded.truncation is None and loaded.padding is None
     assert len(loaded.encode("word " * 50, add_special_tokens=False).ids) > 8
+
+
+@pytest.mark.parametrize("convention", [{"continuing_subword_prefix": "##"}, {"end_of_word_suffix": "</w>"}, {}])
+def test_word_rule_for_bpe_with_a_prefix_or_suffix_or_no_marker(convention, small_corpus):
+    """A BPE marking continuations (``##``) or word ends (``</w>``) gives its words from the ids alone;
+    one with no marker at all cannot, and makes every token a word."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", **convention))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+                                  show_progress=False, **convention)  # fmt: skip
+    texts = [" ".join(re.findall("[A-Za-z]+", t)) for t in small_corpus]
+    tok.train_from_iterator(texts, trainer=trainer)  # every character (and word end) is seen: no unknown pieces
+    info = prepare(tok)
+    ids, ws, _ = encode_texts(info, texts[:30])
+    assert tok.token_to_id("[UNK]") not in ids
+    texts = texts[:30]
+    if not convention:
+        assert ws.all()
+        return
+    words = [w for enc in tok.encode_batch(texts, add_special_tokens=False)
+             for w in [k == 0 or enc.word_ids[k] != enc.word_ids[k - 1] for k in range(len(enc.ids))]]  # fmt: skip
+    assert ws.tolist() == words
+    assert not ws.all()
