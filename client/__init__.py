@@ -11,6 +11,7 @@
 from ._batch import Batch
 from ._client import DEFAULT_URL, BatchStream, Client
 from ._jobs import JobStream
+from ._masking import mask_rate_schedule
 from ._errors import (
     APIError,
     AuthenticationError,
@@ -53,4 +54,5 @@ __all__ = [
     "WireFormatError",
     "decode",
     "encode",
+    "mask_rate_schedule",
 ]

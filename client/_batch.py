@@ -58,8 +58,13 @@ class Batch:
     def __len__(self) -> int:
         return len(self.arrays["input_ids"])
 
-    def numpy(self) -> dict[str, np.ndarray]:
-        return dict(self.arrays)
+    def numpy(self, *, int64: bool = False) -> dict[str, np.ndarray]:
+        """The arrays by name. ``int64=True`` widens every integer array to int64 (a copy of
+        each narrower one): Hugging Face models index embeddings and compute the loss with
+        int64 ids and labels only, and reject the int32 the wire carries."""
+        if not int64:
+            return dict(self.arrays)
+        return {k: _widen(v) for k, v in self.arrays.items()}
 
     def torch(self, device: Any = None, non_blocking: bool = True) -> dict[str, Any]:
         """Tensors for a model: ids and labels int64, attention mask int64.
@@ -78,3 +83,8 @@ class Batch:
                 t = t.to(device)
             out[name] = t.long()
         return out
+
+
+def _widen(a: np.ndarray) -> np.ndarray:
+    """``a`` as int64 when it holds integers (no copy when it already is), else unchanged."""
+    return a.astype(np.int64, copy=False) if a.dtype.kind in "iu" else a

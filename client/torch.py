@@ -11,6 +11,11 @@ the same for any number of workers.
 
 ``JobBatches`` does the same over a shared job (every sequence once per epoch
 across all workers of the job).
+
+Items hold only what a model's ``forward`` takes (``input_ids``,
+``attention_mask``, ``labels``, all int64), so ``model(**item)`` works for any
+Hugging Face masked-LM model. ``metadata=True`` adds ``sequence_ids``, ``index``
+(and, for jobs, ``epoch``) tensors, for bookkeeping that the model must not see.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class MaskedBatches(IterableDataset):
         steps: int | None = None,
         prefetch: int = 2,
         token: str | None = None,
+        metadata: bool = False,
         **masking: Any,
     ) -> None:
         super().__init__()
@@ -48,6 +54,7 @@ class MaskedBatches(IterableDataset):
         self.steps = steps
         self.prefetch = prefetch
         self.token = token
+        self.metadata = metadata
         self.masking = masking
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -63,7 +70,7 @@ class MaskedBatches(IterableDataset):
 
             with BatchStream(fetch, 0, count, self.prefetch) as stream:
                 for batch in stream:
-                    yield _item(batch, index=batch.index)
+                    yield _item(batch, self.metadata, index=batch.index)
 
 
 class JobBatches(IterableDataset):
@@ -76,13 +83,13 @@ class JobBatches(IterableDataset):
     ``prefetch_factor`` batches ahead of training: a crash can then lose that
     many acked-but-untrained batches per worker. Stopping early (the loop
     breaks) acks the last batch taken; lease requests ride out outages
-    shorter than ``max_outage`` seconds. Items carry ``epoch``, ``index`` and
-    ``sequence_ids`` tensors besides the model inputs.
+    shorter than ``max_outage`` seconds. With ``metadata=True`` items carry
+    ``epoch``, ``index`` and ``sequence_ids`` tensors besides the model inputs.
     """
 
     def __init__(
         self, base_url: str, job: str, *, create: dict[str, Any] | None = None, worker: str | None = None,
-        prefetch: int = 2, token: str | None = None, max_outage: float = 300.0,
+        prefetch: int = 2, token: str | None = None, max_outage: float = 300.0, metadata: bool = False,
     ) -> None:  # fmt: skip
         super().__init__()
         self.base_url = base_url
@@ -92,6 +99,7 @@ class JobBatches(IterableDataset):
         self.prefetch = prefetch
         self.token = token
         self.max_outage = max_outage
+        self.metadata = metadata
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
@@ -100,13 +108,15 @@ class JobBatches(IterableDataset):
             with c.job(self.job, create=self.create, worker=worker, prefetch=self.prefetch,
                        max_outage=self.max_outage) as stream:  # fmt: skip
                 for batch in stream:
-                    yield _item(batch, epoch=batch.epoch, index=batch.index)
+                    yield _item(batch, self.metadata, epoch=batch.epoch, index=batch.index)
 
 
-def _item(batch: Batch, **scalars: int) -> dict[str, torch.Tensor]:
-    """A batch as the tensors a DataLoader yields: model inputs, ``sequence_ids`` and the given scalars."""
+def _item(batch: Batch, metadata: bool, **scalars: int) -> dict[str, torch.Tensor]:
+    """A batch as the tensors a DataLoader yields: the model inputs, and with ``metadata``
+    also ``sequence_ids`` and the given scalars."""
     out = batch.torch()
-    out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
-    for name, value in scalars.items():
-        out[name] = torch.tensor(value)
+    if metadata:
+        out["sequence_ids"] = torch.from_numpy(batch["sequence_ids"])
+        for name, value in scalars.items():
+            out[name] = torch.tensor(value)
     return out

@@ -82,21 +82,25 @@ async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awa
 
 async def masked(
     catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
-    spec: MaskSpec, work: Workload, need_words: bool = False, checked: bool = False,
+    spec: MaskSpec, work: Workload, need_words: bool = False, checked: bool = False, step: int | None = None,
 ) -> Masked:  # fmt: skip
     """Mask the sequences ``seq_ids`` for ``epoch`` (on the CPU pool unless the batch is small)."""
     compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=params, spec=spec,
-                            need_words=need_words, checked=checked)  # fmt: skip
+                            need_words=need_words, checked=checked, step=step)  # fmt: skip
     return await work.run(compute, tokens=len(seq_ids) * ds.rt.seq_len)
 
 
 async def fetched(
     catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
-    spec: MaskSpec, need_words: bool = False, checked: bool = False,
+    spec: MaskSpec, need_words: bool = False, checked: bool = False, step: int | None = None,
 ) -> Callable[[], Masked]:  # fmt: skip
     """Read the sequences ``seq_ids`` (and their static masks); return the CPU work that masks them for
     ``epoch``, to run where the caller chooses (see ``work.Workload.run``). ``need_words`` also
-    returns word starts; ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``)."""
+    returns word starts; ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``).
+    ``step``: where the batch sits for a mask-rate schedule counted in steps (callers without steps
+    count one per epoch)."""
+    if params.schedule != "constant":
+        spec = params.spec_at(epoch, epoch if step is None else step)
     rt = ds.rt
     chunk, local = rt.locate(seq_ids)
     chunks = Chunks.of(chunk)
@@ -145,29 +149,28 @@ async def fetched(
 
 
 def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> dict[str, np.ndarray]:
-    """The arrays a client receives, per the output options."""
+    """The arrays a client receives, per the output options.
+
+    ``pad_to_multiple_of`` rounds the batch's longest sequence up, but never past L: the model's
+    position table has L rows, so a wider batch could not be fed to it (when L is not a multiple,
+    a batch whose longest sequence rounds past L is L wide)."""
     width = m.input_ids.shape[1]
     if out.pad_to_multiple_of is not None:
         longest = int(m.attention_mask.sum(axis=1).max()) if len(seq_ids) else 0
-        width = max(1, -(-longest // out.pad_to_multiple_of) * out.pad_to_multiple_of)
-    cut = min(width, m.input_ids.shape[1])
+        width = min(width, max(1, -(-longest // out.pad_to_multiple_of) * out.pad_to_multiple_of))
 
-    def fit(a: np.ndarray, fill: int) -> np.ndarray:
-        if width <= a.shape[1]:
-            return np.ascontiguousarray(a[:, :cut])
-        wide = np.full((a.shape[0], width), fill, dtype=a.dtype)
-        wide[:, : a.shape[1]] = a
-        return wide
+    def fit(a: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(a[:, :width])
 
-    arrays = {"input_ids": fit(m.input_ids, pad_id), "attention_mask": fit(m.attention_mask, 0)}
+    arrays = {"input_ids": fit(m.input_ids), "attention_mask": fit(m.attention_mask)}
     if out.labels == "dense":
-        arrays["labels"] = fit(m.labels, -100)
+        arrays["labels"] = fit(m.labels)
     else:
         rows, cols = np.nonzero(m.selected)
         arrays["masked_positions"] = np.stack([rows, cols], axis=1).astype(np.int32)
         arrays["masked_ids"] = m.labels[rows, cols]
     if out.special_tokens_mask:
-        arrays["special_tokens_mask"] = fit(m.special_tokens_mask.astype(np.uint8), 1)
+        arrays["special_tokens_mask"] = fit(m.special_tokens_mask.astype(np.uint8))
     arrays["sequence_ids"] = seq_ids.astype(np.int64)
     return arrays
 

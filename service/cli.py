@@ -202,11 +202,19 @@ def _masking_args(sp: argparse.ArgumentParser) -> None:
     g.add_argument("--random-tokens", default="uniform", choices=["uniform", "frequency"])
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--copies", type=int, default=10, help="static masks per sequence (BERT's dupe_factor)")
+    g.add_argument("--schedule", default=None, choices=["constant", "linear", "cosine"],
+                   help="mask-rate schedule: --mlm-probability moves to --mlm-probability-end (dynamic masks only)")
+    g.add_argument("--mlm-probability-end", type=float, default=None, help="the rate the schedule ends at")
+    g.add_argument("--schedule-unit", default=None, choices=["epoch", "step"], help="what the schedule counts")
+    g.add_argument("--schedule-length", type=int, default=None, help="epochs or steps from start to end rate")
+
+
+MASKING_KEYS = ("mlm_probability", "mask_ratio", "random_ratio", "unit", "count", "max_predictions", "random_tokens",
+                "schedule", "mlm_probability_end", "schedule_unit", "schedule_length")  # fmt: skip
 
 
 def _masking(args: argparse.Namespace) -> dict:
-    keys = ("mlm_probability", "mask_ratio", "random_ratio", "unit", "count", "max_predictions", "random_tokens")
-    return {k: getattr(args, k) for k in keys if getattr(args, k) is not None}
+    return {k: getattr(args, k) for k in MASKING_KEYS if getattr(args, k, None) is not None}
 
 
 def cmd_masks(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ import numpy as np
 
 from .errors import MalformedDocument, PayloadTooLarge, TokenOutOfVocabulary
 from .packing import ChunkBuilder, Packer
-from .tokenization import TokenizerInfo, encode_texts
+from .tokenization import TokenizerInfo, encode_texts, word_starts
 
 Document = str | np.ndarray  # text, or pre-tokenized ids
 SPLITS = ("none", "line", "paragraph")
@@ -158,32 +158,31 @@ class Pipeline:
         self.token_counts = np.zeros(info.vocab_size, dtype=np.int64)  # for frequency-weighted replacements
 
     def feed(self, docs: list[Document]) -> list[bytes]:
-        """Tokenize a batch of documents; return the chunk blobs completed."""
+        """Tokenize a batch of documents; return the chunk blobs completed.
+
+        Word starts are computed from the ids after tokenization, by one rule for text and
+        pre-tokenized documents alike (``tokenization.word_starts``)."""
         texts = [d for d in docs if isinstance(d, str)]
-        t_ids, t_ws, t_len = encode_texts(self.info, texts) if texts else (None, None, None)
-        parts_ids, parts_ws, lengths = [], [], []
+        t_ids, _, t_len = encode_texts(self.info, texts) if texts else (None, None, None)
+        parts_ids, lengths = [], []
         t_pos = t_doc = 0
         for d in docs:
             if isinstance(d, str):
                 n = int(t_len[t_doc])
                 parts_ids.append(t_ids[t_pos : t_pos + n])
-                parts_ws.append(t_ws[t_pos : t_pos + n])
                 t_pos += n
                 t_doc += 1
             else:
-                ws = self.info.word_start[d]
-                if len(ws):
-                    ws[0] = True
                 parts_ids.append(d)
-                parts_ws.append(ws)
                 n = len(d)
             lengths.append(n)
         self.stats.documents += len(docs)
         if not parts_ids:
             return []
         all_ids = np.concatenate(parts_ids)
+        doc_lengths = np.array(lengths, np.int64)
         self.token_counts += np.bincount(all_ids, minlength=len(self.token_counts))
-        seqs = self.packer.feed(all_ids, np.concatenate(parts_ws), np.array(lengths, np.int64))
+        seqs = self.packer.feed(all_ids, word_starts(self.info, all_ids, doc_lengths), doc_lengths)
         return self._add(seqs)
 
     def finish(self) -> list[bytes]:

@@ -46,7 +46,12 @@ class JobConfig(BaseModel):
     masking: MaskingParams = Field(default_factory=MaskingParams)
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:32]
+        """What attaching compares. A constant mask rate leaves the schedule fields out, so a job
+        created before schedules existed keeps its digest (and workers can still attach to it)."""
+        exclude = None
+        if self.masking.schedule == "constant":
+            exclude = {"masking": {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}}
+        return hashlib.sha256(self.model_dump_json(exclude=exclude).encode()).hexdigest()[:32]
 
 
 class JobCreate(JobConfig):

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from .errors import ValidationFailed
 from .masking import MaskSpec
+from .schedule import rate_at
 
 
 class MaskingParams(BaseModel):
@@ -32,11 +33,53 @@ class MaskingParams(BaseModel):
         default="dynamic", description="A fresh mask per epoch, or epoch mod `copies` from the static cache."
     )
     copies: int = Field(default=10, ge=1, le=1000, description="Static masks per sequence (BERT's dupe_factor).")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        default="constant",
+        description="Mask-rate schedule: mlm_probability moves to mlm_probability_end over schedule_length "
+        "epochs or steps (dynamic mode only).",
+    )  # fmt: skip
+    mlm_probability_end: float | None = Field(
+        default=None, ge=0.0, le=1.0, description="The rate a schedule reaches at schedule_length, and keeps."
+    )
+    schedule_unit: Literal["epoch", "step"] = Field(
+        default="epoch",
+        description="What a schedule counts: epochs, or steps (a stateless batch's index; a job's "
+        "epoch * batches_per_epoch + index).",
+    )  # fmt: skip
+    schedule_length: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Epochs or steps from mlm_probability to mlm_probability_end."
+    )
+
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "MaskingParams":
+        if self.schedule == "constant":
+            if self.mlm_probability_end is not None or self.schedule_length is not None:
+                raise ValueError("mlm_probability_end and schedule_length need schedule=linear or cosine")
+            return self
+        if self.mlm_probability_end is None or self.schedule_length is None:
+            raise ValueError(f"schedule={self.schedule} needs mlm_probability_end and schedule_length")
+        if self.mode == "static":
+            raise ValueError("a mask-rate schedule needs mode=dynamic: static masks are built once, at one rate")
+        return self
 
     def spec(self) -> MaskSpec:
+        """The spec at the schedule's start (``mlm_probability``); ``spec_at`` gives it anywhere."""
+        return self._spec(self.mlm_probability)
+
+    def spec_at(self, epoch: int, step: int) -> MaskSpec:
+        """The spec for a batch of ``epoch`` at ``step``: the scheduled rate there."""
+        if self.schedule == "constant":
+            return self.spec()
+        position = epoch if self.schedule_unit == "epoch" else step
+        assert self.mlm_probability_end is not None and self.schedule_length is not None  # _check_schedule
+        return self._spec(
+            rate_at(self.schedule, self.mlm_probability, self.mlm_probability_end, self.schedule_length, position)
+        )
+
+    def _spec(self, p: float) -> MaskSpec:
         try:
             return MaskSpec(
-                self.mlm_probability, self.mask_ratio, self.random_ratio, unit=self.unit, count=self.count,
+                p, self.mask_ratio, self.random_ratio, unit=self.unit, count=self.count,
                 max_predictions=self.max_predictions, random_tokens=self.random_tokens,
                 span_p=self.span_p, span_max=self.span_max,
             )  # fmt: skip
@@ -52,5 +95,6 @@ class OutputParams(BaseModel):
     special_tokens_mask: bool = Field(default=False, description="Also send `special_tokens_mask` (B, L).")
     pad_to_multiple_of: int | None = Field(
         default=None, ge=1, le=4096,
-        description="Pad to the batch's longest sequence rounded up to this multiple, instead of to L.",
+        description="Pad to the batch's longest sequence rounded up to this multiple, instead of to L "
+        "(never past L).",
     )  # fmt: skip

@@ -37,7 +37,8 @@ class TokenizerInfo:
     special_ids: dict[str, int | None]  # role -> id
     all_special_ids: tuple[int, ...]  # every id never to be masked or drawn
     vocab_size: int
-    word_start: np.ndarray  # bool per id: does this token begin a word?
+    word_start: np.ndarray  # bool per id: does this token begin a word (marker, leading space, special)?
+    word_end: np.ndarray  # bool per id: does the token after this one begin a word (trailing space, special)?
 
     @property
     def id_dtype(self) -> np.dtype:
@@ -114,55 +115,96 @@ def describe(tok: Tokenizer, special_ids: Mapping[str, int | None]) -> Tokenizer
         special_ids=dict(special_ids),
         all_special_ids=tuple(all_special),
         vocab_size=vocab_size,
-        word_start=_word_start_table(tok, vocab, vocab_size, all_special),
+        **_word_tables(tok, vocab, vocab_size, all_special, special_ids.get("unk")),
     )
 
 
-def _word_start_table(tok: Tokenizer, vocab: Mapping[str, int], vocab_size: int, special: Iterable[int]) -> np.ndarray:
-    """Per id: does the token begin a word? Used for pre-tokenized input.
+# Byte-level BPE spells the ASCII whitespace bytes as these characters (its byte alphabet maps
+# bytes 0..32, which are not printable, to U+0100..U+0120 in order).
+_BYTE_LEVEL_SPACE = {chr(256 + b): chr(b) for b in (9, 10, 11, 12, 13, 32)}
 
-    WordPiece marks continuations (``##``); byte-level BPE marks starts (``Ġ``);
-    SentencePiece-style tokenizers mark starts (``▁``).
+
+def _word_tables(
+    tok: Tokenizer, vocab: Mapping[str, int], vocab_size: int, special: Iterable[int], unk: int | None
+) -> dict[str, np.ndarray]:
+    """The per-id tables of the word rule (see ``word_starts``).
+
+    ``word_start``: the vocabulary marks the token as a word's first piece (WordPiece, or a BPE with a
+    continuing-subword prefix: no ``##``; byte-level BPE: ``Ġ``; SentencePiece-style: ``▁``), or it
+    begins with whitespace, or it is special
+    (except the unknown piece of a marked vocabulary other than WordPiece's, which stands for characters
+    inside a word; WordPiece's replaces a whole word).
+    ``word_end``: the token ends with whitespace (a lone space piece excepted: byte-level BPE leaves
+    it when it cannot merge it with the word it prefixes), or with a BPE's end-of-word suffix
+    (``</w>``), so the next token begins a word.
+    A vocabulary with no marker convention (e.g. word-level) makes every token a word.
     """
     spec = json.loads(tok.to_str())
     model = spec.get("model") or {}
-    table = np.ones(vocab_size, dtype=bool)
-    if model.get("type") == "WordPiece":
+    starts = np.ones(vocab_size, dtype=bool)
+    ends = np.zeros(vocab_size, dtype=bool)
+    marker = None
+    if model.get("type") == "WordPiece" or model.get("continuing_subword_prefix"):
         prefix = model.get("continuing_subword_prefix") or "##"
         for piece, i in vocab.items():
-            table[i] = not piece.startswith(prefix)
+            starts[i] = not piece.startswith(prefix)
+    elif model.get("end_of_word_suffix"):  # BPE marking a word's last piece ("</w>"): the next one starts a word
+        suffix = model["end_of_word_suffix"]
+        for piece, i in vocab.items():
+            starts[i] = False
+            ends[i] = piece.endswith(suffix)
     else:
         marker = next((m for m in ("Ġ", "▁") if sum(p.startswith(m) for p in vocab) > len(vocab) // 10), None)
         if marker is not None:
             for piece, i in vocab.items():
-                table[i] = piece.startswith(marker)
-    table[list(special)] = True
-    return table
+                starts[i] = piece.startswith(marker)
+    for piece, i in vocab.items():
+        text = "".join(_BYTE_LEVEL_SPACE.get(c, c) for c in piece) if marker == "Ġ" else piece
+        if text[:1].isspace():
+            starts[i] = True
+        if text[-1:].isspace() and piece != marker:  # a lone "Ġ" is the space of the word after it
+            ends[i] = True
+    starts[list(special)] = True
+    marked = marker is not None or (model.get("type") != "WordPiece" and not starts.all())
+    if marked and unk is not None:
+        starts[unk] = False  # an unknown piece stands for characters inside a word ("▁", unk, "class")
+    return {"word_start": starts, "word_end": ends}
+
+
+def word_starts(info: TokenizerInfo, ids: np.ndarray, doc_lengths: np.ndarray) -> np.ndarray:
+    """Word-start bits of documents' ids, concatenated: one rule for text and pre-tokenized ids.
+
+    A token begins a word when it is its document's first, when the vocabulary marks it so or it
+    begins with whitespace (``word_start``), or when the token before it ends with whitespace
+    (``word_end``). The bits are a function of the ids alone, so the same token sequence
+    gets the same words (and the same whole-word and span masks) however it was ingested.
+    Punctuation joins the word it touches ("world," is one word), as in fairseq's whole-word
+    masking for byte-level BPE.
+    """
+    if len(ids) == 0:
+        return np.zeros(0, dtype=bool)
+    starts = np.take(info.word_start, ids)
+    starts[1:] |= np.take(info.word_end, ids[:-1])
+    doc_begin = np.cumsum(doc_lengths) - doc_lengths
+    starts[doc_begin[doc_lengths > 0]] = True
+    return starts
 
 
 def encode_texts(info: TokenizerInfo, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Tokenize documents in one bulk call.
 
     Returns ``(ids, word_start, doc_lengths)``: all documents' ids concatenated
-    (int64), a bool per token, and each document's token count.
+    (int64), a bool per token (``word_starts``), and each document's token count.
     """
     with tokenizer_guard("encoding documents"):
         encodings = info.tokenizer.encode_batch(texts, add_special_tokens=False)
     ids: list[int] = []
-    words: list[int | None] = []
     lengths = np.empty(len(encodings), dtype=np.int64)
     for k, enc in enumerate(encodings):
         ids.extend(enc.ids)
-        words.extend(enc.word_ids)
         lengths[k] = len(enc.ids)
     ids_arr = np.array(ids, dtype=np.int64)
-    w = np.array(words, dtype=np.float64)  # None -> nan, and nan != nan marks a start
-    starts = np.ones(len(ids_arr), dtype=bool)
-    if len(w) > 1:
-        np.not_equal(w[1:], w[:-1], out=starts[1:])
-    doc_begin = np.cumsum(lengths) - lengths
-    starts[doc_begin[lengths > 0]] = True
-    return ids_arr, starts, lengths
+    return ids_arr, word_starts(info, ids_arr, lengths), lengths
 
 
 TOKENIZER_KINDS = ("bpe", "wordpiece", "unigram")

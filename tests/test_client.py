@@ -300,6 +300,19 @@ def test_batch_torch_dtypes_and_values(client, ds):
     assert all(cpu[k].device.type == "cpu" and cpu[k].dtype == torch.int64 for k in cpu)
 
 
+def test_batch_numpy_int64_on_request(client, ds):
+    b = client.batch(ds, 8, seed=2, mlm_probability=0.5, special_tokens_mask=True)
+    plain = b.numpy()
+    assert plain["input_ids"].dtype == np.int32 and plain["labels"].dtype == np.int32
+    wide = b.numpy(int64=True)
+    assert set(wide) == set(plain)
+    for name, a in wide.items():
+        assert a.dtype == np.int64, name
+        np.testing.assert_array_equal(a, plain[name])
+    assert (wide["labels"] == -100).any() and (wide["labels"] >= 0).any()
+    assert wide["sequence_ids"] is plain["sequence_ids"], "an int64 array is not copied"
+
+
 def test_batch_torch_does_not_copy_what_is_already_int64():
     buf = bytearray(encode({
         "input_ids": np.arange(6, dtype=np.int64).reshape(2, 3),
@@ -322,12 +335,37 @@ def _loader_items(url: str, name: str, workers: int) -> list[tuple[int, list[int
 
     from client.torch import MaskedBatches
 
-    ds = MaskedBatches(url, name, batch_size=8, seed=4, start=3, steps=7, prefetch=2, mlm_probability=0.25)
+    ds = MaskedBatches(url, name, batch_size=8, seed=4, start=3, steps=7, prefetch=2, mlm_probability=0.25,
+                       metadata=True)
     out = []
     for item in DataLoader(ds, batch_size=None, num_workers=workers):
         assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape == (8, 64)
         out.append((int(item["index"]), item["sequence_ids"].tolist(), item["labels"].tolist()))
     return out
+
+
+def test_masked_batches_yield_model_inputs_unless_metadata_is_asked(service_url, client, ds):
+    from client.torch import MaskedBatches
+
+    plain = next(iter(MaskedBatches(service_url, ds, batch_size=4, seed=1, steps=1)))
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
+    assert all(t.dtype == torch.int64 for t in plain.values())
+    full = next(iter(MaskedBatches(service_url, ds, batch_size=4, seed=1, steps=1, metadata=True)))
+    assert set(full) == {"input_ids", "attention_mask", "labels", "sequence_ids", "index"}
+    for name in plain:
+        assert torch.equal(plain[name], full[name])
+    assert full["sequence_ids"].tolist() == client.batch(ds, 4, seed=1)["sequence_ids"].tolist()
+
+
+def test_job_batches_yield_model_inputs_unless_metadata_is_asked(service_url, ds):
+    from client.torch import JobBatches
+
+    create = {"dataset": ds, "batch_size": 16, "seed": 3, "epochs": 1}
+    plain = next(iter(JobBatches(service_url, "plain-job", create=create, worker="w")))
+    assert set(plain) == {"input_ids", "attention_mask", "labels"}
+    full = next(iter(JobBatches(service_url, "meta-job", create=create, worker="w", metadata=True)))
+    assert set(full) == {"input_ids", "attention_mask", "labels", "sequence_ids", "epoch", "index"}
+    assert int(full["epoch"]) == 0 and full["sequence_ids"].shape == (16,)
 
 
 def test_masked_batches_single_process(service_url, client, ds):

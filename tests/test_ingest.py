@@ -18,6 +18,7 @@ from service.packing import decode_records, record_length
 from service.store import Keys, decode_meta
 
 from .conftest import ServerThread
+from .words import reference_word_starts, special_ids
 
 NDJSON = {"Content-Type": "application/x-ndjson"}
 
@@ -74,18 +75,18 @@ def stored(rdb, prefix: str, name: str) -> tuple[dict, list[tuple[list[int], lis
     return meta, out
 
 
-def _pairs(enc) -> list[tuple[int, bool]]:
-    ids, words = enc.ids, enc.word_ids
-    return [(t, i == 0 or words[i] != words[i - 1]) for i, t in enumerate(ids)]
+def _pairs(tok: Tokenizer, ids: list[int]) -> list[tuple[int, bool]]:
+    starts = reference_word_starts(tok, ids, special_ids(tok))
+    return [(t, bool(s)) for t, s in zip(ids, starts)]
 
 
 def doc_tokens(tok: Tokenizer, text: str) -> list[tuple[int, bool]]:
-    """(id, starts a word) per token, from the tokenizer's own encoding."""
-    return _pairs(tok.encode(text, add_special_tokens=False))
+    """(id, starts a word) per token: the tokenizer's own encoding, words by the documented rule."""
+    return _pairs(tok, tok.encode(text, add_special_tokens=False).ids)
 
 
 def docs_tokens(tok: Tokenizer, texts: list[str]) -> list[list[tuple[int, bool]]]:
-    return [_pairs(enc) for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    return [_pairs(tok, enc.ids) for enc in tok.encode_batch(texts, add_special_tokens=False)]
 
 
 def _seq(body: list[tuple[int, bool]], cls: int | None, sep: int | None) -> tuple[list[int], list[bool]]:
@@ -201,16 +202,50 @@ def test_pre_tokenized_documents(service_url, rdb, settings, tok, bpe_tokenizer)
     res = ingest(service_url, name, ndjson(records))
     assert res["documents"] == 6
 
-    inv = {i: p for p, i in tok.get_vocab(with_added_tokens=True).items()}
-
     def as_pairs(ids: list[int]) -> list[tuple[int, bool]]:
-        # byte-level BPE marks word starts with Ġ; the first token of a document starts a word
-        return [(t, k == 0 or inv[t].startswith("Ġ")) for k, t in enumerate(ids)]
+        # pre-tokenized ids get their words by the same rule as text
+        return _pairs(tok, ids)
 
     docs = [as_pairs(id_docs[0]), doc_tokens(tok, records[1]["text"]), *(as_pairs(d) for d in id_docs[1:])]
     want = expected_packing(docs, "doc", 24, *specials(tok))
     _, got = stored(rdb, settings.key_prefix, name)
     assert got == want
+
+
+@pytest.mark.parametrize("tokenizer", ["bpe_tokenizer", "wordpiece_tokenizer"])
+def test_text_and_ids_ingest_give_the_same_words_and_masks(request, client, tokenizer, corpus):
+    """The same documents ingested as text and as their ids get the same word-start bits, so
+    whole-word and span masks are identical. Byte-level BPE is the case that differed: its
+    pre-tokenizer makes punctuation a word of its own, its vocabulary joins it to the word before."""
+    tok_json = request.getfixturevalue(tokenizer)
+    tok = Tokenizer.from_str(tok_json)
+    reserved = {tok.token_to_id(t) for t in ("<s>", "</s>", "<pad>", "<mask>", "[CLS]", "[SEP]", "[PAD]", "[MASK]")}
+    docs = [d for d in corpus[:120] if not reserved & set(tok.encode(d, add_special_tokens=False).ids)]
+    encodings = tok.encode_batch(docs, add_special_tokens=False)
+    as_text, as_ids = uniq("words-text"), uniq("words-ids")
+    for name in (as_text, as_ids):
+        client.create_dataset(name, tokenizer=tok_json, seq_len=96, packing="complete")
+    client.ingest(as_text, docs)
+    client.ingest(as_ids, [{"ids": e.ids} for e in encodings])
+    n = client.dataset(as_text)["num_sequences"]
+    assert client.dataset(as_ids)["num_sequences"] == n > 100
+    masked = 0
+    for params in (dict(unit="whole_word", mlm_probability=0.3), dict(unit="whole_word", count="exact"),
+                   dict(unit="span", mlm_probability=0.3), dict(unit="span", count="exact")):  # fmt: skip
+        for index in range(3):
+            a = client.batch(as_text, 64, seed=5, index=index, **params)
+            b = client.batch(as_ids, 64, seed=5, index=index, **params)
+            for key in ("sequence_ids", "input_ids", "labels", "attention_mask"):
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"{key} differs for {params}")
+            masked += int((a["labels"] != -100).sum())
+    assert masked > 1000
+    if tokenizer == "bpe_tokenizer":  # not vacuous: the pre-tokenizer's words differ from the rule's here
+        differ = total = 0
+        for e in encodings:
+            pre = np.array([k == 0 or e.word_ids[k] != e.word_ids[k - 1] for k in range(len(e.ids))])
+            differ += int((pre != reference_word_starts(tok, e.ids, special_ids(tok))).sum())
+            total += len(e.ids)
+        assert differ > 0.05 * total, (differ, total)
 
 
 def test_large_vocabulary_stores_uint32(service_url, rdb, settings):

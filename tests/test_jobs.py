@@ -794,7 +794,8 @@ def test_job_batches_dataset_covers_the_epoch_once(client, bpe_tokenizer, corpus
 
     client.create_dataset("jb", tokenizer=bpe_tokenizer, seq_len=64, packing="doc")
     n = client.ingest("jb", corpus[:120])["sequences"]
-    ds = JobBatches(service_url, "jb-job", create={"dataset": "jb", "batch_size": 16, "epochs": 1, "seed": 3})
+    ds = JobBatches(service_url, "jb-job", create={"dataset": "jb", "batch_size": 16, "epochs": 1, "seed": 3},
+                    metadata=True)
     seen = []
     for item in DataLoader(ds, batch_size=None):
         assert item["input_ids"].dtype == torch.int64 and item["input_ids"].shape[1] == 64

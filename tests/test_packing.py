@@ -13,6 +13,8 @@ from service.errors import InvalidTokenizer
 from service.packing import ChunkBuilder, Packer, decode_records, record_length
 from service.tokenization import describe, encode_texts, load_tokenizer, prepare, train_tokenizer
 
+from .words import reference_word_starts
+
 CLS, SEP = 1, 2
 
 
@@ -286,7 +288,7 @@ def tokenizers_by_kind(bpe_tokenizer, wordpiece_tokenizer, small_corpus):
 
 
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
-def test_encode_texts_word_starts_follow_word_ids(kind, tokenizers_by_kind, corpus):
+def test_encode_texts_word_starts_follow_the_documented_rule(kind, tokenizers_by_kind, corpus):
     tok = tokenizers_by_kind[kind]
     info = prepare(Tokenizer.from_str(tok.to_str()))
     texts = [corpus[3], "", corpus[10][:300], "one", corpus[20][:500]]
@@ -294,15 +296,42 @@ def test_encode_texts_word_starts_follow_word_ids(kind, tokenizers_by_kind, corp
     want_ids, want_ws, want_len = [], [], []
     for t in texts:
         enc = tok.encode(t, add_special_tokens=False)
-        words = enc.word_ids
         want_ids += enc.ids
-        want_ws += [i == 0 or words[i] != words[i - 1] for i in range(len(words))]
-        want_len.append(len(words))
+        want_ws += reference_word_starts(info.tokenizer, enc.ids, set(info.all_special_ids)).tolist()
+        want_len.append(len(enc.ids))
     assert lengths.tolist() == want_len
     assert lengths[1] == 0
     assert ids.tolist() == want_ids
     assert ws.tolist() == want_ws
     assert not all(want_ws), "the texts should contain words of several pieces"
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
+def test_word_rule_is_the_tokenizers_words_on_plain_prose(kind, tokenizers_by_kind, corpus):
+    """On letters and single spaces every tokenizer's own words (its word ids) are the rule's words;
+    the rule differs only around punctuation (byte-level BPE) and line breaks."""
+    info = prepare(Tokenizer.from_str(tokenizers_by_kind[kind].to_str()))
+    texts = [" ".join(re.findall("[A-Za-z]+", t)) for t in corpus[40:80]]
+    ids, ws, _ = encode_texts(info, texts)
+    words = [w for enc in info.tokenizer.encode_batch(texts, add_special_tokens=False)
+             for w in [k == 0 or enc.word_ids[k] != enc.word_ids[k - 1] for k in range(len(enc.ids))]]  # fmt: skip
+    assert ws.tolist() == words
+    assert not ws.all()
+
+
+def test_word_rule_for_byte_level_punctuation_and_line_breaks(bpe_tokenizer):
+    """Byte-level BPE: punctuation joins the word it touches, a line break ends a word."""
+    info = prepare(Tokenizer.from_str(bpe_tokenizer))
+    ids, ws, _ = encode_texts(info, ["Return the value, or None.\nThe next line"])
+    pieces = [info.tokenizer.id_to_token(int(i)) for i in ids]
+    words: list[str] = []
+    for piece, start in zip(pieces, ws):
+        if start:
+            words.append(piece)
+        else:
+            words[-1] += piece
+    text = [w.replace("\u0120", " ").replace("\u010a", "\n") for w in words]
+    assert text == [" Return", " the", " value,", " or", " None.", "\n", "The", " next", " line"], text
 
 
 def _gpt2_style(texts: list[str]) -> Tokenizer:
@@ -367,34 +396,26 @@ def test_prepare_keeps_a_complete_tokenizer_as_is(bpe_tokenizer):
     ("kind", "rule"),
     [
         ("wordpiece", lambda piece: not piece.startswith("##")),
-        ("bpe", lambda piece: piece.startswith("Ġ")),
-        ("unigram", lambda piece: piece.startswith("▁")),
+        ("bpe", lambda piece: piece[:1] in ("\u0120", "\u010a", "\u0109", "\u010d", "\u010b", "\u010c")),
+        ("unigram", lambda piece: piece.startswith("\u2581") or piece[:1].isspace()),
     ],
 )
 def test_word_start_table(kind, rule, tokenizers_by_kind):
+    """Per id: marked as a word's first piece, or beginning with whitespace (byte-level: Ġ Ċ ĉ ...)."""
     info = prepare(Tokenizer.from_str(tokenizers_by_kind[kind].to_str()))
     vocab = info.tokenizer.get_vocab(with_added_tokens=True)
     special = set(info.all_special_ids)
+    unk = info.special_ids["unk"]
     starts = conts = 0
     for piece, i in vocab.items():
         if i in special:
-            assert info.word_start[i], f"special {piece!r} must count as a word start"
+            # an unknown piece of a marked vocabulary stands for characters inside a word
+            assert info.word_start[i] == (kind == "wordpiece" or i != unk), piece
             continue
         assert bool(info.word_start[i]) == rule(piece), piece
         starts += rule(piece)
         conts += not rule(piece)
     assert starts > 100 and conts > 100
-
-
-@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram"])
-def test_word_start_table_agrees_with_encoding(kind, tokenizers_by_kind, corpus):
-    """For pre-tokenized ids the table stands in for word ids; on plain words they agree."""
-    info = prepare(Tokenizer.from_str(tokenizers_by_kind[kind].to_str()))
-    texts = corpus[40:80]
-    if kind == "bpe":  # byte-level BPE splits punctuation and space runs into separate "words"
-        texts = [" ".join(re.findall("[A-Za-z]+", t)) for t in texts]
-    ids, ws, _ = encode_texts(info, texts)
-    assert (info.word_start[ids] == ws).all()
 
 
 def test_id_dtype_follows_vocabulary_size():
@@ -432,3 +453,28 @@ def test_load_tokenizer_disables_truncation_and_padding(bpe_tokenizer):
     loaded = load_tokenizer(tok.to_str())
     assert loaded.truncation is None and loaded.padding is None
     assert len(loaded.encode("word " * 50, add_special_tokens=False).ids) > 8
+
+
+@pytest.mark.parametrize("convention", [{"continuing_subword_prefix": "##"}, {"end_of_word_suffix": "</w>"}, {}])
+def test_word_rule_for_bpe_with_a_prefix_or_suffix_or_no_marker(convention, small_corpus):
+    """A BPE marking continuations (``##``) or word ends (``</w>``) gives its words from the ids alone;
+    one with no marker at all cannot, and makes every token a word."""
+    from tokenizers import trainers
+
+    tok = Tokenizer(models.BPE(unk_token="[UNK]", **convention))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"],
+                                  show_progress=False, **convention)  # fmt: skip
+    texts = [" ".join(re.findall("[A-Za-z]+", t)) for t in small_corpus]
+    tok.train_from_iterator(texts, trainer=trainer)  # every character (and word end) is seen: no unknown pieces
+    info = prepare(tok)
+    ids, ws, _ = encode_texts(info, texts[:30])
+    assert tok.token_to_id("[UNK]") not in ids
+    texts = texts[:30]
+    if not convention:
+        assert ws.all()
+        return
+    words = [w for enc in tok.encode_batch(texts, add_special_tokens=False)
+             for w in [k == 0 or enc.word_ids[k] != enc.word_ids[k - 1] for k in range(len(enc.ids))]]  # fmt: skip
+    assert ws.tolist() == words
+    assert not ws.all()

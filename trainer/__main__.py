@@ -40,6 +40,9 @@ examples:
   python -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000 \\
       --url http://data-a:8000,http://data-b:8000
 
+  # write a checkpoint as a Hugging Face model directory (see python -m trainer export --help)
+  python -m trainer export run.pt hf-model/
+
 exit status: 0 done (or the job finished), 1 error, 2 bad arguments, 3 the job was cancelled, 130 interrupted
 """
 
@@ -129,6 +132,10 @@ def _pick(explicit, saved, default):
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv)[:1] == ["export"]:  # python -m trainer export CHECKPOINT DIR
+        from .export import main as export_main
+
+        return export_main((sys.argv[1:] if argv is None else argv)[1:])
     args = build_parser().parse_args(argv)
     # the client reports outages it rides out (and when the service is back) through logging
     logging.basicConfig(level=logging.WARNING, format="trainer: %(message)s", stream=sys.stdout)

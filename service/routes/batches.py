@@ -90,7 +90,8 @@ async def get_batch(name: str, request: Request) -> Response:
     async def draw(ds: Fetched, checked: bool) -> tuple[bytes, int]:
         epoch = q.index * q.size // ds.num_sequences if q.epoch is None else q.epoch
         seq_ids = sample_ids(seed, q.index, q.size, ds.num_sequences)
-        compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec, checked=checked)
+        compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec, checked=checked,
+                                step=q.index)  # fmt: skip
         meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
                 "mode": q.mode}  # fmt: skip
         body = await work.run(lambda: render(outputs(compute(), seq_ids, q, ds.rt.vocab.pad_id), meta, as_json),

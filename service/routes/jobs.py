@@ -190,7 +190,8 @@ async def _serve(
     rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
     ds = Fetched(rt, st["n"], st["num_chunks"])
     seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
-    compute = await fetched(catalog, ds, seq_ids, seed=cfg.seed, epoch=lease.epoch, params=params, spec=spec)
+    compute = await fetched(catalog, ds, seq_ids, seed=cfg.seed, epoch=lease.epoch, params=params, spec=spec,
+                            step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
     body = await state.work.run(lambda: render(outputs(compute(), seq_ids, q, rt.vocab.pad_id), meta, as_json),

@@ -13,7 +13,7 @@ from pydantic import Field
 from ..batching import fetched, open_dataset
 from ..catalog import Catalog
 from ..deps import CatalogDep, SettingsDep, StoreDep
-from ..errors import DatasetNotFound, LimitExceeded, NotFound
+from ..errors import DatasetNotFound, LimitExceeded, NotFound, ValidationFailed
 from ..masking import Masked, MaskSpec, mask_batch
 from ..packing import assemble, split_chunk
 from ..schemas import MaskingParams
@@ -61,6 +61,8 @@ async def build_static(
     """Builds chunk by chunk, each on the CPU pool. A call stops after ``static_build_max_s`` (or
     ``max_chunks`` chunks, or when its client has gone) with the chunks so far kept: the answer says
     ``complete: false`` and the next call goes on from there."""
+    if body.schedule != "constant":
+        raise ValidationFailed("static masks are built once, at one rate: a mask-rate schedule needs dynamic masks")
     if body.copies > settings.max_static_copies:
         raise LimitExceeded(f"copies {body.copies} exceeds the limit of {settings.max_static_copies}",
                             limit=settings.max_static_copies)  # fmt: skip
