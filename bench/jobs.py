@@ -8,7 +8,8 @@ by side in one run:
 * job batches (leased, acked on the next request, the acks confirmed once
   durable where the server can: ``--embedded`` runs Valkey with its AOF and
   WAITAOF) with 1 and with N workers, and their ratio (the target: job >= 80%
-  of stateless),
+  of stateless); once per ``--ack-every`` value (acks sent in groups of N:
+  one fsync per group),
 * the job with N workers spread over 1 and over 2 service processes.
 
 Run: ``python bench/jobs.py`` (``--help`` for the knobs).
@@ -56,11 +57,11 @@ def _stateless(url: str, dataset: str, size: int, seconds: float, prefetch: int,
         _drain(c.batches(dataset, batch_size=size, seed=1000 + worker, prefetch=prefetch), seconds, out)
 
 
-def _job(url: str, job: str, seconds: float, prefetch: int, worker: int, out: mp.Queue) -> None:
+def _job(url: str, job: str, seconds: float, prefetch: int, ack_every: int, worker: int, out: mp.Queue) -> None:
     from client import Client
 
     with Client(url) as c:
-        _drain(c.job(job, worker=f"bench-{worker}", prefetch=prefetch), seconds, out)
+        _drain(c.job(job, worker=f"bench-{worker}", prefetch=prefetch, ack_every=ack_every), seconds, out)
 
 
 def run_workers(target, args_for, workers: int) -> float:  # noqa: ANN001
@@ -83,6 +84,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="pull time per measurement")
     p.add_argument("--corpus-mb", type=float, default=6.0, help="text ingested (stdlib docstrings, repeated)")
     p.add_argument("--prefetch", type=int, default=2, help="requests in flight per worker, on both paths")
+    p.add_argument("--ack-every", type=int, nargs="+", default=[1, 8],
+                   help="job streams' ack grouping (acks sent with every N-th lease request); one job row each")
     add_service_args(p)
     args = p.parse_args()
     header("job batches vs stateless batches", ["sequences/s summed over worker processes"],
@@ -110,20 +113,22 @@ def main() -> None:
                 stateless = run_workers(
                     _stateless, lambda w: (svc.url, "bench", args.batch_size, args.seconds, args.prefetch), n
                 )
-                job = new_job(f"w{n}")
-                leased = run_workers(_job, lambda w, job=job: (svc.url, job, args.seconds, args.prefetch), n)
-                rows.append((n, stateless, leased))
-            print(f"\n{'workers':>8} {'stateless seq/s':>16} {'job seq/s':>10} {'job/stateless':>14}")
-            for n, s, j in rows:
+                for k in args.ack_every:
+                    job = new_job(f"w{n}-a{k}")
+                    leased = run_workers(_job, lambda w, job=job, k=k: (svc.url, job, args.seconds, args.prefetch, k),
+                                         n)  # fmt: skip
+                    rows.append((n, k, stateless, leased))
+            print(f"\n{'workers':>8} {'ack_every':>9} {'stateless seq/s':>16} {'job seq/s':>10} {'job/stateless':>14}")
+            for n, k, s, j in rows:
                 verdict = "PASS" if j >= 0.8 * s else "MISS"
-                print(f"{n:>8} {s:>16,.0f} {j:>10,.0f} {j / s:>13.0%}  {verdict} (target >= 80%)")
+                print(f"{n:>8} {k:>9} {s:>16,.0f} {j:>10,.0f} {j / s:>13.0%}  {verdict} (target >= 80%)")
 
             # scaling: the same job over two service processes
             job = new_job("scale")
-            one = run_workers(_job, lambda w: (svc.url, job, args.seconds, args.prefetch), args.workers)
+            one = run_workers(_job, lambda w: (svc.url, job, args.seconds, args.prefetch, 1), args.workers)
             with Service(redis_url=svc.redis_url, embedded=False) as second:
                 urls = [svc.url, second.url]
-                two = run_workers(_job, lambda w: (urls[w % 2], job, args.seconds, args.prefetch), args.workers)
+                two = run_workers(_job, lambda w: (urls[w % 2], job, args.seconds, args.prefetch, 1), args.workers)
             progress = c.job_progress(job)
             print(f"\njob over 1 service process: {one:,.0f} seq/s; over 2: {two:,.0f} seq/s "
                   f"(x{two / one:.2f}); redelivered {progress['redelivered']}, late acks {progress['late_acks']}")  # fmt: skip
