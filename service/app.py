@@ -29,7 +29,7 @@ from .durability import Durability
 from .embedded import EmbeddedRedis
 from .errors import Overloaded, PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
 from .jobs import Jobs
-from .metrics import Metrics
+from .metrics import Metrics, process_exited
 from .routes import batches, datasets, health, jobs, masks, tokenizers
 from .serving import die_with_supervisor
 from .store import Store
@@ -77,6 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await r.aclose()
             if embedded is not None:
                 embedded.stop()
+            process_exited()
 
     app = FastAPI(
         title="maskserve",
@@ -94,7 +95,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (batches, jobs, health, datasets, masks, tokenizers):
         app.include_router(module.router)
 
-    app.state.metrics.inflight.set_function(lambda: app.state.work.inflight)
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
     return app
 
@@ -158,7 +158,10 @@ class Gatekeeper:
                     refusal = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
             receive = _bounded(receive, limit)
         heavy = refusal is None and is_heavy(scope["method"], path)
-        if heavy and not self.work.admit():
+        admitted = heavy and self.work.admit()
+        if admitted:
+            self.metrics.inflight.inc()
+        elif heavy:
             self.metrics.overloaded.inc()
             refusal = Overloaded(
                 f"this process is working on its limit of {self.work.max_inflight} heavy requests",
@@ -183,8 +186,9 @@ class Gatekeeper:
             # the client stopped reading its response: give up on it (the server closes the connection)
             log.info("dropped a client that did not read its response for %s s", self.settings.send_timeout_s)
         finally:
-            if heavy:
+            if admitted:
                 self.work.release()
+                self.metrics.inflight.dec()
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")
             self.metrics.requests.labels(label, str(status[0])).inc()

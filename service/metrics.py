@@ -1,8 +1,34 @@
-"""Prometheus metrics, one registry per app (so several apps can share a process)."""
+"""Prometheus metrics, one registry per app (so several apps can share a process).
+
+Under ``maskserve serve --workers N`` the process manager sets
+``PROMETHEUS_MULTIPROC_DIR`` before starting the workers: each worker's
+values then live in files there, and ``/metrics``, whichever worker answers
+it, reports the sum over all of them (:func:`exposition`).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def exposition(registry: CollectorRegistry) -> bytes:
+    """The text format of ``registry``, or of every worker's files when the workers share a directory."""
+    if os.environ.get(MULTIPROC_ENV):
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)
+        return generate_latest(merged)
+    return generate_latest(registry)
+
+
+def process_exited() -> None:
+    """A worker shuts down: its live gauges no longer count."""
+    if os.environ.get(MULTIPROC_ENV):
+        mark_process_dead(os.getpid())
 
 
 class Metrics:
@@ -22,8 +48,9 @@ class Metrics:
             "maskserve_overloaded_total", "Heavy requests refused at the admission limit", registry=self.registry
         )
         self.inflight = Gauge(
-            "maskserve_inflight_heavy_requests", "Heavy requests this process is working on", registry=self.registry
-        )
+            "maskserve_inflight_heavy_requests", "Heavy requests being worked on", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.tokens_ingested = Counter(
             "maskserve_tokens_ingested_total", "Tokens stored by ingest", ["dataset"], registry=self.registry
         )

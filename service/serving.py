@@ -10,7 +10,8 @@ it (AOF flushed) after they have exited. Workers die with the manager
 Every connection gets a header deadline (``MASKSERVE_HEADER_TIMEOUT_S``): a
 client that opens a connection and trickles, or never sends, its request
 headers is cut off, so idle sockets cannot pile up. Body and response pacing
-are bounded in the app (see ``app.Gatekeeper``).
+are bounded in the app (see ``app.Gatekeeper``). The workers' Prometheus
+metrics go to a shared directory, so ``/metrics`` sums them (see ``metrics``).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import asyncio
 import ctypes
 import logging
 import os
+import shutil
 import signal
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .config import Settings
 from .embedded import EmbeddedRedis
+from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("maskserve")
 
@@ -117,9 +121,12 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: 
         os.environ["REDIS_URL"] = settings.redis_url
     os.environ["MASKSERVE_DATA_DIR"] = str(Path(settings.data_dir).resolve())
     os.environ[SUPERVISOR_ENV] = str(os.getpid())
+    metrics_dir = tempfile.mkdtemp(prefix="maskserve-metrics-")  # the workers' metrics, summed by /metrics
+    os.environ[MULTIPROC_ENV] = metrics_dir
     try:
         uvicorn.run("service.app:create_app", factory=True, workers=workers,
                     **{**common, "http": "service.serving:GuardedHttp"})  # fmt: skip
     finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         if embedded is not None:
             embedded.stop()

@@ -383,14 +383,20 @@ def test_worker_processes_share_one_port_and_one_embedded_store(spawn_service, t
     env = service_env(MASKSERVE_DATA_DIR=str(tmp_path / "data"))
     svc = spawn_service(env, workers=2)
     pids: set[int] = set()
+    probes = 0
     with Client(svc.url, retries=0) as c:
         name = _dataset(c, bpe_tokenizer, corpus)
         with httpx.Client(base_url=svc.url, timeout=30) as h:
             for i in range(400):  # fresh connections: the kernel spreads them over both listeners' accepts
                 pids.add(httpx.get(f"{svc.url}/healthz", timeout=30).json()["process"])
+                probes += 1
                 if len(pids) == 2:
                     break
             assert len(pids) == 2, "one worker took every connection"
+            # /metrics, whichever worker answers, counts the requests of both
+            text = h.get("/metrics").text
+            served = re.search(r'^maskserve_requests_total\{route="/healthz",status="200"\} (\S+)$', text, re.M)
+            assert served and float(served.group(1)) == probes
             for seed in range(8):  # every batch is drawn from the one store, whichever worker answers
                 assert h.get(f"/v1/datasets/{name}/batch", params={"size": 8, "seed": seed}).status_code == 200
     svc.stop(signal.SIGKILL)

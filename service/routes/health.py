@@ -6,9 +6,10 @@ import os
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from ..deps import MetricsDep, StoreDep
+from ..metrics import exposition
 
 router = APIRouter(tags=["health"])
 
@@ -29,4 +30,4 @@ async def readyz(store: StoreDep, request: Request) -> dict[str, Any]:
 
 @router.get("/metrics", summary="Prometheus metrics")
 async def metrics(m: MetricsDep) -> Response:
-    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(m.registry), media_type=CONTENT_TYPE_LATEST)
