@@ -27,6 +27,7 @@ from .embedded import EmbeddedRedis
 from .errors import PayloadTooLarge, ServiceError, install, problem_response
 from .jobs import Jobs
 from .metrics import Metrics
+from .openapi import openapi_schema
 from .routes import batches, datasets, health, jobs, masks, tokenizers
 from .store import Store
 from .tuning import tune_allocator
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
 
 

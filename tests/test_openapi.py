@@ -1,0 +1,469 @@
+"""The OpenAPI document tells the truth: it is valid OpenAPI 3.1; every operation declares its errors as
+problems, its security and its limits; the table of errors per operation agrees with the code; real error
+answers conform; and a property-based fuzz of the live service finds no 5xx and no answer the document does
+not declare."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import json
+import sys
+import textwrap
+import typing
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import hypothesis
+import jsonschema
+import pytest
+import redis
+import schemathesis
+from fastapi.exceptions import RequestValidationError
+from hypothesis import HealthCheck, Phase, given
+from openapi_spec_validator import OpenAPIV31SpecValidator
+from pydantic import SecretStr
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from client._wire import CONTENT_TYPE
+from service.app import create_app
+from service.config import Settings
+from service.errors import PROBLEM_JSON, TYPE_BASE, ServiceError, ValidationFailed
+from service.openapi import ERRORS, PUBLIC, operations
+
+from .conftest import ServerThread
+
+TOKEN = "openapi-s3cret"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+NDJSON = {"Content-Type": "application/x-ndjson"}
+
+
+@pytest.fixture(scope="module")
+def guarded_settings(settings: Settings) -> Settings:
+    """The shared test settings with a token, and limits small enough that fuzzed requests stay cheap."""
+    return settings.model_copy(update={
+        "auth_token": SecretStr(TOKEN), "max_batch_size": 64, "max_report_tokens": 1 << 16,
+        "max_json_bytes": 64 << 10, "max_body_bytes": 1 << 20, "max_train_bytes": 1 << 20,
+    })  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def doc(guarded_settings: Settings) -> dict[str, Any]:
+    return create_app(guarded_settings).openapi()
+
+
+@pytest.fixture(scope="module")
+def guarded(guarded_settings: Settings) -> Iterator[ServerThread]:
+    with ServerThread(guarded_settings) as s:
+        yield s
+
+
+def all_errors() -> Iterator[type[ServiceError]]:
+    stack = [ServiceError]
+    while stack:
+        err = stack.pop()
+        stack.extend(err.__subclasses__())
+        yield err
+
+
+def problem_types(response: dict[str, Any]) -> list[str]:
+    """The problem types a declared error response allows."""
+    return response["content"][PROBLEM_JSON]["schema"]["properties"]["type"]["enum"]
+
+
+# ---------------------------------------------------------------------------
+# the document
+
+
+def test_the_document_is_valid_openapi_3_1(doc):
+    assert doc["openapi"].startswith("3.1.")
+    OpenAPIV31SpecValidator(doc).validate()
+    assert "HTTPValidationError" not in json.dumps(doc)  # FastAPI's {"detail": ...} 422 is gone everywhere
+
+
+def test_every_operation_declares_its_errors_as_problems(doc):
+    for key, op in operations(doc):
+        errors = {code: r for code, r in op["responses"].items() if code[0] in "45"}
+        assert "500" in errors, key
+        for code, response in errors.items():
+            assert list(response["content"]) == [PROBLEM_JSON], (key, code)
+            schema = response["content"][PROBLEM_JSON]["schema"]
+            assert schema["allOf"] == [{"$ref": "#/components/schemas/Problem"}], (key, code)
+            assert schema["properties"]["status"] == {"const": int(code)}, (key, code)
+            for kind in problem_types(response):
+                assert kind.startswith(TYPE_BASE) and kind[len(TYPE_BASE):] in response["description"], (key, code)
+    problem = doc["components"]["schemas"]["Problem"]
+    assert set(problem["required"]) == {"type", "title", "status", "detail"}
+
+
+def test_security_is_required_everywhere_but_the_health_probes(doc):
+    assert doc["components"]["securitySchemes"]["bearer"] | {"description": ""} == {
+        "type": "http", "scheme": "bearer", "description": ""}  # fmt: skip
+    for key, op in operations(doc):
+        if key in ("GET /healthz", "GET /readyz"):
+            assert op["security"] == [] and "401" not in op["responses"], key
+        else:
+            assert op["security"] == [{"bearer": []}], key
+            assert problem_types(op["responses"]["401"]) == [TYPE_BASE + "unauthorized"], key
+
+
+def test_without_a_token_the_scheme_is_accepted_not_required(settings):
+    doc = create_app(settings).openapi()
+    for key, op in operations(doc):
+        assert "401" not in op["responses"], key
+        if key not in PUBLIC:
+            assert op["security"] == [{"bearer": []}, {}], key
+
+
+def test_limits_come_from_the_settings(doc, guarded_settings):
+    s = guarded_settings
+    size = next(p for p in doc["paths"]["/v1/datasets/{name}/batch"]["get"]["parameters"] if p["name"] == "size")
+    assert size["schema"]["maximum"] == s.max_batch_size
+    job = doc["components"]["schemas"]["JobCreate"]["properties"]
+    assert job["batch_size"]["maximum"] == s.max_batch_size
+    # exact integers, not FastAPI's floats (1.8446744073709552e19 would admit 2**64)
+    assert job["seed"]["maximum"] == 2**64 - 1 and type(job["seed"]["maximum"]) is int
+    create = doc["paths"]["/v1/datasets"]["post"]["requestBody"]
+    assert create["content"]["application/json"]["schema"]["properties"]["seq_len"]["maximum"] == s.max_seq_len
+    assert str(s.max_tokenizer_bytes) in create["description"]
+    ingest = doc["paths"]["/v1/datasets/{name}/documents"]["post"]["requestBody"]
+    assert str(s.max_body_bytes) in ingest["description"]
+    assert str(s.max_json_bytes) in doc["paths"]["/v1/jobs/{name}/ack"]["post"]["requestBody"]["description"]
+    assert str(s.max_report_tokens) in doc["paths"]["/v1/datasets/{name}/masking-report"]["post"]["description"]
+    for key, op in operations(doc):
+        if "requestBody" in op:
+            assert "413" in op["responses"], key
+
+
+def test_batch_routes_declare_both_representations(doc):
+    for path, method in (("/v1/datasets/{name}/batch", "get"), ("/v1/jobs/{name}/next", "post")):
+        ok = doc["paths"][path][method]["responses"]["200"]
+        assert set(ok["content"]) == {CONTENT_TYPE, "application/json"}
+        assert ok["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Batch"}
+        assert {"Maskserve-Dataset", "Maskserve-Epoch", "Maskserve-Batch-Index"} <= set(ok["headers"])
+
+
+def test_the_error_table_covers_every_operation_and_every_error(doc):
+    assert set(ERRORS) == {key for key, _ in operations(doc)}
+    declared = {t for _, op in operations(doc) for code, r in op["responses"].items() if code[0] in "45"
+                for t in problem_types(r)}  # fmt: skip
+    assert {TYPE_BASE + err.type for err in all_errors()} <= declared
+
+
+# ---------------------------------------------------------------------------
+# the table against the code: what each route can raise, by reading it and what it calls
+
+
+_FRAMEWORK = {"store-unavailable", "validation-failed", "invalid-request", "payload-too-large"}
+
+
+def test_the_error_table_matches_the_code(guarded_settings, doc):
+    """Each operation declares exactly the problems its code raises (followed through the functions it calls
+    or hands on, by name and by type hint), plus those the framework adds: validation-failed for constrained
+    parameters and bodies, invalid-request and payload-too-large for JSON bodies, store-unavailable wherever
+    Redis is reached (that one is checked live, by the fuzz with Redis down)."""
+    app = create_app(guarded_settings)
+    raising = RaiseFinder()
+    mismatches = []
+    for key, endpoint in endpoints(app).items():
+        op = dict(operations(doc))[key]
+        found = raising.reach(endpoint)
+        declared = {err.type for err in ERRORS[key]}
+        framework = set()
+        if op.get("requestBody") or any(_constrained(p["schema"]) for p in op.get("parameters", [])):
+            framework.add(ValidationFailed.type)
+        if "application/json" in op.get("requestBody", {}).get("content", {}):
+            framework |= {"invalid-request", "payload-too-large"}
+        for kind in sorted(set(found) - declared):
+            mismatches.append(f"{key} raises {kind} (via {' -> '.join(found[kind])}), undeclared")
+        for kind in sorted(declared - set(found) - framework - {"store-unavailable"}):
+            mismatches.append(f"{key} declares {kind}, which nothing it runs raises")
+    assert not mismatches, "\n".join(mismatches)
+
+
+def endpoints(app) -> dict[str, Callable]:
+    """"METHOD /path" -> the route's function."""
+    from fastapi import routing
+
+    contexts = routing.iter_route_contexts(app.routes) if hasattr(routing, "iter_route_contexts") else None
+    pairs = ((c.original_route, c.path_format) for c in contexts) if contexts else ((r, r.path) for r in app.routes)
+    return {f"{m} {path}": r.endpoint for r, path in pairs if isinstance(r, routing.APIRoute) for m in r.methods}
+
+
+def _constrained(schema: dict[str, Any]) -> bool:
+    """Whether a parameter's value can fail validation (more than any string)."""
+    return schema.get("type") != "string" or bool(set(schema) - {"type", "title", "description"})
+
+
+class RaiseFinder:
+    """The problem types a function can raise, found by reading its source and, recursively, that of every
+    service function it names: called or handed on (to a thread, as a callback). Names resolve through the
+    function's globals, its parameters' type hints and annotated locals, ``self``, and otherwise a receiver
+    named like a service class (``catalog.runtime`` -> ``Catalog.runtime``)."""
+
+    def __init__(self) -> None:
+        self.classes = {
+            v.__name__.lower(): v
+            for name, mod in list(sys.modules.items()) if name.startswith("service.") and mod is not None
+            for v in vars(mod).values() if isinstance(v, type) and v.__module__.startswith("service.")
+        }  # fmt: skip
+        self.seen: dict[Callable, dict[str, tuple[str, ...]]] = {}
+
+    def reach(self, f: Callable) -> dict[str, tuple[str, ...]]:
+        """{problem type: the chain of functions that raises it}."""
+        if not inspect.isfunction(f) or not f.__module__.startswith("service."):
+            return {}
+        f = inspect.unwrap(f)
+        if f in self.seen:
+            return self.seen[f]
+        self.seen[f] = out = {}
+        tree = ast.parse(textwrap.dedent(inspect.getsource(f)))
+        hints = self._hints(f, tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Raise) and node.exc is not None:
+                exc = node.exc.func if isinstance(node.exc, ast.Call) else node.exc
+                kind = _problem_type(self._resolve(f, exc, hints))
+                if kind:
+                    out.setdefault(kind, (f.__qualname__,))
+            elif isinstance(node, (ast.Name, ast.Attribute)) and isinstance(node.ctx, ast.Load):
+                target = self._resolve(f, node, hints)
+                if inspect.isfunction(target):
+                    for kind, chain in self.reach(target).items():
+                        out.setdefault(kind, (f.__qualname__, *chain))
+        return out
+
+    def _hints(self, f: Callable, tree: ast.AST) -> dict[str, type]:
+        try:
+            raw = typing.get_type_hints(f, include_extras=True)
+        except (NameError, TypeError):
+            raw = {}
+        hints = {}
+        for name, hint in raw.items():
+            while typing.get_origin(hint) is typing.Annotated:
+                hint = typing.get_args(hint)[0]
+            if isinstance(hint, type):
+                hints[name] = hint
+        for node in ast.walk(tree):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(node.annotation, ast.Name):
+                hint = f.__globals__.get(node.annotation.id)
+                if isinstance(hint, type):
+                    hints[node.target.id] = hint
+        return hints
+
+    def _resolve(self, f: Callable, node: ast.AST, hints: dict[str, type]) -> Any:
+        if isinstance(node, ast.Name):
+            return f.__globals__.get(node.id)
+        if not isinstance(node, ast.Attribute):
+            return None
+        base = node.value
+        if isinstance(base, ast.Name) and base.id in f.__globals__ and base.id not in hints:
+            return getattr(f.__globals__[base.id], node.attr, None)
+        receiver = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else None
+        if receiver == "self":
+            owner = f.__globals__.get(f.__qualname__.split(".")[0])
+            return getattr(owner, node.attr, None)
+        cls = hints.get(receiver or "") or self.classes.get(receiver or "")
+        return getattr(cls, node.attr, None) if cls is not None else None
+
+
+def _problem_type(obj: Any) -> str | None:
+    if obj is RequestValidationError:
+        return ValidationFailed.type
+    return obj.type if isinstance(obj, type) and issubclass(obj, ServiceError) else None
+
+
+# ---------------------------------------------------------------------------
+# real answers against the document
+
+
+def conforms(doc: dict[str, Any], key: str, resp: httpx.Response) -> None:
+    """The answer is one ``key``'s operation declares: status, media type and body."""
+    op = dict(operations(doc))[key]
+    declared = op["responses"].get(str(resp.status_code))
+    assert declared is not None, f"{key} answered an undeclared {resp.status_code}: {resp.text[:300]}"
+    media_type = resp.headers.get("content-type", "").split(";")[0]
+    assert media_type in declared.get("content", {}), f"{key} {resp.status_code} answered {media_type}"
+    schema = declared["content"][media_type].get("schema")
+    if schema is not None:
+        jsonschema.validate(resp.json(), {**schema, "components": doc["components"]})
+
+
+def test_the_service_serves_the_completed_document(guarded, doc):
+    with httpx.Client(base_url=guarded.url, timeout=30) as h:
+        assert h.get("/openapi.json").status_code == 401  # the document sits behind the token too
+        assert h.get("/openapi.json", headers=AUTH).json() == json.loads(json.dumps(doc))
+
+
+def test_real_errors_conform_to_the_document(guarded, doc, rdb, bpe_tokenizer, guarded_settings):
+    name = f"ds-{uuid.uuid4().hex[:8]}"
+    tokenizer = json.loads(bpe_tokenizer)
+    with httpx.Client(base_url=guarded.url, headers=AUTH, timeout=60) as h:
+        assert h.post("/v1/datasets", json={"name": name, "seq_len": 32, "tokenizer": tokenizer}).status_code == 201
+        samples = [
+            ("GET /v1/datasets/{name}", h.get("/v1/datasets/no-such"), 404, "dataset-not-found"),
+            ("GET /v1/jobs/{name}", h.get("/v1/jobs/no-such"), 404, "job-not-found"),
+            ("GET /v1/datasets/{name}/batch", h.get(f"/v1/datasets/{name}/batch", params={"size": 0}), 422,
+             "validation-failed"),
+            ("GET /v1/datasets/{name}/batch", h.get(f"/v1/datasets/{name}/batch", params={"size": 65}), 422,
+             "limit-exceeded"),
+            ("GET /v1/datasets/{name}/batch", h.get(f"/v1/datasets/{name}/batch"), 409, "dataset-empty"),
+            ("GET /v1/datasets/{name}/batch", h.get(f"/v1/datasets/{name}/batch", headers={"Accept": "text/html"}),
+             406, "not-acceptable"),
+            ("POST /v1/jobs", h.post("/v1/jobs", content=b"[" * (guarded_settings.max_json_bytes + 1),
+                                     headers={"Content-Type": "application/json"}), 413, "payload-too-large"),
+            ("POST /v1/jobs/{name}/ack", h.post("/v1/jobs/x/ack", content=b"\xff", headers={
+                "Content-Type": "application/json"}), 400, "invalid-request"),
+            ("POST /v1/datasets", h.post("/v1/datasets", json={"name": name, "seq_len": 32, "tokenizer": tokenizer}),
+             409, "dataset-exists"),
+            ("POST /v1/datasets/{name}/documents", h.post(f"/v1/datasets/{name}/documents", content=b"<p>",
+                                                          headers={"Content-Type": "text/html"}), 415,
+             "unsupported-media-type"),
+            ("POST /v1/datasets/{name}/documents", h.post(f"/v1/datasets/{name}/documents", content=b"{\n",
+                                                          headers=NDJSON), 400, "malformed-document"),
+            ("GET /v1/datasets", h.get("/v1/datasets", headers={"Authorization": "Bearer wrong"}), 401,
+             "unauthorized"),
+        ]  # fmt: skip
+        for key, resp, status, kind in samples:
+            assert resp.status_code == status, (key, resp.text)
+            assert resp.json()["type"] == TYPE_BASE + kind, (key, resp.text)
+            conforms(doc, key, resp)
+
+
+# ---------------------------------------------------------------------------
+# property-based fuzz of the live service against the document it serves
+
+# Examples per operation, per fixed target and generation mode: the whole fuzz stays under a minute on a
+# loaded two-core machine. Generation is derandomized, so a run is repeatable; raise these to explore more.
+POSITIVE, NEGATIVE = 8, 5
+CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance,
+          response_headers_conformance]  # fmt: skip
+# uvicorn (httptools) refuses a request line over 64 KiB itself, with a plain-text 400, before any route runs
+REQUEST_LINE_LIMIT = 65_000
+
+
+def seed(url: str, tokenizer: str, corpus: list[str]) -> dict[str, str]:
+    """A dataset with a few documents, an empty one, and a job whose epochs wait for acks (so /next answers
+    both 200 and 204); their names, by role."""
+    tag = uuid.uuid4().hex[:8]
+    names = {"dataset": f"ds-{tag}", "empty": f"empty-{tag}", "job": f"job-{tag}"}
+    with httpx.Client(base_url=url, headers=AUTH, timeout=60) as h:
+        for name in (names["dataset"], names["empty"]):
+            resp = h.post("/v1/datasets", json={"name": name, "seq_len": 32, "tokenizer": json.loads(tokenizer)})
+            assert resp.status_code == 201, resp.text
+        docs = b"".join(json.dumps({"text": t}).encode() + b"\n" for t in corpus[:3])
+        assert h.post(f"/v1/datasets/{names['dataset']}/documents", content=docs, headers=NDJSON).status_code == 200
+        job = {"name": names["job"], "dataset": names["dataset"], "batch_size": 16, "epochs": 2,
+               "epoch_boundary": "ack"}  # fmt: skip
+        assert h.post("/v1/jobs", json=job).status_code == 201
+    return names
+
+
+def plan(schema: Any, names: dict[str, str]) -> list[tuple[Any, str | None]]:
+    """(operation, fixed {name}) pairs to fuzz: each operation on random names, and those with a {name} also on
+    the seeded resources; the ones that destroy those (cancel, delete) last."""
+    steps = []
+    for result in schema.get_all_operations():
+        op = result.ok()
+        targets: list[str | None] = [None]
+        if "{name}" in op.path:
+            if op.path.startswith("/v1/jobs"):
+                targets.append(names["job"])
+            else:
+                targets.append(names["dataset"])
+                if not op.path.endswith("/documents"):  # keep the empty dataset empty
+                    targets.append(names["empty"])
+        for target in targets:
+            destroys = target is not None and (op.method.upper() == "DELETE" or op.path.endswith("/cancel"))
+            steps.append((destroys, op, target))
+    steps.sort(key=lambda step: step[0])
+    return [(op, target) for _, op, target in steps]
+
+
+def fuzz(
+    url: str, op: Any, target: str | None, mode: Any, examples: int, checks: list, statuses: dict[str, set[int]],
+    fill: dict[str, dict[str, Any]] | None = None,
+) -> list[str]:  # fmt: skip
+    """Fuzz one operation; the failures found, described. ``fill``: members put into the generated JSON
+    bodies of an operation ("METHOD /path"), valid ones, so that requests get past the first check."""
+    key = f"{op.method.upper()} {op.path}"
+    strategy = op.as_strategy(mode, path_parameters={"name": target} if target else None)
+    members = (fill or {}).get(key)
+    if members and mode == schemathesis.GenerationMode.POSITIVE:
+        strategy = strategy.map(lambda case: _filled(case, members))
+
+    @hypothesis.settings(max_examples=examples, deadline=None, derandomize=True, database=None,
+                         suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])  # fmt: skip
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        resp = case.call(base_url=url, headers=AUTH, timeout=60)
+        if resp.status_code == 400 and len(resp.request.url) - len(url) > REQUEST_LINE_LIMIT:
+            assert resp.text == "Invalid HTTP request received."
+            return
+        statuses.setdefault(key, set()).add(resp.status_code)
+        case.validate_response(resp, checks=checks, headers=AUTH)
+
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:  # nothing about the operation can be made invalid (no inputs)
+        assert mode == schemathesis.GenerationMode.NEGATIVE, key
+    except (Exception, BaseExceptionGroup) as exc:  # noqa: BLE001 - every failure is reported at the end
+        return [f"{key} on {target or 'generated names'} ({mode.value}):\n{str(exc)[:3000]}"]
+    return []
+
+
+def _filled(case: Any, members: dict[str, Any]) -> Any:
+    if isinstance(case.body, dict):
+        case.body.update(members)
+    return case
+
+
+@pytest.mark.slow
+def test_fuzz_the_live_service_against_its_document(guarded, rdb, bpe_tokenizer, corpus):
+    names = seed(guarded.url, bpe_tokenizer, corpus)
+    with httpx.Client(base_url=guarded.url, headers=AUTH, timeout=60) as h:
+        schema = schemathesis.openapi.from_dict(h.get("/openapi.json").json())
+    fill = {"POST /v1/jobs": {"dataset": names["dataset"]}, "POST /v1/datasets": {"tokenizer": json.loads(bpe_tokenizer)}}
+    failures: list[str] = []
+    statuses: dict[str, set[int]] = {}
+    for op, target in plan(schema, names):
+        for mode, examples in ((schemathesis.GenerationMode.POSITIVE, POSITIVE),
+                               (schemathesis.GenerationMode.NEGATIVE, NEGATIVE)):  # fmt: skip
+            failures += fuzz(guarded.url, op, target, mode, examples, CHECKS, statuses, fill)
+    assert not failures, "\n\n".join(failures)
+    # it got past the 404s: batches served and leased, a job created, the empty dataset refused
+    assert 200 in statuses["GET /v1/datasets/{name}/batch"], statuses
+    assert 409 in statuses["GET /v1/datasets/{name}/batch"], statuses
+    assert {200, 204} <= statuses["POST /v1/jobs/{name}/next"], statuses
+    assert 201 in statuses["POST /v1/jobs"], statuses
+    assert 201 in statuses["POST /v1/datasets"], statuses
+    assert 200 in statuses["POST /v1/datasets/{name}/documents"], statuses
+
+
+def no_internal_error(ctx: Any, response: Any, case: Any) -> None:
+    assert response.status_code != 500, f"500: {response.text[:300]}"
+
+
+@pytest.mark.slow
+def test_fuzz_with_redis_unreachable(guarded_settings):
+    """Every answer with the store down is declared: each operation that reaches Redis lists 503
+    store-unavailable, and nothing fails unexpectedly."""
+    settings = guarded_settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
+    statuses: dict[str, set[int]] = {}
+    failures: list[str] = []
+    checks = [no_internal_error, *CHECKS[1:]]
+    with ServerThread(settings) as s:
+        with httpx.Client(base_url=s.url, headers=AUTH, timeout=60) as h:
+            schema = schemathesis.openapi.from_dict(h.get("/openapi.json").json())
+        for result in schema.get_all_operations():
+            failures += fuzz(s.url, result.ok(), None, schemathesis.GenerationMode.POSITIVE, 4, checks, statuses)
+    assert not failures, "\n\n".join(failures)
+    for key in ("GET /readyz", "GET /v1/datasets", "GET /v1/datasets/{name}", "POST /v1/jobs/{name}/next"):
+        assert statuses[key] == {503}, (key, statuses)
