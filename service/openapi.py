@@ -251,7 +251,9 @@ def _overview(settings: Settings) -> str:
         f"of at most {settings.max_tokenizer_bytes} bytes, training corpora of at most {settings.max_train_bytes} "
         f"bytes, other JSON bodies of at most {settings.max_json_bytes} bytes (whatever their framing), and masking "
         f"reports of at most {settings.max_report_tokens} tokens. A request past a body limit gets 413 "
-        "`payload-too-large`; past any other, 422 `limit-exceeded`."
+        "`payload-too-large`; past any other, 422 `limit-exceeded`. Before any of that, the HTTP server refuses "
+        "a request line past its parser's limit (64 KiB with uvicorn's httptools) with a plain-text 400: send "
+        "long lists of leases to /ack rather than in the query of /next."
     )
 
 

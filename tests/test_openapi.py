@@ -467,3 +467,12 @@ def test_fuzz_with_redis_unreachable(guarded_settings):
     assert not failures, "\n\n".join(failures)
     for key in ("GET /readyz", "GET /v1/datasets", "GET /v1/datasets/{name}", "POST /v1/jobs/{name}/next"):
         assert statuses[key] == {503}, (key, statuses)
+
+
+def test_a_huge_min_frequency_is_a_validation_problem_not_a_crash(guarded, doc):
+    """The tokenizer trainers take min_frequency as an unsigned 64-bit count; a larger one failed inside them."""
+    with httpx.Client(base_url=guarded.url, headers=AUTH, timeout=60) as h:
+        resp = h.post("/v1/tokenizers/train", params={"min_frequency": 10**23}, content=b"a b c\n",
+                      headers={"Content-Type": "text/plain"})  # fmt: skip
+    assert resp.status_code == 422 and resp.json()["type"] == TYPE_BASE + "validation-failed", resp.text
+    conforms(doc, "POST /v1/tokenizers/train", resp)
