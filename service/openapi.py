@@ -72,7 +72,9 @@ ERRORS: dict[str, Errors] = {
     "POST /v1/jobs": (*_JSON, LimitExceeded, *_OPENED, StaticMasksMissing, JobConflict, JobNotFound, *_STORE),
     "GET /v1/jobs/{name}": (JobNotFound, *_STORE),
     "DELETE /v1/jobs/{name}": (JobNotFound, *_STORE),
-    "POST /v1/jobs/{name}/next": (*_PARAMS, NotAcceptable, JobNotFound, JobFinished, DatasetNotFound, *_MASKED, *_STORE),
+    "POST /v1/jobs/{name}/next": (
+        *_PARAMS, NotAcceptable, JobNotFound, JobFinished, DatasetNotFound, *_MASKED, *_STORE
+    ),  # dataset-not-found: the job's dataset deleted under it
     "POST /v1/jobs/{name}/ack": (*_JSON, JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/release": (*_JSON, JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/workers/{worker}/evict": (*_PARAMS, JobNotFound, *_STORE),
