@@ -18,6 +18,7 @@ limits the settings impose or what the batch routes answer. :func:`openapi_schem
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -185,8 +186,8 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Add to FastAPI's ``doc`` what it cannot know (see the module's docstring)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _restore_exact_bounds(schemas)
-    schemas["Problem"] = PROBLEM_SCHEMA
-    schemas["Batch"] = BATCH_SCHEMA
+    schemas["Problem"] = copy.deepcopy(PROBLEM_SCHEMA)  # each document its own: a caller may change it
+    schemas["Batch"] = copy.deepcopy(BATCH_SCHEMA)
     for name in ("HTTPValidationError", "ValidationError"):
         schemas.pop(name, None)
     doc["components"]["securitySchemes"] = {"bearer": _bearer(settings)}
@@ -290,10 +291,12 @@ def _declare_representations(doc: dict[str, Any]) -> None:
     batch = {CONTENT_TYPE: binary, "application/json": {"schema": {"$ref": _REF + "Batch"}}}
     described = f"The batch: {CONTENT_TYPE} (safetensors), or JSON when the Accept header or `format` asks for it."
     get_batch = paths["/v1/datasets/{name}/batch"]["get"]["responses"]
-    get_batch["200"] = {"description": described, "content": batch, "headers": BATCH_HEADERS}
+    get_batch["200"] = {"description": described, "content": batch, "headers": copy.deepcopy(BATCH_HEADERS)}
     lease = paths["/v1/jobs/{name}/next"]["post"]["responses"]
-    lease["200"] = {"description": described, "content": batch, "headers": LEASE_HEADERS}
-    lease["204"] = {"description": "Nothing to hand out now (all leased); ask again later.", "headers": WAIT_HEADERS}
+    lease["200"] = {"description": described, "content": copy.deepcopy(batch), "headers": copy.deepcopy(LEASE_HEADERS)}
+    lease["204"] = {
+        "description": "Nothing to hand out now (all leased); ask again later.", "headers": copy.deepcopy(WAIT_HEADERS)
+    }
 
     location = {"Location": _header(_STR, "The resource's path.")}
     paths["/v1/datasets"]["post"]["responses"]["201"]["headers"] = location
