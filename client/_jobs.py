@@ -46,6 +46,9 @@ log = logging.getLogger("maskserve.client")
 #: ack verdicts that mean the batch is counted (``duplicate``: an earlier send of the same ack counted)
 CONFIRMED = frozenset({"acked", "late", "duplicate"})
 _IDLE = float("inf")  # a request slot that is not on the wire
+#: most acks one lease request carries in its query string (about 80 bytes each: request lines stay well
+#: under the server's limit); more wait for the next request
+MAX_PIGGYBACK = 256
 
 
 def default_worker() -> str:
@@ -80,7 +83,7 @@ class JobStream(Closing):
         max_outage: float = 300.0, ack_every: int = 1, ack_delay: float = 2.0, **output: Any,
     ) -> None:  # fmt: skip
         self.client = client
-        self.ack_every = max(1, ack_every)
+        self.ack_every = min(MAX_PIGGYBACK, max(1, ack_every))
         self.ack_delay = ack_delay
         self.job = job
         self.worker = worker or default_worker()
@@ -176,7 +179,9 @@ class JobStream(Closing):
         )
         if not due or not self._acks:
             return []
-        acks, self._acks, self._acks_since, self._flush_next = self._acks, [], None, False
+        acks, self._acks = self._acks[:MAX_PIGGYBACK], self._acks[MAX_PIGGYBACK:]
+        self._flush_next = bool(self._acks)  # more than one request holds: the next takes the rest
+        self._acks_since = time.monotonic() if self._acks else None
         return acks
 
     def _put_back(self, acks: list[str]) -> None:

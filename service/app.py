@@ -30,6 +30,7 @@ from .embedded import EmbeddedRedis
 from .errors import Overloaded, PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
 from .jobs import Jobs
 from .metrics import Metrics, process_exited
+from .openapi import openapi_schema
 from .routes import batches, datasets, health, jobs, masks, tokenizers
 from .serving import die_with_supervisor
 from .store import Store
@@ -96,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
+    app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
 
 

@@ -33,8 +33,9 @@ Mode = Literal["auto", "require", "off"]
 Confirm = Callable[[], Awaitable[None]]
 
 
-class DurabilityError(RuntimeError):
-    pass
+class DurabilityError(StoreUnavailable):
+    """Durable acks are required and the server cannot give them: the service refuses to start, or, when
+    the server changed under it, answers 503 until it can again."""
 
 
 class NotDurable(StoreUnavailable):
@@ -52,10 +53,10 @@ class Durability:
         self.reason = "not probed yet"
 
     async def probe(self) -> "Durability":
-        """Find out whether the server can confirm fsynced writes (called at start-up)."""
-        self.probed = True
+        """Find out whether the server can confirm fsynced writes (called at start-up, and again before the
+        first durable write until the server has answered: a probe that could not reach it decided nothing)."""
         if self.mode == "off":
-            self.enabled, self.reason = False, "disabled by configuration"
+            self.enabled, self.reason, self.probed = False, "disabled by configuration", True
             return self
         try:
             _, replicas = await self.r.execute_command("WAITAOF", 1, self.replicas, 1)
@@ -72,11 +73,18 @@ class Durability:
                 self.reason = "the server has no WAITAOF (Redis < 7.2)"
             else:
                 self.reason = f"WAITAOF failed: {exc}"
+        self.probed = True
         if not self.enabled and self.mode == "require":
             raise DurabilityError(f"MASKSERVE_DURABLE_ACKS=require, but {self.reason}")
         if not self.enabled:
             log.warning("acks are confirmed before they are fsynced: %s", self.reason)
         return self
+
+    async def ensure(self) -> None:
+        """Probe when nothing is known yet, and, while durability is required but missing, every time (it
+        raises :class:`DurabilityError` then): a required fsync is never skipped."""
+        if not self.probed or (self.mode == "require" and not self.enabled):
+            await self.probe()
 
     def describe(self) -> dict[str, Any]:
         return {"durable_acks": self.enabled, "durability": self.reason}
@@ -93,8 +101,8 @@ class Durability:
         """Run ``script`` and start waiting for its writes to be fsynced. Returns its result and ``confirm``,
         to await before answering: it returns once the writes are durable (or raises :class:`NotDurable`).
         The wait runs meanwhile, so work done before ``confirm`` (building a batch) hides the fsync."""
-        if durable and not self.probed:
-            await self.probe()
+        if durable:
+            await self.ensure()
         if not (durable and self.enabled):
             return await script(keys=keys, args=args), confirmed
         # Two round trips on one connection of the pool (WAITAOF covers the writes of its own connection).

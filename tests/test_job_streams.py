@@ -201,3 +201,29 @@ def test_acks_can_go_in_groups_and_the_job_still_ends_with_every_batch_counted(s
     carried = [k for k in transport.carried if k]
     assert carried and all(k >= 3 for k in carried[:-1]), transport.carried
     assert sum(transport.carried) == batches  # every ack went with a lease request, none by a separate call
+
+
+def test_a_lease_request_carries_a_bounded_number_of_acks(service_url: str, ds):
+    """Acks held back (here: acked without sending, more than one request can carry) go over several lease
+    requests, none past the cap, so a request line never outgrows the server's limit; all are counted."""
+    from client._jobs import MAX_PIGGYBACK
+
+    name, n = ds
+    wanted = MAX_PIGGYBACK + 40
+    assert n >= wanted + 2
+    transport = _AckLog()
+    with Client(service_url, transport=transport) as c:
+        job = uid("job")
+        c.create_job(job, name, batch_size=1, epochs=1, seed=0)
+        with c.job(job, prefetch=1, auto_ack=False) as stream:
+            held = []
+            for bt in stream:
+                held.append(bt)
+                if len(held) == wanted:
+                    break
+            for bt in held:
+                stream.ack(bt, send=False)
+            next(stream)
+            next(stream)
+        assert max(transport.carried) == MAX_PIGGYBACK
+        assert sum(transport.carried) >= wanted and stream.acked >= wanted and not stream.rejected

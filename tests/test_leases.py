@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import httpx
 import pytest
 import redis
 
@@ -223,6 +224,26 @@ def test_durability_is_probed_and_required_where_asked(tmp_path: Path, redis_url
         assert not off.enabled and "append-only" in off.reason
         with pytest.raises(DurabilityError):
             asyncio.run(probe(no_aof.url, "require"))
+
+
+def test_required_durability_missing_later_refuses_every_durable_write(tmp_path: Path, settings, bpe_tokenizer, corpus):
+    """Redis down when the service starts (so the start-up probe cannot refuse), then up without an
+    append-only file: readiness says 503 with the reason (not a 500), and a job transition, which must
+    be fsynced, is refused with 503 before anything is written, not applied without the fsync."""
+    from .conftest import free_port
+
+    port = free_port()
+    late = settings.model_copy(update={"redis_url": f"redis://127.0.0.1:{port}/0", "durable_acks": "require"})
+    with ServerThread(late) as s, Client(s.url, retries=0) as c:
+        with EmbeddedRedis(tmp_path / "late", port=port, appendonly=False):
+            r = httpx.get(f"{s.url}/readyz", timeout=30)
+            name, _ = make_dataset(c, bpe_tokenizer, corpus)
+            created = httpx.post(f"{s.url}/v1/jobs", json=job_body(uid("job"), name), timeout=30)
+            jobs = c.jobs()
+    assert r.status_code == 503, r.text
+    assert r.json()["type"] == "urn:maskserve:problem:store-unavailable" and "append-only" in r.json()["detail"]
+    assert created.status_code == 503 and "MASKSERVE_DURABLE_ACKS=require" in created.json()["detail"]
+    assert jobs == []
 
 
 def test_acks_wait_for_the_append_only_file(tmp_path: Path, settings, bpe_tokenizer, corpus):

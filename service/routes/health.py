@@ -23,8 +23,7 @@ async def healthz() -> dict[str, Any]:
 async def readyz(store: StoreDep, request: Request) -> dict[str, Any]:
     await store.r.ping()  # a lost connection becomes a 503 problem
     durability = request.app.state.durability
-    if not durability.probed:
-        await durability.probe()
+    await durability.ensure()
     return {"status": "ready", **durability.describe()}
 
 

@@ -30,7 +30,7 @@ async def train(
     settings: SettingsDep,
     kind: Annotated[Literal["bpe", "wordpiece", "unigram"], Query(description="Tokenizer family.")] = "bpe",
     vocab_size: Annotated[int, Query(ge=64, le=1 << 20)] = 8000,
-    min_frequency: Annotated[int, Query(ge=1)] = 2,
+    min_frequency: Annotated[int, Query(ge=1, le=1 << 32)] = 2,  # bounded: the trainers take it as a u64
     split: Annotated[Literal["none", "line", "paragraph"], Query()] = "paragraph",
 ) -> Response:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
