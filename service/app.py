@@ -16,6 +16,7 @@ import anyio
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +30,7 @@ from .durability import Durability
 from .embedded import EmbeddedRedis
 from .errors import Overloaded, PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
 from .jobs import Jobs
+from .keys import slot_tags
 from .metrics import Metrics
 from .routes import batches, datasets, health, jobs, masks, tokenizers
 from .serving import die_with_supervisor
@@ -60,17 +62,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = embedded.url
             log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
         r = connect(url, settings)
+        await anyio.to_thread.run_sync(slot_tags)  # the chunk groups' tags, built once, off the event loop
         app.state.redis_url = url
-        app.state.store = Store(r, settings.key_prefix)
+        app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
+                                chunk_groups=settings.chunk_groups, replica_reads=settings.read_from_replicas)
         app.state.catalog = Catalog(app.state.store)
-        durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms)
+        durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
+                                cluster=settings.redis_cluster)  # fmt: skip
         try:
             await durability.probe()
         except RedisConnectionError:
             log.warning("Redis is not reachable yet; durability is probed at the first ack")
         app.state.durability = durability
         app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
-                              max_workers=settings.job_max_workers)  # fmt: skip
+                              max_workers=settings.job_max_workers, store=app.state.store)  # fmt: skip
         try:
             yield
         finally:
@@ -113,7 +118,13 @@ class _Pool(aioredis.BlockingConnectionPool):
 
 
 def connect(url: str, settings: Settings) -> aioredis.Redis:
-    """The process's Redis client: a bounded pool, explicit timeouts (see the ``redis_*`` settings)."""
+    """The process's Redis client: a bounded pool, explicit timeouts (see the ``redis_*`` settings); with
+    ``redis_cluster``, a cluster client (a bounded pool per node, the same timeouts)."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            url, max_connections=settings.redis_max_connections, read_from_replicas=settings.read_from_replicas,
+            socket_connect_timeout=settings.redis_connect_timeout_s, socket_timeout=settings.redis_socket_timeout_s,
+        )  # type: ignore[return-value]  # fmt: skip
     pool = _Pool.from_url(
         url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s,
         socket_connect_timeout=settings.redis_connect_timeout_s, socket_timeout=settings.redis_socket_timeout_s,
