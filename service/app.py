@@ -17,6 +17,7 @@ from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.cluster import LoadBalancingStrategy
 from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -64,8 +65,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         r = connect(url, settings)
         await anyio.to_thread.run_sync(slot_tags)  # the chunk groups' tags, built once, off the event loop
         app.state.redis_url = url
+        reader = connect(url, settings, replicas=True) if settings.redis_cluster and settings.read_from_replicas else None
         app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
-                                chunk_groups=settings.chunk_groups, replica_reads=settings.read_from_replicas)
+                                chunk_groups=settings.chunk_groups, reader=reader)
         app.state.catalog = Catalog(app.state.store)
         durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
                                 cluster=settings.redis_cluster)  # fmt: skip
@@ -80,6 +82,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await r.aclose()
+            if reader is not None:
+                await reader.aclose()
             if embedded is not None:
                 embedded.stop()
 
@@ -117,12 +121,14 @@ class _Pool(aioredis.BlockingConnectionPool):
             raise
 
 
-def connect(url: str, settings: Settings) -> aioredis.Redis:
+def connect(url: str, settings: Settings, *, replicas: bool = False) -> aioredis.Redis:
     """The process's Redis client: a bounded pool, explicit timeouts (see the ``redis_*`` settings); with
-    ``redis_cluster``, a cluster client (a bounded pool per node, the same timeouts)."""
+    ``redis_cluster``, a cluster client (a bounded pool per node, the same timeouts) that reads from masters,
+    or with ``replicas`` one that spreads reads over the replicas (for immutable chunks only)."""
     if settings.redis_cluster:
         return RedisCluster.from_url(
-            url, max_connections=settings.redis_max_connections, read_from_replicas=settings.read_from_replicas,
+            url, max_connections=settings.redis_max_connections,
+            load_balancing_strategy=LoadBalancingStrategy.ROUND_ROBIN_REPLICAS if replicas else None,
             socket_connect_timeout=settings.redis_connect_timeout_s, socket_timeout=settings.redis_socket_timeout_s,
         )  # type: ignore[return-value]  # fmt: skip
     pool = _Pool.from_url(

@@ -79,6 +79,8 @@ def _s(v: Any) -> str:
 
 
 _SECRET_FIELDS = (b"mac_in", b"mac_out")
+# KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
+_JOB_CLOCK = "return redis.call('TIME')"
 _RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
 
 
@@ -187,9 +189,9 @@ class Jobs:
             p.zcard(base[1])
             p.hgetall(base[4])
             p.hgetall(base[3])
-            p.time()
+            p.eval(_JOB_CLOCK, 1, base[0])  # the clock of the job's node (a cluster pipeline has no keyless TIME)
             leased, ackcount, workers, now = await p.execute()
-        now_ms = now[0] * 1000 + now[1] // 1000
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():
             worker, _, counter = _s(key).rpartition(":")

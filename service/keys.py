@@ -34,11 +34,12 @@ free), so staging changes no counter: a failed ingest leaves the dataset's
 slot exactly as it was. **Chunk groups.** Chunk ``id`` belongs to group
 ``(nonce + j) mod G`` (G fixed per dataset at creation): the chunks of one
 ingest go round the groups in turn. Group g's tag is a short string chosen so that its slot
-is ``(s0 + g * 16384 / G) mod 16384``, with ``s0`` the slot of the dataset's
-uid: a dataset's groups sit at evenly spaced slots, so on a cluster whose
-masters own contiguous slot ranges (what ``redis-cli --cluster create`` and
-rebalancing make) its chunks, bytes and read load spread evenly over all
-masters. Chunk keys carry the dataset's uid, not its name, so a re-created
+is ``(s0 + (g * q mod G) * 16384 / G) mod 16384``, with ``s0`` the slot of the
+dataset's uid and q a step coprime with G near G / 1.618: a dataset's groups
+sit at evenly spaced slots, and any run of consecutive groups (the chunks of
+one ingest) is spread round the whole ring. So on a cluster whose masters own
+contiguous slot ranges (what ``redis-cli --cluster create`` and rebalancing
+make) a dataset's chunks, bytes and read load spread evenly over all masters. Chunk keys carry the dataset's uid, not its name, so a re-created
 dataset never meets a deleted one's chunks.
 """
 
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import binascii
 import functools
+import math
 from dataclasses import dataclass
 
 SLOTS = 16384
@@ -111,8 +113,17 @@ class Keys:
 
 
 
+def _stride(groups: int) -> int:
+    """A step coprime with ``groups`` near groups / golden ratio: consecutive groups land far apart on the ring."""
+    step = max(1, round(groups / 1.618))
+    while math.gcd(step, groups) != 1:
+        step += 1
+    return step
+
+
 @functools.lru_cache(maxsize=4096)
 def _chunk_prefixes(prefix: str, uid: str, groups: int) -> tuple[str, ...]:
     tags = slot_tags()
-    first = key_slot(uid)
-    return tuple(f"{prefix}:c:{{{tags[(first + g * SLOTS // groups) % SLOTS]}}}:{uid}:" for g in range(groups))
+    first, stride = key_slot(uid), _stride(groups)
+    slots = ((first + (g * stride % groups) * SLOTS // groups) % SLOTS for g in range(groups))
+    return tuple(f"{prefix}:c:{{{tags[slot]}}}:{uid}:" for slot in slots)

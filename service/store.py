@@ -297,19 +297,20 @@ class Store:
     """Async access to the dataset keys; one per app, sharing one client (a pool, or a cluster client).
 
     ``cluster``: the client is a ``RedisCluster``; batches fan out per node (see the module docstring).
-    ``chunk_groups``: G of datasets created from now on. ``replica_reads``: on a cluster, chunk reads
-    may be served by replicas (chunks are immutable)."""
+    ``chunk_groups``: G of datasets created from now on. ``reader``: on a cluster, a client that reads
+    from replicas, used for chunk reads only (chunks are immutable; everything else goes to masters)."""
 
     def __init__(
         self, r: aioredis.Redis, prefix: str, *, cluster: bool = False, chunk_groups: int = 64,
-        replica_reads: bool = False,
+        reader: aioredis.Redis | None = None,
     ) -> None:  # fmt: skip
         self.r = r
+        self.reader = reader or r
         self.keys = Keys(prefix)
         self.job_keys = JobKeys(prefix)
         self.cluster = cluster
         self.chunk_groups = chunk_groups
-        self.replica_reads = replica_reads
+        self.replica_reads = reader is not None
         self._create = r.register_script(CREATE_DATASET)
         self._retire = r.register_script(RETIRE_DATASET)
         self._reserve = r.register_script(RESERVE_CHUNK)
@@ -391,7 +392,7 @@ class Store:
             if record:
                 removed += await self._unlink_generation(uid, record)
             async with self.r.pipeline(transaction=False) as p:
-                p.unlink(k.trash(name, uid))
+                p.execute_command("UNLINK", k.trash(name, uid))  # (a cluster pipeline has no unlink method)
                 p.srem(k.ds(name, "trash"), uid)
                 await p.execute()
         return removed
@@ -412,7 +413,7 @@ class Store:
         for start in range(0, len(keys), 4096):
             async with self.r.pipeline(transaction=False) as p:
                 for key in keys[start : start + 4096]:
-                    p.unlink(key)
+                    p.execute_command("UNLINK", key)  # (a cluster pipeline has no unlink method)
                 removed += sum(int(n) for n in await p.execute())
         return removed
 
@@ -591,7 +592,7 @@ class Store:
 
     async def tables(self, keys: list[str], counts: list[int]) -> list[np.ndarray | None]:
         """The (offset, n) tables at the head of chunk blobs, ``counts[i]`` entries each (None: no such key)."""
-        async with self.r.pipeline(transaction=False) as p:
+        async with self.reader.pipeline(transaction=False) as p:
             for key, count in zip(keys, counts):
                 p.getrange(key, 4, 3 + 8 * count)
             raw = await p.execute()
@@ -652,7 +653,7 @@ class Store:
                 gkeys += [mkeys[i] for i in in_group]
             plans.append((rows, gkeys, [*args, ""]))
         for attempt in range(2):
-            async with self.r.pipeline(transaction=False) as p:
+            async with self.reader.pipeline(transaction=False) as p:
                 for _, gkeys, args in plans:
                     p.execute_command("EVALSHA_RO" if self.replica_reads else "EVALSHA", self._fetch.sha,
                                       len(gkeys), *gkeys, *args)  # fmt: skip
@@ -684,7 +685,8 @@ class Store:
     async def _load_everywhere(self, script: str) -> None:
         """Load ``script`` on every node, replicas included (a promoted replica, or a replica serving reads,
         may not have it)."""
-        await self.r.script_load(script, target_nodes=self.r.ALL_NODES)  # type: ignore[attr-defined,call-arg]
+        for client in {id(self.r): self.r, id(self.reader): self.reader}.values():
+            await client.execute_command("SCRIPT LOAD", script, target_nodes="all")
 
 
 def _split(raw: bytes | None) -> list[str]:
