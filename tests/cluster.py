@@ -81,7 +81,8 @@ class LocalCluster:
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
                  "--appendonly", "no", "--save", "", "--dir", str(d), "--daemonize", "no",
-                 "--logfile", str(d / "log.txt"), "--cluster-replica-validity-factor", "0"],
+                 "--logfile", str(d / "log.txt"), "--cluster-replica-validity-factor", "0",
+                 "--repl-diskless-sync-delay", "0"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )  # fmt: skip
             self.nodes.append(Node(port, proc, d))
@@ -97,13 +98,20 @@ class LocalCluster:
         return self
 
     def ready(self) -> bool:
-        """Every live node reports ``cluster_state:ok``, knows every node, and every slot has a live master."""
+        """Every live node reports ``cluster_state:ok`` and knows every node, every slot has a live master, and
+        every live replica's link to its master is up."""
         live = [n for n in self.nodes if n.alive()]
         for node in live:
             info = node.client().cluster("info")
             if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) < len(self.nodes):
                 return False
-        return len(self.master_ports()) == self.masters
+        if len(self.master_ports()) != self.masters:
+            return False
+        for node in live:  # replicas in sync: a failover then loses nothing written before
+            info = node.client().info("replication")
+            if info.get("role") == "slave" and info.get("master_link_status") != "up":
+                return False
+        return True
 
     def master_ports(self) -> list[int]:
         """Ports of the live masters that hold slots, as the first live node sees them."""
