@@ -16,6 +16,8 @@ import anyio
 from contextlib import asynccontextmanager
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.cluster import LoadBalancingStrategy
 from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -29,6 +31,7 @@ from .durability import Durability
 from .embedded import EmbeddedRedis
 from .errors import Overloaded, PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
 from .jobs import Jobs
+from .keys import slot_tags
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
 from .routes import batches, datasets, health, jobs, masks, tokenizers
@@ -61,21 +64,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             url = embedded.url
             log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
         r = connect(url, settings)
+        await anyio.to_thread.run_sync(slot_tags)  # the chunk groups' tags, built once, off the event loop
         app.state.redis_url = url
-        app.state.store = Store(r, settings.key_prefix)
+        reader = connect(url, settings, replicas=True) if settings.redis_cluster and settings.read_from_replicas else None
+        app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
+                                chunk_groups=settings.chunk_groups, reader=reader)
         app.state.catalog = Catalog(app.state.store)
-        durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms)
+        durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
+                                cluster=settings.redis_cluster)  # fmt: skip
         try:
             await durability.probe()
         except RedisConnectionError:
             log.warning("Redis is not reachable yet; durability is probed at the first ack")
         app.state.durability = durability
         app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
-                              max_workers=settings.job_max_workers)  # fmt: skip
+                              max_workers=settings.job_max_workers, store=app.state.store)  # fmt: skip
         try:
             yield
         finally:
             await r.aclose()
+            if reader is not None:
+                await reader.aclose()
             if embedded is not None:
                 embedded.stop()
             process_exited()
@@ -114,8 +123,16 @@ class _Pool(aioredis.BlockingConnectionPool):
             raise
 
 
-def connect(url: str, settings: Settings) -> aioredis.Redis:
-    """The process's Redis client: a bounded pool, explicit timeouts (see the ``redis_*`` settings)."""
+def connect(url: str, settings: Settings, *, replicas: bool = False) -> aioredis.Redis:
+    """The process's Redis client: a bounded pool, explicit timeouts (see the ``redis_*`` settings); with
+    ``redis_cluster``, a cluster client (a bounded pool per node, the same timeouts) that reads from masters,
+    or with ``replicas`` one that spreads reads over the replicas (for immutable chunks only)."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            url, max_connections=settings.redis_max_connections,
+            load_balancing_strategy=LoadBalancingStrategy.ROUND_ROBIN_REPLICAS if replicas else None,
+            socket_connect_timeout=settings.redis_connect_timeout_s, socket_timeout=settings.redis_socket_timeout_s,
+        )  # type: ignore[return-value]  # fmt: skip
     pool = _Pool.from_url(
         url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s,
         socket_connect_timeout=settings.redis_connect_timeout_s, socket_timeout=settings.redis_socket_timeout_s,

@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import Conflict, DatasetNotFound
 from .masking import Vocab
+from .keys import Keys
 from .store import Store
 from .tokenization import TokenizerInfo, describe, load_tokenizer
 
@@ -32,6 +33,7 @@ class DatasetRuntime:
     vocab: Vocab
     id_dtype: np.dtype
     chunk_starts: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))
+    chunk_ids: np.ndarray = field(default_factory=lambda: np.empty(0, dtype=np.int64))  # per table position
     tokenizer: TokenizerInfo | None = None
     weighted: Vocab | None = None  # the vocab with the frozen token counts
     # (num_sequences, num_chunks) as last read: the batch route draws from these optimistically
@@ -41,6 +43,10 @@ class DatasetRuntime:
     @property
     def seq_len(self) -> int:
         return int(self.meta["seq_len"])
+
+    def chunk_prefixes(self, keys: Keys) -> tuple[str, ...]:
+        """Key prefix of each chunk group (see keys.py)."""
+        return keys.chunk_prefixes(self.uid, int(self.meta["chunk_groups"]))
 
     def locate(self, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sequence ids -> (chunk index, index inside the chunk)."""
@@ -114,10 +120,8 @@ class Catalog:
             starts = rt.chunk_starts
             ks = [int(chunks.ids[i]) for i in missing]
             counts = [(int(starts[k + 1]) if k + 1 < len(starts) else num_sequences) - int(starts[k]) for k in ks]
-            if mask_cache is None:
-                keys = [f"{self.store.keys.chunk_prefix(rt.name)}{k}" for k in ks]
-            else:
-                keys = [f"{self.store.keys.mask_chunk_prefix(rt.name, mask_cache)}{k}" for k in ks]
+            keys = self.store.chunk_keys(rt, ks, mask_cache)
+            if mask_cache is not None:
                 counts = [c * copies for c in counts]
             for i, k, t in zip(missing, ks, await self.store.tables(keys, counts)):
                 if t is None:
@@ -165,12 +169,15 @@ class Catalog:
         return await self.runtime(name, counters[0])
 
     async def with_chunks(self, rt: DatasetRuntime, num_chunks: int) -> DatasetRuntime:
-        """Extend the cached chunk table to ``num_chunks`` entries."""
+        """Extend the cached chunk tables to ``num_chunks`` entries."""
         have = len(rt.chunk_starts)
         if have < num_chunks:
-            tail = await self.store.chunk_table(rt.name, have, num_chunks)
+            starts, ids = await self.store.chunk_table(rt.name, have, num_chunks)
+            if len(starts) != num_chunks - have or len(ids) != len(starts):
+                raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry")
             if len(rt.chunk_starts) == have:  # another request may have extended it meanwhile
-                rt.chunk_starts = np.concatenate([rt.chunk_starts, tail])
+                rt.chunk_ids = np.concatenate([rt.chunk_ids, ids])
+                rt.chunk_starts = np.concatenate([rt.chunk_starts, starts])
         return rt
 
     async def weighted_vocab(self, rt: DatasetRuntime) -> Vocab:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,9 +23,27 @@ class Settings(BaseSettings):
         description="Redis/Valkey URL. Unset: start an embedded server with its data under data_dir.",
         validation_alias="REDIS_URL",
     )
+    redis_cluster: bool = Field(
+        default=False,
+        description="REDIS_URL names a node of a Redis/Valkey Cluster: datasets spread over its masters "
+        "(docs/scaling.md). Needs REDIS_URL.",
+    )
+    read_from_replicas: bool = Field(
+        default=False, description="Cluster mode: chunk reads may go to replicas (job state always goes to masters)."
+    )
+    chunk_groups: int = Field(
+        default=64, ge=1, le=4096,
+        description="Slots a new dataset's chunks spread over (fixed per dataset at creation); 1 keeps them in one.",
+    )  # fmt: skip
     data_dir: Path = Field(default=Path("maskserve-data"), description="Embedded server's data (AOF) directory.")
     key_prefix: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
     auth_token: SecretStr | None = Field(default=None, description="Bearer token required on every route but health.")
+
+    @model_validator(mode="after")
+    def _cluster_needs_url(self) -> "Settings":
+        if self.redis_cluster and self.redis_url is None:
+            raise ValueError("MASKSERVE_REDIS_CLUSTER=1 needs REDIS_URL naming a node of the cluster")
+        return self
 
     @field_validator("auth_token")
     @classmethod

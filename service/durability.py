@@ -43,8 +43,11 @@ class NotDurable(StoreUnavailable):
 
 
 class Durability:
-    def __init__(self, r: Redis, mode: Mode = "auto", replicas: int = 0, timeout_ms: int = 1000) -> None:
+    def __init__(
+        self, r: Redis, mode: Mode = "auto", replicas: int = 0, timeout_ms: int = 1000, *, cluster: bool = False
+    ) -> None:
         self.r = r
+        self.cluster = cluster
         self.mode = mode
         self.replicas = replicas
         self.timeout_ms = timeout_ms
@@ -57,6 +60,12 @@ class Durability:
         first durable write until the server has answered: a probe that could not reach it decided nothing)."""
         if self.mode == "off":
             self.enabled, self.reason, self.probed = False, "disabled by configuration", True
+            return self
+        if self.cluster:  # WAITAOF covers its own connection's writes: one per master, not done here yet
+            self.enabled, self.reason = False, "cluster mode: acks are confirmed once applied on their master"
+            if self.mode == "require":
+                raise DurabilityError(f"MASKSERVE_DURABLE_ACKS=require, but {self.reason}")
+            log.warning("acks are confirmed before they are fsynced: %s", self.reason)
             return self
         try:
             _, replicas = await self.r.execute_command("WAITAOF", 1, self.replicas, 1)

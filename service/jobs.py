@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
 from .durability import Confirm, Durability, confirmed
-from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, DELETE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
+from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
 from .schemas import MaskingParams
-from .store import pairs
+from .store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
@@ -84,6 +84,8 @@ def _s(v: Any) -> str:
 
 
 _SECRET_FIELDS = (b"mac_in", b"mac_out")
+# KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
+_JOB_CLOCK = "return redis.call('TIME')"
 _RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
 
 
@@ -118,10 +120,11 @@ class Jobs:
 
     def __init__(
         self, r: Redis, prefix: str, durability: Durability | None = None, *, worker_idle_s: float = 3600,
-        max_workers: int = 1024,
+        max_workers: int = 1024, store: Store | None = None,
     ) -> None:  # fmt: skip
         self.r = r
         self.keys = JobKeys(prefix)
+        self.store = store or Store(r, prefix)  # the job lists in the datasets' slots
         self.durability = durability or Durability(r, "off")
         self.worker_idle_ms = int(worker_idle_s * 1000)
         self.max_workers = max_workers
@@ -132,13 +135,12 @@ class Jobs:
         self._evict = r.register_script(EVICT)
         self._create = r.register_script(CREATE_JOB)
         self._cancel = r.register_script(CANCEL_JOB)
-        self._delete = r.register_script(DELETE_JOB)
         self._datasets: dict[str, str] = {}  # job -> dataset, immutable while the job exists
         self.configs: dict[str, tuple[str, Any]] = {}  # job -> (instance id, parsed config), for the routes
 
     async def dataset_of(self, job: str, *, fresh: bool = False) -> str | None:
         if fresh or job not in self._datasets:
-            ds = await self.r.hget(self.keys.index, job)
+            ds = await self.r.hget(self.keys.job(job), "dataset")
             if ds is None:
                 self._datasets.pop(job, None)
                 return None
@@ -158,15 +160,20 @@ class Jobs:
             "num_chunks": num_chunks, "created_at": time.time(), "instance": secrets.token_hex(8),
             **lease_keys(secrets.token_bytes(32)),
         }  # fmt: skip
-        meta = k.dataset_meta(cfg.dataset)
+        # the job in its slot, then listed with its dataset (which checks that the dataset still exists):
+        # a dataset deleted meanwhile either lists the job in its trash, or refuses it and it is deleted again
         out = await self.durability.run(
-            self._create, keys=[k.job(cfg.dataset, name), k.index, k.dataset_jobs(cfg.dataset), meta],
-            args=[name, cfg.dataset, dataset_uid, cfg.digest(), *pairs(fields)],
+            self._create, keys=[k.job(name)], args=[cfg.dataset, cfg.digest(), *pairs(fields)]
         )
-        return _s(out[0]), _s(out[1]) if len(out) > 1 else ""
+        state = _s(out[0])
+        if state in ("created", "exists") and not await self.store.add_job(cfg.dataset, dataset_uid, name):
+            if state == "created":
+                await self.store.delete_job(name, dataset_uid)
+            return "no-dataset", ""
+        return state, _s(out[1]) if len(out) > 1 else ""
 
     async def state(self, dataset: str, job: str) -> dict[str, Any] | None:
-        raw = await self.r.hgetall(self.keys.job(dataset, job))
+        raw = await self.r.hgetall(self.keys.job(job))
         if not raw:
             return None
         st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if k not in _SECRET_FIELDS}
@@ -182,14 +189,14 @@ class Jobs:
         st = await self.state(dataset, job)
         if st is None:
             return None
-        base = self.keys.lease_keys(dataset, job)
+        base = self.keys.lease_keys(job)
         async with self.r.pipeline(transaction=False) as p:
             p.zcard(base[1])
             p.hgetall(base[4])
             p.hgetall(base[3])
-            p.time()
+            p.eval(_JOB_CLOCK, 1, base[0])  # the clock of the job's node (a cluster pipeline has no keyless TIME)
             leased, ackcount, workers, now = await p.execute()
-        now_ms = now[0] * 1000 + now[1] // 1000
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():
             worker, _, counter = _s(key).rpartition(":")
@@ -222,7 +229,7 @@ class Jobs:
         the lease the first attempt got; ``seq`` numbers the worker's requests (see ``Lease.in_order``).
         ``confirm()`` on the result returns once the acks are durable."""
         out, confirm = await self.durability.start(
-            self._next, keys=self.keys.lease_keys(dataset, job),
+            self._next, keys=self.keys.with_acks(job, acks),
             args=[worker, request, self.worker_idle_ms, self.max_workers, seq, *acks], durable=bool(acks),
         )  # fmt: skip
         res = parse_next(out)
@@ -231,27 +238,27 @@ class Jobs:
 
     async def ungrant(self, dataset: str, job: str, worker: str, lease: Lease) -> bool:
         """Take back a lease whose batch never reached the worker (its request failed)."""
-        out = await self._ungrant(keys=self.keys.lease_keys(dataset, job),
+        out = await self._ungrant(keys=self.keys.lease_keys(job),
                                   args=[worker, lease.lease, int(lease.redelivered)])  # fmt: skip
         return bool(out)
 
     async def ack(self, dataset: str, job: str, worker: str, leases: list[str]) -> list[str] | None:
         """Ack results per lease; None when there is no such job (on that dataset)."""
-        out = await self.durability.run(self._ack, keys=self.keys.lease_keys(dataset, job), args=[worker, *leases])
+        out = await self.durability.run(self._ack, keys=self.keys.with_acks(job, leases), args=[worker, *leases])
         if out and _s(out[0]) == "missing":
             return None
         return [_s(a) for a in out]
 
     async def release(self, dataset: str, job: str, worker: str, leases: list[str]) -> int | None:
-        n = int(await self._release(keys=self.keys.lease_keys(dataset, job), args=[worker, *leases]))
+        n = int(await self._release(keys=self.keys.lease_keys(job), args=[worker, *leases]))
         return None if n < 0 else n
 
     async def evict(self, dataset: str, job: str, worker: str) -> int | None:
-        n = int(await self._evict(keys=self.keys.lease_keys(dataset, job), args=[worker]))
+        n = int(await self._evict(keys=self.keys.lease_keys(job), args=[worker]))
         return None if n < 0 else n
 
     async def cancel(self, dataset: str, job: str) -> bool | None:
-        n = int(await self.durability.run(self._cancel, keys=[self.keys.job(dataset, job)], args=[]))
+        n = int(await self.durability.run(self._cancel, keys=[self.keys.job(job)], args=[]))
         return None if n < 0 else bool(n)
 
     def forget(self, job: str | None = None, dataset: str | None = None) -> None:
@@ -261,11 +268,17 @@ class Jobs:
             self.configs.pop(name, None)
 
     async def delete(self, dataset: str, job: str) -> int:
-        k = self.keys
-        base = k.lease_keys(dataset, job)
-        removed = await self._delete(keys=[base[0], k.index, k.dataset_jobs(dataset), *base[1:]], args=[job])
+        removed = await self.store.delete_job(job)
+        await self.store.unlist_job(dataset, job)  # after: a listed name without a job is skipped
         self.forget(job)
-        return int(removed)
+        return removed
 
     async def names(self) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in (await self.r.hgetall(self.keys.index)).items()}
+        """Job -> dataset, from the datasets' job lists (names whose job is gone are skipped)."""
+        listed = await self.store.job_names(await self.store.list_names())
+        pairs_ = [(job, ds) for ds, jobs in listed.items() for job in jobs]
+        async with self.r.pipeline(transaction=False) as p:
+            for job, _ in pairs_:
+                p.hget(self.keys.job(job), "dataset")
+            owners = await p.execute()
+        return {job: ds for (job, ds), owner in zip(pairs_, owners) if owner is not None and _s(owner) == ds}

@@ -1,20 +1,27 @@
 """The Redis keys and Lua scripts of jobs (the other half of store.py).
 
-A job's keys share its dataset's hash tag, so every script touches one slot::
+A job's keys share the job's own hash tag, so every script touches one slot,
+and the jobs of a cluster spread over its masters::
 
-    P:jobs                              HASH   job name -> dataset (the index)
-    P:ds:{D}:jobs                       SET    names of the dataset's jobs (removed with it)
-    P:ds:{D}:job:<job>                  HASH   config, status, epoch, next, counters, lease-signing keys
-    P:ds:{D}:job:<job>:leases           ZSET   "epoch:index" -> lease expiry (ms, Redis clock)
-    P:ds:{D}:job:<job>:lease            HASH   "epoch:index" -> "lease id|worker|request id" (or "-0"/"-1":
+    P:job:{J}                           HASH   dataset, its uid, config, status, epoch, next, counters,
+                                               lease-signing keys (the job -> dataset lookup, too)
+    P:job:{J}:leases                    ZSET   "epoch:index" -> lease expiry (ms, Redis clock)
+    P:job:{J}:lease                     HASH   "epoch:index" -> "lease id|worker|request id" (or "-0"/"-1":
                                                taken back from a failed request)
-    P:ds:{D}:job:<job>:acked:<epoch>    STRING bitmap of acked batch indices
-    P:ds:{D}:job:<job>:ackcount         HASH   epoch -> batches acked
-    P:ds:{D}:job:<job>:workers          HASH   "<worker>:<counter>" -> value
-    P:ds:{D}:job:<job>:seen             ZSET   worker -> last request (ms); idle workers fold into totals
-    P:ds:{D}:job:<job>:requests         HASH   "worker|request id" -> "epoch:index|redelivered|in order|
+    P:job:{J}:acked:<epoch>             STRING bitmap of acked batch indices
+    P:job:{J}:ackcount                  HASH   epoch -> batches acked
+    P:job:{J}:workers                   HASH   "<worker>:<counter>" -> value
+    P:job:{J}:seen                      ZSET   worker -> last request (ms); idle workers fold into totals
+    P:job:{J}:requests                  HASH   "worker|request id" -> "epoch:index|redelivered|in order|
                                                answered again", one per live lease granted to a request
                                                that carried an id
+
+The dataset lists its jobs in its own slot (``P:ds:{D}:jobs``, see keys.py):
+a job is created in its slot and then listed (the listing checks that the
+dataset still exists, else the job is deleted again); a deleted dataset's jobs
+are deleted from the list it leaves in its trash. No script spans both slots.
+No key name is built inside Lua: the acked bitmap of each lease's epoch is
+passed in ``KEYS`` beside it.
 
 Every handed-out batch is either leased (in the ZSET) or acked (its bit set),
 and all transitions happen inside one script, so any number of service
@@ -34,11 +41,16 @@ or release it, and the original holder of an expired lease can still ack it
 
 from __future__ import annotations
 
-from .store import JOB_KEY_PARTS, Keys
+import re
+
+from .keys import Keys
+
+# A job's keys besides its hash and its acked bitmaps: P:job:{J}:<part>
+JOB_KEY_PARTS = ("leases", "lease", "workers", "ackcount", "seen", "requests")
 
 # Shared Lua: time, lease ids, bookkeeping of workers, the ack of one lease.
 # KEYS[1]: job hash, KEYS[2]: leases zset, KEYS[3]: lease hash, KEYS[4]: workers hash, KEYS[5]: ackcount hash,
-# KEYS[6]: seen zset, KEYS[7]: requests hash
+# KEYS[6]: seen zset, KEYS[7]: requests hash, KEYS[8..]: the acked bitmap of each lease id in ARGV, in order
 _PRELUDE = """
 local job, leases, leasemap, workers, ackcount, seen, requests = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local t = redis.call('TIME')
@@ -118,11 +130,12 @@ local function touch(worker)
   redis.call('HSETNX', workers, worker .. ':first', now)
 end
 
--- ack one lease; returns 'acked', 'late', 'duplicate', 'invalid', 'stale' or 'not-owner'
-local function ack(lease, worker)
+-- ack one lease ('acked': the bitmap of its epoch); returns 'acked', 'late', 'duplicate', 'invalid', 'stale'
+-- or 'not-owner'
+local function ack(lease, worker, acked)
   local verdict, e, i = verify(lease, worker)
   if verdict ~= 'ok' then return verdict end
-  if redis.call('SETBIT', job .. ':acked:' .. e, i, 1) == 1 then return 'duplicate' end
+  if redis.call('SETBIT', acked, i, 1) == 1 then return 'duplicate' end
   local size = batch_size(i)
   local member = e .. ':' .. i
   local held, by = holder(member)
@@ -174,7 +187,8 @@ local function prune(idle_ms, max_workers, asking)
 end
 """
 
-# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2]: request id ('' for none), ARGV[3]: idle ms after
+# KEYS[1..7]: as in the prelude, KEYS[8..]: the acked bitmaps of ARGV[6..]
+# ARGV[1]: worker, ARGV[2]: request id ('' for none), ARGV[3]: idle ms after
 # which a worker's counters fold into the totals, ARGV[4]: most workers tracked, ARGV[5]: the request's
 # sequence number in its worker's stream (increasing; 0 for none), ARGV[6..]: lease ids to ack first (the
 # batches the worker finished)
@@ -192,7 +206,7 @@ NEXT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
 local worker, rid = ARGV[1], ARGV[2]
 local acks = {}
-for a = 6, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker) end
+for a = 6, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker, KEYS[a + 2]) end
 if #acks > 0 then redis.call('HSET', job, 'acked_at', now) end  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 local status = redis.call('HGET', job, 'status')
@@ -274,12 +288,12 @@ redis.call('HSET', job, 'next', nxt + 1)
 return grant(epoch, nxt, 0)
 """
 
-# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2..]: lease ids
+# KEYS[1..7]: as in the prelude, KEYS[8..]: the acked bitmaps of ARGV[2..]; ARGV[1]: worker, ARGV[2..]: lease ids
 # returns one verdict per lease ('acked', 'late', 'duplicate', 'invalid', 'stale', 'not-owner'), or {'missing'}
 ACK = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
 local out = {}
-for a = 2, #ARGV do out[#out + 1] = ack(ARGV[a], ARGV[1]) end
+for a = 2, #ARGV do out[#out + 1] = ack(ARGV[a], ARGV[1], KEYS[a + 6]) end
 redis.call('HSET', job, 'acked_at', now)  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 return out
@@ -347,20 +361,17 @@ end
 return n
 """
 
-# KEYS[1]: job hash, KEYS[2]: job index, KEYS[3]: the dataset's job set, KEYS[4]: dataset meta
-# ARGV[1]: job name, ARGV[2]: dataset, ARGV[3]: dataset uid, ARGV[4]: config hash, ARGV[5..]: field/value pairs
-# returns {'created'}, {'exists'} (same config), {'conflict', dataset} or {'no-dataset'}
+# KEYS[1]: job hash
+# ARGV[1]: dataset, ARGV[2]: config hash, ARGV[3..]: field/value pairs
+# returns {'created'}, {'exists'} (same dataset and config) or {'conflict', dataset}
 CREATE_JOB = """
-if redis.call('HGET', KEYS[4], 'uid') ~= ARGV[3] then return {'no-dataset'} end
-local owner = redis.call('HGET', KEYS[2], ARGV[1])
-if owner and owner ~= ARGV[2] then return {'conflict', owner} end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  if redis.call('HGET', KEYS[1], 'config_hash') == ARGV[4] then return {'exists'} end
-  return {'conflict', ARGV[2]}
+local owner = redis.call('HGET', KEYS[1], 'dataset')
+if owner and owner ~= ARGV[1] then return {'conflict', owner} end
+if owner then
+  if redis.call('HGET', KEYS[1], 'config_hash') == ARGV[2] then return {'exists'} end
+  return {'conflict', ARGV[1]}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 5))
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return {'created'}
 """
 
@@ -374,39 +385,42 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', tonumber(t[1])
 return 1
 """
 
-# KEYS[1]: job hash, KEYS[2]: job index, KEYS[3]: the dataset's job set, KEYS[4..]: the job's other fixed keys
-# ARGV[1]: job name; returns the number of keys removed
+# KEYS[1]: job hash, KEYS[2..7]: the job's other fixed keys, KEYS[8..]: acked bitmaps of epochs 0..ARGV[2]-1
+# ARGV[1]: the dataset uid the job must read ('' for any), ARGV[2]: number of epochs whose bitmaps are passed
+# returns the number of keys removed, -1 when the job reads another dataset generation (kept), or -2 when it
+# has more epochs than passed (nothing removed: read the epoch again)
 DELETE_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch'))
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'dataset_uid') ~= ARGV[1] then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'epoch')) + 1 > tonumber(ARGV[2]) then return -2 end
 local removed = 0
-for e = 0, epoch do removed = removed + redis.call('UNLINK', KEYS[1] .. ':acked:' .. e) end
-for i = 4, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
-removed = removed + redis.call('UNLINK', KEYS[1])
-redis.call('HDEL', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
+for i = 1, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
 return removed
 """
+
+_EPOCH = re.compile(r"^(\d{1,15}):")
 
 
 class JobKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._datasets = Keys(prefix)
+        self._keys = Keys(prefix)
 
-    def dataset_meta(self, dataset: str) -> str:
-        return self._datasets.ds(dataset, "meta")
+    def job(self, job: str) -> str:
+        return self._keys.job(job)
 
-    @property
-    def index(self) -> str:
-        return f"{self.prefix}:jobs"
-
-    def dataset_jobs(self, dataset: str) -> str:
-        return self._datasets.ds(dataset, "jobs")
-
-    def job(self, dataset: str, job: str) -> str:
-        return self._datasets.ds(dataset, f"job:{job}")
-
-    def lease_keys(self, dataset: str, job: str) -> list[str]:
-        base = self.job(dataset, job)
+    def lease_keys(self, job: str) -> list[str]:
+        base = self.job(job)
         return [base, *(f"{base}:{part}" for part in JOB_KEY_PARTS)]
+
+    def acked(self, job: str, epoch: int) -> str:
+        return f"{self.job(job)}:acked:{epoch}"
+
+    def with_acks(self, job: str, leases: list[str]) -> list[str]:
+        """The prelude's keys and, per lease id, the acked bitmap of its epoch (epoch 0's for a malformed id,
+        which the scripts refuse before touching it)."""
+        acked = [self.acked(job, int(m.group(1)) if (m := _EPOCH.match(lease)) else 0) for lease in leases]
+        return [*self.lease_keys(job), *acked]
+
+    def all_keys(self, job: str, epochs: int) -> list[str]:
+        return [*self.lease_keys(job), *(self.acked(job, e) for e in range(epochs))]

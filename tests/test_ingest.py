@@ -51,7 +51,9 @@ def ingest(url: str, name: str, body, headers=None, params=None) -> dict:
 
 
 def chunk_keys(rdb, prefix: str, name: str) -> list[bytes]:
-    return sorted(rdb.scan_iter(match=f"{Keys(prefix).chunk_prefix(name)}*".replace("{", "\\{").replace("}", "\\}")))
+    """The data chunk keys of the dataset's current generation (they carry its uid; see service/keys.py)."""
+    uid = rdb.hget(Keys(prefix).ds(name, "meta"), "uid").decode()
+    return sorted(k for k in rdb.scan_iter(match=f"{prefix}:c:*:{uid}:*") if b":sm:" not in k)
 
 
 def stored(rdb, prefix: str, name: str) -> tuple[dict, list[tuple[list[int], list[bool]]]]:
@@ -61,10 +63,12 @@ def stored(rdb, prefix: str, name: str) -> tuple[dict, list[tuple[list[int], lis
     dtype = np.dtype(meta["id_dtype"])
     table = np.frombuffer(rdb.get(keys.ds(name, "chunks")) or b"", dtype="<u8")
     assert len(table) == meta["num_chunks"]
+    ids_table = np.frombuffer(rdb.get(keys.ds(name, "chunk_ids")) or b"", dtype="<u8")
+    assert len(ids_table) == meta["num_chunks"]
     out: list[tuple[list[int], list[bool]]] = []
     for k in range(meta["num_chunks"]):
         assert table[k] == len(out), "the chunk table gives each chunk's first sequence id"
-        blob = rdb.get(f"{keys.chunk_prefix(name)}{k}")
+        blob = rdb.get(keys.chunk(meta["uid"], meta["chunk_groups"], int(ids_table[k])))
         assert blob is not None, f"chunk {k} is missing"
         (count,) = struct.unpack_from("<I", blob)
         offsets = np.frombuffer(blob, dtype="<u4", count=2 * count, offset=4).reshape(count, 2)
@@ -468,7 +472,7 @@ class PausedIngest:
 
     def wait_staged(self, rdb) -> None:
         deadline = time.monotonic() + 60
-        while not any(True for _ in rdb.scan_iter(match="*:stage:*")):
+        while not any(True for _ in rdb.scan_iter(match="*:staging")):
             assert self.thread.is_alive() and time.monotonic() < deadline, "the ingest never staged a chunk"
             time.sleep(0.01)
 

@@ -535,7 +535,7 @@ def test_delete_job_leaves_no_keys(raw: Raw, client: Client, ds, rdb):
     assert any(job.encode() in k for k in rdb.keys("*"))
     client.delete_job(job)
     assert not [k for k in rdb.keys("*") if job.encode() in k]
-    assert not any(job.encode() in f for f in rdb.hkeys("ms:jobs"))
+    assert rdb.smembers(f"ms:ds:{{{name}}}:jobs") == {keep.encode()}  # no longer listed with its dataset
     assert_problem(raw.http.get(f"/v1/jobs/{job}"), 404, "job-not-found")
     assert_problem(raw.http.post(f"/v1/jobs/{job}/next"), 404, "job-not-found")
     assert_problem(raw.http.delete(f"/v1/jobs/{job}"), 404, "job-not-found")
@@ -551,10 +551,13 @@ def test_delete_dataset_removes_its_jobs(raw: Raw, client: Client, bpe_tokenizer
     other, m = make_dataset(client, bpe_tokenizer, corpus, docs=60)
     jobs = [_busy_job(raw, name, n), _busy_job(raw, name, n)]
     survivor = _busy_job(raw, other, m)
+    uid = client.dataset(name)["uid"] if "uid" in client.dataset(name) else rdb.hget(f"ms:ds:{{{name}}}:meta", "uid")
     client.delete_dataset(name)
-    left = [k for k in rdb.keys("*") if name.encode() in k or any(j.encode() in k for j in jobs)]
+    gone = (name.encode(), uid if isinstance(uid, bytes) else uid.encode(), *(j.encode() for j in jobs))
+    left = [k for k in rdb.keys("*") if any(g in k for g in gone)]  # chunk keys carry the dataset's uid
     assert not left, left
-    assert sorted(rdb.hkeys("ms:jobs")) == [survivor.encode()]
+    assert rdb.smembers(f"ms:ds:{{{other}}}:jobs") == {survivor.encode()}
+    assert raw.progress(survivor)["name"] == survivor
     for job in jobs:
         assert_problem(raw.http.get(f"/v1/jobs/{job}"), 404, "job-not-found")
         assert_problem(raw.http.post(f"/v1/jobs/{job}/next"), 404, "job-not-found")

@@ -78,7 +78,7 @@ def test_released_or_evicted_leases_do_not_answer_their_old_request_ids(redis_ur
         for rid, old in (("ra", a), ("rb", b)):
             again = (await jobs.next(DATASET, "j", "w", [], rid)).lease
             assert again.lease != old.lease  # a new grant, not the given-back lease
-        assert await r.hlen(jobs.keys.lease_keys(DATASET, "j")[6]) == 2  # one entry per live lease, no more
+        assert await r.hlen(jobs.keys.lease_keys("j")[6]) == 2  # one entry per live lease, no more
 
     run(redis_url, body)
 
@@ -88,7 +88,7 @@ def test_a_retired_worker_s_late_request_is_not_in_order(redis_url: str, rdb: re
         await _create(jobs)
         assert (await jobs.next(DATASET, "j", "w", [], seq=200)).lease.in_order
         await jobs.next(DATASET, "j", "v", [], seq=5)  # the limit of one worker retires w
-        assert (await r.hgetall(jobs.keys.lease_keys(DATASET, "j")[3])).get(b"w:seq") is None
+        assert (await r.hgetall(jobs.keys.lease_keys("j")[3])).get(b"w:seq") is None
         late = (await jobs.next(DATASET, "j", "w", [], seq=100)).lease  # sent before the one numbered 200
         assert not late.in_order
         assert (await jobs.next(DATASET, "j", "w", [], seq=300)).lease.in_order

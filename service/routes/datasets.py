@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from ..catalog import DatasetRuntime, sha256
-from ..store import pack_tokenizer
+from ..store import ChunkIdTaken, Staged, pack_tokenizer
 from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 from ..errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ..ingest import SPLITS, Pipeline, documents, limited, run_pipeline
@@ -203,10 +203,16 @@ async def ingest(
     info = await catalog.tokenizer(rt)
     pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
     ingest_id = store.new_ingest_id()
-    staged: list[str] = []
+    staged: list[Staged] = []
 
     async def stage(blob: bytes) -> None:
-        staged.append(await store.stage_chunk(name, ingest_id, len(staged), blob, settings.stage_ttl_s))
+        try:
+            chunk = await store.stage_chunk(name, rt.uid, ingest_id, len(staged), blob, settings.stage_ttl_s)
+        except ChunkIdTaken as taken:
+            raise Conflict(f"a staged chunk's key was taken ({taken}); retry the ingest") from None
+        if chunk is None:
+            raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
+        staged.append(chunk)
 
     body = limited(request.stream(), settings.max_body_bytes)
     try:

@@ -1,0 +1,214 @@
+"""The service on a real local Redis Cluster: 3 masters, one replica each (tests/cluster.py).
+
+The core path (datasets, ingest, dynamic and static batches, the masking
+report, a job with several workers, delete) runs against the cluster, and the
+properties cluster mode exists for are checked on the nodes themselves: a
+dataset's chunks spread evenly over the masters, a batch costs one round trip
+per node, nothing is left on any node after a delete, and serving goes on
+when a master dies and its replica takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
+
+from client import Client
+from client._errors import MaskserveError
+from service.catalog import Catalog
+from service.config import Settings
+from service.store import Store
+
+from .cluster import LocalCluster, binaries
+from .conftest import ServerThread
+
+pytestmark = pytest.mark.skipif(binaries() is None, reason="redis-server and redis-cli are needed for a local cluster")
+
+PREFIX = "ms"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    c = LocalCluster(Path(tmp_path_factory.mktemp("cluster")), masters=3, replicas=1).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def cluster_settings(c: LocalCluster, **kw) -> Settings:
+    return Settings(redis_url=c.url, redis_cluster=True, chunk_bytes=4096, chunk_max_sequences=64,
+                    max_seq_len=1024, durable_acks="off", **kw)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def service(cluster: LocalCluster) -> Iterator[str]:
+    with ServerThread(cluster_settings(cluster)) as s:
+        yield s.url
+
+
+def node_keys(c: LocalCluster, pattern: str = "*") -> dict[int, list[bytes]]:
+    """Keys on each live master."""
+    return {port: sorted(c.node(port).client().scan_iter(match=pattern, count=1000)) for port in c.master_ports()}
+
+
+def make(client: Client, name: str, tokenizer: str, corpus: list[str], docs: int, seq_len: int = 64) -> dict:
+    client.create_dataset(name, tokenizer=tokenizer, seq_len=seq_len)
+    client.ingest(name, [{"text": t} for t in corpus[:docs]])
+    return client.dataset(name)
+
+
+def test_core_path_on_a_cluster(cluster: LocalCluster, service: str, bpe_tokenizer: str, corpus: list[str]):
+    with Client(service, retries=0) as c:
+        info = make(c, "core", bpe_tokenizer, corpus, 200)
+        assert info["num_chunks"] >= 6 and info["num_sequences"] > 64
+        b = c.batch("core", size=16, seed=1)
+        assert b["input_ids"].shape == (16, 64)
+        assert ((b["labels"] != -100).sum()) > 0
+        c.build_static_masks("core", copies=2, seed=3)
+        s1 = c.batch("core", size=8, seed=3, mode="static", copies=2)
+        assert s1["input_ids"].shape == (8, 64)
+        report = c.masking_report("core", sequences=32, epochs=2)
+        assert report["sequences"] == 32
+        c.create_job("core-job", "core", batch_size=8, seed=5, epochs=1)
+        seen: list[int] = []
+        first = c.job("core-job", worker="w1")
+        for _ in range(3):
+            seen += next(first)["sequence_ids"].tolist()
+        second = c.job("core-job", worker="w2")
+        for _ in range(3):
+            seen += next(second)["sequence_ids"].tolist()
+        first.close()
+        seen += [i for bt in second for i in bt["sequence_ids"].tolist()]
+        second.close()
+        assert sorted(seen) == list(range(info["num_sequences"]))  # every sequence once, across workers
+        assert c.job_progress("core-job")["status"] == "done"
+        assert any(keys for keys in node_keys(cluster, f"{PREFIX}:*").values())
+        c.delete_dataset("core")
+    left = node_keys(cluster, f"{PREFIX}:*")
+    assert all(k == b"ms:datasets" for keys in left.values() for k in keys), left  # no orphan on any node
+
+
+def test_one_datasets_chunks_spread_evenly_over_the_masters(cluster, service, bpe_tokenizer, corpus):
+    with Client(service, retries=0) as c:
+        make(c, "spread", bpe_tokenizer, corpus, len(corpus))
+        c.ingest("spread", [{"text": t} for t in corpus])  # a second ingest: its chunks go round the groups too
+        info = c.dataset("spread")
+        rc = redis.RedisCluster.from_url(cluster.url)
+        uid = rc.hget("ms:ds:{spread}:meta", "uid").decode()
+        rc.close()
+        assert info["num_chunks"] >= 64
+        per_master = {}
+        for port, keys in node_keys(cluster, f"{PREFIX}:c:*:{uid}:*").items():
+            r = cluster.node(port).client()
+            per_master[port] = sum(r.strlen(k) for k in keys)
+        assert len(per_master) == 3 and all(per_master.values())
+        mean = sum(per_master.values()) / 3
+        assert all(abs(v - mean) <= 0.2 * mean for v in per_master.values()), per_master
+        c.delete_dataset("spread")
+
+
+def test_a_batch_costs_one_round_trip_per_node(cluster, service, bpe_tokenizer, corpus, monkeypatch):
+    with Client(service, retries=0) as c:
+        make(c, "trips", bpe_tokenizer, corpus, 300)
+
+    async def main() -> tuple[Counter, dict[int, int], int]:
+        rc = RedisCluster.from_url(cluster.url)
+        store = Store(rc, PREFIX, cluster=True)
+        catalog = Catalog(store)
+        from service.batching import open_dataset
+        from service.catalog import Chunks
+
+        ds = await open_dataset(catalog, "trips")
+        rt = ds.rt
+        ids = np.random.default_rng(0).choice(ds.num_sequences, 64, replace=False)
+        chunk, local = rt.locate(ids)
+        chunks = Chunks.of(chunk)
+        entries = await catalog.entries(rt, chunks, local, ds.num_sequences)
+        before = {p: _evalsha_calls(cluster, p) for p in cluster.master_ports()}
+        writes: Counter = Counter()
+        send = Connection.send_packed_command
+
+        async def counted(self, command, check_health=True):  # noqa: ANN001
+            writes[self.port] += 1
+            return await send(self, command, check_health)
+
+        monkeypatch.setattr(Connection, "send_packed_command", counted)
+        joined, _ = await store.fetch(rt, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
+                                      expect=(rt.uid, ds.num_sequences, ds.num_chunks))  # fmt: skip
+        monkeypatch.undo()
+        assert len(joined) == int(entries[:, 1].sum()) * rt.id_dtype.itemsize
+        after = {p: _evalsha_calls(cluster, p) for p in cluster.master_ports()}
+        groups = len({store.chunk_keys(rt, [k])[0].split("}")[0] for k in chunks.ids.tolist()})
+        await rc.aclose()
+        return writes, {p: after[p] - before[p] for p in after}, groups
+
+    writes, scripts, groups = asyncio.run(main())
+    assert set(writes) <= set(cluster.master_ports())
+    assert all(n == 1 for n in writes.values()), writes  # one pipeline written to each node
+    assert len(writes) == 3  # 64 sequences over 64 groups touch every master
+    assert sum(scripts.values()) == groups  # one script per chunk group, none per sequence
+
+
+class StoreError(Exception):
+    """A job request that did not answer with a batch."""
+
+
+def _evalsha_calls(c: LocalCluster, port: int) -> int:
+    stats = c.node(port).client().info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.slow
+def test_serving_goes_on_when_a_master_fails_over(tmp_path: Path, bpe_tokenizer, corpus):
+    c = LocalCluster(tmp_path / "failover", masters=3, replicas=1).start()
+    try:
+        with ServerThread(cluster_settings(c)) as s, Client(s.url, retries=5) as client:
+            make(client, "fo", bpe_tokenizer, corpus, 200)
+            client.create_job("fo-job", "fo", batch_size=8, epochs=None)
+            http = httpx.Client(base_url=s.url, timeout=30)
+
+            def lease(acks: list[str]) -> str:
+                """One lease of the job, acking ``acks``; raises on anything but a batch."""
+                r = http.post("/v1/jobs/fo-job/next", params={"worker": "w", "ack": acks})
+                if r.status_code != 200:
+                    raise StoreError(f"{r.status_code}: {r.text[:200]}")
+                return r.headers["maskserve-lease"]
+
+            held = [lease([])]
+            client.batch("fo", size=16)
+            victim = c.master_ports()[0]
+            replica = c.replica_of(victim)
+            assert replica is not None
+            c.node(victim).proc.kill()
+            c.node(victim).proc.wait(10)
+            started = time.monotonic()
+            errors: Counter = Counter()
+            served = 0
+            deadline = started + 60
+            promoted_at = None
+            while time.monotonic() < deadline and (promoted_at is None or served < 20):
+                if promoted_at is None and replica.port in c.master_ports() and c.ready():
+                    promoted_at = time.monotonic() - started
+                try:
+                    client.batch("fo", size=16)
+                    held = [lease(held)]
+                    served += 1
+                except (MaskserveError, StoreError) as exc:
+                    errors[type(exc).__name__ + ": " + str(exc)[:60]] += 1
+            http.close()
+            assert promoted_at is not None, "the replica was never promoted"
+            assert served >= 20, dict(errors)
+            print(f"failover: promoted after {promoted_at:.1f} s; errors seen by the client: {dict(errors)}")
+    finally:
+        c.stop()
