@@ -27,7 +27,7 @@ from .embedded import EmbeddedRedis
 from .errors import PayloadTooLarge, ServiceError, install, problem_response
 from .jobs import Jobs
 from .metrics import Metrics
-from .routes import batches, datasets, health, jobs, masks, tokenizers
+from .routes import batches, datasets, health, jobs, masks, sequences, tokenizers
 from .store import Store
 from .tuning import tune_allocator
 
@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
-    for module in (batches, jobs, health, datasets, masks, tokenizers):
+    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics)

@@ -33,7 +33,7 @@ JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 class JobConfig(BaseModel):
     dataset: str = Field(description="The dataset the job reads.")
     batch_size: int = Field(default=32, ge=1, description="Sequences per batch.")
-    seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations and the masks.")
+    seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations (and the masks).")
     shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
     epochs: int | None = Field(default=1, ge=1, le=1_000_000, description="Number of epochs; null runs until cancelled.")
     drop_last: bool = Field(default=False, description="Drop the short last batch of each epoch.")
@@ -44,9 +44,21 @@ class JobConfig(BaseModel):
         default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
     )
     masking: MaskingParams = Field(default_factory=MaskingParams)
+    mask_seed: int | None = Field(
+        default=None, ge=0, le=(1 << 64) - 1,
+        description="Seeds the masks (and names the static cache) apart from the order; default `seed`.",
+    )  # fmt: skip
+
+    @property
+    def masks_seed(self) -> int:
+        """The seed the masks are drawn with."""
+        return self.seed if self.mask_seed is None else self.mask_seed
 
     def digest(self) -> str:
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:32]
+        # an unset mask seed leaves the digest as it was before the field existed: jobs created
+        # earlier still attach
+        exclude = {"mask_seed"} if self.mask_seed is None else set()
+        return hashlib.sha256(self.model_dump_json(exclude=exclude).encode()).hexdigest()[:32]
 
 
 class JobCreate(JobConfig):
