@@ -287,9 +287,8 @@ def fake_client_module(calls):
                     "num_tokens": 8 * SEQ_LEN,
                     "special_tokens": {"cls": None, "sep": None, "pad": PAD, "mask": MASK, "unk": None}}
 
-        def batches(self, name, batch_size=32, seed=0, start=0, steps=None, prefetch=4,
-                    mlm_probability=0.15):
-            calls.append(dict(batch_size=batch_size, seed=seed, start=start, steps=steps))
+        def batches(self, name, batch_size=32, seed=0, start=0, steps=None, prefetch=4, **masking):
+            calls.append(dict(batch_size=batch_size, seed=seed, start=start, steps=steps, masking=masking))
             stream = FakeStream(batch_size, seed, start, steps)
             calls[-1]["stream"] = stream
             return stream

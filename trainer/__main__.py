@@ -65,15 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token, if the service requires one (env MASKSERVE_TOKEN)")
     g.add_argument("--dataset", required=True, help="name of the dataset on the service")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per batch [default: 32]")
-    g.add_argument("--mlm-probability", type=float, default=None,
-                   help="fraction of tokens masked [default: 0.15]")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the batch stream and of the model init [default: 0]")
+    g.add_argument("--mask-seed", type=int, default=None,
+                   help="seed of the masks (and of the static cache used), apart from the data order [default: --seed]")
     g.add_argument("--prefetch", type=int, default=4, help="batches fetched ahead in the background")
     g.add_argument("--job", metavar="NAME", default=None,
                    help="attach to a shared job (created if missing) instead of sampling batches: every worker "
                         "on the job gets different batches, each sequence once per epoch, acked after each step")
-    g.add_argument("--epochs", type=int, default=1, help="with --job: epochs of a job this worker creates [default: 1]")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="train on every sequence exactly this many times (the run's steps follow from it); "
+                        "with --job: epochs of a job this worker creates [default: 1]")
     g.add_argument("--worker", default=None, help="with --job: this worker's name [default: host:pid:random]")
     g.add_argument("--lease-timeout", type=float, default=60.0,
                    help="with --job: lease timeout (s) of a job this worker creates: a batch not acked by then "
@@ -81,6 +83,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-outage", type=float, default=300.0, metavar="SECONDS",
                    help="with --job: keep retrying (and failing over between the --url replicas) this long when "
                         "the service is unreachable or overloaded, then give up")
+
+    g = p.add_argument_group("masking (the service's options; a resumed run must keep its checkpoint's)")
+    g.add_argument("--mlm-probability", type=float, default=None, help="share of tokens to predict [default: 0.15]")
+    g.add_argument("--mode", choices=["dynamic", "static"], default=None,
+                   help="a fresh mask every epoch, or copy epoch mod --copies of a static cache, built here when "
+                        "missing [default: dynamic]")
+    g.add_argument("--copies", type=int, default=None, help="static masks per sequence (BERT's dupe_factor) [default: 10]")
+    g.add_argument("--unit", choices=["token", "whole_word", "span"], default=None, help="[default: token]")
+    g.add_argument("--count", choices=["bernoulli", "exact"], default=None, help="[default: bernoulli]")
+    g.add_argument("--mask-ratio", type=float, default=None, help="selected tokens set to the mask token [default: 0.8]")
+    g.add_argument("--random-ratio", type=float, default=None, help="selected tokens set to a random one [default: 0.1]")
+    g.add_argument("--random-tokens", choices=["uniform", "frequency"], default=None, help="[default: uniform]")
+    g.add_argument("--max-predictions", type=int, default=None, help="cap on tokens to predict per sequence (exact)")
+
+    g = p.add_argument_group("evaluation (fixed mask sets: the same tokens to predict in every run)")
+    g.add_argument("--eval-dataset", metavar="NAME", default=None,
+                   help="held-out dataset (e.g. made by `maskserve dataset ingest --holdout`)")
+    g.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences evaluated")
+    g.add_argument("--unseen-eval", type=int, default=0, metavar="N",
+                   help="also evaluate N training sequences under masks no run trains on (0: off)")
+    g.add_argument("--eval-every", default=None, metavar="STEPS|epoch",
+                   help="evaluate every N steps, or at the end of each epoch [default: epoch with --epochs, "
+                        "else only at the end]")
+    g.add_argument("--metrics-out", metavar="FILE", default=None,
+                   help="write step, epoch, split, loss, accuracy, tokens, lr per step and evaluation "
+                        "(CSV, or JSON lines for .jsonl)")
 
     g = p.add_argument_group("model (ignored with --resume: the checkpoint's model is used)")
     g.add_argument("--d-model", type=int, default=256, help="hidden size")
@@ -128,6 +156,27 @@ def _pick(explicit, saved, default):
     return saved if saved is not None else default
 
 
+def _masking(args: argparse.Namespace, saved: dict) -> dict:
+    """The run's masking: the command line, else the checkpoint's, else the service's defaults.
+
+    A resumed run continues its masks: changing any option against the checkpoint is refused
+    (ValueError), since the stream would no longer be the one the run trained on.
+    """
+    from .data import MASKING_DEFAULTS, MASKING_KEYS
+
+    saved_masking = dict(saved.get("masking") or {})
+    if not saved_masking and saved.get("mlm_probability") is not None:  # checkpoints from before the options
+        saved_masking = {"mlm_probability": saved["mlm_probability"]}
+    out = {}
+    for key in MASKING_KEYS:
+        given = getattr(args, key)
+        if given is not None and key in saved_masking and saved_masking[key] != given:
+            raise ValueError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's {saved_masking[key]}: "
+                             "a resumed run keeps its masking (start a new run to change it)")
+        out[key] = _pick(given, saved_masking.get(key), MASKING_DEFAULTS[key])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # the client reports outages it rides out (and when the service is back) through logging
@@ -151,19 +200,28 @@ def main(argv: list[str] | None = None) -> int:
         if saved_data.get("dataset") not in (None, args.dataset):
             return _fail(f"checkpoint {args.resume} was trained on dataset "
                          f"{saved_data['dataset']!r}, not {args.dataset!r}")
-        for name in ("seed", "batch_size", "mlm_probability"):
+        for name in ("seed", "batch_size", "mask_seed", "epochs"):
             given, saved = getattr(args, name), saved_data.get(name)
             if given is not None and saved is not None and given != saved:
                 print(f"trainer: warning: --{name.replace('_', '-')} {given} differs from the "
                       f"checkpoint's {saved}; the data stream will not continue exactly", file=sys.stderr)
+    try:
+        masking = _masking(args, saved_data)
+    except ValueError as exc:
+        return _fail(str(exc))
+
+    from .evaluate import EVAL_SEED
 
     seed = _pick(args.seed, saved_data.get("seed"), 0)
+    mask_seed = _pick(args.mask_seed, saved_data.get("mask_seed"), seed)
     batch_size = _pick(args.batch_size, saved_data.get("batch_size"), 32)
-    mlm_probability = _pick(args.mlm_probability, saved_data.get("mlm_probability"), 0.15)
-    steps = _pick(args.steps, saved_train.get("steps"), 200)
+    epochs = _pick(args.epochs, saved_data.get("epochs"), None)
+    if mask_seed == EVAL_SEED:
+        return _fail(f"mask seed {EVAL_SEED} is the one evaluation masks are drawn with; pick another")
+    eval_every = args.eval_every or ("epoch" if epochs else None)
+    if eval_every not in (None, "epoch") and not (eval_every.isdigit() and int(eval_every) > 0):
+        return _fail(f"--eval-every takes a number of steps or 'epoch', not {eval_every!r}")
     start_step = int(ckpt["step"]) if ckpt else 0
-    if steps <= start_step:
-        return _fail(f"checkpoint is at step {start_step}; pass --steps greater than that to continue")
     try:
         device = resolve_device(args.device)
     except RuntimeError as exc:
@@ -186,6 +244,15 @@ def main(argv: list[str] | None = None) -> int:
             info = client.dataset(args.dataset)
         except MaskserveError as exc:
             return _fail(f"dataset {args.dataset!r} at {args.url}: {exc}")
+        num_sequences = int(info.get("num_sequences") or 0)
+        if num_sequences <= 0:
+            return _fail(f"dataset {args.dataset!r} has no sequences")
+        from .data import steps_for_epochs
+
+        default_steps = steps_for_epochs(epochs, num_sequences, batch_size) if epochs and not args.job else 200
+        steps = _pick(args.steps, saved_train.get("steps"), default_steps)
+        if steps <= start_step:
+            return _fail(f"checkpoint is at step {start_step}; pass --steps greater than that to continue")
 
         if ckpt:
             model_cfg = EncoderConfig(**ckpt["model_config"])
@@ -216,27 +283,56 @@ def main(argv: list[str] | None = None) -> int:
 
         def data_state(step: int) -> dict:
             return {"dataset": args.dataset, "seed": seed, "step": step, "job": args.job,
-                    "batch_size": batch_size, "mlm_probability": mlm_probability}
+                    "batch_size": batch_size, "mlm_probability": masking["mlm_probability"],
+                    "mask_seed": mask_seed, "masking": masking, "epochs": epochs}
 
-        print(f"dataset {info.get('name', args.dataset)!r}: {info.get('num_sequences', '?')} sequences "
+        print(f"dataset {info.get('name', args.dataset)!r}: {num_sequences} sequences "
               f"of {info['seq_len']} tokens, vocab {info['vocab_size']} | batch {batch_size}, seed {seed}"
+              + (f", mask seed {mask_seed}" if mask_seed != seed else "")
+              + f" | masking {masking['mode']}"
+              + (f" ({masking['copies']} copies)" if masking["mode"] == "static" else "")
+              + (f" | {epochs} epochs = {steps} steps" if epochs and not args.job else "")
               + (f" | resuming at step {start_step} from {args.resume}" if ckpt else ""))
         print(describe(model))
+
+        from .data import EpochCap, ensure_static_cache, masking_options
+        from .runlog import RunLog
+
+        try:
+            if masking["mode"] == "static":
+                status = ensure_static_cache(client, args.dataset, seed=mask_seed, masking=masking)
+                print(f"static masks: cache {status['cache']}, {status['copies']} copies, complete")
+            runlog = RunLog.open(client, args, masking=masking, device=device, num_sequences=num_sequences,
+                                 batch_size=batch_size, steps=steps, eval_every=eval_every, start_step=start_step)
+        except MaskserveError as exc:
+            return _fail(f"preparing the run at {args.url} failed: {exc}")
 
         stream = None
         trained = False  # the last batch handed to the loop was trained (so closing a job stream acks it)
         try:
+            if start_step == 0:
+                runlog.evaluate(model, 0, final=False)
             if args.job:
-                create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": args.epochs,
-                          "lease_timeout_s": args.lease_timeout, "masking": {"mlm_probability": mlm_probability}}
+                create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": epochs or 1,
+                          "lease_timeout_s": args.lease_timeout, "masking": masking_options(masking)}
+                if mask_seed != seed:
+                    create["mask_seed"] = mask_seed
                 stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch,
                                     max_outage=args.max_outage)
+                runlog.batches_per_epoch = client.job_progress(args.job)["batches_per_epoch"]
             else:
+                options = masking_options(masking)
+                if mask_seed != seed:
+                    options["mask_seed"] = mask_seed
                 stream = client.batches(args.dataset, batch_size=batch_size, seed=seed, start=start_step,
-                                        steps=steps - start_step, prefetch=args.prefetch,
-                                        mlm_probability=mlm_probability)
+                                        steps=steps - start_step, prefetch=args.prefetch, **options)
+                if epochs:
+                    stream = EpochCap(stream, start_step, batch_size, epochs * num_sequences)
             result = train(model, stream, cfg, start_step=start_step,
-                           optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state)
+                           optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state,
+                           rng=ckpt.get("rng") if ckpt else None, on_step=runlog.on_step)
+            if result.final_step > start_step and runlog.last_eval != result.final_step:
+                runlog.evaluate(model, result.final_step, final=True)
             trained = True
         except JobCancelled:
             print(f"trainer: job {args.job!r} was cancelled; stopping", file=sys.stderr)
@@ -247,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             print("trainer: interrupted", file=sys.stderr)
             return 130
         finally:
+            runlog.close()
             if isinstance(stream, JobStream):
                 try:
                     stream.close(ack_current=trained)

@@ -150,8 +150,8 @@ def train(
     the dropout stream is seeded from cfg.seed + start_step, which only a run
     started at step 0 reproduces.
     on_step: called after each step as ``on_step(steps_done, info)`` with
-    ``info`` = {"loss", "correct", "tokens" (0-d tensors, not synced), "lr",
-    "batch"}, before that step's checkpoint; evaluation may run in it (the
+    ``info`` = {"loss", "correct" (0-d tensors, not synced), "tokens", "lr",
+    "batch", "metadata" (a client batch's), "model"}, before that step's checkpoint; evaluation may run in it (the
     model is put back in training mode).
     """
     log = log or (lambda _msg: None)
@@ -217,7 +217,7 @@ def train(
         while step < cfg.steps:
             t_wait = time.perf_counter()
             try:
-                batch = next(it)
+                raw = next(it)
             except StopIteration:
                 log(f"data stream ended after step {step}; stopping early")
                 break
@@ -227,7 +227,7 @@ def train(
                 if cfg.checkpoint and step > start_step:
                     checkpoint(step)
                 raise
-            batch = _to_device(batch, device)
+            batch = _to_device(raw, device)
             window_data_t += time.perf_counter() - t_wait
 
             lr = lr_at(step, cfg)
@@ -252,7 +252,7 @@ def train(
                 targets = labels[labels != -100]
                 correct = (logits.detach().argmax(dim=-1) == targets).sum()
                 on_step(step, {"loss": loss.detach(), "correct": correct, "tokens": targets.numel(), "lr": lr,
-                               "batch": batch})  # fmt: skip
+                               "batch": batch, "metadata": getattr(raw, "metadata", None), "model": model})
 
             if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
                 values = flush_losses()  # syncs with the device
