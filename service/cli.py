@@ -31,6 +31,8 @@ EPILOG = """examples:
   maskserve jobs create pretrain --dataset wiki --batch-size 64 --epochs 10
   python -m trainer --dataset wiki --job pretrain             # run on each worker machine
   maskserve jobs show pretrain                                 # progress per worker
+  maskserve dataset ingest docs notes.txt --split paragraph --holdout 0.05 --holdout-dataset docs-heldout
+  maskserve experiment static-vs-dynamic --dataset docs --eval-dataset docs-heldout --out runs/svd
 """
 
 
@@ -145,6 +147,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
             special = dict(kv.split("=", 1) for kv in args.special or [])
             _print(c.create_dataset(args.name, tokenizer=Path(args.tokenizer), seq_len=args.seq_len,
                                     packing=args.packing, special_tokens=special or None))  # fmt: skip
+        elif args.action == "ingest" and args.holdout:
+            ingest_with_holdout(c, args)
         elif args.action == "ingest":
             for f in args.files:
                 path = Path(f)
@@ -152,6 +156,33 @@ def cmd_dataset(args: argparse.Namespace) -> int:
                     res = c.ingest_file(args.name, path, split=args.split, on_bytes=bar.update)
                 print(f"{path}: {res['documents']} documents, {res['sequences']} sequences, {res['tokens']:,} tokens")
     return 0
+
+
+def ingest_with_holdout(c, args: argparse.Namespace) -> None:  # noqa: ANN001 - the client is imported lazily
+    """Split the files' documents by content hash: ``--holdout`` of them to ``--holdout-dataset`` (created
+    like the target when missing: same tokenizer, L, packing), the rest to the target."""
+    from client import NotFoundError
+
+    from .holdout import Side
+
+    if not 0 < args.holdout < 1:
+        raise SystemExit("maskserve dataset ingest: --holdout takes a fraction in (0, 1)")
+    held_name = args.holdout_dataset or f"{args.name}-heldout"
+    info = c.dataset(args.name)
+    try:
+        c.dataset(held_name)
+    except NotFoundError:
+        tok = c.tokenizer(args.name)
+        names = {t["id"]: t["content"] for t in tok.get("added_tokens") or []}
+        special = {role: names[i] for role, i in (info.get("special_tokens") or {}).items() if i in names}
+        c.create_dataset(held_name, tokenizer=tok, seq_len=info["seq_len"], packing=info["packing"],
+                         special_tokens=special or None)  # same roles, same ids
+        print(f"created {held_name!r} like {args.name!r} (L={info['seq_len']}, packing {info['packing']})")
+    paths = [Path(f) for f in args.files]
+    for name, heldout in ((args.name, False), (held_name, True)):
+        res = c.ingest(name, Side(paths, args.split, args.holdout, heldout))
+        print(f"{name}: {res['documents']} documents, {res['sequences']} sequences, {res['tokens']:,} tokens"
+              + (" (held out)" if heldout else ""))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -297,6 +328,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
             service.kill()
 
 
+# ---- experiments ------------------------------------------------------------
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    try:
+        from trainer.experiment import run
+    except ImportError as exc:
+        print(f"maskserve experiment: needs the trainer extra (torch) and matplotlib: {exc}", file=sys.stderr)
+        return 1
+    with _client(args) as c:
+        info = c.dataset(args.dataset)
+        c.dataset(args.eval_dataset)  # fails early, with the service's message, when it is missing
+    return run(args, info)
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    """Options of `experiment static-vs-dynamic` (trainer.experiment reads them)."""
+    p.add_argument("--dataset", required=True, help="training dataset")
+    p.add_argument("--eval-dataset", required=True, help="held-out dataset (see `maskserve dataset ingest --holdout`)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--copies", type=int, default=10, help="static masks per sequence (BERT's dupe_factor)")
+    p.add_argument("--seeds", default="0,1", help="comma-separated: each seeds init, data order and masks")
+    p.add_argument("--out", required=True, help="output directory (resumable: run again to continue)")
+    g = p.add_argument_group("model and optimisation (small defaults: the whole run fits 2 CPU cores)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--d-model", type=int, default=64)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=2)
+    g.add_argument("--d-ff", type=int, default=256)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (more than the free cores only slows it)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--mlm-probability", type=float, default=0.15)
+    g.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences evaluated each epoch")
+    g.add_argument("--unseen-eval", type=int, default=256, help="training sequences evaluated under unseen masks")
+
+
 # ---- parser ----------------------------------------------------------------
 
 
@@ -369,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("name")
     ing.add_argument("files", nargs="+")
     ing.add_argument("--split", default="none", choices=["none", "line", "paragraph"], help="plain text: document boundaries")
+    ing.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                     help="send this share of the documents (chosen by a hash of each document) to --holdout-dataset")
+    ing.add_argument("--holdout-dataset", default=None, metavar="NAME",
+                     help="where held-out documents go, created like NAME if missing [default: NAME-heldout]")
     ds.set_defaults(func=cmd_dataset)
 
     mk = sub.add_parser("masks", help="static-mask caches and the masking report")
@@ -410,6 +483,17 @@ def build_parser() -> argparse.ArgumentParser:
     jc.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
     _masking_args(jc)
     jb.set_defaults(func=cmd_jobs)
+
+    ex = sub.add_parser("experiment", help="train and compare masking strategies, with curves")
+    exsub = ex.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    sd = exsub.add_parser(
+        "static-vs-dynamic", parents=[conn], help="static (BERT) vs dynamic (RoBERTa) masks: curves and a summary",
+        description="For each seed, train the same model from the same init on the same data order with static "
+        "masks (K cached copies) and with dynamic ones; evaluate every epoch on held-out data and on training "
+        "sequences under unseen masks; write curves.csv, curves.png and summary.md. Run again to resume.",
+    )  # fmt: skip
+    _experiment_args(sd)
+    ex.set_defaults(func=cmd_experiment)
 
     bt = sub.add_parser("batch", parents=[conn], help="fetch one masked batch and summarize it")
     bt.add_argument("name")
