@@ -87,11 +87,14 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def bootstrap(c, dataset: str, *, seq_len: int, vocab_size: int, kind: str, packing: str, max_mb: float | None) -> dict:
-    """Create ``dataset`` from the stdlib docstrings unless it already holds data."""
+def bootstrap(c, dataset: str, *, seq_len: int, vocab_size: int, kind: str, packing: str, max_mb: float | None,
+              holdout: float = 0.0) -> dict:  # fmt: skip
+    """Create ``dataset`` from the stdlib docstrings unless it already holds data; with ``holdout``, that
+    share of the docstrings (by content hash, see holdout.py) goes to ``{dataset}-heldout`` instead."""
     from client import NotFoundError
 
     from .corpus import stdlib_docstrings
+    from .holdout import held_out
 
     try:
         info = c.dataset(dataset)
@@ -109,6 +112,13 @@ def bootstrap(c, dataset: str, *, seq_len: int, vocab_size: int, kind: str, pack
     tok = c.train_tokenizer(docs, kind=kind, vocab_size=vocab_size)
     print(f"tokenizer: {kind}, vocab {vocab_size}, trained by the service ({time.perf_counter() - t0:.1f}s)")
     c.create_dataset(dataset, tokenizer=tok, seq_len=seq_len, packing=packing)
+    if holdout > 0:
+        held = [d for d in docs if held_out({"text": d}, holdout)]
+        docs = [d for d in docs if not held_out({"text": d}, holdout)]
+        c.delete_dataset(f"{dataset}-heldout", missing_ok=True)
+        c.create_dataset(f"{dataset}-heldout", tokenizer=tok, seq_len=seq_len, packing=packing)
+        res = c.ingest(f"{dataset}-heldout", held)
+        print(f"held out: {res['documents']} documents -> {res['sequences']} sequences in {dataset}-heldout")
     t0 = time.perf_counter()
     with _progress(nbytes, f"ingest {dataset}") as bar:
         res = c.ingest(dataset, docs, on_bytes=bar.update)
@@ -308,16 +318,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             c.wait_ready(60)
             print("[2/3] data", flush=True)
             info = bootstrap(c, args.dataset, seq_len=args.seq_len, vocab_size=args.vocab_size, kind="bpe",
-                             packing="complete", max_mb=args.max_mb)  # fmt: skip
+                             packing="complete", max_mb=args.max_mb, holdout=0.02)  # fmt: skip
             print(f"      dataset {info['name']!r}: {info['num_sequences']} sequences x L={info['seq_len']}, "
                   f"{info['bytes'] / max(1, info['num_tokens']):.2f} bytes/token in Redis", flush=True)  # fmt: skip
+            held = _dataset_or_none(c, f"{args.dataset}-heldout")
         ckpt = data_dir / "checkpoint.pt"
+        ckpt.unlink(missing_ok=True)  # a fresh run each time (the data is what is kept)
         print(f"[3/3] trainer: python -m trainer ({args.steps} steps, checkpoint {ckpt})", flush=True)
         cmd = [sys.executable, "-m", "trainer", "--url", url, "--dataset", args.dataset, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--d-model", "128", "--layers", "2", "--heads", "4",
                "--d-ff", "512", "--lr", "1e-3", "--log-every", str(max(1, args.steps // 10)),
                "--checkpoint", str(ckpt)]  # fmt: skip
+        if held is not None:
+            cmd += ["--eval-dataset", held["name"], "--eval-sequences", "128", "--eval-every", str(args.steps)]
         rc = subprocess.call(cmd)
+        if rc == 0 and held is not None:
+            _show_predictions(url, str(ckpt), held)
         print(f"done. service log: {log_path}; Redis data: {data_dir / 'redis'} (kept; run again to reuse it)")
         return rc
     finally:
@@ -364,6 +380,27 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mlm-probability", type=float, default=0.15)
     g.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences evaluated each epoch")
     g.add_argument("--unseen-eval", type=int, default=256, help="training sequences evaluated under unseen masks")
+
+
+def _dataset_or_none(c, name: str) -> dict | None:  # noqa: ANN001 - the client is imported lazily
+    from client import NotFoundError
+
+    try:
+        return c.dataset(name)
+    except NotFoundError:
+        return None
+
+
+def _show_predictions(url: str, checkpoint: str, held: dict, count: int = 3) -> None:
+    """The trained model's top guesses for the blanks of a few held-out sequences, next to the truth."""
+    from client import Client
+    from trainer.evaluate import spread_ids
+    from trainer.predict import load_model, top_predictions
+
+    print(f"predictions on held-out text ({held['name']!r}, never trained on):")
+    with Client(url) as c:
+        for line in top_predictions(load_model(checkpoint), c, held["name"], spread_ids(held["num_sequences"], count)):
+            print(line)
 
 
 # ---- parser ----------------------------------------------------------------
