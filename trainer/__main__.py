@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 DESCRIPTION = """\
@@ -39,6 +40,13 @@ examples:
   # one of many workers sharing job "pretrain" (2 epochs), over two service replicas
   python -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000 \\
       --url http://data-a:8000,http://data-b:8000
+
+  # data-parallel on 4 GPUs: each rank a worker of job "pretrain", gradients all-reduced
+  torchrun --nproc-per-node 4 -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000
+
+  # static (BERT) masks, 10 copies, evaluated on a held-out dataset every epoch, curves to a CSV
+  python -m trainer --dataset wikitext --epochs 40 --mode static --copies 10 \\
+      --eval-dataset wikitext-heldout --unseen-eval 256 --metrics-out run.csv
 
 exit status: 0 done (or the job finished), 1 error, 2 bad arguments, 3 the job was cancelled, 130 interrupted
 """
@@ -226,6 +234,39 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
     except RuntimeError as exc:
         return _fail(str(exc))
+    from . import distributed
+
+    group = distributed.from_env()
+    if group is not None:
+        if not args.job:
+            return _fail("under torchrun every rank is a worker of a shared job: pass --job NAME")
+        if device.type == "cuda":
+            device = torch.device("cuda", group.local_rank)
+        distributed.init(group, device)
+        if not group.leader:  # rank 0 alone logs to files, evaluates and checkpoints
+            args.metrics_out = args.eval_dataset = args.checkpoint = None
+            args.unseen_eval = 0
+        args.worker = args.worker or f"{socket.gethostname()}:{os.getpid()}:rank{group.rank}"
+    try:
+        return _run(args, group, device, ckpt, saved_data, saved_train, masking, start_step)
+    finally:
+        distributed.finish()
+
+
+def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_train: dict, masking: dict,
+         start_step: int) -> int:  # noqa: ANN001 - torch types are imported lazily
+    import torch
+
+    from . import distributed
+    from .loop import TrainConfig, train
+    from .model import EncoderConfig, MaskedLM, describe
+
+    seed = _pick(args.seed, saved_data.get("seed"), 0)
+    mask_seed = _pick(args.mask_seed, saved_data.get("mask_seed"), seed)
+    batch_size = _pick(args.batch_size, saved_data.get("batch_size"), 32)
+    epochs = _pick(args.epochs, saved_data.get("epochs"), None)
+    eval_every = args.eval_every or ("epoch" if epochs else None)
+    rank = group.rank if group is not None else 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -278,7 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             lr=_pick(args.lr, saved_train.get("lr"), 5e-4),
             warmup_steps=_pick(args.warmup, saved_train.get("warmup_steps"), steps // 10),
             log_every=args.log_every, device=str(device), amp=args.amp,
-            checkpoint=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every, seed=seed,
+            checkpoint=(args.checkpoint or args.resume) if rank == 0 else None,
+            checkpoint_every=args.checkpoint_every, seed=seed + rank,  # each rank its own dropout stream
         )
 
         def data_state(step: int) -> dict:
@@ -330,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                     stream = EpochCap(stream, start_step, batch_size, epochs * num_sequences)
             result = train(model, stream, cfg, start_step=start_step,
                            optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state,
-                           rng=ckpt.get("rng") if ckpt else None, on_step=runlog.on_step)
+                           rng=ckpt.get("rng") if ckpt and rank == 0 else None, on_step=runlog.on_step,
+                           log=print if rank == 0 else None)
+            if group is not None:
+                synced = distributed.in_sync(model, device)
+                if rank == 0:
+                    print(f"{group.world} ranks trained in lockstep; weights identical on every rank: "
+                          f"{'yes' if synced else 'NO'}")
             if result.final_step > start_step and runlog.last_eval != result.final_step:
                 runlog.evaluate(model, result.final_step, final=True)
             trained = True

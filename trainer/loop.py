@@ -195,6 +195,13 @@ def train(
         })
         log(f"checkpoint: step {step} -> {cfg.checkpoint}")
 
+    from . import distributed
+
+    ddp = distributed.active()
+    net: torch.nn.Module = model
+    if ddp:  # gradients averaged across ranks in backward; the optimizer and checkpoints see `model`
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
     precision = "bf16 autocast" if use_amp else "fp32"
     log(f"training on {device} ({precision}) | {model.num_parameters() / 1e6:.2f}M params "
         f"| steps {start_step} -> {cfg.steps}")
@@ -219,22 +226,32 @@ def train(
             try:
                 raw = next(it)
             except StopIteration:
-                log(f"data stream ended after step {step}; stopping early")
-                break
+                raw = None
             except BaseException:
                 # Between steps the model and optimizer are consistent: keep the
                 # progress so a run cut off by the data source can be resumed.
                 if cfg.checkpoint and step > start_step:
                     checkpoint(step)
                 raise
-            batch = _to_device(raw, device)
+            idle = False
+            if ddp:  # every rank steps while any rank has a batch: one without joins with an empty one
+                if raw is None and not distributed.any_has(False, device):
+                    log(f"data stream ended after step {step}; stopping early")
+                    break
+                if raw is not None:
+                    distributed.any_has(True, device)
+                idle = raw is None
+            elif raw is None:
+                log(f"data stream ended after step {step}; stopping early")
+                break
+            batch = _to_device(raw, device) if not idle else distributed.empty_batch(model.config.max_len, device)
             window_data_t += time.perf_counter() - t_wait
 
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
-                logits, loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                logits, loss = net(batch["input_ids"], batch["attention_mask"], batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
@@ -242,6 +259,9 @@ def train(
             optimizer.step()
             step += 1
 
+            if idle:  # an empty step to keep the ranks' all-reduces paired: nothing to count
+                result.final_step = step
+                continue
             window_losses.append(loss.detach())
             window_tokens += batch["attention_mask"].sum()
             window_seqs += batch["input_ids"].shape[0]
