@@ -192,8 +192,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .loop import TrainConfig, load_checkpoint, resolve_device, train
-    from .model import EncoderConfig, MaskedLM, describe
+    from .loop import load_checkpoint, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -220,15 +219,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .evaluate import EVAL_SEED
 
-    seed = _pick(args.seed, saved_data.get("seed"), 0)
-    mask_seed = _pick(args.mask_seed, saved_data.get("mask_seed"), seed)
-    batch_size = _pick(args.batch_size, saved_data.get("batch_size"), 32)
-    epochs = _pick(args.epochs, saved_data.get("epochs"), None)
-    if mask_seed == EVAL_SEED:
+    if _pick(args.mask_seed, saved_data.get("mask_seed"), _pick(args.seed, saved_data.get("seed"), 0)) == EVAL_SEED:
         return _fail(f"mask seed {EVAL_SEED} is the one evaluation masks are drawn with; pick another")
-    eval_every = args.eval_every or ("epoch" if epochs else None)
-    if eval_every not in (None, "epoch") and not (eval_every.isdigit() and int(eval_every) > 0):
-        return _fail(f"--eval-every takes a number of steps or 'epoch', not {eval_every!r}")
+    if args.eval_every not in (None, "epoch") and not (args.eval_every.isdigit() and int(args.eval_every) > 0):
+        return _fail(f"--eval-every takes a number of steps or 'epoch', not {args.eval_every!r}")
     start_step = int(ckpt["step"]) if ckpt else 0
     try:
         device = resolve_device(args.device)
@@ -255,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_train: dict, masking: dict,
          start_step: int) -> int:  # noqa: ANN001 - torch types are imported lazily
+    """Connect, build or restore the model, prepare the data and evaluation, train, report."""
     import torch
 
     from . import distributed
