@@ -138,3 +138,26 @@ def test_a_job_without_mask_seed_keeps_its_config_digest():
 def test_bad_mask_seed_is_a_problem(client, ds):
     with pytest.raises(BadRequestError):
         client.batch(ds["name"], 4, seed=1, mask_seed=-1)
+
+
+@pytest.mark.parametrize("n, size", [(1, 3), (7, 3), (100, 32), (4096 + 5, 1000), (10, 25)])
+def test_stream_ids_are_the_job_permutations_concatenated(n, size):
+    from service.permute import batch_ids, stream_ids
+
+    k_max = -(-4 * n // size)
+    ids, epochs = zip(*(stream_ids(2, k, size, n) for k in range(k_max)))
+    ids, epochs = np.concatenate(ids), np.concatenate(epochs)
+    for e in range(4):
+        np.testing.assert_array_equal(ids[e * n : (e + 1) * n], batch_ids(2, e, n, n, 0, True))
+        assert (epochs[e * n : (e + 1) * n] == e).all()
+
+
+def test_holdout_rule_depends_on_the_document_alone():
+    from service.holdout import held_out
+
+    docs = [{"text": f"document number {i}"} for i in range(4000)]
+    share = sum(held_out(d, 0.05) for d in docs) / len(docs)
+    assert 0.04 < share < 0.06
+    assert [held_out(d, 0.05) for d in docs] == [held_out(dict(d), 0.05) for d in reversed(docs)][::-1]
+    assert not any(held_out(d, 0.0) for d in docs) and all(held_out(d, 1.0) for d in docs)
+    assert held_out({"ids": [1, 2, 3]}, 0.5) == held_out({"ids": [1, 2, 3]}, 0.5)

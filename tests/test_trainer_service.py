@@ -222,7 +222,26 @@ def test_experiment_static_vs_dynamic_end_to_end(service_url, data, tmp_path, ca
     summary = (out / "summary.md").read_text()
     assert "## Static − dynamic" in summary and "seed-to-seed spread" in summary
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    # run again: every run is finished, nothing is trained
+    # run again: every run is finished, nothing is trained (also one that stopped before it was marked done)
+    (out / "runs" / "static-seed0.done").unlink()
     capsys.readouterr()
     assert maskserve(argv) == 0
-    assert capsys.readouterr().out.count("finished earlier") == 4
+    assert capsys.readouterr().out.count("finished earlier") == 3
+    assert (out / "runs" / "static-seed0.done").exists()
+    assert (out / "curves.csv").read_text().splitlines() == curves
+
+
+def test_predictions_show_truth_and_guesses_for_masked_text(client, data, tmp_path):
+    from trainer.model import EncoderConfig, MaskedLM
+    from trainer.predict import top_predictions
+
+    held = data["held"]
+    torch.manual_seed(0)
+    model = MaskedLM(EncoderConfig(vocab_size=held["vocab_size"], max_len=SEQ_LEN, d_model=16, n_layers=1,
+                                   n_heads=2, d_ff=32, pad_id=held["special_tokens"]["pad"])).eval()  # fmt: skip
+    lines = top_predictions(model, client, held["name"], [0, 1], k=2, blanks=3)
+    texts = [line for line in lines if line.startswith("  sequence ")]
+    blanks = [line for line in lines if line.startswith("    blank ")]
+    assert len(texts) == 2 and all("<mask>" in t for t in texts)  # blanks are shown as the mask token
+    assert 2 <= len(blanks) <= 6
+    assert all("truth " in b and b.count(", ") >= 1 for b in blanks)  # the truth and k=2 guesses

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace, info: dict[str, Any]) -> int:
             if done.exists():
                 print(f"[{name}] finished earlier; skipped")
                 continue
+            if _finished(runs / f"{name}.pt", math.ceil(args.epochs * n / args.batch_size)):
+                done.write_text("finished before it was marked\n")  # stopped between its last save and here
+                continue
             print(f"[{name}] training: {args.epochs} epochs of {n} sequences", flush=True)
             t0 = time.perf_counter()
             rc = trainer_main(_trainer_argv(args, mode, seed, runs, steps_per_epoch))
@@ -86,6 +89,14 @@ def run(args: argparse.Namespace, info: dict[str, Any]) -> int:
     (out / "summary.md").write_text(summarize(curves, args, info))
     print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'}, {out / 'summary.md'}")
     return 0
+
+
+def _finished(checkpoint: Path, steps: int) -> bool:
+    if not checkpoint.exists():
+        return False
+    from .loop import load_checkpoint
+
+    return int(load_checkpoint(checkpoint)["step"]) >= steps
 
 
 def collect(runs: Path, seeds: list[int], epochs: int) -> list[dict[str, Any]]:

@@ -44,7 +44,7 @@ def top_predictions(model: MaskedLM, client: Any, dataset: str, ids: list[int], 
         for n, pos in enumerate(positions, 1):
             truth = tok.decode([int(t["labels"][row, pos])])
             p, guess = probs[row, pos].topk(k)
-            guesses = ", ".join(f"{tok.decode([int(i)])!r} {float(q):.2f}" for q, i in zip(p, guess))
+            guesses = ", ".join(f"{tok.decode([int(i)])!r} {float(q):.3f}" for q, i in zip(p, guess))
             mark = "ok" if int(guess[0]) == int(t["labels"][row, pos]) else "  "
             lines.append(f"    blank {n}: truth {truth!r:16} {mark} predicted {guesses}")
     return lines
