@@ -33,6 +33,7 @@ EPILOG = """examples:
   maskserve jobs show pretrain                                 # progress per worker
   maskserve dataset ingest docs notes.txt --split paragraph --holdout 0.05 --holdout-dataset docs-heldout
   maskserve experiment static-vs-dynamic --dataset docs --eval-dataset docs-heldout --out runs/svd
+  maskserve experiment mask-rate --dataset docs --eval-dataset docs-heldout --out runs/rate
 """
 
 
@@ -360,11 +361,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
 
 def _experiment_args(p: argparse.ArgumentParser) -> None:
-    """Options of `experiment static-vs-dynamic` (trainer.experiment reads them)."""
+    """Options every experiment takes (trainer.experiment reads them)."""
     p.add_argument("--dataset", required=True, help="training dataset")
     p.add_argument("--eval-dataset", required=True, help="held-out dataset (see `maskserve dataset ingest --holdout`)")
     p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--copies", type=int, default=10, help="static masks per sequence (BERT's dupe_factor)")
     p.add_argument("--seeds", default="0,1", help="comma-separated: each seeds init, data order and masks")
     p.add_argument("--out", required=True, help="output directory (resumable: run again to continue)")
     g = p.add_argument_group("model and optimisation (small defaults: the whole run fits 2 CPU cores)")
@@ -377,7 +377,6 @@ def _experiment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=2e-3)
     g.add_argument("--threads", type=int, default=1, help="torch CPU threads (more than the free cores only slows it)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    g.add_argument("--mlm-probability", type=float, default=0.15)
     g.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences evaluated each epoch")
     g.add_argument("--unseen-eval", type=int, default=256, help="training sequences evaluated under unseen masks")
 
@@ -530,6 +529,19 @@ def build_parser() -> argparse.ArgumentParser:
         "sequences under unseen masks; write curves.csv, curves.png and summary.md. Run again to resume.",
     )  # fmt: skip
     _experiment_args(sd)
+    sd.add_argument("--copies", type=int, default=10, help="static masks per sequence (BERT's dupe_factor)")
+    sd.add_argument("--mlm-probability", type=float, default=0.15)
+    mr = exsub.add_parser(
+        "mask-rate", parents=[conn], help="constant low vs constant high vs a high-to-low schedule of the mask rate",
+        description="For each seed, train the same model from the same init on the same data order at a constant "
+        "low mask rate, a constant high one, and one that moves from high to low over the run (the service's "
+        "mask-rate schedule); evaluate all at the low rate every epoch; write curves.csv, curves.png and "
+        "summary.md. Run again to resume.",
+    )  # fmt: skip
+    _experiment_args(mr)
+    mr.add_argument("--low", type=float, default=0.15, help="the baseline rate, and the evaluation's")
+    mr.add_argument("--high", type=float, default=0.30)
+    mr.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="how high moves to low")
     ex.set_defaults(func=cmd_experiment)
 
     bt = sub.add_parser("batch", parents=[conn], help="fetch one masked batch and summarize it")

@@ -209,18 +209,18 @@ def test_experiment_static_vs_dynamic_end_to_end(service_url, data, tmp_path, ca
     for f in ("curves.csv", "curves.png", "summary.md", "runs/static-seed1.csv", "runs/dynamic-seed0.pt"):
         assert (out / f).exists(), f
     curves = (out / "curves.csv").read_text().splitlines()
-    assert curves[0].startswith("mode,seed,epoch,train_loss")
+    assert curves[0].startswith("variant,seed,epoch,train_loss")
     assert len(curves) == 1 + 2 * 2 * 4  # modes x seeds x epochs 0..3
     rows = [dict(zip(curves[0].split(","), line.split(","))) for line in curves[1:]]
     for seed in ("0", "1"):
-        at = {(r["mode"], r["epoch"]): r for r in rows if r["seed"] == seed}
+        at = {(r["variant"], r["epoch"]): r for r in rows if r["seed"] == seed}
         # K=2: static's copies are dynamic's masks of epochs 0 and 1, so the runs agree exactly until
         # the masks repeat (the last batch of epoch 2 already holds rows of epoch 3)
         for key in ("train_loss", "heldout_loss", "unseen_loss"):
             assert at[("static", "1")][key] == at[("dynamic", "1")][key]
         assert at[("static", "3")]["train_loss"] != at[("dynamic", "3")]["train_loss"]
     summary = (out / "summary.md").read_text()
-    assert "## Static − dynamic" in summary and "seed-to-seed spread" in summary
+    assert "## static − dynamic" in summary and "seed-to-seed spread" in summary
     assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # run again: every run is finished, nothing is trained (also one that stopped before it was marked done)
     (out / "runs" / "static-seed0.done").unlink()
@@ -245,3 +245,22 @@ def test_predictions_show_truth_and_guesses_for_masked_text(client, data, tmp_pa
     assert len(texts) == 2 and all("<mask>" in t for t in texts)  # blanks are shown as the mask token
     assert 2 <= len(blanks) <= 6
     assert all("truth " in b and b.count(", ") >= 1 for b in blanks)  # the truth and k=2 guesses
+
+
+@pytest.mark.slow
+def test_experiment_mask_rate_evaluates_every_run_at_the_low_rate(service_url, data, tmp_path):
+    out = tmp_path / "rate"
+    argv = ["experiment", "mask-rate", "--url", service_url, "--dataset", data["train"]["name"],
+            "--eval-dataset", data["held"]["name"], "--epochs", "2", "--seeds", "0", "--out", str(out),
+            "--batch-size", "32", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",
+            "--eval-sequences", "16", "--unseen-eval", "16", "--low", "0.15", "--high", "0.4"]  # fmt: skip
+    assert maskserve(argv) == 0
+    runs = {v: read_metrics(out / "runs" / f"{v}-seed0.csv") for v in ("p0.15", "p0.4", "p0.4-to-0.15")}
+    start = {v: [r for r in rows if r["step"] == 0] for v, rows in runs.items()}
+    # same init, and every run's evaluation sets are masked at the low rate: identical before training
+    assert start["p0.15"] == start["p0.4"] == start["p0.4-to-0.15"] and len(start["p0.15"]) == 2
+    first_low = next(r for r in runs["p0.15"] if r["split"] == "train")
+    first_high = next(r for r in runs["p0.4"] if r["split"] == "train")
+    assert first_high["tokens"] > 2 * first_low["tokens"]  # the runs trained at their own rates
+    summary = (out / "summary.md").read_text()
+    assert "# Mask-rate schedules" in summary and "## p0.4-to-0.15 − p0.15" in summary

@@ -104,11 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-ratio", type=float, default=None, help="selected tokens set to a random one [default: 0.1]")
     g.add_argument("--random-tokens", choices=["uniform", "frequency"], default=None, help="[default: uniform]")
     g.add_argument("--max-predictions", type=int, default=None, help="cap on tokens to predict per sequence (exact)")
+    g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None,
+                   help="mask-rate schedule of the service: --mlm-probability moves to --mlm-probability-end")
+    g.add_argument("--mlm-probability-end", type=float, default=None, help="the rate a schedule ends at")
+    g.add_argument("--schedule-unit", choices=["epoch", "step"], default=None, help="what a schedule counts")
+    g.add_argument("--schedule-length", type=int, default=None, help="epochs or steps of the schedule")
 
     g = p.add_argument_group("evaluation (fixed mask sets: the same tokens to predict in every run)")
     g.add_argument("--eval-dataset", metavar="NAME", default=None,
                    help="held-out dataset (e.g. made by `maskserve dataset ingest --holdout`)")
     g.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences evaluated")
+    g.add_argument("--eval-mlm-probability", type=float, default=None,
+                   help="share of tokens predicted in the evaluation sets (the same for runs that train at "
+                        "different rates) [default: --mlm-probability]")
     g.add_argument("--unseen-eval", type=int, default=0, metavar="N",
                    help="also evaluate N training sequences under masks no run trains on (0: off)")
     g.add_argument("--eval-every", default=None, metavar="STEPS|epoch",

@@ -14,10 +14,15 @@ from typing import Any
 
 # Masking options of the service, as the trainer's flags name them (None: the service's default).
 MASKING_KEYS = ("mlm_probability", "mode", "copies", "unit", "count", "mask_ratio", "random_ratio",
-                "random_tokens", "max_predictions")  # fmt: skip
+                "random_tokens", "max_predictions", "schedule", "mlm_probability_end", "schedule_unit",
+                "schedule_length")  # fmt: skip
 MASKING_DEFAULTS: dict[str, Any] = {"mlm_probability": 0.15, "mode": "dynamic", "copies": 10, "unit": "token",
                                     "count": "bernoulli", "mask_ratio": 0.8, "random_ratio": 0.1,
-                                    "random_tokens": "uniform", "max_predictions": None}  # fmt: skip
+                                    "random_tokens": "uniform", "max_predictions": None, "schedule": None,
+                                    "mlm_probability_end": None, "schedule_unit": None,
+                                    "schedule_length": None}  # fmt: skip
+# A mask-rate schedule is how a run trains, not how a fixed evaluation set is masked.
+SCHEDULE_KEYS = ("schedule", "mlm_probability_end", "schedule_unit", "schedule_length")
 
 
 def masking_options(masking: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,7 +42,7 @@ def ensure_static_cache(client: Any, dataset: str, *, seed: int, masking: Mappin
     """
     from tqdm import tqdm
 
-    options = {k: v for k, v in masking_options(masking).items() if k not in ("mode", "copies")}
+    options = {k: v for k, v in masking_options(masking).items() if k not in ("mode", "copies", *SCHEDULE_KEYS)}
     copies = int(masking.get("copies") or MASKING_DEFAULTS["copies"])
     status = client.build_static_masks(dataset, seed=seed, copies=copies, max_chunks=1, **options)
     if not status["complete"]:
@@ -91,5 +96,5 @@ class EpochCap:
         self.stream.close()
 
 
-__all__ = ["EpochCap", "MASKING_DEFAULTS", "MASKING_KEYS", "ensure_static_cache", "epoch_of_step", "epochs_done",
+__all__ = ["EpochCap", "MASKING_DEFAULTS", "MASKING_KEYS", "SCHEDULE_KEYS", "ensure_static_cache", "epoch_of_step", "epochs_done",
            "masking_options", "steps_for_epochs"]  # fmt: skip

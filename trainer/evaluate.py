@@ -50,8 +50,11 @@ def spread_ids(num_sequences: int, count: int) -> list[int]:
 
 def fetch_set(client: Any, name: str, dataset: str, ids: Sequence[int], masking: Mapping[str, Any],
               seed: int = EVAL_SEED) -> EvalSet:  # fmt: skip
-    """Fetch ``ids`` of ``dataset`` once, masked dynamically for (seed, epoch 0) with ``masking``."""
-    options = {k: v for k, v in masking.items() if k not in ("mode", "copies")}
+    """Fetch ``ids`` of ``dataset`` once, masked dynamically for (seed, epoch 0) with ``masking`` at its
+    starting rate (a run's mask-rate schedule is not the evaluation's)."""
+    from .data import SCHEDULE_KEYS
+
+    options = {k: v for k, v in masking.items() if k not in ("mode", "copies", *SCHEDULE_KEYS) and v is not None}
     batches = []
     for start in range(0, len(ids), EVAL_CHUNK):
         b = client.sequences(dataset, ids[start : start + EVAL_CHUNK], seed=seed, epoch=0, **options)

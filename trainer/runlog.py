@@ -39,6 +39,8 @@ class RunLog:
              batch_size: int, steps: int, eval_every: str | None, start_step: int) -> "RunLog":  # fmt: skip
         """Fetch the evaluation sets (once: they never change) and open the metrics file."""
         eval_sets = []
+        if args.eval_mlm_probability is not None:
+            masking = {**masking, "mlm_probability": args.eval_mlm_probability}
         if args.eval_dataset:
             held = client.dataset(args.eval_dataset)
             ids = spread_ids(int(held["num_sequences"]), args.eval_sequences)
