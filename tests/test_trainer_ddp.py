@@ -43,7 +43,9 @@ def test_two_ranks_share_a_job_and_stay_in_sync(client, service_url, bpe_tokeniz
     names = list(workers) if isinstance(workers, dict) else [w["worker"] for w in workers]
     assert sorted(w.rsplit(":", 1)[-1] for w in names) == ["rank0", "rank1"]
     saved = load_checkpoint(ckpt)  # rank 0 checkpoints; the other rank writes nothing
-    # both ranks took the same number of steps: the one that ran dry joined the last with an empty batch
-    assert saved["data"]["job"] == "ddp" and saved["step"] == (3 * job["batches_per_epoch"] + 1) // 2
+    # the ranks stepped together as long as either had a batch (the job hands batches to whoever asks
+    # first, so one rank may get more; the other joins those steps with an empty batch)
+    total = 3 * job["batches_per_epoch"]
+    assert saved["data"]["job"] == "ddp" and (total + 1) // 2 <= saved["step"] < total
     assert not list(tmp_path.glob("*.tmp"))
     assert n > 16
