@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-outage", type=float, default=300.0, metavar="SECONDS",
                    help="with --job: keep retrying (and failing over between the --url replicas) this long when "
                         "the service is unreachable or overloaded, then give up")
+    g.add_argument("--ack-every", type=int, default=1, metavar="N",
+                   help="with --job: send acks in groups of N (one fsync per group on a service with durable "
+                        "acks); should this worker die, up to N-1 trained batches are trained again elsewhere")
 
     g = p.add_argument_group("masking (the service's options; a resumed run must keep its checkpoint's)")
     g.add_argument("--mlm-probability", type=float, default=None, help="share of tokens to predict [default: 0.15]")
@@ -370,7 +373,7 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
                 if mask_seed != seed:
                     create["mask_seed"] = mask_seed
                 stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch,
-                                    max_outage=args.max_outage)
+                                    max_outage=args.max_outage, ack_every=args.ack_every)
                 runlog.batches_per_epoch = client.job_progress(args.job)["batches_per_epoch"]
             else:
                 options = masking_options(masking)
