@@ -352,9 +352,9 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
 
     import redis.asyncio as aioredis
 
-    from service.batching import masked, open_dataset, outputs, render
+    from service.batching import fetched, open_dataset, outputs, render
     from service.catalog import Catalog
-    from service.rng import sample_ids
+    from service.permute import stream_ids
     from service.routes.batches import BatchQuery
     from service.store import Store
 
@@ -382,10 +382,11 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
                 ds = await open_dataset(catalog, name, known)
                 t1 = time.perf_counter()
                 index = first_index + it
-                seq_ids = sample_ids(seed, index, b, ds.num_sequences)
+                seq_ids, epochs = stream_ids(seed, index, b, ds.num_sequences)
                 spent[0] = 0.0
-                m = await masked(catalog, ds, seq_ids, seed=seed, epoch=index * b // ds.num_sequences, params=q,
-                                 spec=spec, checked=known is not None)  # fmt: skip
+                compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=int(epochs[0]), params=q, spec=spec,
+                                        checked=known is not None)  # fmt: skip
+                m = compute()  # on the event loop here; the route runs it on the CPU pool above a size
                 t2 = time.perf_counter()
                 render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False)
                 t3 = time.perf_counter()

@@ -3,10 +3,12 @@
 For each worker count (``--workers``, default 1 and 2), a ``maskserve serve --workers W``
 subprocess on a real Redis holds the stdlib docstrings at L=128 and L=512. For each
 batch shape (``--shapes``, default B=64 L=128 and B=256 L=512) and each level of
-concurrency (``--levels``, default 4 16 64 256), that many clients (asyncio tasks of
-this process, each with its own connection) pull batches back to back for
-``--seconds``; a client told 503 ``overloaded`` waits its ``Retry-After`` and asks
-again, as the thin client does. Meanwhile a separate process probes ``/healthz``
+concurrency (``--levels``, default 4 16 64 256), that many clients (asyncio tasks
+spread over ``--client-procs`` processes, each client with its own connection) pull
+batches back to back for
+``--warmup`` + ``--seconds`` (only the last ``--seconds`` are measured); a client
+told 503 ``overloaded`` waits its ``Retry-After`` and asks again, as the thin
+client does. Meanwhile a separate process probes ``/healthz``
 every 20 ms, and this process samples the service's resident memory (manager
 and workers together) every 50 ms. Reported per run:
 
@@ -145,49 +147,78 @@ def _probe(url: str, stop: mp.Event, out: mp.Queue) -> None:  # noqa: ANN001 - m
 # ---- the load ------------------------------------------------------------------------------------------------
 
 
-async def _client(url: str, name: str, run: Run, deadline: float, rng: random.Random) -> None:
+async def _client(url: str, name: str, run: Run, window: tuple[float, float], rng: random.Random) -> None:
+    """Pull batches until the window closes; what completes inside the window counts."""
+    opens, closes = window
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=httpx.Limits(max_connections=1)) as h:
         index = 0
-        while time.monotonic() < deadline:
-            t0 = time.perf_counter()
+        while time.monotonic() < closes:
+            t0 = time.monotonic()
             try:
                 r = await h.get(f"/v1/datasets/{name}/batch",
                                 params={"size": run.batch, "seed": rng.randrange(1 << 30), "index": index})  # fmt: skip
                 body = r.content
             except httpx.HTTPError as exc:
-                run.errors[f"transport:{type(exc).__name__}"] += 1
+                if opens <= time.monotonic() <= closes:
+                    run.errors[f"transport:{type(exc).__name__}"] += 1
                 continue
+            t1 = time.monotonic()
+            counted = opens <= t1 <= closes
             index += 1
             if r.status_code == 200:
-                run.served += 1
-                run.latencies.append(time.perf_counter() - t0)
+                if counted:
+                    run.served += 1
+                    run.latencies.append(t1 - t0)
                 del body
                 continue
             kind = str(r.status_code)
             if r.headers.get("content-type", "").startswith("application/problem+json"):
                 kind = r.json()["type"].rsplit(":", 1)[-1]
-            run.errors[kind] += 1
+            if counted:
+                run.errors[kind] += 1
             if "Retry-After" in r.headers:
-                await asyncio.sleep(min(float(r.headers["Retry-After"]), max(0.0, deadline - time.monotonic())))
+                await asyncio.sleep(min(float(r.headers["Retry-After"]), max(0.0, closes - time.monotonic())))
 
 
-async def _load(url: str, name: str, run: Run, seconds: float) -> None:
+async def _load(url: str, name: str, run: Run, seconds: float, warmup: float) -> None:
+    """``run.clients`` clients for ``warmup + seconds``; only the last ``seconds`` are measured (connections
+    opened, the first wave of refusals retried), and answers that arrive after the window are not counted."""
     rng = random.Random(run.clients * 1_000_003 + run.batch)
-    start = time.monotonic()
-    deadline = start + seconds
-    await asyncio.gather(*(_client(url, name, run, deadline, random.Random(rng.random())) for _ in range(run.clients)))
-    run.seconds = time.monotonic() - start
+    opens = time.monotonic() + warmup
+    window = (opens, opens + seconds)
+    await asyncio.gather(*(_client(url, name, run, window, random.Random(rng.random())) for _ in range(run.clients)))
+    run.seconds = seconds
 
 
-def measure(svc: Service, name: str, run: Run, seconds: float) -> Run:
+def _load_part(url: str, name: str, run: Run, seconds: float, warmup: float, out: mp.Queue) -> None:  # noqa: ANN001
+    asyncio.run(_load(url, name, run, seconds, warmup))
+    out.put(run)
+
+
+def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, procs: int) -> Run:
+    """The load from ``procs`` processes (one event loop cannot drive hundreds of clients alone), the
+    health probe from another; their figures merged into ``run``."""
     ctx = mp.get_context("spawn")
-    stop, out = ctx.Event(), ctx.Queue()
+    stop, out, parts = ctx.Event(), ctx.Queue(), ctx.Queue()
     prober = ctx.Process(target=_probe, args=(svc.url, stop, out))
     prober.start()
     sampler = RssSampler(svc.pid)
     sampler.start()
+    shares = [run.clients // procs + (i < run.clients % procs) for i in range(procs)]
+    loaders = [ctx.Process(target=_load_part, args=(svc.url, name, Run(run.workers, run.batch, run.seq_len, n),
+                                                    seconds, warmup, parts))  # fmt: skip
+               for n in shares if n]
     try:
-        asyncio.run(_load(svc.url, name, run, seconds))
+        for p in loaders:
+            p.start()
+        for _ in loaders:
+            part = parts.get(timeout=seconds + warmup + 600)
+            run.served += part.served
+            run.latencies += part.latencies
+            run.errors += part.errors
+        for p in loaders:
+            p.join()
+        run.seconds = seconds
     finally:
         stop.set()
         run.health = out.get(timeout=60)
@@ -233,7 +264,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="service worker processes per run")
     p.add_argument("--levels", type=int, nargs="+", default=[4, 16, 64, 256], help="concurrent clients")
     p.add_argument("--shapes", nargs="+", default=["64x128", "256x512"], help="batch shapes BxL")
-    p.add_argument("--seconds", type=float, default=8.0, help="load per (workers, shape, level)")
+    p.add_argument("--seconds", type=float, default=8.0, help="measured load per (workers, shape, level)")
+    p.add_argument("--warmup", type=float, default=3.0, help="unmeasured load before each measurement")
+    p.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
     p.add_argument("--corpus-mb", type=float, default=4.0, help="text ingested per dataset")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
@@ -256,7 +289,8 @@ def main() -> None:
                       flush=True)  # fmt: skip
                 for b, L in shapes:
                     for level in args.levels:
-                        run = measure(svc, names[L], Run(workers, b, L, level), args.seconds)
+                        run = measure(svc, names[L], Run(workers, b, L, level), args.seconds, args.warmup,
+                                      args.client_procs)  # fmt: skip
                         runs.append(run)
                         print(report_line(run), flush=True)
     print()

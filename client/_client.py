@@ -272,6 +272,11 @@ class Client:
     ) -> Batch:
         """One masked batch: B sequences drawn by ``(seed, index)``, masked for ``epoch``.
 
+        Batch k holds positions kB .. kB+B-1 of the stream that concatenates
+        the seed's per-epoch permutations (a job's order), so consecutive
+        batches cover every sequence once per epoch. ``mask_seed=`` seeds the
+        masks apart from the order.
+
         ``options`` are the service's masking and output parameters, e.g.
         ``mlm_probability=0.15, unit="whole_word", count="exact", mode="static",
         copies=10, labels="sparse", special_tokens_mask=True, pad_to_multiple_of=8``.
@@ -292,17 +297,43 @@ class Client:
         metadata.setdefault("seed", resp.headers.get("maskserve-seed", "0"))
         return Batch(arrays, metadata, step=index)
 
+    def sequences(
+        self, name: str, ids: Sequence[int], *, seed: int = 0, epoch: int = 0, **options: Any
+    ) -> Batch:
+        """The sequences ``ids`` (rows in that order), masked for ``(seed, epoch)``.
+
+        With ``mode="static"`` the cached copy ``epoch mod copies`` of the
+        (seed, copies, masking) cache is served. The same call always gives the
+        same masks: a fixed evaluation set needs no job. ``options`` are the
+        masking and output parameters of :meth:`batch`.
+        """
+        body: dict[str, Any] = {"ids": [int(i) for i in ids], "seed": seed, "epoch": epoch}
+        body.update({k: v for k, v in options.items() if v is not None})
+        out = self._send("POST", f"/v1/datasets/{name}/sequences", idempotent=True, read_into=True, json=body,
+                         headers={"Accept": CONTENT_TYPE})  # fmt: skip
+        _, buf = out  # type: ignore[misc]
+        try:
+            arrays, metadata = decode(buf)
+        except WireFormatError as exc:
+            raise ProtocolError(f"sequences from {self.base_url}: {exc}") from None
+        return Batch(arrays, metadata)
+
     # ---- jobs --------------------------------------------------------------------
 
     def create_job(
         self, name: str, dataset: str, *, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
         epochs: int | None = 1, drop_last: bool = False, lease_timeout_s: float = 60.0,
-        epoch_boundary: str = "handout", masking: Mapping[str, Any] | None = None,
+        epoch_boundary: str = "handout", masking: Mapping[str, Any] | None = None, mask_seed: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """Create a job, or attach to the existing one with the same config (a different one is a ConflictError)."""
+        """Create a job, or attach to the existing one with the same config (a different one is a ConflictError).
+
+        ``mask_seed`` seeds the masks (and names a static job's cache) apart from the data order's ``seed``.
+        """
         body = {"name": name, "dataset": dataset, "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
                 "epochs": epochs, "drop_last": drop_last, "lease_timeout_s": lease_timeout_s,
                 "epoch_boundary": epoch_boundary, "masking": dict(masking or {})}  # fmt: skip
+        if mask_seed is not None:
+            body["mask_seed"] = mask_seed
         return self._json("POST", "/v1/jobs", idempotent=True, json=body)
 
     def jobs(self) -> list[dict[str, Any]]:

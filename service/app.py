@@ -34,7 +34,7 @@ from .jobs import Jobs
 from .keys import slot_tags
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
-from .routes import batches, datasets, health, jobs, masks, tokenizers
+from .routes import batches, datasets, health, jobs, masks, sequences, tokenizers
 from .serving import die_with_supervisor
 from .store import Store
 from .tuning import tune_allocator
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
-    for module in (batches, jobs, health, datasets, masks, tokenizers):
+    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)

@@ -148,6 +148,41 @@ async def fetched(
     return compute
 
 
+async def fetched_rows(
+    catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, epochs: np.ndarray, *, seed: int, params: MaskingParams,
+    spec: MaskSpec, checked: bool = False, step: int | None = None,
+) -> Callable[[], Masked]:  # fmt: skip
+    """``fetched`` with an epoch per row (a stateless batch that straddles an epoch boundary): each
+    row is masked exactly as it would be in a batch of its own epoch."""
+    distinct = np.unique(epochs)
+    if len(distinct) == 1:
+        return await fetched(catalog, ds, seq_ids, seed=seed, epoch=int(distinct[0]), params=params, spec=spec,
+                             checked=checked, step=step)  # fmt: skip
+    parts = []
+    for epoch in distinct:
+        rows = np.flatnonzero(epochs == epoch)
+        part = await fetched(catalog, ds, seq_ids[rows], seed=seed, epoch=int(epoch), params=params, spec=spec,
+                             checked=checked, step=step)  # fmt: skip
+        parts.append((rows, part))
+    return lambda: _stitch([(rows, compute()) for rows, compute in parts], len(seq_ids))
+
+
+def _stitch(parts: list[tuple[np.ndarray, Masked]], b: int) -> Masked:
+    """One ``Masked`` of ``b`` rows from parts that each cover the rows listed with them."""
+    first = parts[0][1]
+
+    def joined(field: str) -> np.ndarray | None:
+        if getattr(first, field) is None:
+            return None
+        out = np.empty((b, *getattr(first, field).shape[1:]), dtype=getattr(first, field).dtype)
+        for rows, part in parts:
+            out[rows] = getattr(part, field)
+        return out
+
+    arrays = {f: joined(f) for f in ("input_ids", "labels", "attention_mask", "selected", "word_start")}
+    return Masked(**arrays, is_special=first.is_special)
+
+
 def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> dict[str, np.ndarray]:
     """The arrays a client receives, per the output options.
 

@@ -31,6 +31,9 @@ EPILOG = """examples:
   maskserve jobs create pretrain --dataset wiki --batch-size 64 --epochs 10
   python -m trainer --dataset wiki --job pretrain             # run on each worker machine
   maskserve jobs show pretrain                                 # progress per worker
+  maskserve dataset ingest docs notes.txt --split paragraph --holdout 0.05 --holdout-dataset docs-heldout
+  maskserve experiment static-vs-dynamic --dataset docs --eval-dataset docs-heldout --out runs/svd
+  maskserve experiment mask-rate --dataset docs --eval-dataset docs-heldout --out runs/rate
 """
 
 
@@ -97,11 +100,14 @@ def cmd_corpus(args: argparse.Namespace) -> int:
     return 0
 
 
-def bootstrap(c, dataset: str, *, seq_len: int, vocab_size: int, kind: str, packing: str, max_mb: float | None) -> dict:
-    """Create ``dataset`` from the stdlib docstrings unless it already holds data."""
+def bootstrap(c, dataset: str, *, seq_len: int, vocab_size: int, kind: str, packing: str, max_mb: float | None,
+              holdout: float = 0.0) -> dict:  # fmt: skip
+    """Create ``dataset`` from the stdlib docstrings unless it already holds data; with ``holdout``, that
+    share of the docstrings (by content hash, see holdout.py) goes to ``{dataset}-heldout`` instead."""
     from client import NotFoundError
 
     from .corpus import stdlib_docstrings
+    from .holdout import held_out
 
     try:
         info = c.dataset(dataset)
@@ -119,6 +125,13 @@ def bootstrap(c, dataset: str, *, seq_len: int, vocab_size: int, kind: str, pack
     tok = c.train_tokenizer(docs, kind=kind, vocab_size=vocab_size)
     print(f"tokenizer: {kind}, vocab {vocab_size}, trained by the service ({time.perf_counter() - t0:.1f}s)")
     c.create_dataset(dataset, tokenizer=tok, seq_len=seq_len, packing=packing)
+    if holdout > 0:
+        held = [d for d in docs if held_out({"text": d}, holdout)]
+        docs = [d for d in docs if not held_out({"text": d}, holdout)]
+        c.delete_dataset(f"{dataset}-heldout", missing_ok=True)
+        c.create_dataset(f"{dataset}-heldout", tokenizer=tok, seq_len=seq_len, packing=packing)
+        res = c.ingest(f"{dataset}-heldout", held)
+        print(f"held out: {res['documents']} documents -> {res['sequences']} sequences in {dataset}-heldout")
     t0 = time.perf_counter()
     with _progress(nbytes, f"ingest {dataset}") as bar:
         res = c.ingest(dataset, docs, on_bytes=bar.update)
@@ -157,6 +170,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
             special = dict(kv.split("=", 1) for kv in args.special or [])
             _print(c.create_dataset(args.name, tokenizer=Path(args.tokenizer), seq_len=args.seq_len,
                                     packing=args.packing, special_tokens=special or None))  # fmt: skip
+        elif args.action == "ingest" and args.holdout:
+            ingest_with_holdout(c, args)
         elif args.action == "ingest":
             for f in args.files:
                 path = Path(f)
@@ -164,6 +179,33 @@ def cmd_dataset(args: argparse.Namespace) -> int:
                     res = c.ingest_file(args.name, path, split=args.split, on_bytes=bar.update)
                 print(f"{path}: {res['documents']} documents, {res['sequences']} sequences, {res['tokens']:,} tokens")
     return 0
+
+
+def ingest_with_holdout(c, args: argparse.Namespace) -> None:  # noqa: ANN001 - the client is imported lazily
+    """Split the files' documents by content hash: ``--holdout`` of them to ``--holdout-dataset`` (created
+    like the target when missing: same tokenizer, L, packing), the rest to the target."""
+    from client import NotFoundError
+
+    from .holdout import Side
+
+    if not 0 < args.holdout < 1:
+        raise SystemExit("maskserve dataset ingest: --holdout takes a fraction in (0, 1)")
+    held_name = args.holdout_dataset or f"{args.name}-heldout"
+    info = c.dataset(args.name)
+    try:
+        c.dataset(held_name)
+    except NotFoundError:
+        tok = c.tokenizer(args.name)
+        names = {t["id"]: t["content"] for t in tok.get("added_tokens") or []}
+        special = {role: names[i] for role, i in (info.get("special_tokens") or {}).items() if i in names}
+        c.create_dataset(held_name, tokenizer=tok, seq_len=info["seq_len"], packing=info["packing"],
+                         special_tokens=special or None)  # same roles, same ids
+        print(f"created {held_name!r} like {args.name!r} (L={info['seq_len']}, packing {info['packing']})")
+    paths = [Path(f) for f in args.files]
+    for name, heldout in ((args.name, False), (held_name, True)):
+        res = c.ingest(name, Side(paths, args.split, args.holdout, heldout))
+        print(f"{name}: {res['documents']} documents, {res['sequences']} sequences, {res['tokens']:,} tokens"
+              + (" (held out)" if heldout else ""))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> int:
@@ -297,16 +339,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
             c.wait_ready(60)
             print("[2/3] data", flush=True)
             info = bootstrap(c, args.dataset, seq_len=args.seq_len, vocab_size=args.vocab_size, kind="bpe",
-                             packing="complete", max_mb=args.max_mb)  # fmt: skip
+                             packing="complete", max_mb=args.max_mb, holdout=0.02)  # fmt: skip
             print(f"      dataset {info['name']!r}: {info['num_sequences']} sequences x L={info['seq_len']}, "
                   f"{info['bytes'] / max(1, info['num_tokens']):.2f} bytes/token in Redis", flush=True)  # fmt: skip
+            held = _dataset_or_none(c, f"{args.dataset}-heldout")
         ckpt = data_dir / "checkpoint.pt"
+        ckpt.unlink(missing_ok=True)  # a fresh run each time (the data is what is kept)
         print(f"[3/3] trainer: python -m trainer ({args.steps} steps, checkpoint {ckpt})", flush=True)
         cmd = [sys.executable, "-m", "trainer", "--url", url, "--dataset", args.dataset, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--d-model", "128", "--layers", "2", "--heads", "4",
                "--d-ff", "512", "--lr", "1e-3", "--log-every", str(max(1, args.steps // 10)),
                "--checkpoint", str(ckpt)]  # fmt: skip
+        if held is not None:
+            cmd += ["--eval-dataset", held["name"], "--eval-sequences", "128", "--eval-every", str(args.steps)]
         rc = subprocess.call(cmd)
+        if rc == 0 and held is not None:
+            _show_predictions(url, str(ckpt), held)
         print(f"done. service log: {log_path}; Redis data: {data_dir / 'redis'} (kept; run again to reuse it)")
         return rc
     finally:
@@ -315,6 +363,63 @@ def cmd_demo(args: argparse.Namespace) -> int:
             service.wait(15)
         except subprocess.TimeoutExpired:
             service.kill()
+
+
+# ---- experiments ------------------------------------------------------------
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    try:
+        from trainer.experiment import run
+    except ImportError as exc:
+        print(f"maskserve experiment: needs the trainer extra (torch) and matplotlib: {exc}", file=sys.stderr)
+        return 1
+    with _client(args) as c:
+        info = c.dataset(args.dataset)
+        c.dataset(args.eval_dataset)  # fails early, with the service's message, when it is missing
+    return run(args, info)
+
+
+def _experiment_args(p: argparse.ArgumentParser) -> None:
+    """Options every experiment takes (trainer.experiment reads them)."""
+    p.add_argument("--dataset", required=True, help="training dataset")
+    p.add_argument("--eval-dataset", required=True, help="held-out dataset (see `maskserve dataset ingest --holdout`)")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seeds", default="0,1", help="comma-separated: each seeds init, data order and masks")
+    p.add_argument("--out", required=True, help="output directory (resumable: run again to continue)")
+    g = p.add_argument_group("model and optimisation (small defaults: the whole run fits 2 CPU cores)")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--d-model", type=int, default=64)
+    g.add_argument("--layers", type=int, default=2)
+    g.add_argument("--heads", type=int, default=2)
+    g.add_argument("--d-ff", type=int, default=256)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--threads", type=int, default=1, help="torch CPU threads (more than the free cores only slows it)")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    g.add_argument("--eval-sequences", type=int, default=256, help="held-out sequences evaluated each epoch")
+    g.add_argument("--unseen-eval", type=int, default=256, help="training sequences evaluated under unseen masks")
+
+
+def _dataset_or_none(c, name: str) -> dict | None:  # noqa: ANN001 - the client is imported lazily
+    from client import NotFoundError
+
+    try:
+        return c.dataset(name)
+    except NotFoundError:
+        return None
+
+
+def _show_predictions(url: str, checkpoint: str, held: dict, count: int = 3) -> None:
+    """The trained model's top guesses for the blanks of a few held-out sequences, next to the truth."""
+    from client import Client
+    from trainer.evaluate import spread_ids
+    from trainer.predict import load_model, top_predictions
+
+    print(f"predictions on held-out text ({held['name']!r}, never trained on):")
+    with Client(url) as c:
+        for line in top_predictions(load_model(checkpoint), c, held["name"], spread_ids(held["num_sequences"], count)):
+            print(line)
 
 
 # ---- parser ----------------------------------------------------------------
@@ -392,6 +497,10 @@ def build_parser() -> argparse.ArgumentParser:
     ing.add_argument("name")
     ing.add_argument("files", nargs="+")
     ing.add_argument("--split", default="none", choices=["none", "line", "paragraph"], help="plain text: document boundaries")
+    ing.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
+                     help="send this share of the documents (chosen by a hash of each document) to --holdout-dataset")
+    ing.add_argument("--holdout-dataset", default=None, metavar="NAME",
+                     help="where held-out documents go, created like NAME if missing [default: NAME-heldout]")
     ds.set_defaults(func=cmd_dataset)
 
     mk = sub.add_parser("masks", help="static-mask caches and the masking report")
@@ -433,6 +542,30 @@ def build_parser() -> argparse.ArgumentParser:
     jc.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
     _masking_args(jc)
     jb.set_defaults(func=cmd_jobs)
+
+    ex = sub.add_parser("experiment", help="train and compare masking strategies, with curves")
+    exsub = ex.add_subparsers(dest="experiment", required=True, metavar="EXPERIMENT")
+    sd = exsub.add_parser(
+        "static-vs-dynamic", parents=[conn], help="static (BERT) vs dynamic (RoBERTa) masks: curves and a summary",
+        description="For each seed, train the same model from the same init on the same data order with static "
+        "masks (K cached copies) and with dynamic ones; evaluate every epoch on held-out data and on training "
+        "sequences under unseen masks; write curves.csv, curves.png and summary.md. Run again to resume.",
+    )  # fmt: skip
+    _experiment_args(sd)
+    sd.add_argument("--copies", type=int, default=10, help="static masks per sequence (BERT's dupe_factor)")
+    sd.add_argument("--mlm-probability", type=float, default=0.15)
+    mr = exsub.add_parser(
+        "mask-rate", parents=[conn], help="constant low vs constant high vs a high-to-low schedule of the mask rate",
+        description="For each seed, train the same model from the same init on the same data order at a constant "
+        "low mask rate, a constant high one, and one that moves from high to low over the run (the service's "
+        "mask-rate schedule); evaluate all at the low rate every epoch; write curves.csv, curves.png and "
+        "summary.md. Run again to resume.",
+    )  # fmt: skip
+    _experiment_args(mr)
+    mr.add_argument("--low", type=float, default=0.15, help="the baseline rate, and the evaluation's")
+    mr.add_argument("--high", type=float, default=0.30)
+    mr.add_argument("--schedule", default="linear", choices=["linear", "cosine"], help="how high moves to low")
+    ex.set_defaults(func=cmd_experiment)
 
     bt = sub.add_parser("batch", parents=[conn], help="fetch one masked batch and summarize it")
     bt.add_argument("name")

@@ -90,7 +90,7 @@ class Settings(BaseSettings):
         default=2, ge=1, le=256, description="Threads per process for CPU work (masking, rendering, tokenizing)."
     )
     max_inflight: int = Field(
-        default=64, ge=1, le=65536,
+        default=32, ge=1, le=65536,
         description="Heavy requests (batches, leases, ingest, reports, builds) a process works on at once; "
         "beyond it they get 503 overloaded with Retry-After.",
     )  # fmt: skip

@@ -108,6 +108,10 @@ class DatasetEmpty(ServiceError):
     type, title, status = "dataset-empty", "Dataset has no sequences", 409
 
 
+class SequenceOutOfRange(ServiceError):
+    type, title, status = "sequence-out-of-range", "Sequence id outside the dataset", 422
+
+
 class JobNotFound(NotFound):
     type, title = "job-not-found", "Job not found"
 

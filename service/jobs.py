@@ -33,7 +33,7 @@ JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 class JobConfig(BaseModel):
     dataset: str = Field(description="The dataset the job reads.")
     batch_size: int = Field(default=32, ge=1, description="Sequences per batch.")
-    seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations and the masks.")
+    seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations (and the masks).")
     shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
     epochs: int | None = Field(default=1, ge=1, le=1_000_000, description="Number of epochs; null runs until cancelled.")
     drop_last: bool = Field(default=False, description="Drop the short last batch of each epoch.")
@@ -44,13 +44,23 @@ class JobConfig(BaseModel):
         default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
     )
     masking: MaskingParams = Field(default_factory=MaskingParams)
+    mask_seed: int | None = Field(
+        default=None, ge=0, le=(1 << 64) - 1,
+        description="Seeds the masks (and names the static cache) apart from the order; default `seed`.",
+    )  # fmt: skip
+
+    @property
+    def masks_seed(self) -> int:
+        """The seed the masks are drawn with."""
+        return self.seed if self.mask_seed is None else self.mask_seed
 
     def digest(self) -> str:
-        """What attaching compares. A constant mask rate leaves the schedule fields out, so a job
-        created before schedules existed keeps its digest (and workers can still attach to it)."""
-        exclude = None
+        """What attaching compares. A constant mask rate leaves the schedule fields out, and an unset mask
+        seed leaves that field out, so a job created before either existed keeps its digest (and workers
+        can still attach to it)."""
+        exclude: dict = {"mask_seed": True} if self.mask_seed is None else {}
         if self.masking.schedule == "constant":
-            exclude = {"masking": {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}}
+            exclude["masking"] = {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}
         return hashlib.sha256(self.model_dump_json(exclude=exclude).encode()).hexdigest()[:32]
 
 

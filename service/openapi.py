@@ -31,7 +31,7 @@ from .config import Settings
 from .errors import (
     PROBLEM_JSON, TYPE_BASE, Conflict, DatasetEmpty, DatasetExists, DatasetNotFound, InvalidRequest, InvalidTokenizer,
     JobConflict, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound, Overloaded,
-    PayloadTooLarge, RequestTimeout, ServiceError, StaticMasksMissing, StoreUnavailable, TokenizerFailed,
+    PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable, TokenizerFailed,
     TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
 )  # fmt: skip
 from .work import is_heavy
@@ -68,6 +68,9 @@ ERRORS: dict[str, Errors] = {
     ),  # invalid-tokenizer: the stored tokenizer.json no longer loads (another version of the library)
     "GET /v1/datasets/{name}/batch": (*_PARAMS, LimitExceeded, NotAcceptable, *_OPENED, *_MASKED, *_STORE),
     "POST /v1/datasets/{name}/static-masks": (*_JSON, LimitExceeded, *_OPENED, *_STORE),
+    "POST /v1/datasets/{name}/sequences": (
+        *_JSON, LimitExceeded, NotAcceptable, SequenceOutOfRange, *_OPENED, *_MASKED, *_STORE
+    ),
     "GET /v1/datasets/{name}/static-masks": (DatasetNotFound, *_STORE),
     "DELETE /v1/datasets/{name}/static-masks/{cache}": (*_PARAMS, NotFound, *_STORE),
     "POST /v1/datasets/{name}/masking-report": (*_JSON, LimitExceeded, *_OPENED, *_MASKED, *_STORE),
@@ -298,6 +301,9 @@ def _declare_representations(doc: dict[str, Any]) -> None:
     described = f"The batch: {CONTENT_TYPE} (safetensors), or JSON when the Accept header or `format` asks for it."
     get_batch = paths["/v1/datasets/{name}/batch"]["get"]["responses"]
     get_batch["200"] = {"description": described, "content": batch, "headers": copy.deepcopy(BATCH_HEADERS)}
+    by_id = paths["/v1/datasets/{name}/sequences"]["post"]["responses"]
+    by_id["200"] = {"description": described, "content": copy.deepcopy(batch),
+                    "headers": {k: v for k, v in copy.deepcopy(BATCH_HEADERS).items() if k != "Maskserve-Batch-Index"}}
     lease = paths["/v1/jobs/{name}/next"]["post"]["responses"]
     lease["200"] = {"description": described, "content": copy.deepcopy(batch), "headers": copy.deepcopy(LEASE_HEADERS)}
     lease["204"] = {

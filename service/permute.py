@@ -75,11 +75,37 @@ def batch_ids(seed: int, epoch: int, n: int, batch_size: int, index: int, shuffl
     stop = min(start + batch_size, n)
     if not shuffle:
         return np.arange(start, stop, dtype=np.int64)
+    return _slice(seed, epoch, n, start, stop)
+
+
+def stream_ids(seed: int, index: int, batch_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sequence ids and epochs of batch ``index`` of a stateless stream.
+
+    The stream is the concatenation of epochs 0, 1, ... of the (seed, e)
+    permutations, the same per-epoch order jobs use, cut into batches of
+    ``batch_size``: batch k holds stream positions kB .. kB+B-1, so every
+    sequence appears exactly once per epoch. A batch that straddles an epoch
+    boundary takes the tail of one permutation and the head of the next; each
+    row carries its own epoch (returned alongside the ids).
+    """
+    if n <= 0:
+        raise ValueError("n must be positive")
+    start = index * batch_size
+    positions = start + np.arange(batch_size, dtype=np.int64)
+    epochs = positions // n
+    ids = np.empty(batch_size, dtype=np.int64)
+    for epoch in np.unique(epochs):
+        rows = epochs == epoch
+        first = int(positions[rows][0] - epoch * n)
+        ids[rows] = _slice(seed, int(epoch), n, first, first + int(rows.sum()))
+    return ids, epochs
+
+
+def _slice(seed: int, epoch: int, n: int, start: int, stop: int) -> np.ndarray:
+    """Elements ``start .. stop-1`` of the (seed, epoch) permutation, through the block cache."""
     first, last = start // BLOCK, max(start, stop - 1) // BLOCK
-    if last - first > 1:  # a batch wider than a block: evaluate it directly
+    if last - first > 1:  # a slice wider than a block: evaluate it directly
         return permute(seed, epoch, n, np.arange(start, stop, dtype=np.int64))
     blocks = [_block(seed, epoch, n, k) for k in range(first, last + 1)]
     joined = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
     return joined[start - first * BLOCK : stop - first * BLOCK].copy()
-
-

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 
 DESCRIPTION = """\
@@ -43,6 +44,13 @@ examples:
   # write a checkpoint as a Hugging Face model directory (see python -m trainer export --help)
   python -m trainer export run.pt hf-model/
 
+  # data-parallel on 4 GPUs: each rank a worker of job "pretrain", gradients all-reduced
+  torchrun --nproc-per-node 4 -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000
+
+  # static (BERT) masks, 10 copies, evaluated on a held-out dataset every epoch, curves to a CSV
+  python -m trainer --dataset wikitext --epochs 40 --mode static --copies 10 \\
+      --eval-dataset wikitext-heldout --unseen-eval 256 --metrics-out run.csv
+
 exit status: 0 done (or the job finished), 1 error, 2 bad arguments, 3 the job was cancelled, 130 interrupted
 """
 
@@ -68,15 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bearer token, if the service requires one (env MASKSERVE_TOKEN)")
     g.add_argument("--dataset", required=True, help="name of the dataset on the service")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per batch [default: 32]")
-    g.add_argument("--mlm-probability", type=float, default=None,
-                   help="fraction of tokens masked [default: 0.15]")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the batch stream and of the model init [default: 0]")
+    g.add_argument("--mask-seed", type=int, default=None,
+                   help="seed of the masks (and of the static cache used), apart from the data order [default: --seed]")
     g.add_argument("--prefetch", type=int, default=4, help="batches fetched ahead in the background")
     g.add_argument("--job", metavar="NAME", default=None,
                    help="attach to a shared job (created if missing) instead of sampling batches: every worker "
                         "on the job gets different batches, each sequence once per epoch, acked after each step")
-    g.add_argument("--epochs", type=int, default=1, help="with --job: epochs of a job this worker creates [default: 1]")
+    g.add_argument("--epochs", type=int, default=None,
+                   help="train on every sequence exactly this many times (the run's steps follow from it); "
+                        "with --job: epochs of a job this worker creates [default: 1]")
     g.add_argument("--worker", default=None, help="with --job: this worker's name [default: host:pid:random]")
     g.add_argument("--lease-timeout", type=float, default=60.0,
                    help="with --job: lease timeout (s) of a job this worker creates: a batch not acked by then "
@@ -84,6 +94,43 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-outage", type=float, default=300.0, metavar="SECONDS",
                    help="with --job: keep retrying (and failing over between the --url replicas) this long when "
                         "the service is unreachable or overloaded, then give up")
+    g.add_argument("--ack-every", type=int, default=1, metavar="N",
+                   help="with --job: send acks in groups of N (one fsync per group on a service with durable "
+                        "acks); should this worker die, up to N-1 trained batches are trained again elsewhere")
+
+    g = p.add_argument_group("masking (the service's options; a resumed run must keep its checkpoint's)")
+    g.add_argument("--mlm-probability", type=float, default=None, help="share of tokens to predict [default: 0.15]")
+    g.add_argument("--mode", choices=["dynamic", "static"], default=None,
+                   help="a fresh mask every epoch, or copy epoch mod --copies of a static cache, built here when "
+                        "missing [default: dynamic]")
+    g.add_argument("--copies", type=int, default=None, help="static masks per sequence (BERT's dupe_factor) [default: 10]")
+    g.add_argument("--unit", choices=["token", "whole_word", "span"], default=None, help="[default: token]")
+    g.add_argument("--count", choices=["bernoulli", "exact"], default=None, help="[default: bernoulli]")
+    g.add_argument("--mask-ratio", type=float, default=None, help="selected tokens set to the mask token [default: 0.8]")
+    g.add_argument("--random-ratio", type=float, default=None, help="selected tokens set to a random one [default: 0.1]")
+    g.add_argument("--random-tokens", choices=["uniform", "frequency"], default=None, help="[default: uniform]")
+    g.add_argument("--max-predictions", type=int, default=None, help="cap on tokens to predict per sequence (exact)")
+    g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None,
+                   help="mask-rate schedule of the service: --mlm-probability moves to --mlm-probability-end")
+    g.add_argument("--mlm-probability-end", type=float, default=None, help="the rate a schedule ends at")
+    g.add_argument("--schedule-unit", choices=["epoch", "step"], default=None, help="what a schedule counts")
+    g.add_argument("--schedule-length", type=int, default=None, help="epochs or steps of the schedule")
+
+    g = p.add_argument_group("evaluation (fixed mask sets: the same tokens to predict in every run)")
+    g.add_argument("--eval-dataset", metavar="NAME", default=None,
+                   help="held-out dataset (e.g. made by `maskserve dataset ingest --holdout`)")
+    g.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences evaluated")
+    g.add_argument("--eval-mlm-probability", type=float, default=None,
+                   help="share of tokens predicted in the evaluation sets (the same for runs that train at "
+                        "different rates) [default: --mlm-probability]")
+    g.add_argument("--unseen-eval", type=int, default=0, metavar="N",
+                   help="also evaluate N training sequences under masks no run trains on (0: off)")
+    g.add_argument("--eval-every", default=None, metavar="STEPS|epoch",
+                   help="evaluate every N steps, or at the end of each epoch [default: epoch with --epochs, "
+                        "else only at the end]")
+    g.add_argument("--metrics-out", metavar="FILE", default=None,
+                   help="write step, epoch, split, loss, accuracy, tokens, lr per step and evaluation "
+                        "(CSV, or JSON lines for .jsonl)")
 
     g = p.add_argument_group("model (ignored with --resume: the checkpoint's model is used)")
     g.add_argument("--d-model", type=int, default=256, help="hidden size")
@@ -131,6 +178,27 @@ def _pick(explicit, saved, default):
     return saved if saved is not None else default
 
 
+def _masking(args: argparse.Namespace, saved: dict) -> dict:
+    """The run's masking: the command line, else the checkpoint's, else the service's defaults.
+
+    A resumed run continues its masks: changing any option against the checkpoint is refused
+    (ValueError), since the stream would no longer be the one the run trained on.
+    """
+    from .data import MASKING_DEFAULTS, MASKING_KEYS
+
+    saved_masking = dict(saved.get("masking") or {})
+    if not saved_masking and saved.get("mlm_probability") is not None:  # checkpoints from before the options
+        saved_masking = {"mlm_probability": saved["mlm_probability"]}
+    out = {}
+    for key in MASKING_KEYS:
+        given = getattr(args, key)
+        if given is not None and key in saved_masking and saved_masking[key] != given:
+            raise ValueError(f"--{key.replace('_', '-')} {given} differs from the checkpoint's {saved_masking[key]}: "
+                             "a resumed run keeps its masking (start a new run to change it)")
+        out[key] = _pick(given, saved_masking.get(key), MASKING_DEFAULTS[key])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv)[:1] == ["export"]:  # python -m trainer export CHECKPOINT DIR
         from .export import main as export_main
@@ -142,8 +210,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from .loop import TrainConfig, load_checkpoint, resolve_device, train
-    from .model import EncoderConfig, MaskedLM, describe
+    from .loop import load_checkpoint, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -158,23 +225,61 @@ def main(argv: list[str] | None = None) -> int:
         if saved_data.get("dataset") not in (None, args.dataset):
             return _fail(f"checkpoint {args.resume} was trained on dataset "
                          f"{saved_data['dataset']!r}, not {args.dataset!r}")
-        for name in ("seed", "batch_size", "mlm_probability"):
+        for name in ("seed", "batch_size", "mask_seed", "epochs"):
             given, saved = getattr(args, name), saved_data.get(name)
             if given is not None and saved is not None and given != saved:
                 print(f"trainer: warning: --{name.replace('_', '-')} {given} differs from the "
                       f"checkpoint's {saved}; the data stream will not continue exactly", file=sys.stderr)
+    try:
+        masking = _masking(args, saved_data)
+    except ValueError as exc:
+        return _fail(str(exc))
 
-    seed = _pick(args.seed, saved_data.get("seed"), 0)
-    batch_size = _pick(args.batch_size, saved_data.get("batch_size"), 32)
-    mlm_probability = _pick(args.mlm_probability, saved_data.get("mlm_probability"), 0.15)
-    steps = _pick(args.steps, saved_train.get("steps"), 200)
+    from .evaluate import EVAL_SEED
+
+    if _pick(args.mask_seed, saved_data.get("mask_seed"), _pick(args.seed, saved_data.get("seed"), 0)) == EVAL_SEED:
+        return _fail(f"mask seed {EVAL_SEED} is the one evaluation masks are drawn with; pick another")
+    if args.eval_every not in (None, "epoch") and not (args.eval_every.isdigit() and int(args.eval_every) > 0):
+        return _fail(f"--eval-every takes a number of steps or 'epoch', not {args.eval_every!r}")
     start_step = int(ckpt["step"]) if ckpt else 0
-    if steps <= start_step:
-        return _fail(f"checkpoint is at step {start_step}; pass --steps greater than that to continue")
     try:
         device = resolve_device(args.device)
     except RuntimeError as exc:
         return _fail(str(exc))
+    from . import distributed
+
+    group = distributed.from_env()
+    if group is not None:
+        if not args.job:
+            return _fail("under torchrun every rank is a worker of a shared job: pass --job NAME")
+        if device.type == "cuda":
+            device = torch.device("cuda", group.local_rank)
+        distributed.init(group, device)
+        if not group.leader:  # rank 0 alone logs to files, evaluates and checkpoints
+            args.metrics_out = args.eval_dataset = args.checkpoint = None
+            args.unseen_eval = 0
+        args.worker = args.worker or f"{socket.gethostname()}:{os.getpid()}:rank{group.rank}"
+    try:
+        return _run(args, group, device, ckpt, saved_data, saved_train, masking, start_step)
+    finally:
+        distributed.finish()
+
+
+def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_train: dict, masking: dict,
+         start_step: int) -> int:  # noqa: ANN001 - torch types are imported lazily
+    """Connect, build or restore the model, prepare the data and evaluation, train, report."""
+    import torch
+
+    from . import distributed
+    from .loop import TrainConfig, train
+    from .model import EncoderConfig, MaskedLM, describe
+
+    seed = _pick(args.seed, saved_data.get("seed"), 0)
+    mask_seed = _pick(args.mask_seed, saved_data.get("mask_seed"), seed)
+    batch_size = _pick(args.batch_size, saved_data.get("batch_size"), 32)
+    epochs = _pick(args.epochs, saved_data.get("epochs"), None)
+    eval_every = args.eval_every or ("epoch" if epochs else None)
+    rank = group.rank if group is not None else 0
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -193,6 +298,15 @@ def main(argv: list[str] | None = None) -> int:
             info = client.dataset(args.dataset)
         except MaskserveError as exc:
             return _fail(f"dataset {args.dataset!r} at {args.url}: {exc}")
+        num_sequences = int(info.get("num_sequences") or 0)
+        if num_sequences <= 0:
+            return _fail(f"dataset {args.dataset!r} has no sequences")
+        from .data import steps_for_epochs
+
+        default_steps = steps_for_epochs(epochs, num_sequences, batch_size) if epochs and not args.job else 200
+        steps = _pick(args.steps, saved_train.get("steps"), default_steps)
+        if steps <= start_step:
+            return _fail(f"checkpoint is at step {start_step}; pass --steps greater than that to continue")
 
         if ckpt:
             model_cfg = EncoderConfig(**ckpt["model_config"])
@@ -218,32 +332,68 @@ def main(argv: list[str] | None = None) -> int:
             lr=_pick(args.lr, saved_train.get("lr"), 5e-4),
             warmup_steps=_pick(args.warmup, saved_train.get("warmup_steps"), steps // 10),
             log_every=args.log_every, device=str(device), amp=args.amp,
-            checkpoint=args.checkpoint or args.resume, checkpoint_every=args.checkpoint_every, seed=seed,
+            checkpoint=(args.checkpoint or args.resume) if rank == 0 else None,
+            checkpoint_every=args.checkpoint_every, seed=seed + rank,  # each rank its own dropout stream
         )
 
         def data_state(step: int) -> dict:
             return {"dataset": args.dataset, "seed": seed, "step": step, "job": args.job,
-                    "batch_size": batch_size, "mlm_probability": mlm_probability}
+                    "batch_size": batch_size, "mlm_probability": masking["mlm_probability"],
+                    "mask_seed": mask_seed, "masking": masking, "epochs": epochs}
 
-        print(f"dataset {info.get('name', args.dataset)!r}: {info.get('num_sequences', '?')} sequences "
+        print(f"dataset {info.get('name', args.dataset)!r}: {num_sequences} sequences "
               f"of {info['seq_len']} tokens, vocab {info['vocab_size']} | batch {batch_size}, seed {seed}"
+              + (f", mask seed {mask_seed}" if mask_seed != seed else "")
+              + f" | masking {masking['mode']}"
+              + (f" ({masking['copies']} copies)" if masking["mode"] == "static" else "")
+              + (f" | {epochs} epochs = {steps} steps" if epochs and not args.job else "")
               + (f" | resuming at step {start_step} from {args.resume}" if ckpt else ""))
         print(describe(model))
+
+        from .data import EpochCap, ensure_static_cache, masking_options
+        from .runlog import RunLog
+
+        try:
+            if masking["mode"] == "static":
+                status = ensure_static_cache(client, args.dataset, seed=mask_seed, masking=masking)
+                print(f"static masks: cache {status['cache']}, {status['copies']} copies, complete")
+            runlog = RunLog.open(client, args, masking=masking, device=device, num_sequences=num_sequences,
+                                 batch_size=batch_size, steps=steps, eval_every=eval_every, start_step=start_step)
+        except MaskserveError as exc:
+            return _fail(f"preparing the run at {args.url} failed: {exc}")
 
         stream = None
         trained = False  # the last batch handed to the loop was trained (so closing a job stream acks it)
         try:
+            if start_step == 0:
+                runlog.evaluate(model, 0, final=False)
             if args.job:
-                create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": args.epochs,
-                          "lease_timeout_s": args.lease_timeout, "masking": {"mlm_probability": mlm_probability}}
+                create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": epochs or 1,
+                          "lease_timeout_s": args.lease_timeout, "masking": masking_options(masking)}
+                if mask_seed != seed:
+                    create["mask_seed"] = mask_seed
                 stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch,
-                                    max_outage=args.max_outage)
+                                    max_outage=args.max_outage, ack_every=args.ack_every)
+                runlog.batches_per_epoch = client.job_progress(args.job)["batches_per_epoch"]
             else:
+                options = masking_options(masking)
+                if mask_seed != seed:
+                    options["mask_seed"] = mask_seed
                 stream = client.batches(args.dataset, batch_size=batch_size, seed=seed, start=start_step,
-                                        steps=steps - start_step, prefetch=args.prefetch,
-                                        mlm_probability=mlm_probability)
+                                        steps=steps - start_step, prefetch=args.prefetch, **options)
+                if epochs:
+                    stream = EpochCap(stream, start_step, batch_size, epochs * num_sequences)
             result = train(model, stream, cfg, start_step=start_step,
-                           optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state)
+                           optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state,
+                           rng=ckpt.get("rng") if ckpt and rank == 0 else None, on_step=runlog.on_step,
+                           log=print if rank == 0 else None)
+            if group is not None:
+                synced = distributed.in_sync(model, device)
+                if rank == 0:
+                    print(f"{group.world} ranks trained in lockstep; weights identical on every rank: "
+                          f"{'yes' if synced else 'NO'}")
+            if result.final_step > start_step and runlog.last_eval != result.final_step:
+                runlog.evaluate(model, result.final_step, final=True)
             trained = True
         except JobCancelled:
             print(f"trainer: job {args.job!r} was cancelled; stopping", file=sys.stderr)
@@ -254,6 +404,7 @@ def main(argv: list[str] | None = None) -> int:
             print("trainer: interrupted", file=sys.stderr)
             return 130
         finally:
+            runlog.close()
             if isinstance(stream, JobStream):
                 try:
                     stream.close(ack_current=trained)

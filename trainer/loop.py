@@ -45,6 +45,7 @@ class TrainResult:
 
 
 DataState = Callable[[int], dict] | Mapping[str, Any] | None
+StepHook = Callable[[int, dict[str, Any]], Any]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -96,6 +97,21 @@ def save_checkpoint(path: str | os.PathLike, ckpt: dict) -> None:
     os.replace(tmp, path)
 
 
+def rng_state() -> dict[str, Any]:
+    """The generator states dropout draws from (CPU, and every CUDA device in use): saved in
+    checkpoints so a resumed run draws the very dropout masks the uninterrupted one would."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _data_position(data_state: DataState, step: int) -> dict:
     if data_state is None:
         return {"step": step}
@@ -119,6 +135,8 @@ def train(
     optimizer_state: dict | None = None,
     data_state: DataState = None,
     log: Callable[[str], Any] | None = print,
+    rng: Mapping[str, Any] | None = None,
+    on_step: StepHook | None = None,
 ) -> TrainResult:
     """Train `model` in place from step `start_step` up to cfg.steps.
 
@@ -128,13 +146,23 @@ def train(
     optimizer_state: AdamW state_dict to resume from (checkpoint["optimizer"]).
     data_state: describes where the data stream is, stored in checkpoints as
     checkpoint["data"]; a callable gets the number of completed steps.
+    rng: generator states to resume from (checkpoint["rng"]); without them
+    the dropout stream is seeded from cfg.seed + start_step, which only a run
+    started at step 0 reproduces.
+    on_step: called after each step as ``on_step(steps_done, info)`` with
+    ``info`` = {"loss", "correct" (0-d tensors, not synced), "tokens", "lr",
+    "batch", "metadata" (a client batch's), "model"}, before that step's checkpoint; evaluation may run in it (the
+    model is put back in training mode).
     """
     log = log or (lambda _msg: None)
     if not 0 <= start_step <= cfg.steps:
         raise ValueError(f"start_step {start_step} is outside [0, {cfg.steps}]")
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed + start_step)  # dropout stream
     model.to(device)
+    if rng is not None:
+        set_rng_state(rng)
+    else:
+        torch.manual_seed(cfg.seed + start_step)  # dropout stream
     model.train()
 
     use_amp = cfg.amp and device.type == "cuda"
@@ -163,8 +191,16 @@ def train(
                           "last_lr": lr_at(max(step - 1, 0), cfg)},
             "step": step,
             "data": _data_position(data_state, step),
+            "rng": rng_state(),
         })
         log(f"checkpoint: step {step} -> {cfg.checkpoint}")
+
+    from . import distributed
+
+    ddp = distributed.active()
+    net: torch.nn.Module = model
+    if ddp:  # gradients averaged across ranks in backward; the optimizer and checkpoints see `model`
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     precision = "bf16 autocast" if use_amp else "fp32"
     log(f"training on {device} ({precision}) | {model.num_parameters() / 1e6:.2f}M params "
@@ -188,24 +224,34 @@ def train(
         while step < cfg.steps:
             t_wait = time.perf_counter()
             try:
-                batch = next(it)
+                raw = next(it)
             except StopIteration:
-                log(f"data stream ended after step {step}; stopping early")
-                break
+                raw = None
             except BaseException:
                 # Between steps the model and optimizer are consistent: keep the
                 # progress so a run cut off by the data source can be resumed.
                 if cfg.checkpoint and step > start_step:
                     checkpoint(step)
                 raise
-            batch = _to_device(batch, device)
+            idle = False
+            if ddp:  # every rank steps while any rank has a batch: one without joins with an empty one
+                if raw is None and not distributed.any_has(False, device):
+                    log(f"data stream ended after step {step}; stopping early")
+                    break
+                if raw is not None:
+                    distributed.any_has(True, device)
+                idle = raw is None
+            elif raw is None:
+                log(f"data stream ended after step {step}; stopping early")
+                break
+            batch = _to_device(raw, device) if not idle else distributed.empty_batch(model.config.max_len, device)
             window_data_t += time.perf_counter() - t_wait
 
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast():
-                _, loss = model(batch["input_ids"], batch["attention_mask"], batch["labels"])
+                logits, loss = net(batch["input_ids"], batch["attention_mask"], batch["labels"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip and cfg.grad_clip > 0:
@@ -213,11 +259,20 @@ def train(
             optimizer.step()
             step += 1
 
+            if idle:  # an empty step to keep the ranks' all-reduces paired: nothing to count
+                result.final_step = step
+                continue
             window_losses.append(loss.detach())
             window_tokens += batch["attention_mask"].sum()
             window_seqs += batch["input_ids"].shape[0]
             total_seqs += batch["input_ids"].shape[0]
             result.final_step = step
+            if on_step is not None:
+                labels = batch["labels"]
+                targets = labels[labels != -100]
+                correct = (logits.detach().argmax(dim=-1) == targets).sum()
+                on_step(step, {"loss": loss.detach(), "correct": correct, "tokens": targets.numel(), "lr": lr,
+                               "batch": batch, "metadata": getattr(raw, "metadata", None), "model": model})
 
             if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
                 values = flush_losses()  # syncs with the device
@@ -248,5 +303,5 @@ def train(
 
 __all__ = [
     "TrainConfig", "TrainResult", "train", "lr_at", "param_groups",
-    "load_checkpoint", "save_checkpoint", "resolve_device",
+    "load_checkpoint", "save_checkpoint", "resolve_device", "rng_state", "set_rng_state",
 ]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import secrets
 
+import numpy as np
+
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import Fetched, drawn, fetched, outputs, render
+from ..batching import Fetched, drawn, fetched_rows, outputs, render
 from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
-from ..rng import sample_ids
+from ..permute import stream_ids
 from ..schemas import MaskingParams, OutputParams
 
 router = APIRouter(prefix="/v1/datasets", tags=["batches"])
@@ -23,10 +25,14 @@ MAX_SEED = (1 << 64) - 1
 class BatchQuery(MaskingParams, OutputParams):
     size: int = Field(default=32, ge=1, description="Batch size B.")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Omit for a fresh random seed (echoed back).")
-    index: int = Field(default=0, ge=0, description="Batch number: which B sequences (seed, index) draws.")
+    index: int = Field(
+        default=0, ge=0, le=1 << 40,
+        description="Batch number: stream positions index*B .. index*B+B-1 of the seed's per-epoch permutations.",
+    )  # fmt: skip
     epoch: int | None = Field(
-        default=None, ge=0, description="Mask epoch; default index * B // num_sequences (a pass over the data)."
+        default=None, ge=0, description="Mask epoch for every row; default each row's pass over the data."
     )
+    mask_seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seeds the masks; default `seed`.")
     format: str | None = Field(default=None, pattern="^(safetensors|json)$", description="Overrides the Accept header.")
 
 
@@ -88,10 +94,12 @@ async def get_batch(name: str, request: Request) -> Response:
     seed = secrets.randbits(63) if q.seed is None else q.seed
 
     async def draw(ds: Fetched, checked: bool) -> tuple[bytes, int]:
-        epoch = q.index * q.size // ds.num_sequences if q.epoch is None else q.epoch
-        seq_ids = sample_ids(seed, q.index, q.size, ds.num_sequences)
-        compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=q, spec=spec, checked=checked,
-                                step=q.index)  # fmt: skip
+        seq_ids, epochs = stream_ids(seed, q.index, q.size, ds.num_sequences)
+        epoch = int(epochs[0]) if q.epoch is None else q.epoch
+        mask_epochs = epochs if q.epoch is None else np.full_like(epochs, q.epoch)
+        mask_seed = seed if q.mask_seed is None else q.mask_seed
+        compute = await fetched_rows(catalog, ds, seq_ids, mask_epochs, seed=mask_seed, params=q, spec=spec,
+                                     checked=checked, step=q.index)  # fmt: skip
         meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
                 "mode": q.mode}  # fmt: skip
         body = await work.run(lambda: render(outputs(compute(), seq_ids, q, ds.rt.vocab.pad_id), meta, as_json),

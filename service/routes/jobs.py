@@ -82,14 +82,14 @@ async def create_job(
 async def _check_static_cache(catalog: Any, cfg: JobConfig, num_chunks: int) -> None:
     """A static job serves from a cache built beforehand: refuse to create one whose cache is not complete."""
     m = cfg.masking
-    cache = cache_id(m.spec(), cfg.seed, m.copies)
+    cache = cache_id(m.spec(), cfg.masks_seed, m.copies)
     meta = await catalog.store.mask_cache(cfg.dataset, cache)
     if meta is None or int(meta["built"]) < num_chunks:
         built = 0 if meta is None else int(meta["built"])
         raise StaticMasksMissing(
             f"static masks (cache {cache}) of dataset {cfg.dataset!r} cover {built} of {num_chunks} chunks: "
             f"build them first (POST /v1/datasets/{cfg.dataset}/static-masks with the job's masking config, "
-            f"seed {cfg.seed} and copies {m.copies})", dataset=cfg.dataset, cache=cache,
+            f"seed {cfg.masks_seed} and copies {m.copies})", dataset=cfg.dataset, cache=cache,
         )  # fmt: skip
 
 
@@ -190,7 +190,7 @@ async def _serve(
     rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
     ds = Fetched(rt, st["n"], st["num_chunks"])
     seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
-    compute = await fetched(catalog, ds, seq_ids, seed=cfg.seed, epoch=lease.epoch, params=params, spec=spec,
+    compute = await fetched(catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch, params=params, spec=spec,
                             step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip

@@ -1,0 +1,266 @@
+"""The trainer against a real service: masking options, static mode, fixed-mask evaluation,
+bit-exact resume, the held-out split at ingest, and the static-vs-dynamic experiment."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import numpy as np
+import pytest
+import torch
+
+from client import Client
+from service.cli import main as maskserve
+from service.holdout import held_out
+from trainer.__main__ import main as trainer
+from trainer.evaluate import EVAL_SEED, fetch_set, read_metrics
+from trainer.loop import load_checkpoint
+
+SEQ_LEN = 32
+TINY = ["--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32", "--device", "cpu", "--threads", "1",
+        "--prefetch", "2", "--log-every", "5"]  # fmt: skip
+
+
+@pytest.fixture
+def data(client, bpe_tokenizer, corpus):
+    """A small training dataset and a held-out one (split at ingest by document)."""
+    name = f"tr-{uuid.uuid4().hex[:10]}"
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+    held = f"{name}-held"
+    client.create_dataset(held, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+    docs = [{"text": t} for t in corpus[:60]]
+    client.ingest(name, [d for d in docs if not held_out(d, 0.2)])
+    client.ingest(held, [d for d in docs if held_out(d, 0.2)])
+    return {"train": client.dataset(name), "held": client.dataset(held)}
+
+
+@pytest.fixture
+def served(monkeypatch):
+    """Every batch the trainer's client received from the service, in order."""
+    seen = []
+    real = Client.batch
+
+    def batch(self, *args, **kwargs):
+        b = real(self, *args, **kwargs)
+        seen.append((args, kwargs, b))
+        return b
+
+    monkeypatch.setattr(Client, "batch", batch)
+    return seen
+
+
+def test_every_masking_option_reaches_the_service(service_url, client, data, served, tmp_path):
+    name = data["train"]["name"]
+    options = {"mlm_probability": 0.4, "unit": "whole_word", "count": "exact", "mask_ratio": 0.5,
+               "random_ratio": 0.5, "random_tokens": "frequency", "max_predictions": 3}  # fmt: skip
+    flags = [x for k, v in options.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    assert trainer(["--url", service_url, "--dataset", name, "--steps", "4", "--batch-size", "8", "--seed", "6",
+                    "--mask-seed", "8", *flags, *TINY]) == 0  # fmt: skip
+    received = sorted(served, key=lambda e: e[2].index)  # prefetched: recorded as they came; and the test's
+    # own requests below are recorded too
+    assert len(received) == 4
+    for _, kwargs, b in received:
+        assert {k: kwargs[k] for k in options} == options and kwargs["mask_seed"] == 8
+        again = client.batch(name, 8, seed=6, index=b.index, mask_seed=8, **options)
+        np.testing.assert_array_equal(b["labels"], again["labels"])
+        np.testing.assert_array_equal(b["input_ids"], again["input_ids"])
+        selected = b["labels"] != -100
+        assert (selected.sum(axis=1) <= 3).all() and selected.sum(axis=1).max() == 3  # exact, capped
+        # mask_ratio + random_ratio = 1: no selected token stays (a random draw may hit the original rarely)
+        assert (b["input_ids"][selected] != b["labels"][selected]).mean() > 0.9
+    default = client.batch(name, 8, seed=6, index=0)
+    np.testing.assert_array_equal(default["sequence_ids"], received[0][2]["sequence_ids"])
+    assert not np.array_equal(default["labels"], received[0][2]["labels"])
+
+
+def test_static_mode_builds_its_cache_and_serves_it(service_url, client, data, served, capsys, monkeypatch):
+    import trainer.loop as loop
+
+    trained = []  # rows of each batch the loop trained on
+    real = loop._to_device
+    monkeypatch.setattr(loop, "_to_device", lambda batch, device: trained.append(len(batch)) or real(batch, device))
+    name = data["train"]["name"]
+    n = data["train"]["num_sequences"]
+    assert client.static_masks(name) == []
+    assert trainer(["--url", service_url, "--dataset", name, "--epochs", "3", "--batch-size", "16", "--mode",
+                    "static", "--copies", "2", "--seed", "1", *TINY]) == 0  # fmt: skip
+    assert "static masks: cache" in capsys.readouterr().out
+    (cache,) = client.static_masks(name)
+    assert cache["complete"] and cache["copies"] == 2 and cache["seed"] == 1
+    served = sorted(served, key=lambda e: e[2].index)
+    assert len(trained) == len(served) == -(-3 * n // 16)
+    assert sum(trained) == 3 * n  # epoch-exact: the last batch was cut at 3 N rows
+    ids = np.concatenate([b["sequence_ids"] for _, _, b in served])
+    for epoch in range(3):
+        assert sorted(ids[epoch * n : (epoch + 1) * n].tolist()) == list(range(n))
+    # each row carries copy (its epoch mod 2): epochs 0 and 2 serve the same masks
+    labels: dict[int, list[np.ndarray]] = {}
+    stacked = np.concatenate([b["labels"] for _, _, b in served])[: 3 * n]
+    for sid, row in zip(ids[: 3 * n], stacked):
+        labels.setdefault(int(sid), []).append(row)
+    for sid, per_epoch in labels.items():
+        assert len(per_epoch) == 3
+        np.testing.assert_array_equal(per_epoch[0], per_epoch[2])
+
+
+def test_fixed_mask_evaluation_is_identical_across_runs(service_url, client, data, tmp_path):
+    train, held = data["train"]["name"], data["held"]["name"]
+    a = fetch_set(client, "heldout", held, list(range(10)), {"mlm_probability": 0.15})
+    b = fetch_set(client, "heldout", held, list(range(10)), {"mlm_probability": 0.15, "mode": "static"})
+    for x, y in zip(a.batches, b.batches):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    common = ["--url", service_url, "--dataset", train, "--eval-dataset", held, "--unseen-eval", "20",
+              "--eval-every", "3", "--steps", "6", "--batch-size", "8", *TINY]  # fmt: skip
+    runs = {}
+    for run, extra in (("one", []), ("two", []), ("static", ["--mode", "static", "--copies", "5"])):
+        out = tmp_path / f"{run}.csv"
+        assert trainer([*common, "--metrics-out", str(out), *extra]) == 0
+        runs[run] = read_metrics(out)
+    evals = [r for r in runs["one"] if r["split"] != "train"]
+    assert {r["split"] for r in evals} == {"heldout", "unseen"} and {r["step"] for r in evals} == {0, 3, 6}
+    assert runs["one"] == runs["two"]  # same seed: the same run, to the last digit
+    # static with K=5 serves dynamic's masks in epoch 0: the same run too
+    assert runs["static"] == runs["one"]
+    assert all(r["tokens"] > 0 for r in evals)
+
+
+def test_eval_seed_is_refused_for_training(service_url, data, capsys):
+    assert trainer(["--url", service_url, "--dataset", data["train"]["name"], "--mask-seed", str(EVAL_SEED),
+                    *TINY]) == 1  # fmt: skip
+    assert "evaluation" in capsys.readouterr().err
+
+
+def test_resume_is_bit_exact_with_dropout_through_the_service(service_url, data, tmp_path, monkeypatch):
+    import shutil
+
+    import trainer.loop as loop
+
+    name = data["train"]["name"]
+    common = ["--url", service_url, "--dataset", name, "--batch-size", "8", "--seed", "4", "--dropout", "0.2",
+              "--steps", "8", "--mode", "static", "--copies", "2", "--eval-dataset", data["held"]["name"],
+              "--eval-every", "2", "--checkpoint-every", "4", *TINY]  # fmt: skip
+    real_save = loop.save_checkpoint
+
+    def save(path, ckpt):  # keep the step-4 checkpoint: where an interrupted run would resume
+        real_save(path, ckpt)
+        if ckpt["step"] == 4:
+            shutil.copy(path, tmp_path / "at4.pt")
+
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    straight, metrics = tmp_path / "straight.pt", tmp_path / "straight.csv"
+    assert trainer([*common, "--checkpoint", str(straight), "--metrics-out", str(metrics)]) == 0
+    resumed_metrics = tmp_path / "resumed.csv"
+    shutil.copy(metrics, resumed_metrics)  # rows past step 4 are in the file, as after a crash
+    assert trainer([*common, "--resume", str(tmp_path / "at4.pt"), "--metrics-out", str(resumed_metrics)]) == 0
+
+    a, b = load_checkpoint(straight), load_checkpoint(tmp_path / "at4.pt")
+    assert a["step"] == b["step"] == 8
+    for key, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][key]), key
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    assert read_metrics(resumed_metrics) == read_metrics(metrics)
+
+
+def test_masking_change_on_resume_is_refused(service_url, data, tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    base = ["--url", service_url, "--dataset", data["train"]["name"], "--batch-size", "8", *TINY]
+    assert trainer([*base, "--steps", "2", "--unit", "whole_word", "--checkpoint", str(path)]) == 0
+    capsys.readouterr()
+    assert trainer([*base, "--steps", "4", "--resume", str(path), "--unit", "span"]) == 1
+    assert "keeps its masking" in capsys.readouterr().err
+    assert load_checkpoint(path)["data"]["masking"]["unit"] == "whole_word"
+
+
+def test_holdout_split_puts_no_document_in_both(service_url, client, bpe_tokenizer, tmp_path, capsys):
+    # one document per sequence (packing none), pre-tokenized so that sequences can be compared
+    rng = np.random.default_rng(0)
+    docs = [{"ids": rng.integers(300, 1500, size=int(rng.integers(3, 20))).tolist()} for _ in range(300)]
+    docs += docs[:40]  # duplicates must land where their first copy did
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    client.create_dataset("split", tokenizer=bpe_tokenizer, seq_len=SEQ_LEN, packing="none")
+    assert maskserve(["dataset", "ingest", "split", str(path), "--holdout", "0.2", "--holdout-dataset",
+                      "split-held", "--url", service_url]) == 0  # fmt: skip
+    assert "created 'split-held'" in capsys.readouterr().out
+    train, held = client.dataset("split"), client.dataset("split-held")
+    assert train["num_documents"] + held["num_documents"] == len(docs)
+    assert 0.1 < held["num_documents"] / len(docs) < 0.3
+    assert held["special_tokens"] == train["special_tokens"] and held["seq_len"] == SEQ_LEN
+
+    def rows(name: str, n: int) -> set[tuple[int, ...]]:
+        b = client.sequences(name, list(range(n)), mlm_probability=0.0)
+        return {tuple(r[m.astype(bool)].tolist()) for r, m in zip(b["input_ids"], b["attention_mask"])}
+
+    in_train, in_held = rows("split", train["num_sequences"]), rows("split-held", held["num_sequences"])
+    assert in_train and in_held and not in_train & in_held
+    # the split is a function of the document alone
+    assert all(held_out(d, 0.2) == held_out(dict(d), 0.2) for d in docs[:40])
+
+
+@pytest.mark.slow
+def test_experiment_static_vs_dynamic_end_to_end(service_url, data, tmp_path, capsys):
+    out = tmp_path / "svd"
+    argv = ["experiment", "static-vs-dynamic", "--url", service_url, "--dataset", data["train"]["name"],
+            "--eval-dataset", data["held"]["name"], "--epochs", "3", "--copies", "2", "--seeds", "0,1",
+            "--out", str(out), "--batch-size", "16", "--d-model", "16", "--layers", "1", "--heads", "2",
+            "--d-ff", "32", "--eval-sequences", "16", "--unseen-eval", "16"]  # fmt: skip
+    assert maskserve(argv) == 0
+    for f in ("curves.csv", "curves.png", "summary.md", "runs/static-seed1.csv", "runs/dynamic-seed0.pt"):
+        assert (out / f).exists(), f
+    curves = (out / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("variant,seed,epoch,train_loss")
+    assert len(curves) == 1 + 2 * 2 * 4  # modes x seeds x epochs 0..3
+    rows = [dict(zip(curves[0].split(","), line.split(","))) for line in curves[1:]]
+    for seed in ("0", "1"):
+        at = {(r["variant"], r["epoch"]): r for r in rows if r["seed"] == seed}
+        # K=2: static's copies are dynamic's masks of epochs 0 and 1, so the runs agree exactly until
+        # the masks repeat (the last batch of epoch 2 already holds rows of epoch 3)
+        for key in ("train_loss", "heldout_loss", "unseen_loss"):
+            assert at[("static", "1")][key] == at[("dynamic", "1")][key]
+        assert at[("static", "3")]["train_loss"] != at[("dynamic", "3")]["train_loss"]
+    summary = (out / "summary.md").read_text()
+    assert "## static − dynamic" in summary and "seed-to-seed spread" in summary
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    # run again: every run is finished, nothing is trained (also one that stopped before it was marked done)
+    (out / "runs" / "static-seed0.done").unlink()
+    capsys.readouterr()
+    assert maskserve(argv) == 0
+    assert capsys.readouterr().out.count("finished earlier") == 3
+    assert (out / "runs" / "static-seed0.done").exists()
+    assert (out / "curves.csv").read_text().splitlines() == curves
+
+
+def test_predictions_show_truth_and_guesses_for_masked_text(client, data, tmp_path):
+    from trainer.model import EncoderConfig, MaskedLM
+    from trainer.predict import top_predictions
+
+    held = data["held"]
+    torch.manual_seed(0)
+    model = MaskedLM(EncoderConfig(vocab_size=held["vocab_size"], max_len=SEQ_LEN, d_model=16, n_layers=1,
+                                   n_heads=2, d_ff=32, pad_id=held["special_tokens"]["pad"])).eval()  # fmt: skip
+    lines = top_predictions(model, client, held["name"], [0, 1], k=2, blanks=3)
+    texts = [line for line in lines if line.startswith("  sequence ")]
+    blanks = [line for line in lines if line.startswith("    blank ")]
+    assert len(texts) == 2 and all("<mask>" in t for t in texts)  # blanks are shown as the mask token
+    assert 2 <= len(blanks) <= 6
+    assert all("truth " in b and b.count(", ") >= 1 for b in blanks)  # the truth and k=2 guesses
+
+
+@pytest.mark.slow
+def test_experiment_mask_rate_evaluates_every_run_at_the_low_rate(service_url, data, tmp_path):
+    out = tmp_path / "rate"
+    argv = ["experiment", "mask-rate", "--url", service_url, "--dataset", data["train"]["name"],
+            "--eval-dataset", data["held"]["name"], "--epochs", "2", "--seeds", "0", "--out", str(out),
+            "--batch-size", "32", "--d-model", "16", "--layers", "1", "--heads", "2", "--d-ff", "32",
+            "--eval-sequences", "16", "--unseen-eval", "16", "--low", "0.15", "--high", "0.4"]  # fmt: skip
+    assert maskserve(argv) == 0
+    runs = {v: read_metrics(out / "runs" / f"{v}-seed0.csv") for v in ("p0.15", "p0.4", "p0.4-to-0.15")}
+    start = {v: [r for r in rows if r["step"] == 0] for v, rows in runs.items()}
+    # same init, and every run's evaluation sets are masked at the low rate: identical before training
+    assert start["p0.15"] == start["p0.4"] == start["p0.4-to-0.15"] and len(start["p0.15"]) == 2
+    first_low = next(r for r in runs["p0.15"] if r["split"] == "train")
+    first_high = next(r for r in runs["p0.4"] if r["split"] == "train")
+    assert first_high["tokens"] > 2 * first_low["tokens"]  # the runs trained at their own rates
+    summary = (out / "summary.md").read_text()
+    assert "# Mask-rate schedules" in summary and "## p0.4-to-0.15 − p0.15" in summary
