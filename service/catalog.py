@@ -153,6 +153,11 @@ class Catalog:
         meta = await self.store.meta(name)
         if meta is None:
             raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        if "chunk_groups" not in meta:  # written before chunks were spread over groups
+            raise Conflict(
+                f"dataset {name!r} was stored by an earlier version, whose key layout this one does not read: "
+                f"delete it and ingest it again", dataset=name,
+            )  # fmt: skip
         special = meta["special_tokens"]
         vocab = Vocab.build(meta["vocab_size"], meta["all_special_ids"], special["mask"], special["pad"])
         rt = DatasetRuntime(name=name, uid=meta["uid"], meta=meta, vocab=vocab, id_dtype=np.dtype(meta["id_dtype"]))

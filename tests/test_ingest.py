@@ -628,3 +628,22 @@ def test_ingest_batches_are_bounded_in_documents_too():
 
     asyncio.run(run_pipeline(Recorder(), docs(), 1 << 20, stage, batch_docs=1000))
     assert fed == [1000, 1000, 500]
+
+
+def test_a_dataset_of_the_earlier_key_layout_is_refused_with_a_clear_conflict(client, rdb, settings, bpe_tokenizer,
+                                                                              corpus):
+    """Metadata written before chunks were spread over chunk groups (no ``chunk_groups``): batches and
+    ingests answer 409 saying to re-ingest, rather than failing inside."""
+    name = f"old-{uuid.uuid4().hex[:8]}"
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=64)
+    client.ingest(name, corpus[:20])
+    meta_key = Keys(settings.key_prefix).ds(name, "meta")
+    rdb.hdel(meta_key, "chunk_groups")
+    fresh = ServerThread(settings)  # a process that has not cached the dataset
+    with fresh:
+        batch = httpx.get(f"{fresh.url}/v1/datasets/{name}/batch", params={"size": 2}, timeout=30)
+        ingest = httpx.post(f"{fresh.url}/v1/datasets/{name}/documents", content=b'{"text": "more"}\n',
+                            headers={"Content-Type": "application/x-ndjson"}, timeout=30)  # fmt: skip
+    for r in (batch, ingest):
+        assert r.status_code == 409, r.text
+        assert r.json()["type"] == "urn:maskserve:problem:conflict" and "ingest it again" in r.json()["detail"]
