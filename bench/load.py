@@ -22,7 +22,9 @@ and workers together) every 50 ms. Reported per run:
   rendered batch; see "Capacity and limits").
 
 The load generator shares the machine with the service: on a 2-core host the
-figures are those of the pair, and the same for every run.
+figures are those of the pair, and the same for every run. The client processes
+run at a lower priority (``--client-nice``, default 10), standing for clients on
+other machines; the probe runs at normal priority, as a health checker would.
 
     .venv/bin/python bench/load.py --embedded
     .venv/bin/python bench/load.py --levels 4 64 --shapes 64x128 --seconds 5
@@ -190,12 +192,15 @@ async def _load(url: str, name: str, run: Run, seconds: float, warmup: float) ->
     run.seconds = seconds
 
 
-def _load_part(url: str, name: str, run: Run, seconds: float, warmup: float, out: mp.Queue) -> None:  # noqa: ANN001
+def _load_part(url: str, name: str, run: Run, seconds: float, warmup: float, nice: int,
+               out: mp.Queue) -> None:  # noqa: ANN001 - multiprocessing types
+    if nice:
+        os.nice(nice)  # the clients stand for other machines: on a shared host they yield the CPU first
     asyncio.run(_load(url, name, run, seconds, warmup))
     out.put(run)
 
 
-def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, procs: int) -> Run:
+def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, procs: int, nice: int) -> Run:
     """The load from ``procs`` processes (one event loop cannot drive hundreds of clients alone), the
     health probe from another; their figures merged into ``run``."""
     ctx = mp.get_context("spawn")
@@ -206,7 +211,7 @@ def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, pr
     sampler.start()
     shares = [run.clients // procs + (i < run.clients % procs) for i in range(procs)]
     loaders = [ctx.Process(target=_load_part, args=(svc.url, name, Run(run.workers, run.batch, run.seq_len, n),
-                                                    seconds, warmup, parts))  # fmt: skip
+                                                    seconds, warmup, nice, parts))  # fmt: skip
                for n in shares if n]
     try:
         for p in loaders:
@@ -267,6 +272,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=8.0, help="measured load per (workers, shape, level)")
     p.add_argument("--warmup", type=float, default=3.0, help="unmeasured load before each measurement")
     p.add_argument("--client-procs", type=int, default=4, help="processes the clients are spread over")
+    p.add_argument("--client-nice", type=int, default=10,
+                   help="niceness of the client processes (they stand for other machines; 0: same priority)")
     p.add_argument("--corpus-mb", type=float, default=4.0, help="text ingested per dataset")
     args = p.parse_args()
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
@@ -290,7 +297,7 @@ def main() -> None:
                 for b, L in shapes:
                     for level in args.levels:
                         run = measure(svc, names[L], Run(workers, b, L, level), args.seconds, args.warmup,
-                                      args.client_procs)  # fmt: skip
+                                      args.client_procs, args.client_nice)  # fmt: skip
                         runs.append(run)
                         print(report_line(run), flush=True)
     print()
