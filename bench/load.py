@@ -7,8 +7,8 @@ concurrency (``--levels``, default 4 16 64 256), that many clients (asyncio task
 spread over ``--client-procs`` processes, each client with its own connection) pull
 batches back to back for
 ``--warmup`` + ``--seconds`` (only the last ``--seconds`` are measured); a client
-told 503 ``overloaded`` waits its ``Retry-After`` and asks again, as the thin
-client does. Meanwhile a separate process probes ``/healthz``
+told 503 ``overloaded`` waits as advised (``Maskserve-Retry-After-Ms``, else
+``Retry-After``) and asks again, as the thin client does. Meanwhile a separate process probes ``/healthz``
 every 20 ms, and this process samples the service's resident memory (manager
 and workers together) every 50 ms. Reported per run:
 
@@ -178,8 +178,9 @@ async def _client(url: str, name: str, run: Run, window: tuple[float, float], rn
                 kind = r.json()["type"].rsplit(":", 1)[-1]
             if counted:
                 run.errors[kind] += 1
-            if "Retry-After" in r.headers:
-                await asyncio.sleep(min(float(r.headers["Retry-After"]), max(0.0, closes - time.monotonic())))
+            hint = r.headers.get("Maskserve-Retry-After-Ms")  # as the thin client does: the finer hint first
+            wait = int(hint) / 1000 if hint else float(r.headers.get("Retry-After", 0))
+            await asyncio.sleep(min(wait, max(0.0, closes - time.monotonic())))
 
 
 async def _load(url: str, name: str, run: Run, seconds: float, warmup: float) -> None:

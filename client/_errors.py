@@ -18,8 +18,9 @@
                └── OverloadedError       the service is at capacity and did nothing: retry after ``retry_after``
 
 Every :class:`APIError` keeps the problem's stable ``type`` URI, ``title``,
-``detail``, any extension members in ``extra``, and the ``Retry-After`` the
-service advised (seconds) in ``retry_after``.
+``detail``, any extension members in ``extra``, and when the service advised
+to ask again (seconds; ``Maskserve-Retry-After-Ms`` or ``Retry-After``) in
+``retry_after``.
 """
 
 from __future__ import annotations
@@ -141,7 +142,11 @@ def error_from_response(status: int, body: bytes, headers: Any = None) -> APIErr
 
 
 def _retry_after(headers: Any) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds form; an HTTP date is ignored)."""
+    """When to ask again, in seconds: the service's finer ``Maskserve-Retry-After-Ms`` hint where it gives
+    one, else ``Retry-After`` (delta-seconds form; an HTTP date is ignored)."""
+    fine = headers.get("maskserve-retry-after-ms") if headers is not None else None
+    if fine is not None and fine.isdigit():
+        return int(fine) / 1000
     value = headers.get("retry-after") if headers is not None else None
     try:
         return max(0.0, float(value)) if value is not None else None

@@ -8,6 +8,7 @@ With no ``REDIS_URL`` the lifespan starts an embedded server over
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -182,9 +183,11 @@ class Gatekeeper:
             self.metrics.inflight.inc()
         elif heavy:
             self.metrics.overloaded.inc()
+            mean = self.settings.overload_retry_ms
             refusal = Overloaded(
                 f"this process is working on its limit of {self.work.max_inflight} heavy requests",
                 retry_after_s=self.settings.overload_retry_after_s,
+                retry_after_ms=max(1, round(mean * random.uniform(0.5, 1.5))),
             )  # fmt: skip
         if refusal is not None:
             await problem_response(refusal, Request(scope), getattr(refusal, "headers", None))(scope, receive, send)

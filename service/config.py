@@ -98,6 +98,11 @@ class Settings(BaseSettings):
         default=16384, ge=0, description="Batches of at most this many tokens (B x L) are masked on the event loop."
     )
     overload_retry_after_s: int = Field(default=1, ge=1, le=3600, description="Retry-After of an overloaded 503.")
+    overload_retry_ms: int = Field(
+        default=200, ge=1, le=3_600_000,
+        description="Mean of the Maskserve-Retry-After-Ms hint of an overloaded 503 (drawn within +-50%, so "
+        "refused clients do not come back in one wave).",
+    )  # fmt: skip
     redis_max_connections: int = Field(default=256, ge=4, le=65536, description="Redis connections per process.")
     redis_pool_timeout_s: float = Field(
         default=5, gt=0, le=600, description="Longest wait for a free pooled connection; then 503 overloaded."

@@ -141,9 +141,11 @@ class Overloaded(ServiceError):
 
     type, title, status = "overloaded", "The service is at capacity; retry later", 503
 
-    def __init__(self, detail: str, retry_after_s: int = 1, **extra: Any) -> None:
+    def __init__(self, detail: str, retry_after_s: int = 1, retry_after_ms: int | None = None, **extra: Any) -> None:
         super().__init__(detail, retry_after_s=retry_after_s, **extra)
         self.headers = {"Retry-After": str(retry_after_s)}
+        if retry_after_ms is not None:  # finer than Retry-After's whole seconds: clients come back sooner
+            self.headers["Maskserve-Retry-After-Ms"] = str(retry_after_ms)
 
 
 class RequestTimeout(ServiceError):
