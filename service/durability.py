@@ -21,15 +21,20 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import AskError, ClusterDownError, MaxConnectionsError, NoScriptError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import TryAgainError
 
-from .errors import StoreUnavailable
+from .errors import PoolExhausted, StoreUnavailable
 
 log = logging.getLogger("maskserve")
 
 Mode = Literal["auto", "require", "off"]
+_REDIRECTS = 2  # a script answered MOVED or ASK (its slot moved) is sent again this many times
 Confirm = Callable[[], Awaitable[None]]
 
 
@@ -61,15 +66,11 @@ class Durability:
         if self.mode == "off":
             self.enabled, self.reason, self.probed = False, "disabled by configuration", True
             return self
-        if self.cluster:  # WAITAOF covers its own connection's writes: one per master, not done here yet
-            self.enabled, self.reason = False, "cluster mode: acks are confirmed once applied on their master"
-            if self.mode == "require":
-                raise DurabilityError(f"MASKSERVE_DURABLE_ACKS=require, but {self.reason}")
-            log.warning("acks are confirmed before they are fsynced: %s", self.reason)
-            return self
         try:
-            _, replicas = await self.r.execute_command("WAITAOF", 1, self.replicas, 1)
+            replicas = min(reply[1] for reply in await self._probe_masters())
             self.enabled, self.reason = True, "WAITAOF: confirmed once in the append-only file on disk"
+            if self.cluster:
+                self.reason += " on the job's master"
             if int(replicas) < self.replicas:
                 log.warning("only %s of the %d replicas asked for have the AOF; acks wait for them (503 after %d ms)",
                             replicas, self.replicas, self.timeout_ms)  # fmt: skip
@@ -88,6 +89,13 @@ class Durability:
         if not self.enabled:
             log.warning("acks are confirmed before they are fsynced: %s", self.reason)
         return self
+
+    async def _probe_masters(self) -> list[Any]:
+        """``WAITAOF 1 replicas 1`` on the server, or on every master of a cluster (each job lives on one)."""
+        if not self.cluster:
+            return [await self.r.execute_command("WAITAOF", 1, self.replicas, 1)]
+        replies = await self.r.execute_command("WAITAOF", 1, self.replicas, 1, target_nodes=RedisCluster.PRIMARIES)
+        return list(replies.values()) if isinstance(replies, dict) else [replies]
 
     async def ensure(self) -> None:
         """Probe when nothing is known yet, and, while durability is required but missing, every time (it
@@ -114,26 +122,62 @@ class Durability:
             await self.ensure()
         if not (durable and self.enabled):
             return await script(keys=keys, args=args), confirmed
-        # Two round trips on one connection of the pool (WAITAOF covers the writes of its own connection).
-        # Not one pipeline: a WAITAOF read together with the write blocks before that write reaches the AOF,
-        # and the server then wakes it only at its next cron tick (100 ms at hz 10) rather than at the fsync.
-        pool = self.r.connection_pool
-        conn = await pool.get_connection()  # checked by the pool (a server restart closes connections)
-        try:
-            out = await _evalsha(conn, script, keys, args)
-        except BaseException:
-            await conn.disconnect()  # an answer may be left unread on it
-            await pool.release(conn)
-            raise
-        waiting = asyncio.ensure_future(self._wait(conn))
+        # Two round trips on one connection (WAITAOF covers the writes of its own connection): one of the
+        # pool, or on a cluster one to the master of the script's slot. Not one pipeline: a WAITAOF read
+        # together with the write blocks before that write reaches the AOF, and the server then wakes it
+        # only at its next cron tick (100 ms at hz 10) rather than at the fsync.
+        for attempt in range(_REDIRECTS + 1):
+            conn, release = await self._checkout(keys[0])
+            try:
+                out = await _evalsha(conn, script, keys, args)
+                break
+            except BaseException as exc:
+                await conn.disconnect()  # an answer may be left unread on it
+                await release(conn)
+                # On a cluster the slot may have moved (a failover, a resharding): MOVED, ASK, TRYAGAIN and
+                # CLUSTERDOWN answers mean the script did not run, so it is sent again once the cluster client
+                # has learnt the slot's owner; a lost node is relearnt too, but the request fails (the script
+                # may have run; the caller's retry is safe).
+                redirected = self.cluster and isinstance(exc, (AskError, TryAgainError, ClusterDownError))
+                if redirected or (self.cluster and isinstance(exc, (RedisConnectionError, RedisTimeoutError))):
+                    await self._relearn(keys[0])
+                if not redirected or attempt == _REDIRECTS:
+                    raise
+        waiting = asyncio.ensure_future(self._wait(conn, release))
 
         async def confirm() -> None:
             self._check(await waiting)
 
         return out, confirm
 
-    async def _wait(self, conn: Connection) -> Any:
-        pool = self.r.connection_pool
+    async def _checkout(self, key: Any) -> tuple[Connection, Callable[[Connection], Awaitable[None]]]:
+        """A connection to the node that holds ``key``, and how to give it back."""
+        if not self.cluster:
+            pool = self.r.connection_pool
+            return await pool.get_connection(), pool.release  # checked by the pool (a restart closes them)
+        cluster: RedisCluster = self.r  # type: ignore[assignment]
+        await cluster.initialize()  # the slot table (a no-op once known)
+        node = cluster.get_node_from_key(key)
+        try:
+            conn = node.acquire_connection()
+        except MaxConnectionsError:
+            raise PoolExhausted(f"all {node.max_connections} connections to {node.name} are in use") from None
+        await node.disconnect_if_needed(conn)
+
+        async def release(c: Connection) -> None:
+            node.release(c)
+
+        return conn, release
+
+    async def _relearn(self, key: Any) -> None:
+        """Let the cluster client find the current owner of ``key``'s slot (it follows MOVED, and on a
+        lost node it reloads the slot table)."""
+        try:
+            await self.r.exists(key)
+        except RedisError as exc:
+            log.warning("could not learn the new owner of a job's slot: %s", exc)
+
+    async def _wait(self, conn: Connection, release: Callable[[Connection], Awaitable[None]]) -> Any:
         try:
             await conn.send_command("WAITAOF", 1, self.replicas, self.timeout_ms)
             return await conn.read_response()
@@ -141,7 +185,7 @@ class Durability:
             await conn.disconnect()
             return exc
         finally:
-            await pool.release(conn)
+            await release(conn)
 
     def _check(self, waited: Any) -> None:
         if isinstance(waited, ResponseError) and "appendonly" in str(waited).lower():

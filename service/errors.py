@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -204,3 +205,10 @@ def install(app: FastAPI) -> None:
             return problem_response(busy, request, busy.headers)
         log.warning("redis unreachable: %s", exc)
         return problem_response(StoreUnavailable(f"the service cannot reach Redis: {exc}"), request)
+
+    @app.exception_handler(ClusterError)  # CLUSTERDOWN, MASTERDOWN: a failover in progress
+    @app.exception_handler(TryAgainError)  # a slot being migrated
+    @app.exception_handler(RedisClusterException)  # no reachable master owns the slot (yet)
+    async def _cluster_changing(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("redis cluster unavailable: %s", exc)
+        return problem_response(StoreUnavailable(f"the Redis cluster cannot serve this now: {exc}"), request)

