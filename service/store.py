@@ -591,8 +591,19 @@ class Store:
     # ---- batches -------------------------------------------------------------
 
     async def tables(self, keys: list[str], counts: list[int]) -> list[np.ndarray | None]:
-        """The (offset, n) tables at the head of chunk blobs, ``counts[i]`` entries each (None: no such key)."""
-        async with self.reader.pipeline(transaction=False) as p:
+        """The (offset, n) tables at the head of chunk blobs, ``counts[i]`` entries each (None: no such key).
+        Read from a replica when configured; what it lacks (it may lag a fresh ingest) is read from masters."""
+        tables = await self._tables(self.reader, keys, counts)
+        lacking = [i for i, t in enumerate(tables) if t is None]
+        if lacking and self.replica_reads:
+            again = await self._tables(self.r, [keys[i] for i in lacking], [counts[i] for i in lacking])
+            for i, t in zip(lacking, again):
+                tables[i] = t
+        return tables
+
+    @staticmethod
+    async def _tables(client: aioredis.Redis, keys: list[str], counts: list[int]) -> list[np.ndarray | None]:
+        async with client.pipeline(transaction=False) as p:
             for key, count in zip(keys, counts):
                 p.getrange(key, 4, 3 + 8 * count)
             raw = await p.execute()
@@ -652,24 +663,17 @@ class Store:
                 args[4] = _packed(local[which[rows]] + len(in_group), masks[1][rows])
                 gkeys += [mkeys[i] for i in in_group]
             plans.append((rows, gkeys, [*args, ""]))
-        for attempt in range(2):
-            async with self.reader.pipeline(transaction=False) as p:
-                for _, gkeys, args in plans:
-                    p.execute_command("EVALSHA_RO" if self.replica_reads else "EVALSHA", self._fetch.sha,
-                                      len(gkeys), *gkeys, *args)  # fmt: skip
-                if expect is not None:
-                    p.hmget(self.keys.ds(rt.name, "meta"), "uid", "num_sequences", "num_chunks")
-                replies = await p.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
-                await self._load_everywhere(FETCH_RANGES)
-                continue
-            break
+        meta = self.keys.ds(rt.name, "meta") if expect is not None else None
+        replies = await self._run_fetches(self.reader, plans, meta, replica=self.replica_reads)
+        if self.replica_reads and (_failed(replies) or (expect is not None and _counters(replies[-1]) != expect)):
+            # A replica may lag the master (a fresh ingest, a re-created dataset): what it could not answer,
+            # or counters other than the caller's, are asked of the masters before anything is concluded.
+            replies = await self._run_fetches(self.r, plans, meta, replica=False)
         for x in replies:
             if isinstance(x, Exception):
                 raise x  # a short range (a chunk gone) is a ResponseError, as on one server
         if expect is not None:
-            uid, nseq, nchunks = replies[-1]
-            current = (uid.decode(), int(nseq), int(nchunks)) if uid is not None else None
+            current = _counters(replies[-1])
             if current != expect:
                 raise StaleCounters(current)
         data: list[bytes] = [b""] * len(which)
@@ -682,6 +686,25 @@ class Store:
                     records[row] = piece
         return b"".join(data), b"".join(records) if masks else None
 
+    async def _run_fetches(
+        self, client: aioredis.Redis, plans: list[tuple[np.ndarray, list[str], list[object]]], meta: str | None, *,
+        replica: bool,
+    ) -> list[Any]:  # fmt: skip
+        """One FETCH_RANGES per plan and, with ``meta``, the counters: one pipeline (one batch per node).
+        Errors are returned in place of their replies."""
+        for attempt in range(2):
+            async with client.pipeline(transaction=False) as p:
+                for _, gkeys, args in plans:
+                    p.execute_command("EVALSHA_RO" if replica else "EVALSHA", self._fetch.sha, len(gkeys), *gkeys, *args)
+                if meta is not None:
+                    p.hmget(meta, "uid", "num_sequences", "num_chunks")
+                replies = await p.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                await self._load_everywhere(FETCH_RANGES)
+                continue
+            break
+        return replies
+
     async def _load_everywhere(self, script: str) -> None:
         """Load ``script`` on every node, replicas included (a promoted replica, or a replica serving reads,
         may not have it)."""
@@ -691,6 +714,19 @@ class Store:
 
 def _split(raw: bytes | None) -> list[str]:
     return [x for x in (raw or b"").decode().split(",") if x]
+
+
+def _failed(replies: list[Any]) -> bool:
+    return any(isinstance(x, Exception) for x in replies)
+
+
+def _counters(reply: Any) -> tuple[str, int, int] | None:
+    """(uid, num_sequences, num_chunks) from an HMGET of a dataset's meta (None: no such dataset), or None for
+    an error in its place."""
+    if isinstance(reply, Exception) or reply[0] is None:
+        return None
+    uid, nseq, nchunks = reply
+    return uid.decode(), int(nseq), int(nchunks)
 
 
 def _group_of(key: str) -> str:

@@ -118,6 +118,17 @@ class LocalCluster:
                 return False
         return True
 
+    def replicas_listed(self) -> bool:
+        """Every slot range in ``CLUSTER SLOTS`` lists a replica (what clients learn to read from). Redis 7.0
+        leaves out a replica until it has an offset, so a master must have had a write first."""
+        live = next(n for n in self.nodes if n.alive())
+        ranges = live.client().execute_command("CLUSTER", "SLOTS")
+        return bool(ranges) and all(len(r) >= 4 for r in ranges)
+
+    def wait_replicas_listed(self, timeout: float = 30) -> None:
+        """Wait for :meth:`replicas_listed` (each master needs to have had a write)."""
+        self._wait(time.monotonic() + timeout, self.replicas_listed)
+
     def master_ports(self) -> list[int]:
         """Ports of the live masters that hold slots, as the first live node sees them."""
         live = next(n for n in self.nodes if n.alive())

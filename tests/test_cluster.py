@@ -30,7 +30,7 @@ from service.catalog import Catalog
 from service.config import Settings
 from service.store import Store
 
-from .cluster import LocalCluster, binaries
+from .cluster import LocalCluster, Node, binaries
 from .conftest import ServerThread
 
 pytestmark = pytest.mark.skipif(binaries() is None, reason="redis-server and redis-cli are needed for a local cluster")
@@ -349,3 +349,85 @@ def test_a_jobs_slot_moving_to_another_master_mid_job(aof_cluster, bpe_tokenizer
         after = waitaof_calls(aof_cluster)
         assert after[target] > before[target] and after[source] == before[source]
         c.delete_dataset("moving")
+
+
+# ---- reads from replicas -------------------------------------------------------------------------------------
+
+
+_UNREPLICATED = """
+local value = redis.call('DUMP', KEYS[1])
+redis.call('DEL', KEYS[1])
+redis.set_repl(redis.REPL_NONE)
+redis.call('RESTORE', KEYS[1], 0, value)
+return 1
+"""
+
+
+def replicas(c: LocalCluster) -> list[Node]:
+    masters = set(c.master_ports())
+    return [n for n in c.nodes if n.alive() and n.port not in masters]
+
+
+def owned(c: LocalCluster, replica: Node) -> set[int]:
+    """The slots a replica's master serves."""
+    myself = replica.client().execute_command("CLUSTER", "MYID").decode()
+    raw = replica.client().execute_command("CLUSTER", "NODES").decode()
+    master = next(line.split()[3] for line in raw.splitlines() if line.startswith(myself))
+    slots: set[int] = set()
+    for line in raw.splitlines():
+        parts = line.split()
+        if parts[0] == master:
+            for r in parts[8:]:
+                a, _, b = r.partition("-")
+                slots.update(range(int(a), int(b or a) + 1))
+    return slots
+
+
+def calls(node: Node, command: str) -> int:
+    return int(node.client().info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def test_chunk_reads_go_to_the_replicas_and_a_lagging_replica_falls_back_to_the_master(
+    cluster, service, bpe_tokenizer, corpus
+):
+    with Client(service, retries=0) as c:
+        info = make(c, "rr", bpe_tokenizer, corpus, 200)
+        expected = [c.batch("rr", size=32, seed=s, epoch=1) for s in range(4)]  # read from the masters
+    for port in cluster.master_ports():  # every replica has the whole dataset before the reads are counted
+        assert cluster.node(port).client().wait(1, 10_000) == 1
+    cluster.wait_replicas_listed()  # and clients are told of the replicas (the ingest wrote on every master)
+    reps = replicas(cluster)
+    with ServerThread(cluster_settings(cluster, read_from_replicas=True)) as s, Client(s.url, retries=0) as c:
+        before = {n.port: (calls(n, "evalsha_ro"), calls(n, "evalsha")) for n in cluster.nodes}
+        for seed, want in enumerate(expected):
+            got = c.batch("rr", size=32, seed=seed, epoch=1)
+            assert np.array_equal(got["input_ids"], want["input_ids"])
+        after = {n.port: (calls(n, "evalsha_ro"), calls(n, "evalsha")) for n in cluster.nodes}
+        assert sum(after[n.port][0] - before[n.port][0] for n in reps) > 0  # the chunks came from replicas
+        for port in cluster.master_ports():  # and the masters ran no fetch script
+            assert after[port] == before[port], (port, before[port], after[port])
+
+        # Replicas that lag: they lack chunks and counters their masters have (as right after an ingest). On
+        # each key's master, a script deletes the key (the replicas follow) and restores it unreplicated.
+        rc = redis.RedisCluster.from_url(cluster.url)
+        uid = rc.hget("ms:ds:{rr}:meta", "uid").decode()
+        lagged = [k for port in cluster.master_ports()
+                  for k in cluster.node(port).client().scan_iter(match=f"ms:c:*:{uid}:*", count=1000)]  # fmt: skip
+        for key in [*lagged, b"ms:ds:{rr}:meta"]:
+            rc.eval(_UNREPLICATED, 1, key)
+        for port in cluster.master_ports():
+            assert cluster.node(port).client().wait(1, 10_000) == 1
+        rc.close()
+        for n in reps:  # the replicas have none of them now
+            r = redis.Redis(port=n.port, single_connection_client=True)
+            r.execute_command("READONLY")
+            mine = [k for k in lagged if r.execute_command("CLUSTER", "KEYSLOT", k) in owned(cluster, n)]
+            assert mine and not any(r.exists(k) for k in mine)
+            r.close()
+        with Client(s.url, retries=0) as fresh:  # no table cached yet: the tables are read as well
+            for seed, want in enumerate(expected):
+                got = fresh.batch("rr", size=32, seed=seed, epoch=1)
+                assert np.array_equal(got["input_ids"], want["input_ids"])
+                assert np.array_equal(got["labels"], want["labels"])
+        assert c.dataset("rr")["num_sequences"] == info["num_sequences"]
+        c.delete_dataset("rr")
