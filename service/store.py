@@ -331,8 +331,13 @@ class Store:
         meta = {**meta, "chunk_groups": self.chunk_groups}
         fields = pairs({f: json.dumps(v) if f in JSON_FIELDS else v for f, v in meta.items()})
         k = self.keys
-        await self.r.sadd(k.index, name)  # before: a listed name without meta is skipped, never the reverse
+        # The index of names lies in another slot, so it is kept by order, not atomically: the name is added
+        # before the meta (a listed name without meta is skipped, never the reverse) and again after it (a
+        # delete of the previous generation, racing, may have removed it in between; see delete_dataset).
+        await self.r.sadd(k.index, name)
         created = await self._create(keys=[k.ds(name, "meta"), k.ds(name, "tokenizer")], args=[tokenizer_blob, *fields])
+        if created:
+            await self.r.sadd(k.index, name)
         return bool(created)
 
     async def list_names(self) -> list[str]:
@@ -381,6 +386,8 @@ class Store:
         if state == "gone":
             return 0
         await self.r.srem(k.index, name)  # after: a listed name without meta is skipped
+        if await self.r.exists(k.ds(name, "meta")):  # a create of the name ran meanwhile: it stays listed
+            await self.r.sadd(k.index, name)
         return 1 + removed
 
     async def empty_trash(self, name: str) -> int:

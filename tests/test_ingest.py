@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import struct
@@ -12,6 +13,7 @@ import uuid
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from service.packing import decode_records, record_length
@@ -647,3 +649,58 @@ def test_a_dataset_of_the_earlier_key_layout_is_refused_with_a_clear_conflict(cl
     for r in (batch, ingest):
         assert r.status_code == 409, r.text
         assert r.json()["type"] == "urn:maskserve:problem:conflict" and "ingest it again" in r.json()["detail"]
+
+
+def test_a_create_racing_a_delete_of_the_same_name_stays_listed(redis_url, settings):
+    """The index of names is not in the dataset's slot (on a cluster no script can write both): whatever way a
+    create of a name interleaves with a delete of its previous generation, the new dataset stays listed."""
+    from service.store import Store
+
+    def meta(name: str) -> dict:
+        return {"name": name, "uid": uuid.uuid4().hex, "seq_len": 64, "packing": "none", "vocab_size": 10,
+                "id_dtype": "<u2", "special_tokens": {}, "all_special_ids": [], "num_sequences": 0, "num_tokens": 0,
+                "num_documents": 0, "num_chunks": 0, "bytes": 0, "generation": 0, "created_at": 0.0,
+                "tokenizer_sha256": ""}  # fmt: skip
+
+    async def main() -> None:
+        r = aioredis.Redis.from_url(redis_url)
+        store = Store(r, uniq("race"))
+
+        # 1. The create runs whole between the delete's retirement and its removal from the index.
+        name = "between-retire-and-unlist"
+        assert await store.create_dataset(name, meta(name), b"")
+        emptied = store.empty_trash
+        racing: list[bool] = []
+
+        async def create_then_empty(n: str) -> int:
+            if not racing:
+                store.empty_trash = emptied  # type: ignore[method-assign]
+                racing.append(await store.create_dataset(n, meta(n), b""))
+            return await emptied(n)
+
+        store.empty_trash = create_then_empty  # type: ignore[method-assign]
+        assert await store.delete_dataset(name) > 0
+        assert racing == [True] and await store.meta(name) is not None
+        assert name in await store.list_names()
+
+        # 2. The delete runs whole between the create's first listing and its meta being written.
+        name = "between-list-and-create"
+        assert await store.create_dataset(name, meta(name), b"")
+        create_script = store._create
+
+        async def delete_then_create(**kw: object) -> object:
+            assert await store.delete_dataset(name) > 0
+            return await create_script(**kw)
+
+        store._create = delete_then_create  # type: ignore[assignment]
+        assert await store.create_dataset(name, meta(name), b"")
+        store._create = create_script
+        assert await store.meta(name) is not None
+        assert name in await store.list_names()
+
+        for n in await store.list_names():
+            await store.delete_dataset(n)
+        assert await store.list_names() == []
+        await r.aclose()
+
+    asyncio.run(main())
