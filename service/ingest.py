@@ -107,29 +107,67 @@ def parse_ndjson_line(number: int, raw: bytes, vocab_size: int, reserved: np.nda
     return arr
 
 
+@dataclass(frozen=True, slots=True)
+class Unparsed:
+    """A document as it arrived, parsed where the CPU work belongs (a worker thread, by :func:`parse`):
+    an NDJSON line, or a body or line of text still in UTF-8 (see :func:`parse_one`)."""
+
+    number: int  # the line number (0: the whole body)
+    raw: bytes
+    ndjson: bool
+    vocab_size: int
+    reserved: np.ndarray | None
+
+
+def parse_one(doc: Unparsed) -> Document | None:
+    """An unparsed document parsed: None for a blank one."""
+    if doc.ndjson:
+        return parse_ndjson_line(doc.number, doc.raw, doc.vocab_size, doc.reserved)
+    text = _utf8(doc.raw, f"line {doc.number}" if doc.number else "body")
+    if doc.number:
+        text = text.rstrip("\r")
+    return text if text.strip() else None
+
+
+def parse(docs: list[Document | Unparsed]) -> list[Document]:
+    """The documents of a batch, the unparsed ones parsed (CPU work: called off the event loop)."""
+    out = []
+    for d in docs:
+        doc = parse_one(d) if isinstance(d, Unparsed) else d
+        if doc is not None:
+            out.append(doc)
+    return out
+
+
+def size_of(doc: Document | Unparsed) -> int:
+    """Bytes a document stands for, for batching."""
+    if isinstance(doc, Unparsed):
+        return len(doc.raw)
+    return len(doc) if isinstance(doc, str) else 4 * len(doc)
+
+
 async def documents(
     body: AsyncIterator[bytes], media_type: str, split: str, vocab_size: int, reserved: np.ndarray | None = None
-) -> AsyncIterator[Document]:
-    """Documents of a body: NDJSON lines, or plain text split as asked."""
+) -> AsyncIterator[Document | Unparsed]:
+    """Documents of a body: NDJSON lines, or plain text split as asked. On the event loop only the lines are
+    found: JSON and UTF-8 are parsed by :func:`parse`, off it (a line, or a body, may be up to the body
+    limit). Paragraphs are the exception: finding them needs each line's text (to tell blank lines)."""
     if media_type in ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"):
         async for number, raw in lines(body):
-            doc = parse_ndjson_line(number, raw, vocab_size, reserved)
-            if doc is not None:
-                yield doc
+            yield Unparsed(number, raw, True, vocab_size, reserved)
         return
     # text/plain
     if split == "none":
-        text = _utf8(b"".join([p async for p in body]), "body")
-        if text.strip():
-            yield text
+        yield Unparsed(0, b"".join([p async for p in body]), False, vocab_size, reserved)
+        return
+    if split == "line":
+        async for number, raw in lines(body):
+            yield Unparsed(number, raw, False, vocab_size, reserved)
         return
     para: list[str] = []
     async for number, raw in lines(body):
         line = _utf8(raw, f"line {number}").rstrip("\r")
-        if split == "line":
-            if line.strip():
-                yield line
-        elif line.strip():
+        if line.strip():
             para.append(line)
         elif para:
             yield "\n".join(para)
@@ -157,11 +195,12 @@ class Pipeline:
         self.stats = IngestStats()
         self.token_counts = np.zeros(info.vocab_size, dtype=np.int64)  # for frequency-weighted replacements
 
-    def feed(self, docs: list[Document]) -> list[bytes]:
-        """Tokenize a batch of documents; return the chunk blobs completed.
+    def feed(self, batch: list[Document | Unparsed]) -> list[bytes]:
+        """Parse and tokenize a batch of documents; return the chunk blobs completed.
 
         Word starts are computed from the ids after tokenization, by one rule for text and
         pre-tokenized documents alike (``tokenization.word_starts``)."""
+        docs = parse(batch)
         texts = [d for d in docs if isinstance(d, str)]
         t_ids, _, t_len = encode_texts(self.info, texts) if texts else (None, None, None)
         parts_ids, lengths = [], []
@@ -209,7 +248,7 @@ class Pipeline:
 
 
 async def run_pipeline(
-    pipeline: Pipeline, docs: AsyncIterator[Document], batch_bytes: int, stage, batch_docs: int = 8192,
+    pipeline: Pipeline, docs: AsyncIterator[Document | Unparsed], batch_bytes: int, stage, batch_docs: int = 8192,
     limiter: anyio.CapacityLimiter | None = None,
 ) -> IngestStats:
     """Drive ``docs`` through ``pipeline``; ``stage(blob)`` stores each chunk.
@@ -217,11 +256,11 @@ async def run_pipeline(
     A batch goes to the tokenizer at ``batch_bytes`` of text or ``batch_docs`` documents, whichever comes
     first: each document costs objects of its own (its encoding), so many tiny ones must not pile up.
     Tokenizing runs on worker threads (``limiter``: the process's CPU pool)."""
-    batch: list[Document] = []
+    batch: list[Document | Unparsed] = []
     size = 0
     async for doc in docs:
         batch.append(doc)
-        size += len(doc) if isinstance(doc, str) else 4 * len(doc)
+        size += size_of(doc)
         if size >= batch_bytes or len(batch) >= batch_docs:
             for blob in await anyio.to_thread.run_sync(pipeline.feed, batch, limiter=limiter):
                 await stage(blob)

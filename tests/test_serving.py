@@ -214,6 +214,49 @@ def test_health_probes_answer_while_masking_runs(route, redis_url, rdb, bpe_toke
             heavy.result(timeout=120)
 
 
+@pytest.mark.parametrize("body", ["ndjson", "text", "train"])
+def test_health_probes_answer_while_a_body_is_parsed(body, redis_url, rdb, bpe_tokenizer, corpus, monkeypatch):
+    """Parsing JSON lines or UTF-8 text (a line or a body may be as large as the body limit) is held in the
+    middle; were it on the event loop, the probes below could not be answered until it finished."""
+    import service.ingest as ingest
+    import service.routes.tokenizers as tokenizers
+
+    entered, release = threading.Event(), threading.Event()
+    real = ingest.parse
+
+    def held(docs):
+        entered.set()
+        assert release.wait(120), "the test never released the parsing"
+        return real(docs)
+
+    monkeypatch.setattr(ingest, "parse", held)
+    monkeypatch.setattr(tokenizers, "parse", held)
+    with _server(redis_url) as s, Client(s.url, retries=0) as c:
+        name = f"srv-{uuid.uuid4().hex[:10]}"
+        c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        text = "\n\n".join(corpus[:50]).encode()
+        ndjson = "".join(json.dumps({"text": t}) + "\n" for t in corpus[:50]).encode()
+        calls = {
+            "ndjson": lambda: httpx.post(f"{s.url}/v1/datasets/{name}/documents", content=ndjson,
+                                         headers={"content-type": "application/x-ndjson"}, timeout=120),
+            "text": lambda: httpx.post(f"{s.url}/v1/datasets/{name}/documents", params={"split": "none"},
+                                       content=text, headers={"content-type": "text/plain"}, timeout=120),
+            "train": lambda: httpx.post(f"{s.url}/v1/tokenizers/train", params={"vocab_size": 300},
+                                        content=ndjson, headers={"content-type": "application/x-ndjson"}, timeout=120),
+        }  # fmt: skip
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            sent = pool.submit(calls[body])
+            assert entered.wait(120), "the parsing never started"
+            for _ in range(3):
+                assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
+                assert httpx.get(f"{s.url}/readyz", timeout=30).status_code == 200
+            assert not sent.done()
+            release.set()
+            assert sent.result(timeout=120).status_code == 200
+        if body != "train":
+            assert c.dataset(name)["num_documents"] == (50 if body == "ndjson" else 1)
+
+
 def test_small_batches_are_masked_inline_and_large_ones_on_the_pool(redis_url, rdb, bpe_tokenizer, corpus, monkeypatch):
     import service.batching as batching
 

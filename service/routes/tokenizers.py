@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request, Response
+from tokenizers import Tokenizer
 
 from ..deps import SettingsDep
 from ..errors import UnsupportedMediaType
-from ..ingest import documents, limited
+from ..ingest import documents, limited, parse
 from ..tokenization import train_tokenizer
 
 router = APIRouter(prefix="/v1/tokenizers", tags=["tokenizers"])
@@ -37,6 +38,11 @@ async def train(
     if media_type not in ("application/x-ndjson", "application/jsonl", "text/plain"):
         raise UnsupportedMediaType(f"send application/x-ndjson or text/plain, not {media_type or 'nothing'!r}")
     body = limited(request.stream(), settings.max_train_bytes)
-    texts = [d async for d in documents(body, media_type, split, vocab_size=1 << 32) if isinstance(d, str)]
-    tok = await request.app.state.work.run(train_tokenizer, texts, kind, vocab_size, min_frequency)
+    docs = [d async for d in documents(body, media_type, split, vocab_size=1 << 32)]
+    tok = await request.app.state.work.run(_train, docs, kind, vocab_size, min_frequency)
     return Response(tok.to_str(), media_type="application/json")
+
+
+def _train(docs: list, kind: str, vocab_size: int, min_frequency: int) -> Tokenizer:
+    """Parse the documents and train on their texts (pre-tokenized ones have none): CPU work, off the loop."""
+    return train_tokenizer([d for d in parse(docs) if isinstance(d, str)], kind, vocab_size, min_frequency)
