@@ -89,6 +89,20 @@ class NextResult:
     confirm: Confirm = confirmed  # await before answering: the acks are durable (see durability.py)
 
 
+def _state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """A job hash as typed fields (its secrets left out); None for no job."""
+    if not raw:
+        return None
+    st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if k not in _SECRET_FIELDS}
+    for f in ("epoch", "next", "n", "bpe", "epochs", "batch_size", "lease_ms", "attempts", "handed", "acked",
+              "acked_sequences", "redelivered", "late_acks", "num_chunks"):  # fmt: skip
+        st[f] = int(st[f])
+    for f in _RETIRED:
+        st[f] = int(st.get(f, 0))
+    st["config"] = json.loads(st["config"])
+    return st
+
+
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
@@ -96,6 +110,7 @@ def _s(v: Any) -> str:
 _SECRET_FIELDS = (b"mac_in", b"mac_out")
 # KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
 _JOB_CLOCK = "return redis.call('TIME')"
+_PROGRESS_PER_PIPELINE = 512  # jobs whose progress one pipeline reads (GET /v1/jobs reads them all)
 _RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
 
 
@@ -183,29 +198,35 @@ class Jobs:
         return state, _s(out[1]) if len(out) > 1 else ""
 
     async def state(self, dataset: str, job: str) -> dict[str, Any] | None:
-        raw = await self.r.hgetall(self.keys.job(job))
-        if not raw:
-            return None
-        st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if k not in _SECRET_FIELDS}
-        for f in ("epoch", "next", "n", "bpe", "epochs", "batch_size", "lease_ms", "attempts", "handed", "acked",
-                  "acked_sequences", "redelivered", "late_acks", "num_chunks"):  # fmt: skip
-            st[f] = int(st[f])
-        for f in _RETIRED:
-            st[f] = int(st.get(f, 0))
-        st["config"] = json.loads(st["config"])
-        return st
+        return _state(await self.r.hgetall(self.keys.job(job)))
 
     async def progress(self, dataset: str, job: str) -> dict[str, Any] | None:
-        st = await self.state(dataset, job)
-        if st is None:
-            return None
-        base = self.keys.lease_keys(job)
-        async with self.r.pipeline(transaction=False) as p:
-            p.zcard(base[1])
-            p.hgetall(base[4])
-            p.hgetall(base[3])
-            p.eval(_JOB_CLOCK, 1, base[0])  # the clock of the job's node (a cluster pipeline has no keyless TIME)
-            leased, ackcount, workers, now = await p.execute()
+        return (await self.progress_many([(dataset, job)]))[0]
+
+    async def progress_many(self, jobs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+        """The progress of each (dataset, job) (None: no such job), read in one pipeline per
+        ``_PROGRESS_PER_PIPELINE`` jobs: one round trip per node, not one per job."""
+        out: list[dict[str, Any] | None] = []
+        for start in range(0, len(jobs), _PROGRESS_PER_PIPELINE):
+            part = jobs[start : start + _PROGRESS_PER_PIPELINE]
+            async with self.r.pipeline(transaction=False) as p:
+                for _, job in part:
+                    base = self.keys.lease_keys(job)
+                    p.hgetall(self.keys.job(job))
+                    p.zcard(base[1])
+                    p.hgetall(base[4])
+                    p.hgetall(base[3])
+                    p.eval(_JOB_CLOCK, 1, base[0])  # the job's node's clock (a cluster pipeline has no keyless TIME)
+                replies = await p.execute()
+            for i, (dataset, job) in enumerate(part):
+                raw, leased, ackcount, workers, now = replies[5 * i : 5 * i + 5]
+                st = _state(raw)
+                out.append(None if st is None else self._progress(dataset, job, st, leased, ackcount, workers, now))
+        return out
+
+    def _progress(
+        self, dataset: str, job: str, st: dict[str, Any], leased: int, ackcount: dict, workers: dict, now: list
+    ) -> dict[str, Any]:  # fmt: skip
         now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():

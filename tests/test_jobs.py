@@ -807,3 +807,33 @@ def test_job_batches_dataset_covers_the_epoch_once(client, bpe_tokenizer, corpus
     assert sorted(seen) == list(range(n))
     progress = client.job_progress("jb-job")
     assert progress["status"] == "done" and progress["acked"] == progress["batches_per_epoch"]
+
+
+def test_listing_jobs_reads_their_progress_in_a_few_round_trips(client, service_url, bpe_tokenizer, corpus, monkeypatch):
+    """GET /v1/jobs answers what GET /v1/jobs/{name} answers for each job, in a number of Redis round trips
+    that does not grow with the number of jobs."""
+    from redis.asyncio.connection import Connection
+
+    ds, _ = make_dataset(client, bpe_tokenizer, corpus)
+    names = [uid("listed") for _ in range(12)]
+    for i, name in enumerate(names):
+        client.create_job(name, ds, batch_size=8, seed=i)
+    with client.job(names[3], worker="w") as stream:
+        next(iter(stream))
+    trips = Counter()
+    send = Connection.send_packed_command
+
+    async def counted(self, command, check_health=True):  # noqa: ANN001
+        trips["sent"] += 1
+        return await send(self, command, check_health)
+
+    monkeypatch.setattr(Connection, "send_packed_command", counted)
+    listed = {j["name"]: j for j in httpx.get(f"{service_url}/v1/jobs").json()["jobs"]}
+    monkeypatch.undo()
+    assert set(names) <= set(listed)
+    assert trips["sent"] <= 6, trips  # dataset names, their job lists, the owners, the progress
+    for name in names:
+        one = httpx.get(f"{service_url}/v1/jobs/{name}").json()
+        for field_ in ("status", "config", "epoch", "handed_out", "acked", "leased", "workers", "acked_per_epoch"):
+            assert listed[name][field_] == one[field_], (name, field_)
+    assert listed[names[3]]["acked"] == 1 and listed[names[3]]["workers"]["w"]["acked"] == 1

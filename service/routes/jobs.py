@@ -104,12 +104,8 @@ async def _progress(jobs: Jobs, name: str) -> dict[str, Any]:
 
 @router.get("", summary="All jobs with their progress")
 async def list_jobs(jobs: JobsDep) -> dict[str, list[dict[str, Any]]]:
-    out = []
-    for name, ds in sorted((await jobs.names()).items()):
-        p = await jobs.progress(ds, name)
-        if p is not None:
-            out.append(p)
-    return {"jobs": out}
+    listed = [(ds, name) for name, ds in sorted((await jobs.names()).items())]
+    return {"jobs": [p for p in await jobs.progress_many(listed) if p is not None]}
 
 
 @router.get("/{name}", summary="A job's progress: epoch, batches handed out, acked, leased, per worker")
