@@ -104,10 +104,10 @@ def serve(settings: Settings, *, host: str, port: int, workers: int, log_level: 
     """Serve until interrupted: in this process (``workers == 1``) or under uvicorn's process manager."""
     import uvicorn
 
-    from .app import create_app
-
     common = dict(host=host, port=port, log_level=log_level, access_log=access_log, http=GuardedHttp)
     if workers == 1:
+        from .app import create_app  # only here: a process manager imports none of the app (its workers do)
+
         GuardedHttp.header_timeout = settings.header_timeout_s
         uvicorn.run(create_app(settings), **common)
         return

@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -485,3 +486,24 @@ def test_client_retries_a_refused_dataset_creation(redis_url, rdb, bpe_tokenizer
             c.create_dataset("second", tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
         assert seen == [503, 201]
         assert sorted(d["name"] for d in setup.datasets()) == sorted([name, "second"])
+
+
+def test_the_process_manager_imports_none_of_the_app():
+    """Under --workers N the manager only supervises: the app (FastAPI, numpy, tokenizers...) is imported by
+    the workers alone, so the manager stays small."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, uvicorn\n"
+        "uvicorn.run = lambda *a, **k: None  # the manager's work up to starting workers, without starting them\n"
+        "from service.config import Settings\n"
+        "from service.serving import serve\n"
+        "serve(Settings(redis_url='redis://127.0.0.1:1'), host='127.0.0.1', port=1, workers=2,\n"
+        "      log_level='warning', access_log=False)\n"
+        "print(sorted(m for m in ('service.app', 'fastapi', 'numpy', 'tokenizers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
