@@ -204,7 +204,7 @@ class Jobs:
         return (await self.progress_many([(dataset, job)]))[0]
 
     async def progress_many(self, jobs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
-        """The progress of each (dataset, job) (None: no such job), read in one pipeline per
+        """The progress of each (dataset, job) (None: no such job of that dataset), read in one pipeline per
         ``_PROGRESS_PER_PIPELINE`` jobs: one round trip per node, not one per job."""
         out: list[dict[str, Any] | None] = []
         for start in range(0, len(jobs), _PROGRESS_PER_PIPELINE):
@@ -221,7 +221,8 @@ class Jobs:
             for i, (dataset, job) in enumerate(part):
                 raw, leased, ackcount, workers, now = replies[5 * i : 5 * i + 5]
                 st = _state(raw)
-                out.append(None if st is None else self._progress(dataset, job, st, leased, ackcount, workers, now))
+                mine = st is not None and st["dataset"] == dataset  # not a job of the same name of another dataset
+                out.append(self._progress(dataset, job, st, leased, ackcount, workers, now) if mine else None)
         return out
 
     def _progress(
@@ -303,13 +304,3 @@ class Jobs:
         await self.store.unlist_job(dataset, job)  # after: a listed name without a job is skipped
         self.forget(job)
         return removed
-
-    async def names(self) -> dict[str, str]:
-        """Job -> dataset, from the datasets' job lists (names whose job is gone are skipped)."""
-        listed = await self.store.job_names(await self.store.list_names())
-        pairs_ = [(job, ds) for ds, jobs in listed.items() for job in jobs]
-        async with self.r.pipeline(transaction=False) as p:
-            for job, _ in pairs_:
-                p.hget(self.keys.job(job), "dataset")
-            owners = await p.execute()
-        return {job: ds for (job, ds), owner in zip(pairs_, owners) if owner is not None and _s(owner) == ds}

@@ -166,31 +166,52 @@ def test_client_waits_out_overloaded_answers(redis_url, rdb, bpe_tokenizer, corp
 # ---- CPU work off the event loop --------------------------------------------------------------------------
 
 
+class Held:
+    """A function replaced, where it is looked up, by one that blocks until the test releases it."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, real: Callable, *modules: object) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+        def held(*args, **kwargs):
+            self.entered.set()
+            assert self.release.wait(120), f"the test never released {real.__name__}"
+            return real(*args, **kwargs)
+
+        for module in modules:
+            monkeypatch.setattr(module, real.__name__, held)
+
+    def probes_answer_meanwhile(self, url: str, call: Callable) -> object:
+        """Run ``call`` on a thread; once it is held, the health probes must still answer (they could not,
+        were the held work on the event loop); then release it and return its result."""
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            try:
+                work = pool.submit(call)
+                assert self.entered.wait(120), "the held work never started"
+                for _ in range(3):
+                    assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
+                    assert httpx.get(f"{url}/readyz", timeout=30).status_code == 200
+                assert not work.done()
+            finally:
+                self.release.set()
+            return work.result(timeout=120)
+
+
 @pytest.fixture
-def held_masking(monkeypatch) -> Iterator[tuple[threading.Event, threading.Event]]:
-    """Masking that blocks until the test releases it: (entered, release)."""
+def held_masking(monkeypatch) -> Iterator[Held]:
+    """Masking that blocks until the test releases it."""
     import service.batching as batching
     import service.routes.masks as masks
 
-    entered, release = threading.Event(), threading.Event()
-    real = batching.mask_batch
-
-    def held(*args, **kwargs):
-        entered.set()
-        assert release.wait(120), "the test never released the masking"
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(batching, "mask_batch", held)
-    monkeypatch.setattr(masks, "mask_batch", held)
-    yield entered, release
-    release.set()
+    held = Held(monkeypatch, batching.mask_batch, batching, masks)
+    yield held
+    held.release.set()
 
 
 @pytest.mark.parametrize("route", ["batch", "job", "report", "static"])
 def test_health_probes_answer_while_masking_runs(route, redis_url, rdb, bpe_tokenizer, corpus, held_masking):
     """Masking of a large batch is held in the middle; were it on the event loop, the probes below
     could not be answered until it finished (and it finishes only after they are)."""
-    entered, release = held_masking
+    held = held_masking
     with _server(redis_url, inline_tokens=0) as s, Client(s.url, retries=0) as c:
         name = _dataset(c, bpe_tokenizer, corpus)
         def lease() -> None:
@@ -204,15 +225,7 @@ def test_health_probes_answer_while_masking_runs(route, redis_url, rdb, bpe_toke
             "report": lambda: c.masking_report(name, sequences=16, epochs=2),
             "static": lambda: c.build_static_masks(name, copies=2),
         }
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            heavy = pool.submit(calls[route])
-            assert entered.wait(120), "the masking never started"
-            for _ in range(3):
-                assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
-                assert httpx.get(f"{s.url}/readyz", timeout=30).status_code == 200
-            assert not heavy.done()
-            release.set()
-            heavy.result(timeout=120)
+        held.probes_answer_meanwhile(s.url, calls[route])
 
 
 @pytest.mark.parametrize("body", ["ndjson", "text", "train"])
@@ -222,16 +235,7 @@ def test_health_probes_answer_while_a_body_is_parsed(body, redis_url, rdb, bpe_t
     import service.ingest as ingest
     import service.routes.tokenizers as tokenizers
 
-    entered, release = threading.Event(), threading.Event()
-    real = ingest.parse
-
-    def held(docs):
-        entered.set()
-        assert release.wait(120), "the test never released the parsing"
-        return real(docs)
-
-    monkeypatch.setattr(ingest, "parse", held)
-    monkeypatch.setattr(tokenizers, "parse", held)
+    held = Held(monkeypatch, ingest.parse, ingest, tokenizers)
     with _server(redis_url) as s, Client(s.url, retries=0) as c:
         name = f"srv-{uuid.uuid4().hex[:10]}"
         c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
@@ -245,15 +249,7 @@ def test_health_probes_answer_while_a_body_is_parsed(body, redis_url, rdb, bpe_t
             "train": lambda: httpx.post(f"{s.url}/v1/tokenizers/train", params={"vocab_size": 300},
                                         content=ndjson, headers={"content-type": "application/x-ndjson"}, timeout=120),
         }  # fmt: skip
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            sent = pool.submit(calls[body])
-            assert entered.wait(120), "the parsing never started"
-            for _ in range(3):
-                assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
-                assert httpx.get(f"{s.url}/readyz", timeout=30).status_code == 200
-            assert not sent.done()
-            release.set()
-            assert sent.result(timeout=120).status_code == 200
+        assert held.probes_answer_meanwhile(s.url, calls[body]).status_code == 200
         if body != "train":
             assert c.dataset(name)["num_documents"] == (50 if body == "ndjson" else 1)
 
@@ -323,7 +319,7 @@ def test_static_build_stops_after_its_time_budget_and_the_next_call_goes_on(redi
 
 
 def test_static_build_stops_when_its_client_has_gone(redis_url, rdb, bpe_tokenizer, corpus, held_masking):
-    entered, release = held_masking
+    entered, release = held_masking.entered, held_masking.release
     with _server(redis_url, chunk_max_sequences=32) as s, Client(s.url, retries=0) as c:
         name = _dataset(c, bpe_tokenizer, corpus)
         assert c.dataset(name)["num_chunks"] >= 3

@@ -104,7 +104,8 @@ async def _progress(jobs: Jobs, name: str) -> dict[str, Any]:
 
 @router.get("", summary="All jobs with their progress")
 async def list_jobs(jobs: JobsDep) -> dict[str, list[dict[str, Any]]]:
-    listed = [(ds, name) for name, ds in sorted((await jobs.names()).items())]
+    by_dataset = await jobs.store.job_names(await jobs.store.list_names())
+    listed = sorted(((ds, job) for ds, names in by_dataset.items() for job in names), key=lambda pair: pair[1])
     return {"jobs": [p for p in await jobs.progress_many(listed) if p is not None]}
 
 
