@@ -210,6 +210,16 @@ def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> d
     return arrays
 
 
+async def served(
+    work: Workload, compute: Callable[[], Masked], seq_ids: np.ndarray, out: OutputParams, rt: DatasetRuntime,
+    meta: dict[str, object], as_json: bool,
+) -> bytes:  # fmt: skip
+    """The response body of a batch: its masking (``compute``, from :func:`fetched`), the output options and
+    the encoding, as one piece of CPU work (on the pool unless the batch is small)."""
+    return await work.run(lambda: render(outputs(compute(), seq_ids, out, rt.vocab.pad_id), meta, as_json),
+                          tokens=len(seq_ids) * rt.seq_len)  # fmt: skip
+
+
 def render(arrays: dict[str, np.ndarray], meta: dict[str, object], as_json: bool) -> bytes:
     if as_json:
         return json.dumps({"metadata": meta, **{k: v.tolist() for k, v in arrays.items()}}).encode()

@@ -349,10 +349,7 @@ class Store:
 
     async def counters(self, name: str) -> tuple[str, int, int] | None:
         """(uid, num_sequences, num_chunks): the per-request read of the batch path."""
-        uid, nseq, nchunks = await self.r.hmget(self.keys.ds(name, "meta"), "uid", "num_sequences", "num_chunks")
-        if uid is None:
-            return None
-        return uid.decode(), int(nseq), int(nchunks)
+        return _counters(await self.r.hmget(self.keys.ds(name, "meta"), "uid", "num_sequences", "num_chunks"))
 
     async def tokenizer_json(self, name: str) -> str | None:
         raw = await self.r.get(self.keys.ds(name, "tokenizer"))
@@ -672,7 +669,8 @@ class Store:
             plans.append((rows, gkeys, [*args, ""]))
         meta = self.keys.ds(rt.name, "meta") if expect is not None else None
         replies = await self._run_fetches(self.reader, plans, meta, replica=self.replica_reads)
-        if self.replica_reads and (_failed(replies) or (expect is not None and _counters(replies[-1]) != expect)):
+        failed = any(isinstance(x, Exception) for x in replies)
+        if self.replica_reads and (failed or (expect is not None and _counters(replies[-1]) != expect)):
             # A replica may lag the master (a fresh ingest, a re-created dataset): what it could not answer,
             # or counters other than the caller's, are asked of the masters before anything is concluded.
             replies = await self._run_fetches(self.r, plans, meta, replica=False)
@@ -721,10 +719,6 @@ class Store:
 
 def _split(raw: bytes | None) -> list[str]:
     return [x for x in (raw or b"").decode().split(",") if x]
-
-
-def _failed(replies: list[Any]) -> bool:
-    return any(isinstance(x, Exception) for x in replies)
 
 
 def _counters(reply: Any) -> tuple[str, int, int] | None:

@@ -11,7 +11,7 @@ from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import Fetched, drawn, fetched_rows, outputs, render
+from ..batching import Fetched, drawn, fetched_rows, served
 from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
 from ..permute import stream_ids
@@ -102,8 +102,7 @@ async def get_batch(name: str, request: Request) -> Response:
                                      checked=checked, step=q.index)  # fmt: skip
         meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
                 "mode": q.mode}  # fmt: skip
-        body = await work.run(lambda: render(outputs(compute(), seq_ids, q, ds.rt.vocab.pad_id), meta, as_json),
-                              tokens=q.size * ds.rt.seq_len)  # fmt: skip
+        body = await served(work, compute, seq_ids, q, ds.rt, meta, as_json)
         return body, epoch
 
     body, epoch = await drawn(catalog, name, draw)

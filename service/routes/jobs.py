@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import Fetched, fetched, open_dataset, outputs, render
+from ..batching import Fetched, fetched, open_dataset, served
 from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
 from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded, StaticMasksMissing
 from ..jobs import JobConfig, JobCreate, Jobs, Lease, NextResult
@@ -191,8 +191,7 @@ async def _serve(
                             step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
-    body = await state.work.run(lambda: render(outputs(compute(), seq_ids, q, rt.vocab.pad_id), meta, as_json),
-                                tokens=len(seq_ids) * rt.seq_len)  # fmt: skip
+    body = await served(state.work, compute, seq_ids, q, rt, meta, as_json)
     metrics.sequences_served.labels(dataset).inc(len(seq_ids))
     headers = {
         **ack_header,

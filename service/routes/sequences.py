@@ -15,7 +15,7 @@ from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
-from ..batching import Fetched, drawn, fetched, outputs, render
+from ..batching import Fetched, drawn, fetched, served
 from ..errors import LimitExceeded, SequenceOutOfRange
 from ..schemas import MaskingParams, OutputParams
 from .batches import MAX_SEED, wants_json
@@ -57,8 +57,7 @@ async def get_sequences(name: str, body: SequencesRequest, request: Request) -> 
                                 checked=checked)  # fmt: skip
         meta = {"dataset": name, "seed": body.seed, "epoch": body.epoch, "pad_id": ds.rt.vocab.pad_id,
                 "mode": body.mode}  # fmt: skip
-        return await state.work.run(lambda: render(outputs(compute(), seq_ids, body, ds.rt.vocab.pad_id), meta,
-                                                   as_json), tokens=len(seq_ids) * ds.rt.seq_len)  # fmt: skip
+        return await served(state.work, compute, seq_ids, body, ds.rt, meta, as_json)
 
     payload = await drawn(catalog, name, draw)
     state.metrics.sequences_served.labels(name).inc(len(body.ids))
