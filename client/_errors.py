@@ -13,19 +13,26 @@
           ├── GoneError              410: e.g. a finished job
           │    └── JobCancelled      the job was cancelled (a finished one just ends its stream)
           ├── PayloadTooLargeError   413: request body over a configured limit
+          ├── RequestTooLargeError   414 / 431: request line or headers over a server's or proxy's limit
           ├── UnsupportedMediaTypeError   415 / 406
+          ├── GatewayError           502 / 504: a proxy got no answer from the service (transient)
           └── ServiceUnavailableError     503: Redis unreachable, not ready
                └── OverloadedError       the service is at capacity and did nothing: retry after ``retry_after``
 
-Every :class:`APIError` keeps the problem's stable ``type`` URI, ``title``,
-``detail``, any extension members in ``extra``, and when the service advised
-to ask again (seconds; ``Maskserve-Retry-After-Ms`` or ``Retry-After``) in
-``retry_after``.
+Every :class:`APIError` keeps the HTTP ``status``, the problem's stable
+``type`` URI, ``title``, ``detail``, any extension members in ``extra``, and
+when the service advised to ask again (seconds; ``Maskserve-Retry-After-Ms``
+or ``Retry-After``) in ``retry_after``. An answer that is not a problem (a
+proxy's own HTML error page) gets the class of its status, ``type``
+``about:blank``, and the page's text as ``detail``. The client retries
+idempotent calls on 502, 503 and 504, whoever sent them.
 """
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from typing import Any
 
 
@@ -59,7 +66,8 @@ class APIError(MaskserveError):
         self.detail = detail
         self.extra = extra or {}
         self.retry_after = retry_after
-        super().__init__(f"{status} {title}: {detail}" if detail else f"{status} {title}")
+        head = f"{status} {title}"
+        super().__init__(f"{head}: {detail}" if detail and detail != head else head)
 
 
 class BadRequestError(APIError):
@@ -90,8 +98,16 @@ class PayloadTooLargeError(APIError):
     pass
 
 
+class RequestTooLargeError(APIError):
+    """The request line (URL) or the headers were longer than a server or proxy on the way accepts."""
+
+
 class UnsupportedMediaTypeError(APIError):
     pass
+
+
+class GatewayError(APIError):
+    """A proxy in front of the service could not reach it, or got no answer in time (502, 504)."""
 
 
 class ServiceUnavailableError(APIError):
@@ -111,9 +127,13 @@ _BY_STATUS: dict[int, type[APIError]] = {
     409: ConflictError,
     410: GoneError,
     413: PayloadTooLargeError,
+    414: RequestTooLargeError,
     415: UnsupportedMediaTypeError,
     422: BadRequestError,
+    431: RequestTooLargeError,
+    502: GatewayError,
     503: ServiceUnavailableError,
+    504: GatewayError,
 }
 
 
@@ -135,10 +155,21 @@ def error_from_response(status: int, body: bytes, headers: Any = None) -> APIErr
         status,
         type=str(problem.get("type", "about:blank")),
         title=str(problem.get("title", "")) or _reason(status),
-        detail=str(problem.get("detail", "")) or (body[:200].decode("utf-8", "replace") if not problem else ""),
+        detail=str(problem.get("detail", "")) or (_page_text(body) if not problem else ""),
         extra={k: v for k, v in problem.items() if k not in known},
         retry_after=_retry_after(headers),
     )
+
+
+def _page_text(body: bytes, limit: int = 200) -> str:
+    """What an error page that is not a problem says: an HTML page's title (else its text), or the text."""
+    text = body[:4096].decode("utf-8", "replace")
+    title = re.search(r"<title[^>]*>(.*?)</title>", text, flags=re.I | re.S)
+    if title is not None and title.group(1).strip():
+        text = title.group(1)
+    elif "<" in text:
+        text = re.sub(r"<[^>]*>", " ", text)
+    return " ".join(html.unescape(text).split())[:limit]
 
 
 def _retry_after(headers: Any) -> float | None:

@@ -4,8 +4,8 @@ Many workers attach to one job by name; the service hands each batch of an
 epoch to one of them under a lease. A :class:`JobStream` keeps up to
 ``prefetch`` batches leased or being leased ahead of the consumer and yields
 them in (epoch, index) order. A batch is acked when the consumer asks for the
-next one (``auto_ack``) or when :meth:`JobStream.ack` is called; acks ride on
-the next lease request (with ``ack_every=N``, on the first lease request once
+next one (``auto_ack``) or when :meth:`JobStream.ack` is called; acks ride in
+the body of the next lease request (with ``ack_every=N``, on the first lease request once
 N are pending or the oldest has waited ``ack_delay`` seconds: fewer
 confirmed writes, which a service with durable acks must each fsync, for at
 most N-1 batches a crashed worker's successor trains again).
@@ -46,8 +46,9 @@ log = logging.getLogger("maskserve.client")
 #: ack verdicts that mean the batch is counted (``duplicate``: an earlier send of the same ack counted)
 CONFIRMED = frozenset({"acked", "late", "duplicate"})
 _IDLE = float("inf")  # a request slot that is not on the wire
-#: most acks one lease request carries in its query string (about 80 bytes each: request lines stay well
-#: under the server's limit); more wait for the next request
+#: most acks one request carries (in its JSON body, about 80 bytes each: some 20 KB); more go with the next.
+#: A service configured for fewer (MASKSERVE_MAX_ACKS, or MASKSERVE_MAX_JSON_BYTES) refuses the request before
+#: doing anything, and the stream sends fewer from then on
 MAX_PIGGYBACK = 256
 
 
@@ -84,6 +85,7 @@ class JobStream(Closing):
     ) -> None:  # fmt: skip
         self.client = client
         self.ack_every = min(MAX_PIGGYBACK, max(1, ack_every))
+        self._ack_cap = MAX_PIGGYBACK  # most acks per request; lowered when the service refuses as many
         self.ack_delay = ack_delay
         self.job = job
         self.worker = worker or default_worker()
@@ -127,18 +129,19 @@ class JobStream(Closing):
                     resp, buf = self.client._send(
                         "POST", f"/v1/jobs/{self.job}/next", idempotent=True, read_into=True,
                         patience=self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage,
-                        params={"worker": self.worker, "ack": acks, "request": rid, "seq": int(slot.seq),
-                                **self._output},
-                        headers={"Accept": CONTENT_TYPE},
+                        params={"worker": self.worker, "request": rid, "seq": int(slot.seq), **self._output},
+                        headers={"Accept": CONTENT_TYPE}, **({"json": {"acks": acks}} if acks else {}),
                     )  # type: ignore[misc]  # fmt: skip
                 except GoneError as exc:  # finished or cancelled; the acks in this call were applied
                     self._confirm(acks, exc.extra.get("acks") or [])
                     with self._cv:
                         self._ended = "cancelled" if isinstance(exc, JobCancelled) else "done"
                     return
-                except BaseException:
+                except BaseException as exc:
                     with self._cv:  # not applied, or not known to be: they go again with the next request
                         self._put_back(acks)
+                        if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
+                            continue  # refused for carrying too many, before anything was applied
                     raise
                 self._back()
                 verdicts = resp.headers.get("maskserve-acks", "")
@@ -179,7 +182,7 @@ class JobStream(Closing):
         )
         if not due or not self._acks:
             return []
-        acks, self._acks = self._acks[:MAX_PIGGYBACK], self._acks[MAX_PIGGYBACK:]
+        acks, self._acks = self._acks[: self._ack_cap], self._acks[self._ack_cap :]
         self._flush_next = bool(self._acks)  # more than one request holds: the next takes the rest
         self._acks_since = time.monotonic() if self._acks else None
         return acks
@@ -188,6 +191,19 @@ class JobStream(Closing):
         if acks:
             self._acks[:0] = acks
             self._acks_since = self._acks_since or time.monotonic()
+
+    def _fewer_acks(self, exc: APIError, sent: int) -> bool:
+        """Whether ``exc`` refused a request for carrying ``sent`` acks (too many, or too many bytes: nothing
+        was applied); if so, later requests carry fewer (under the lock)."""
+        if sent <= 1 or not (exc.status == 413 or (exc.status == 422 and exc.type.endswith(":limit-exceeded"))):
+            return False
+        limit = exc.extra.get("limit")
+        fits = limit if exc.status == 422 and isinstance(limit, int) and 0 < limit < sent else sent // 2
+        self._ack_cap = min(self._ack_cap, fits)
+        self._flush_next = True  # the next request takes the next share
+        log.warning("job %r: the service refused %d acks in one request (%s); sending at most %d",
+                    self.job, sent, exc, self._ack_cap)  # fmt: skip
+        return True
 
     def _confirm(self, sent: list[str], verdicts: list[str]) -> None:
         with self._cv:
@@ -279,20 +295,26 @@ class JobStream(Closing):
             self.flush()
 
     def flush(self) -> None:
-        """Send the acks not yet sent, retrying for up to ``max_outage``; on failure they stay queued."""
-        with self._cv:
-            acks, self._acks, self._acks_since = self._acks, [], None
-        if not acks:
-            return
-        try:
-            out = self.client._json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True, patience=self.max_outage,
-                                    on_retry=self._outage, json={"worker": self.worker, "leases": acks})  # fmt: skip
-        except BaseException:
+        """Send the acks not yet sent, at most a request's share at a time, retrying each for up to
+        ``max_outage``; on failure the unsent ones stay queued."""
+        while True:
             with self._cv:
-                self._put_back(acks)
-            raise
-        self._back()
-        self._confirm(acks, out["results"])
+                acks, self._acks = self._acks[: self._ack_cap], self._acks[self._ack_cap :]
+                self._acks_since = time.monotonic() if self._acks else None
+            if not acks:
+                return
+            try:
+                out = self.client._json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True,
+                                        patience=self.max_outage, on_retry=self._outage,
+                                        json={"worker": self.worker, "leases": acks})  # fmt: skip
+            except BaseException as exc:
+                with self._cv:
+                    self._put_back(acks)
+                    if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
+                        continue
+                raise
+            self._back()
+            self._confirm(acks, out["results"])
 
     def close(self, ack_current: bool = True) -> None:
         """Ack what the consumer was given (``ack_current=False``: give its last batch back instead) and

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
         default=1 << 20, ge=1024, description="Largest JSON body of every other route (acks, jobs, masks, reports)."
     )
     max_train_bytes: int = Field(default=256 << 20, ge=1024, description="Largest corpus for tokenizer training.")
+    max_acks: int = Field(
+        default=1024, ge=1, le=4096,
+        description="Most lease ids one request may carry: the acks of a lease request (/next), an /ack or a "
+        "/release (their JSON bodies are also bounded by max_json_bytes).",
+    )  # fmt: skip
 
     ingest_batch_bytes: int = Field(default=1 << 20, ge=1024, description="Text handed to the tokenizer per call.")
     max_report_tokens: int = Field(

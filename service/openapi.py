@@ -80,10 +80,10 @@ ERRORS: dict[str, Errors] = {
     "GET /v1/jobs/{name}": (JobNotFound, *_STORE),
     "DELETE /v1/jobs/{name}": (JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/next": (
-        *_PARAMS, NotAcceptable, JobNotFound, JobFinished, DatasetNotFound, *_MASKED, *_STORE
-    ),  # dataset-not-found: the job's dataset deleted under it
-    "POST /v1/jobs/{name}/ack": (*_JSON, JobNotFound, *_STORE),
-    "POST /v1/jobs/{name}/release": (*_JSON, JobNotFound, *_STORE),
+        *_JSON, LimitExceeded, NotAcceptable, JobNotFound, JobFinished, DatasetNotFound, *_MASKED, *_STORE
+    ),  # dataset-not-found: the job's dataset deleted under it; limit-exceeded: more acks than MAX_ACKS
+    "POST /v1/jobs/{name}/ack": (*_JSON, LimitExceeded, JobNotFound, *_STORE),
+    "POST /v1/jobs/{name}/release": (*_JSON, LimitExceeded, JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/workers/{worker}/evict": (*_PARAMS, JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/cancel": (JobNotFound, *_STORE),
 }
@@ -262,10 +262,12 @@ def _overview(settings: Settings) -> str:
         f"{settings.max_seq_len}, ingest bodies of at most {settings.max_body_bytes} bytes, tokenizer.json uploads "
         f"of at most {settings.max_tokenizer_bytes} bytes, training corpora of at most {settings.max_train_bytes} "
         f"bytes, other JSON bodies of at most {settings.max_json_bytes} bytes (whatever their framing), and masking "
-        f"reports of at most {settings.max_report_tokens} tokens. A request past a body limit gets 413 "
+        f"reports of at most {settings.max_report_tokens} tokens, at most {settings.max_acks} lease ids per "
+        "request (the acks of /next, /ack, /release). A request past a body limit gets 413 "
         "`payload-too-large`; past any other, 422 `limit-exceeded`. Before any of that, the HTTP server refuses "
-        "a request line past its parser's limit (64 KiB with uvicorn's httptools) with a plain-text 400: send "
-        "long lists of leases to /ack rather than in the query of /next."
+        "a request line past its parser's limit (64 KiB with uvicorn's httptools) with a plain-text 400, and a "
+        "proxy in front refuses far shorter ones (nginx: 8 KiB): a lease request carries its acks in its body, "
+        "not in its query."
     )
 
 
@@ -284,7 +286,15 @@ def _declare_limits(doc: dict[str, Any], settings: Settings) -> None:
     for key, op in operations(doc):
         if "requestBody" in op:
             limit, name = bodies.get(key, (settings.max_json_bytes, "MASKSERVE_MAX_JSON_BYTES"))
+            op["requestBody"] = copy.deepcopy(op["requestBody"])  # a route's openapi_extra is shared by every app
             op["requestBody"]["description"] = f"At most {limit} bytes ({name}), however it is framed."
+    schemas = doc["components"]["schemas"]
+    schemas["Leases"]["properties"]["leases"]["maxItems"] = settings.max_acks
+    acks = paths["/v1/jobs/{name}/next"]["post"]["requestBody"]
+    acks["content"]["application/json"]["schema"]["properties"]["acks"]["maxItems"] = settings.max_acks
+    for path in ("/v1/jobs/{name}/next", "/v1/jobs/{name}/ack", "/v1/jobs/{name}/release"):
+        body = paths[path]["post"]["requestBody"]
+        body["description"] += f" At most {settings.max_acks} lease ids (MASKSERVE_MAX_ACKS)."
     report = paths["/v1/datasets/{name}/masking-report"]["post"]
     report["description"] = (
         f"The work, sequences x epochs x L, may be at most {settings.max_report_tokens} tokens "

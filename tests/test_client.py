@@ -25,10 +25,12 @@ from client import (
     Batch,
     Client,
     ConflictError,
+    GatewayError,
     MaskserveError,
     NotFoundError,
     PayloadTooLargeError,
     ProtocolError,
+    RequestTooLargeError,
     ServiceUnavailableError,
     TransportError,
     UnsupportedMediaTypeError,
@@ -170,6 +172,38 @@ def test_error_without_problem_body():
     assert info.value.type == "about:blank"
     assert info.value.title == "Not Found"
     assert "plain not found" in info.value.detail
+
+
+def nginx_page(status: int, reason: str) -> httpx.Response:
+    page = (f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n<center><h1>{status} {reason}"
+            "</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n")  # fmt: skip
+    return httpx.Response(status, text=page, headers={"content-type": "text/html"})
+
+
+@pytest.mark.parametrize(
+    "status,reason,cls,retried",
+    [(414, "Request-URI Too Large", RequestTooLargeError, False),
+     (431, "Request Header Fields Too Large", RequestTooLargeError, False),
+     (502, "Bad Gateway", GatewayError, True), (503, "Service Temporarily Unavailable", ServiceUnavailableError, True),
+     (504, "Gateway Time-out", GatewayError, True)],  # fmt: skip
+)
+def test_a_proxys_html_error_page_is_a_typed_error_with_its_status(status, reason, cls, retried):
+    """Not a problem: the class of the status, the page's title as the detail; 502/503/504 retried as from
+    the service (idempotent calls), a request too large for the proxy not (it would be refused again)."""
+    rec = Recorder(nginx_page(status, reason))
+    with mock_client(rec, retries=2) as c:
+        for call in (lambda: c.dataset("wiki"), lambda: c.batch("wiki", 2, seed=0)):  # plain and streamed paths
+            rec.requests.clear()
+            with pytest.raises(cls) as info:
+                call()
+            assert type(info.value) is cls and len(rec.requests) == (3 if retried else 1)
+            err = info.value
+            assert (err.status, err.type, err.detail, err.extra) == (status, "about:blank", f"{status} {reason}", {})
+            assert str(err).startswith(f"{status} ") and f"{status} {reason}" in str(err) and "<" not in str(err)
+        rec.requests.clear()
+        with pytest.raises(cls):
+            c.create_dataset("x", tokenizer={"model": {}}, seq_len=16)  # not idempotent: never sent twice
+        assert len(rec.requests) == 1
 
 
 def corrupt_bodies() -> list:

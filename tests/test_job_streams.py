@@ -7,6 +7,7 @@ service and Redis are real and only the chosen requests fail, deterministically.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 from collections import Counter
@@ -17,7 +18,7 @@ import pytest
 
 from client import Client, TransportError
 
-from .conftest import free_port
+from .conftest import ServerThread, free_port
 from .test_jobs import ds, uid  # noqa: F401 - ds is a fixture
 
 PROBLEM_503 = b'{"type": "urn:maskserve:problem:overloaded", "title": "Overloaded", "status": 503}'
@@ -172,16 +173,23 @@ def test_requests_fail_over_between_replicas(service_url: str, ds):
 
 
 class _AckLog(httpx.BaseTransport):
-    """Real HTTP; records how many acks each lease request carried."""
+    """Real HTTP; records how many acks each lease request the service took carried, and the status of
+    those it refused."""
 
     def __init__(self) -> None:
         self.inner = httpx.HTTPTransport()
         self.carried: list[int] = []
+        self.refused: list[int] = []
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
+        resp = self.inner.handle_request(request)
         if request.url.path.endswith("/next"):
-            self.carried.append(len(request.url.params.get_list("ack")))
-        return self.inner.handle_request(request)
+            assert "ack" not in request.url.params  # acks travel in the body: the request line stays short
+            if resp.status_code < 400 or resp.status_code == 410:  # not refused: the service took them
+                self.carried.append(len(json.loads(request.content)["acks"]) if request.content else 0)
+            else:
+                self.refused.append(resp.status_code)
+        return resp
 
 
 def test_acks_can_go_in_groups_and_the_job_still_ends_with_every_batch_counted(service_url: str, ds):
@@ -204,8 +212,8 @@ def test_acks_can_go_in_groups_and_the_job_still_ends_with_every_batch_counted(s
 
 
 def test_a_lease_request_carries_a_bounded_number_of_acks(service_url: str, ds):
-    """Acks held back (here: acked without sending, more than one request can carry) go over several lease
-    requests, none past the cap, so a request line never outgrows the server's limit; all are counted."""
+    """Acks held back (here: acked without sending, more than one request can carry) go in the bodies of
+    several lease requests, none past the cap, so no body outgrows the service's limits; all are counted."""
     from client._jobs import MAX_PIGGYBACK
 
     name, n = ds
@@ -227,3 +235,30 @@ def test_a_lease_request_carries_a_bounded_number_of_acks(service_url: str, ds):
             next(stream)
         assert max(transport.carried) == MAX_PIGGYBACK
         assert sum(transport.carried) >= wanted and stream.acked >= wanted and not stream.rejected
+
+
+@pytest.mark.parametrize("limit", [{"max_acks": 16}, {"max_json_bytes": 1024}])
+def test_a_stream_sends_fewer_acks_per_request_once_the_service_refuses_as_many(
+    settings, rdb, bpe_tokenizer, corpus, limit
+):
+    """A service configured for fewer acks per request (MASKSERVE_MAX_ACKS), or smaller JSON bodies
+    (MASKSERVE_MAX_JSON_BYTES), than the client sends refuses the request before doing anything; the stream
+    splits its pending acks into requests that fit from then on, and every batch is counted once."""
+    with ServerThread(settings.model_copy(update=limit)) as server:
+        transport = _AckLog()
+        with Client(server.url, transport=transport) as c:
+            name = uid("ds")
+            c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=64)
+            c.ingest(name, corpus[:200])
+            job = uid("job")
+            batches = 120
+            assert c.dataset(name)["num_sequences"] > batches
+            c.create_job(job, name, batch_size=1, epochs=1, seed=0)
+            with c.job(job, prefetch=1, ack_every=40, ack_delay=1e9) as stream:
+                for i, _ in enumerate(stream):
+                    if i + 1 == batches:
+                        break
+            progress = c.job_progress(job)
+    assert transport.refused and set(transport.refused) == {422 if "max_acks" in limit else 413}
+    assert max(transport.carried) <= 16 and stream.acked == batches and not stream.rejected
+    assert progress["acked"] == batches

@@ -85,8 +85,8 @@ class Raw:
 
     def next(self, job: str, worker: str = "w", acks: list[str] | tuple[str, ...] = ()) -> Leased | httpx.Response:
         """A lease, or the response itself when it is not a 200 (204, 410, 404...)."""
-        r = self.http.post(f"/v1/jobs/{job}/next", params={"worker": worker, "ack": list(acks)},
-                           headers={"Accept": CT})  # fmt: skip
+        r = self.http.post(f"/v1/jobs/{job}/next", params={"worker": worker}, headers={"Accept": CT},
+                           json={"acks": list(acks)} if acks else None)  # fmt: skip
         if r.status_code != 200:
             return r
         arrays, meta = decode(r.content)

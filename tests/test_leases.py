@@ -120,6 +120,37 @@ def test_a_retried_lease_request_gets_the_same_lease(raw: Raw, ds):
     assert_problem(raw.http.post(f"/v1/jobs/{job}/next", params={"request": "not ok!"}), 422, "validation-failed")
 
 
+def test_acks_ride_in_a_lease_requests_body_and_their_number_and_bytes_are_bounded(raw: Raw, ds, settings):
+    """A lease request carries its acks in a JSON body (the query's `ack` still counts, for older clients):
+    both together at most MASKSERVE_MAX_ACKS, the body at most MASKSERVE_MAX_JSON_BYTES; a refused request
+    acks nothing and leases nothing."""
+    name, _ = ds
+    job = _job(raw, name, batch_size=32)
+    a, b = raw.lease(job), raw.lease(job)
+    r = raw.http.post(f"/v1/jobs/{job}/next", params={"worker": "w", "ack": a.lease}, json={"acks": [b.lease]})
+    assert r.status_code == 200 and r.headers["maskserve-acks"] == "acked,acked", r.text
+    c = r.headers["maskserve-lease"]
+    limit = settings.max_acks
+    too_many = [c] + [f"0:{i}:0:x:y" for i in range(limit)]
+    refusals = [
+        (raw.http.post(f"/v1/jobs/{job}/next", params={"worker": "w"}, json={"acks": too_many}), 422,
+         "limit-exceeded"),
+        (raw.http.post(f"/v1/jobs/{job}/next", params={"worker": "w", "ack": c}, json={"acks": too_many[1:]}), 422,
+         "limit-exceeded"),
+        (raw.http.post(f"/v1/jobs/{job}/ack", json={"worker": "w", "leases": too_many}), 422, "limit-exceeded"),
+        (raw.http.post(f"/v1/jobs/{job}/next", params={"worker": "w"}, content=b'{"acks": ['), 400, "invalid-request"),
+        (raw.http.post(f"/v1/jobs/{job}/next", params={"worker": "w"}, json={"acks": c}), 422, "validation-failed"),
+        (raw.http.post(f"/v1/jobs/{job}/next", params={"worker": "w"},
+                       json={"acks": [c, "x" * settings.max_json_bytes]}), 413, "payload-too-large"),
+    ]  # fmt: skip
+    for resp, status, kind in refusals:
+        assert_problem(resp, status, kind)
+    assert refusals[0][0].json()["limit"] == limit
+    p = raw.progress(job)
+    assert p["handed_out"] == 3 and p["acked"] == 2 and p["leased"] == 1  # c: neither acked nor a new lease
+    assert raw.lease(job, acks=[c]).acks == ["acked"]
+
+
 def test_grants_say_whether_they_came_in_the_order_of_the_requests(raw: Raw, ds):
     """A worker numbers its requests; a grant is 'in order' when no higher-numbered request of that worker got
     a batch first, which lets a client yield it without waiting for its later requests."""

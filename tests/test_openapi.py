@@ -40,7 +40,7 @@ def guarded_settings(settings: Settings) -> Settings:
     """The shared test settings with a token, and limits small enough that fuzzed requests stay cheap."""
     return settings.model_copy(update={
         "auth_token": SecretStr(TOKEN), "max_batch_size": 64, "max_report_tokens": 1 << 16,
-        "max_json_bytes": 64 << 10, "max_body_bytes": 1 << 20, "max_train_bytes": 1 << 20,
+        "max_json_bytes": 64 << 10, "max_body_bytes": 1 << 20, "max_train_bytes": 1 << 20, "max_acks": 100,
     })  # fmt: skip
 
 
@@ -127,6 +127,10 @@ def test_limits_come_from_the_settings(doc, guarded_settings):
     assert str(s.max_body_bytes) in ingest["description"]
     assert str(s.max_json_bytes) in doc["paths"]["/v1/jobs/{name}/ack"]["post"]["requestBody"]["description"]
     assert str(s.max_report_tokens) in doc["paths"]["/v1/datasets/{name}/masking-report"]["post"]["description"]
+    lease = doc["paths"]["/v1/jobs/{name}/next"]["post"]["requestBody"]  # acks travel in the lease request's body
+    assert lease["required"] is False and f"At most {s.max_acks} lease ids (MASKSERVE_MAX_ACKS)" in lease["description"]
+    assert lease["content"]["application/json"]["schema"]["properties"]["acks"]["maxItems"] == s.max_acks
+    assert doc["components"]["schemas"]["Leases"]["properties"]["leases"]["maxItems"] == s.max_acks
     for key, op in operations(doc):
         if "requestBody" in op:
             assert "413" in op["responses"], key
@@ -318,6 +322,9 @@ def test_real_errors_conform_to_the_document(guarded, doc, rdb, bpe_tokenizer, g
                                      headers={"Content-Type": "application/json"}), 413, "payload-too-large"),
             ("POST /v1/jobs/{name}/ack", h.post("/v1/jobs/x/ack", content=b"\xff", headers={
                 "Content-Type": "application/json"}), 400, "invalid-request"),
+            ("POST /v1/jobs/{name}/next", h.post("/v1/jobs/x/next", json={
+                "acks": ["0:0:0:x:y"] * (guarded_settings.max_acks + 1)}), 422, "limit-exceeded"),
+            ("POST /v1/jobs/{name}/next", h.post("/v1/jobs/x/next", content=b"{"), 400, "invalid-request"),
             ("POST /v1/datasets", h.post("/v1/datasets", json={"name": name, "seq_len": 32, "tokenizer": tokenizer}),
              409, "dataset-exists"),
             ("POST /v1/datasets/{name}/documents", h.post(f"/v1/datasets/{name}/documents", content=b"<p>",

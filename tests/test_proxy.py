@@ -19,6 +19,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -179,9 +180,13 @@ def start_proxy(dns: DockerDns, replicas: list[Replica], tmp_path: Path) -> Iter
     """Start nginx with the repo's file rendered for here, plus ``overrides`` of single directives."""
     started: list[Nginx] = []
 
-    def start(**overrides: str) -> Nginx:
+    def start(error_pages: bool = True, **overrides: str) -> Nginx:
+        """``error_pages=False``: nginx as a plain proxy, its own text/html pages instead of the file's."""
         port = free_port()
         conf = render(CONF, port=port, dns_port=dns.port, upstream_port=replicas[0].port, **overrides)
+        if not error_pages:
+            conf, n = re.subn(r"^\s*error_page\s[^;]*;\n", "", conf, flags=re.M)
+            assert n == 4, n
         started.append(Nginx(conf, port, tmp_path / f"nginx{len(started)}"))
         return started[-1]
 
@@ -328,3 +333,161 @@ def test_client_stalling_its_body_is_cut_off_and_nothing_is_stored(
         time.sleep(0.05)
     with Client(replicas[0].url, token=TOKEN) as c:
         assert c.dataset("stalled")["num_sequences"] == 0
+
+
+# ---- job streams through the proxy: piggybacked acks, the proxy's own error pages ----------
+
+
+class _Wire(httpx.BaseTransport):
+    """Real HTTP; records how many acks each answered lease request (query or body) or /ack carried and the
+    verdicts the service gave, and sets ``answered[status]`` when an answer with that status comes back."""
+
+    def __init__(self) -> None:
+        self.inner = httpx.HTTPTransport()
+        self.carried: list[int] = []
+        self.verdicts: list[str] = []
+        self.calls = 0
+        self.statuses: list[int] = []
+        self.lock = threading.Lock()
+        self.answered: dict[int, threading.Event] = {s: threading.Event() for s in (414, 502)}
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        resp = self.inner.handle_request(request)
+        with self.lock:
+            self.calls += 1
+            self.statuses.append(resp.status_code)
+            route = request.url.path.rsplit("/", 1)[-1]
+            if route == "next" and (resp.status_code < 300 or resp.status_code == 410):
+                sent = request.url.params.get_list("ack")
+                sent += json.loads(request.content)["acks"] if request.content else []
+                self.carried.append(len(sent))
+                if resp.status_code == 410:  # the job ended: the verdicts are in the problem
+                    self.verdicts += json.loads(resp.read())["acks"]
+                else:
+                    self.verdicts += [v for v in resp.headers.get("maskserve-acks", "").split(",") if v]
+            elif route == "ack" and resp.status_code == 200:
+                self.carried.append(len(json.loads(request.content)["leases"]))
+                self.verdicts += json.loads(resp.read())["results"]
+        if resp.status_code in self.answered:
+            self.answered[resp.status_code].set()
+        return resp
+
+
+def _job_dataset(c: Client, corpus: list[str], bpe_tokenizer: str) -> tuple[str, int]:
+    name = f"acks-{time.monotonic_ns()}"
+    c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=64)
+    c.ingest(name, corpus)
+    return name, c.dataset(name)["num_sequences"]
+
+
+def test_a_stream_sending_256_acks_at_once_goes_on_through_the_proxy(
+    start_proxy, replicas, rdb: redis.Redis, bpe_tokenizer, corpus
+):
+    """A worker holding 256 acks (its ``ack_every``; the same pile an outage leaves) sends them with one lease
+    request: through the repo's proxy the stream goes on, and every batch is counted acked exactly once."""
+    from client._jobs import MAX_PIGGYBACK
+
+    assert MAX_PIGGYBACK >= 256
+    proxy = start_proxy()
+    with Client(replicas[0].url, token=TOKEN) as direct:
+        name, n = _job_dataset(direct, corpus, bpe_tokenizer)
+        batches = 2 * 256 + 40
+        assert n >= batches
+        job = f"job-{name}"
+        direct.create_job(job, name, batch_size=1, epochs=1, seed=3)
+    wire = _Wire()
+    with Client(proxy.url, token=TOKEN, transport=wire) as c:
+        with c.job(job, prefetch=2, ack_every=256, ack_delay=1e9, max_outage=WAIT) as stream:
+            for i, _ in enumerate(stream):
+                if i + 1 == batches:
+                    break
+        progress = c.job_progress(job)
+    assert max(wire.carried) == 256, wire.carried  # 256 pending acks went in one request
+    assert 414 not in wire.statuses
+    assert stream.acked == batches and not stream.rejected
+    assert len(wire.verdicts) == sum(wire.carried) and set(wire.verdicts) == {"acked"}  # none twice
+    assert progress["acked"] == batches
+
+
+@pytest.mark.parametrize("pages", ["repo", "html"])
+def test_the_proxys_own_refusals_reach_the_client_as_typed_errors(start_proxy, replicas, pages):
+    """nginx refuses a request line or headers past its buffers itself, before any location. The repo's file
+    answers them as problems (414, and 431 for nginx's own 494); a proxy without those pages sends nginx's
+    text/html ones. Either way the client raises a typed error that carries the status, once (sending the
+    same request again cannot help), never a parsing error."""
+    from client import BadRequestError, RequestTooLargeError
+
+    proxy = start_proxy(error_pages=pages == "repo")
+    wire = _Wire()
+    with Client(proxy.url, token=TOKEN, transport=wire, retries=3, backoff=0) as c:
+        with pytest.raises(RequestTooLargeError) as long_line:
+            c.dataset("x" * 9000)
+    assert wire.calls == 1 and long_line.value.status == 414
+    wire = _Wire()
+    with Client(proxy.url, token="t" * 9000, transport=wire, retries=3, backoff=0) as c:
+        with pytest.raises(BadRequestError if pages == "html" else RequestTooLargeError) as big_headers:
+            c.dataset("x")
+    assert wire.calls == 1
+    if pages == "repo":
+        assert long_line.value.type == "urn:maskserve:problem:uri-too-long"
+        assert (big_headers.value.status, big_headers.value.type) == (431, "urn:maskserve:problem:header-too-large")
+    else:  # nginx's pages: the status, and the page's title as the detail
+        assert (long_line.value.type, long_line.value.detail) == ("about:blank", "414 Request-URI Too Large")
+        assert big_headers.value.status == 400 and big_headers.value.type == "about:blank"
+        assert big_headers.value.detail == "400 Request Header Or Cookie Too Large"
+
+
+@pytest.mark.parametrize("pages", ["repo", "html"])
+def test_no_replica_is_a_gateway_error_retried_where_the_request_may_be_sent_again(start_proxy, replicas, pages):
+    """With no replica up, nginx answers 502 (a problem with the repo's file, text/html without it): a typed
+    GatewayError carrying the status, retried for an idempotent call, not for one that is not."""
+    from client import GatewayError
+
+    proxy = start_proxy(set=f"$upstream service:{free_port()}", error_pages=pages == "repo")
+    wire = _Wire()
+    with Client(proxy.url, token=TOKEN, transport=wire, retries=2, backoff=0) as c:
+        with pytest.raises(GatewayError) as listing:
+            c.datasets()
+        assert wire.calls == 3
+        with pytest.raises(GatewayError) as created:
+            c.create_dataset("never", tokenizer={"model": {}}, seq_len=16)
+        assert wire.calls == 4
+    for err in (listing.value, created.value):
+        assert err.status == 502
+        if pages == "repo":
+            assert err.type == "urn:maskserve:problem:bad-gateway" and err.retry_after == 1
+        else:
+            assert (err.type, err.detail) == ("about:blank", "502 Bad Gateway")
+
+
+def test_a_stream_rides_out_a_proxy_with_no_replica_and_acks_everything_once(
+    start_proxy, replicas, redis_url: str, rdb: redis.Redis, bpe_tokenizer, corpus
+):
+    """The service becomes reachable through the proxy only after the worker's lease requests got nginx's
+    text/html 502: the stream waits it out and goes on, every batch counted acked exactly once."""
+    port = free_port()
+    proxy = start_proxy(set=f"$upstream service:{port}", error_pages=False)
+    with Client(replicas[0].url, token=TOKEN) as direct:
+        name, n = _job_dataset(direct, corpus[:100], bpe_tokenizer)
+        job = f"job-{name}"
+        direct.create_job(job, name, batch_size=8, epochs=1, seed=1)
+        batches = -(-n // 8)
+    wire = _Wire()
+    late = None
+    try:
+        with Client(proxy.url, token=TOKEN, transport=wire, backoff=0.05, max_backoff=0.2) as c:
+            with c.job(job, prefetch=2, ack_every=4, ack_delay=1e9, max_outage=WAIT) as stream:
+                with ThreadPoolExecutor(1) as pool:
+                    consumed = pool.submit(lambda: [(bt.epoch, bt.index) for bt in stream])
+                    assert wire.answered[502].wait(WAIT)  # the lease requests meet the proxy's error page
+                    late = Replica(service_env(REDIS_URL=redis_url, MASKSERVE_AUTH_TOKEN=TOKEN),
+                                   "127.0.0.1", port).wait_ready()
+                    seen = consumed.result(WAIT)
+            progress = c.job_progress(job)
+    finally:
+        if late is not None:
+            late.stop()
+    assert sorted(seen) == [(0, i) for i in range(batches)]
+    assert stream.acked == batches and not stream.rejected
+    assert len(wire.verdicts) == sum(wire.carried) == batches and set(wire.verdicts) == {"acked"}
+    assert progress["status"] == "done" and progress["acked"] == batches

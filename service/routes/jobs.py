@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi import Path as PathParam
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from client._wire import CONTENT_TYPE
 
@@ -116,7 +118,11 @@ async def get_job(name: str, jobs: JobsDep) -> dict[str, Any]:
 
 class NextQuery(OutputParams):
     worker: str = Field(default="anonymous", pattern=WORKER, description="Who asks (for per-worker progress).")
-    ack: list[str] = Field(default_factory=list, max_length=1024, description="Leases finished since the last call.")
+    ack: list[str] = Field(
+        default_factory=list, max_length=1024,
+        description="Leases finished since the last call, the older form: a long list outgrows the request line "
+        "a proxy or server accepts (nginx: about 8 KiB, some 100 ids), so send them in the body.",
+    )  # fmt: skip
     request: str | None = Field(
         default=None, pattern=REQUEST_ID,
         description="A client-chosen id of this lease request: a retry with the same id (after a lost answer) "
@@ -131,21 +137,34 @@ class NextQuery(OutputParams):
     format: str | None = Field(default=None, pattern="^(safetensors|json)$")
 
 
+class NextAcks(BaseModel):
+    """The optional body of a lease request."""
+
+    acks: list[str] = Field(
+        default_factory=list, max_length=4096,
+        description="Leases finished since the last call (with any `ack` of the query, at most MASKSERVE_MAX_ACKS).",
+    )  # fmt: skip
+
+
+_NEXT_BODY = {"required": False, "content": {"application/json": {"schema": NextAcks.model_json_schema()}}}
+
+
 @router.post(
     "/{name}/next",
     summary="Lease the job's next batch (acking finished ones in the same call)",
     responses={200: {"content": {CONTENT_TYPE: {}, "application/json": {}}}, 204: {"description": "Nothing to hand out now; retry"}},
-    openapi_extra=query_docs(NextQuery),
+    openapi_extra={**query_docs(NextQuery), "requestBody": _NEXT_BODY},
 )
 async def next_batch(name: str, request: Request) -> Response:
     q = parse_query(NextQuery, request)
     jobs: Jobs = request.app.state.jobs  # no dependencies on the hot path (see deps.parse_query)
+    acks = _check_count(q.ack + await _body_acks(request), request.app.state.settings.max_acks)
     as_json = wants_json(request, q.format)
     dataset = await _dataset(jobs, name)
-    res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "", q.seq)
+    res = await jobs.next(dataset, name, q.worker, acks, q.request or "", q.seq)
     if res.state == "missing":  # deleted, or re-created on another dataset
         dataset = await _dataset(jobs, name, fresh=True)
-        res = await jobs.next(dataset, name, q.worker, q.ack, q.request or "", q.seq)
+        res = await jobs.next(dataset, name, q.worker, acks, q.request or "", q.seq)
         if res.state == "missing":
             raise JobNotFound(f"no job named {name!r}", job=name)
     ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
@@ -165,6 +184,32 @@ async def next_batch(name: str, request: Request) -> Response:
         if res.lease is not None:
             await _take_back(jobs, dataset, name, q.worker, res.lease)
         raise
+
+
+async def _body_acks(request: Request) -> list[str]:
+    """The acks in a lease request's JSON body (none without a body). The gatekeeper bounds its bytes as they
+    arrive; the route, its acks and the query's together."""
+    raw = await request.body()
+    acks: list[str] = []
+    if raw.strip():
+        try:
+            data = json.loads(raw)
+        except ValueError as exc:
+            raise InvalidRequest(f"the body of a lease request is JSON ({{\"acks\": [...]}}): {exc}") from None
+        try:
+            acks = NextAcks.model_validate(data).acks
+        except ValidationError as exc:
+            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+            raise RequestValidationError(errors) from None
+    return acks
+
+
+def _check_count(leases: list[str], limit: int) -> list[str]:
+    """``leases``, unless there are more than MASKSERVE_MAX_ACKS of them (one request, one script call)."""
+    if len(leases) > limit:
+        raise LimitExceeded(f"{len(leases)} leases in one request exceed the limit of {limit}: send them over several",
+                            limit=limit)  # fmt: skip
+    return leases
 
 
 async def _take_back(jobs: Jobs, dataset: str, name: str, worker: str, lease: Lease) -> None:
@@ -231,13 +276,15 @@ async def _on_job(jobs: Jobs, name: str, op):  # noqa: ANN001, ANN202
 
 
 @router.post("/{name}/ack", summary="Ack finished batches by lease id (idempotent)")
-async def ack(name: str, body: Leases, jobs: JobsDep) -> dict[str, list[str]]:
-    return {"results": await _on_job(jobs, name, lambda ds: jobs.ack(ds, name, body.worker, body.leases))}
+async def ack(name: str, body: Leases, jobs: JobsDep, settings: SettingsDep) -> dict[str, list[str]]:
+    leases = _check_count(body.leases, settings.max_acks)
+    return {"results": await _on_job(jobs, name, lambda ds: jobs.ack(ds, name, body.worker, leases))}
 
 
 @router.post("/{name}/release", summary="Give back unacked leases for immediate redelivery")
-async def release(name: str, body: Leases, jobs: JobsDep) -> dict[str, int]:
-    return {"released": await _on_job(jobs, name, lambda ds: jobs.release(ds, name, body.worker, body.leases))}
+async def release(name: str, body: Leases, jobs: JobsDep, settings: SettingsDep) -> dict[str, int]:
+    leases = _check_count(body.leases, settings.max_acks)
+    return {"released": await _on_job(jobs, name, lambda ds: jobs.release(ds, name, body.worker, leases))}
 
 
 @router.post(
