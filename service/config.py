@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     )  # fmt: skip
     data_dir: Path = Field(default=Path("maskserve-data"), description="Embedded server's data (AOF) directory.")
     key_prefix: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
-    auth_token: SecretStr | None = Field(default=None, description="Bearer token required on every route but health.")
+    auth_token: SecretStr | None = Field(
+        default=None, description="Bearer token required on every route but health and the API document's pages."
+    )
 
     @model_validator(mode="after")
     def _cluster_needs_url(self) -> "Settings":

@@ -250,8 +250,8 @@ def _bearer(settings: Settings) -> dict[str, Any]:
     return {
         "type": "http",
         "scheme": "bearer",
-        "description": "The token of MASKSERVE_AUTH_TOKEN, on every route but /healthz and /readyz "
-        f"(this document and the metrics included). {state}",
+        "description": "The token of MASKSERVE_AUTH_TOKEN, on every route but /healthz, /readyz and this "
+        f"document (/openapi.json, with its pages /docs and /redoc); the metrics need it too. {state}",
     }
 
 
