@@ -32,7 +32,9 @@ JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 class JobConfig(BaseModel):
     dataset: str = Field(description="The dataset the job reads.")
-    batch_size: int = Field(default=32, ge=1, le=MAX_BATCH, description="Sequences per batch (at most MASKSERVE_MAX_BATCH_SIZE).")
+    batch_size: int = Field(
+        default=32, ge=1, le=MAX_BATCH, description="Sequences per batch (at most MASKSERVE_MAX_BATCH_SIZE)."
+    )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the permutations (and the masks).")
     shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
     epochs: int | None = Field(default=1, ge=1, le=1_000_000, description="Number of epochs; null runs until cancelled.")

@@ -50,7 +50,9 @@ def resolve(doc: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
     return schema
 
 
-def integer_fields(doc: dict[str, Any], schema: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict]]:
+def integer_fields(
+    doc: dict[str, Any], schema: Any, path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], dict]]:
     """(field path, integer schema) of every integer a value of ``schema`` may hold, however nested."""
     if not isinstance(schema, dict):
         return
@@ -137,7 +139,9 @@ class Operation:
             for path, schema in integer_fields(self.doc, self.body_schema):
                 yield "body", path, schema
 
-    def send(self, h: httpx.Client, where: str | None = None, field: tuple[str, ...] = (), value: Any = None) -> httpx.Response:
+    def send(
+        self, h: httpx.Client, where: str | None = None, field: tuple[str, ...] = (), value: Any = None
+    ) -> httpx.Response:
         """The valid request, with ``field`` (a parameter's or the body's) set to ``value`` when given."""
         params, headers, path_values = {}, {}, dict(self.path_values)
         for p in self.op.get("parameters", []):

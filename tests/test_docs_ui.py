@@ -33,7 +33,9 @@ def references(html: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("page, assets", [("/docs", {".js", ".css", ".png", ".json"}), ("/redoc", {".js", ".png", ".json"})])
+@pytest.mark.parametrize(
+    "page, assets", [("/docs", {".js", ".css", ".png", ".json"}), ("/redoc", {".js", ".png", ".json"})]
+)
 def test_the_pages_open_without_the_token_and_load_only_this_services_files(guarded, page, assets):
     with httpx.Client(base_url=guarded, timeout=30) as h:
         r = h.get(page)
@@ -81,7 +83,9 @@ def test_the_data_routes_still_need_the_token(guarded):
         assert h.get("/v1/datasets", headers=AUTH).status_code == 200
 
 
-@pytest.mark.parametrize("asset", ["nope.js", "..%2F..%2Fpyproject.toml", "%2E%2E", "swagger-ui.css.map", "__init__.py"])
+@pytest.mark.parametrize(
+    "asset", ["nope.js", "..%2F..%2Fpyproject.toml", "%2E%2E", "swagger-ui.css.map", "__init__.py"]
+)
 def test_only_the_pages_own_assets_are_served(guarded, asset):
     with httpx.Client(base_url=guarded, timeout=30) as h:
         r = h.get(f"/docs/assets/{asset}")

@@ -29,7 +29,7 @@ _FILES = {
     "redoc.standalone.js": "text/javascript",
     "favicon.png": "image/png",
 }
-# Swagger UI's own defaults, less its online validator (a badge fetched from another host)
+# Added to FastAPI's defaults: no online validator (Swagger UI would fetch a badge from another host)
 _SWAGGER_PARAMETERS = {"deepLinking": True, "validatorUrl": None, "displayRequestDuration": True}
 
 

@@ -27,7 +27,9 @@ router = APIRouter(prefix="/v1/datasets", tags=["masks"])
 
 class StaticBuild(MaskingParams):
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Copy c of sequence s is the mask of (seed, c, s).")
-    max_chunks: int | None = Field(default=None, ge=1, le=MAX_INT64, description="Build at most this many chunks in this call.")
+    max_chunks: int | None = Field(
+        default=None, ge=1, le=MAX_INT64, description="Build at most this many chunks in this call."
+    )
 
 
 class ReportRequest(MaskingParams):

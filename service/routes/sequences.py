@@ -30,7 +30,9 @@ class SequencesRequest(MaskingParams, OutputParams):
         min_length=1, description="Sequence ids, in the order the rows should come (repeats allowed)."
     )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the masks (and names the static cache).")
-    epoch: int = Field(default=0, ge=0, le=MAX_INT64, description="Mask epoch; with mode=static, copy epoch mod copies is served.")
+    epoch: int = Field(
+        default=0, ge=0, le=MAX_INT64, description="Mask epoch; with mode=static, copy epoch mod copies is served."
+    )
     format: str | None = Field(default=None, pattern="^(safetensors|json)$", description="Overrides the Accept header.")
 
 
