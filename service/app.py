@@ -35,7 +35,7 @@ from .jobs import Jobs
 from .keys import slot_tags
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
-from .routes import batches, datasets, health, jobs, masks, sequences, tokenizers
+from .routes import batches, datasets, docs, health, jobs, masks, sequences, tokenizers
 from .serving import die_with_supervisor
 from .store import Store
 from .tuning import tune_allocator
@@ -45,8 +45,10 @@ log = logging.getLogger("maskserve")
 
 # Bodies parsed whole (JSON) get this limit; streamed ingest bodies check their own.
 _STREAMED_SUFFIXES = ("/documents", "/tokenizers/train")
-# Open without the bearer token: the health probes (everything else, docs included, needs it).
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+# Open without the bearer token: the health probes, and the API document with its pages and their
+# files (they describe the API and hold no data); every other path needs it.
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"})
+_PUBLIC_PREFIX = docs.ASSETS
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -95,6 +97,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         summary="Masked-language-model batches over HTTP, from tokenized text kept in Redis.",
         lifespan=lifespan,
+        docs_url=None,  # served by routes/docs.py, from local files
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
@@ -103,7 +108,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
-    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences):
+    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences, docs):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
@@ -166,7 +171,7 @@ class Gatekeeper:
             send = _headless(send)
         path: str = scope["path"]
         refusal: ServiceError | None = None
-        if self.settings.auth_token is not None and path not in _PUBLIC_PATHS:
+        if self.settings.auth_token is not None and path not in _PUBLIC_PATHS and not path.startswith(_PUBLIC_PREFIX):
             authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             refusal = check_token(self.settings, authorization)
         if refusal is None and not path.endswith(_STREAMED_SUFFIXES):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TypeVar
 
 import numpy as np
@@ -168,18 +168,24 @@ async def fetched_rows(
 
 
 def _stitch(parts: list[tuple[np.ndarray, Masked]], b: int) -> Masked:
-    """One ``Masked`` of ``b`` rows from parts that each cover the rows listed with them."""
+    """One ``Masked`` of ``b`` rows from parts that each cover the rows listed with them.
+
+    Every per-row array is joined, the special-token mask among them: a part computes its own
+    (dynamic masks carry it; static ones derive it from ``is_special``), so the joined batch
+    answers every output option as each part would."""
     first = parts[0][1]
-
-    def joined(field: str) -> np.ndarray | None:
-        if getattr(first, field) is None:
-            return None
-        out = np.empty((b, *getattr(first, field).shape[1:]), dtype=getattr(first, field).dtype)
-        for rows, part in parts:
-            out[rows] = getattr(part, field)
-        return out
-
-    arrays = {f: joined(f) for f in ("input_ids", "labels", "attention_mask", "selected", "word_start")}
+    arrays: dict[str, np.ndarray | None] = {}
+    for f in fields(Masked):
+        if f.name == "is_special":
+            continue
+        per_part = [part.special_tokens_mask if f.name == "special" else getattr(part, f.name) for _, part in parts]
+        if any(a is None for a in per_part):
+            arrays[f.name] = None
+            continue
+        out = np.empty((b, *per_part[0].shape[1:]), dtype=per_part[0].dtype)
+        for (rows, _), a in zip(parts, per_part):
+            out[rows] = a
+        arrays[f.name] = out
     return Masked(**arrays, is_special=first.is_special)
 
 

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     )  # fmt: skip
     data_dir: Path = Field(default=Path("maskserve-data"), description="Embedded server's data (AOF) directory.")
     key_prefix: str = Field(default="ms", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="Prefix of every Redis key.")
-    auth_token: SecretStr | None = Field(default=None, description="Bearer token required on every route but health.")
+    auth_token: SecretStr | None = Field(
+        default=None, description="Bearer token required on every route but health and the API document's pages."
+    )
 
     @model_validator(mode="after")
     def _cluster_needs_url(self) -> "Settings":
@@ -52,7 +54,7 @@ class Settings(BaseSettings):
             raise ValueError("an empty bearer token would let anyone in: unset MASKSERVE_AUTH_TOKEN or give a token")
         return v
 
-    max_batch_size: int = Field(default=4096, ge=1, description="Largest B a batch request may ask for.")
+    max_batch_size: int = Field(default=4096, ge=1, le=1 << 20, description="Largest B a batch request may ask for.")
     max_seq_len: int = Field(default=8192, ge=8, le=65536, description="Largest sequence length L of a dataset.")
     max_body_bytes: int = Field(default=1 << 30, ge=1024, description="Largest ingest request body.")
     max_tokenizer_bytes: int = Field(default=64 << 20, ge=1024, description="Largest tokenizer.json upload.")

@@ -8,7 +8,7 @@ lost Redis connection) into the response.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import logging
 from typing import Any, ClassVar
@@ -20,6 +20,8 @@ from redis.exceptions import ClusterError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
+from starlette.types import Scope
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_BASE = "urn:maskserve:problem:"
@@ -165,6 +167,26 @@ def problem_response(
     return JSONResponse(err.body(instance), status_code=err.status, media_type=PROBLEM_JSON, headers=headers)
 
 
+# In the order an Allow header lists them.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE")
+
+
+def allowed_methods(routes: Iterable[BaseRoute], scope: Scope) -> list[str]:
+    """Every method some route takes at the request's path (RFC 9110 15.5.6: a 405's Allow lists them
+    all), found by asking each route whether it would take the path with that method. HEAD wherever
+    GET is: the gatekeeper answers it with the GET route."""
+    routes = list(routes)
+    allowed = set()
+    for method in _METHODS:
+        probe = {"type": "http", "method": method, "path": scope["path"], "root_path": scope.get("root_path", ""),
+                 "headers": [], "query_string": b""}  # fmt: skip
+        if any(route.matches(probe)[0] == Match.FULL for route in routes):
+            allowed.add(method)
+    if "GET" in allowed:
+        allowed.add("HEAD")
+    return [m for m in _METHODS if m in allowed]
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that make every error a problem+json response."""
 
@@ -190,7 +212,10 @@ def install(app: FastAPI) -> None:
             exc.status_code, "http-error"
         )
         err.title = known.title if known and known is not InvalidRequest else str(exc.detail)  # type: ignore[misc]
-        return problem_response(err, request, exc.headers)  # e.g. Allow on a 405
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # the router names the first route of the path only: name them all
+            headers["Allow"] = ", ".join(allowed_methods(request.app.router.routes, request.scope))
+        return problem_response(err, request, headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 
 from .durability import Confirm, Durability, confirmed
 from .jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
-from .schemas import MaskingParams
+from .schemas import MAX_BATCH, MAX_SEED, MaskingParams
 from .store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -32,8 +32,10 @@ JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 class JobConfig(BaseModel):
     dataset: str = Field(description="The dataset the job reads.")
-    batch_size: int = Field(default=32, ge=1, description="Sequences per batch.")
-    seed: int = Field(default=0, ge=0, le=(1 << 64) - 1, description="Seeds the permutations (and the masks).")
+    batch_size: int = Field(
+        default=32, ge=1, le=MAX_BATCH, description="Sequences per batch (at most MASKSERVE_MAX_BATCH_SIZE)."
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the permutations (and the masks).")
     shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
     epochs: int | None = Field(default=1, ge=1, le=1_000_000, description="Number of epochs; null runs until cancelled.")
     drop_last: bool = Field(default=False, description="Drop the short last batch of each epoch.")
@@ -45,7 +47,7 @@ class JobConfig(BaseModel):
     )
     masking: MaskingParams = Field(default_factory=MaskingParams)
     mask_seed: int | None = Field(
-        default=None, ge=0, le=(1 << 64) - 1,
+        default=None, ge=0, le=MAX_SEED,
         description="Seeds the masks (and names the static cache) apart from the order; default `seed`.",
     )  # fmt: skip
 

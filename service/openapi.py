@@ -192,6 +192,7 @@ def complete(doc: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Add to FastAPI's ``doc`` what it cannot know (see the module's docstring)."""
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     _restore_exact_bounds(schemas)
+    _integral_bounds(doc["paths"])
     schemas["Problem"] = copy.deepcopy(PROBLEM_SCHEMA)  # each document its own: a caller may change it
     schemas["Batch"] = copy.deepcopy(BATCH_SCHEMA)
     for name in ("HTTPValidationError", "ValidationError"):
@@ -249,8 +250,8 @@ def _bearer(settings: Settings) -> dict[str, Any]:
     return {
         "type": "http",
         "scheme": "bearer",
-        "description": "The token of MASKSERVE_AUTH_TOKEN, on every route but /healthz and /readyz "
-        f"(this document and the metrics included). {state}",
+        "description": "The token of MASKSERVE_AUTH_TOKEN, on every route but /healthz, /readyz and this "
+        f"document (/openapi.json, with its pages /docs and /redoc); the metrics need it too. {state}",
     }
 
 
@@ -348,6 +349,22 @@ def _restore_exact_bounds(schemas: dict[str, Any]) -> None:
 
 
 _BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _integral_bounds(node: Any) -> None:
+    """The bounds of integer schemas written inline in operations (FastAPI makes them floats, 8 -> 8.0) as
+    integers again, where the float is exact (the large bounds sit in component schemas, restored above)."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            for key in _BOUNDS:
+                value = node.get(key)
+                if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+                    node[key] = int(value)
+        for value in node.values():
+            _integral_bounds(value)
+    elif isinstance(node, list):
+        for value in node:
+            _integral_bounds(value)
 
 
 def _copy_bounds(generated: Any, exact: Any) -> None:

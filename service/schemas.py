@@ -10,6 +10,16 @@ from .errors import ValidationFailed
 from .masking import MaskSpec
 from .schedule import rate_at
 
+# The widest integers the code holds, so that every integer a request carries has a bound (a 422 past it):
+# seeds are hashed as uint64; epochs, sequence ids and counts live in int64 numpy arrays and Redis integers;
+# a stateless batch's stream positions (index x size) stay well inside int64; positions within a
+# sequence are stored in the token ids' dtype, so L fits 16 bits.
+MAX_SEED = (1 << 64) - 1
+MAX_INT64 = (1 << 63) - 1
+MAX_BATCH = 1 << 20
+MAX_INDEX = 1 << 40
+MAX_SEQ_LEN = 1 << 16
+
 
 class MaskingParams(BaseModel):
     """How to mask; every field has the RoBERTa/BERT default."""

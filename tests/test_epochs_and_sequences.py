@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client import BadRequestError, ConflictError, NotFoundError
+from client import BadRequestError, ConflictError, NotFoundError, decode
 
 SEQ_LEN = 64
 
@@ -45,6 +45,82 @@ def test_stateless_stream_covers_every_sequence_once_per_epoch(client, ds):
             np.testing.assert_array_equal(straddle[name][rows], alone[name])
 
 
+# Every output option of the batch route, on a batch that straddles an epoch boundary: the rows of
+# each epoch are exactly what /sequences serves for them alone, in both representations.
+STRADDLE_OPTIONS = [
+    {},
+    {"special_tokens_mask": True},
+    {"labels": "sparse"},
+    {"labels": "sparse", "special_tokens_mask": True, "pad_to_multiple_of": 8},
+    {"pad_to_multiple_of": 16, "special_tokens_mask": True},
+    {"unit": "whole_word", "special_tokens_mask": True, "mlm_probability": 0.3},
+    {"unit": "span", "count": "exact", "max_predictions": 12, "labels": "sparse", "special_tokens_mask": True},
+    {"random_tokens": "frequency", "special_tokens_mask": True},
+    {"schedule": "linear", "mlm_probability_end": 0.5, "schedule_length": 3, "special_tokens_mask": True},
+    {"mode": "static", "copies": 3, "special_tokens_mask": True},
+    {"mode": "static", "copies": 3, "labels": "sparse", "special_tokens_mask": True, "pad_to_multiple_of": 8},
+]
+# What each (B, width) array holds past a row's end, to widen a half served narrower than the whole
+PADDING = {"input_ids": None, "attention_mask": 0, "labels": -100, "special_tokens_mask": 1}
+
+
+def _served(r: httpx.Response, fmt: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    assert r.status_code == 200, r.text
+    if fmt == "json":
+        assert r.headers["content-type"].startswith("application/json")
+        body = r.json()
+        meta = {k: str(v) for k, v in body.pop("metadata").items()}
+        return {k: np.asarray(v) for k, v in body.items()}, meta
+    assert r.headers["content-type"].startswith("application/vnd.safetensors")
+    return decode(r.content)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "json"])
+@pytest.mark.parametrize(
+    "options", STRADDLE_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "plain"
+)
+def test_a_batch_across_an_epoch_boundary_serves_every_output_option(service_url, client, ds, options, fmt):
+    n, size, seed = ds["num_sequences"], 48, 5
+    k = n // size  # the batch that holds the last rows of epoch 0 and the first of epoch 1
+    cut = n - k * size
+    assert 0 < cut < size
+    if options.get("mode") == "static":
+        masking = {o: v for o, v in options.items() if o not in ("labels", "special_tokens_mask", "pad_to_multiple_of")}
+        assert client.build_static_masks(ds["name"], seed=seed, **masking)["complete"]
+    query = {o: str(v).lower() if isinstance(v, bool) else v for o, v in options.items()}
+    with httpx.Client(base_url=service_url, timeout=60) as h:
+        params = {"size": size, "index": k, "seed": seed, "format": fmt, **query}
+        r = h.get(f"/v1/datasets/{ds['name']}/batch", params=params)
+        whole, meta = _served(r, fmt)
+        halves = []
+        for rows, epoch in ((slice(0, cut), 0), (slice(cut, size), 1)):
+            body = {"ids": whole["sequence_ids"][rows].tolist(), "seed": seed, "epoch": epoch, **options}
+            alone = h.post(f"/v1/datasets/{ds['name']}/sequences", json=body)  # safetensors
+            halves.append(_served(alone, "safetensors")[0])
+    assert meta["epoch"] == "0" and r.headers["maskserve-epoch"] == "0"
+    assert set(whole) == set(halves[0]) == set(halves[1])
+    assert ("special_tokens_mask" in whole) == bool(options.get("special_tokens_mask"))
+    assert ("masked_positions" in whole) == (options.get("labels") == "sparse")
+    width = whole["input_ids"].shape[1]
+    assert width == max(half["input_ids"].shape[1] for half in halves)
+    for name, padding in PADDING.items():
+        if name not in whole:
+            continue
+        parts = []
+        for half in halves:
+            a = half[name]
+            fill = ds["special_tokens"]["pad"] if padding is None else padding
+            parts.append(np.pad(a, ((0, 0), (0, width - a.shape[1])), constant_values=fill))
+        np.testing.assert_array_equal(whole[name], np.concatenate(parts), err_msg=name)
+    np.testing.assert_array_equal(whole["sequence_ids"], np.concatenate([h["sequence_ids"] for h in halves]))
+    if "masked_positions" in whole:
+        second = halves[1]["masked_positions"] + np.array([cut, 0])
+        first = halves[0]["masked_positions"]
+        np.testing.assert_array_equal(whole["masked_positions"], np.concatenate([first, second]))
+        np.testing.assert_array_equal(whole["masked_ids"], np.concatenate([h["masked_ids"] for h in halves]))
+        assert len(whole["masked_ids"]) > 0
+
+
 def test_sequences_by_id_are_the_batch_rows_for_their_seed_and_epoch(client, ds):
     b = client.batch(ds["name"], 16, seed=11, index=2, mlm_probability=0.3, unit="whole_word")
     ids = b["sequence_ids"][::-1].copy()
@@ -78,7 +154,8 @@ def test_sequences_by_id_serve_static_copies(client, ds):
     [
         ({"ids": [10**9]}, 422, "sequence-out-of-range"),
         ({"ids": [-1]}, 422, "sequence-out-of-range"),
-        ({"ids": [0, 2**70]}, 422, "sequence-out-of-range"),
+        ({"ids": [0, 2**63 - 1]}, 422, "sequence-out-of-range"),
+        ({"ids": [0, 2**70]}, 422, "validation-failed"),  # past what an id can be (int64)
         ({"ids": []}, 422, "validation-failed"),
         ({"ids": "0,1"}, 422, "validation-failed"),
         ({"ids": [0], "epoch": -1}, 422, "validation-failed"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -352,6 +353,49 @@ def test_head_answers_like_get_and_405_says_what_is_allowed(http, populated):
     assert resp.headers["allow"] == "POST"
 
 
+
+def _methods_by_path(settings: Settings) -> dict[str, set[str]]:
+    """Every path template of the app with the methods its routes take (HEAD wherever GET is: the
+    gatekeeper answers HEAD with the GET route)."""
+    from service.app import create_app
+
+    try:
+        from fastapi.routing import iter_route_contexts  # FastAPI that nests included routers
+    except ImportError:  # one whose app.routes lists every route
+
+        def iter_route_contexts(routes):  # noqa: ANN001, ANN202
+            return iter(routes)
+
+    out: dict[str, set[str]] = {}
+    for route in iter_route_contexts(create_app(settings).routes):
+        methods = getattr(route, "methods", None)
+        if methods:
+            out.setdefault(route.path, set()).update(methods)
+    for methods in out.values():
+        if "GET" in methods:
+            methods.add("HEAD")
+    return out
+
+
+def test_405_lists_every_method_the_path_takes(http, settings):
+    """RFC 9110 15.5.6: a 405's Allow names every method of the path, on every path of the app."""
+    by_path = _methods_by_path(settings)
+    assert {"GET", "HEAD", "POST"} <= by_path["/v1/datasets"] and {"GET", "DELETE"} <= by_path["/v1/jobs/{name}"]
+    tried, wrong = 0, []
+    for template, allowed in sorted(by_path.items()):
+        path = re.sub(r"\{[^}]+\}", "x1", template)
+        for method in sorted({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"} - allowed):
+            resp = http.request(method, path)
+            assert resp.status_code == 405, (method, path, resp.status_code, resp.text[:200])
+            if method != "HEAD":
+                check_problem(resp, 405, "method-not-allowed")
+            listed = {m.strip() for m in resp.headers.get("allow", "").split(",") if m.strip()}
+            if listed != allowed:
+                wrong.append(f"{method} {template}: Allow {sorted(listed)}, takes {sorted(allowed)}")
+            tried += 1
+    assert not wrong, "\n".join(wrong)
+    assert tried > 3 * len(by_path)
+
 def test_batch_on_empty_dataset(http, rdb, bpe_tokenizer):
     name = uniq("empty")
     assert http.post("/v1/datasets", json={**create_body(bpe_tokenizer), "name": name}).status_code == 201
@@ -408,7 +452,6 @@ def test_bearer_token(guarded, rdb, bpe_tokenizer):
         ("DELETE", "/v1/datasets/x", {}),
         ("GET", "/metrics", {}),
         ("GET", "/no/such/route", {}),  # unknown paths do not reveal themselves without the token
-        ("GET", "/openapi.json", {}),
     ]
     with httpx.Client(base_url=guarded, timeout=30) as h:
         for auth in (None, "Bearer wrong", "Bearer s3cret2", "Basic s3cret", "s3cret"):
@@ -420,6 +463,7 @@ def test_bearer_token(guarded, rdb, bpe_tokenizer):
         assert rdb.keys("*") == []
         assert h.get("/healthz").status_code == 200
         assert h.get("/readyz").status_code == 200
+        assert h.get("/openapi.json").status_code == 200  # the API document and its pages: tests/test_docs_ui.py
         ok = {"Authorization": "Bearer s3cret"}
         assert h.get("/openapi.json", headers=ok).status_code == 200
         assert h.get("/no/such/route", headers=ok).status_code == 404

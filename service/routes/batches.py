@@ -15,22 +15,20 @@ from ..batching import Fetched, drawn, fetched_rows, served
 from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
 from ..permute import stream_ids
-from ..schemas import MaskingParams, OutputParams
+from ..schemas import MAX_BATCH, MAX_INDEX, MAX_INT64, MAX_SEED, MaskingParams, OutputParams
 
 router = APIRouter(prefix="/v1/datasets", tags=["batches"])
 
-MAX_SEED = (1 << 64) - 1
-
 
 class BatchQuery(MaskingParams, OutputParams):
-    size: int = Field(default=32, ge=1, description="Batch size B.")
+    size: int = Field(default=32, ge=1, le=MAX_BATCH, description="Batch size B (at most MASKSERVE_MAX_BATCH_SIZE).")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Omit for a fresh random seed (echoed back).")
     index: int = Field(
-        default=0, ge=0, le=1 << 40,
+        default=0, ge=0, le=MAX_INDEX,
         description="Batch number: stream positions index*B .. index*B+B-1 of the seed's per-epoch permutations.",
     )  # fmt: skip
     epoch: int | None = Field(
-        default=None, ge=0, description="Mask epoch for every row; default each row's pass over the data."
+        default=None, ge=0, le=MAX_INT64, description="Mask epoch for every row; default each row's pass over the data."
     )
     mask_seed: int | None = Field(default=None, ge=0, le=MAX_SEED, description="Seeds the masks; default `seed`.")
     format: str | None = Field(default=None, pattern="^(safetensors|json)$", description="Overrides the Accept header.")

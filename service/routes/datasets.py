@@ -20,6 +20,7 @@ from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 from ..errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ..ingest import SPLITS, Pipeline, documents, limited, run_pipeline
 from ..packing import PACKING_MODES
+from ..schemas import MAX_SEQ_LEN
 from ..tokenization import ROLES, TokenizerInfo, load_tokenizer, prepare
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -31,7 +32,9 @@ NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-l
 
 class DatasetCreate(BaseModel):
     name: str = Field(pattern=NAME_PATTERN, description="Letters, digits, '.', '_', '-'; at most 128.")
-    seq_len: int = Field(ge=8, description="Sequence length L, special tokens included.")
+    seq_len: int = Field(
+        ge=8, le=MAX_SEQ_LEN, description="Sequence length L, special tokens included (at most MASKSERVE_MAX_SEQ_LEN)."
+    )
     packing: Literal["complete", "doc", "none"] = Field(default="complete", description=f"One of {PACKING_MODES}.")
     tokenizer: dict[str, Any] = Field(description="The tokenizer.json object of the 'tokenizers' library.")
     special_tokens: dict[Literal["cls", "sep", "pad", "mask", "unk"], str] | None = Field(

@@ -16,7 +16,7 @@ from ..deps import CatalogDep, SettingsDep, StoreDep
 from ..errors import DatasetNotFound, LimitExceeded, NotFound, ValidationFailed
 from ..masking import Masked, MaskSpec, mask_batch
 from ..packing import assemble, split_chunk
-from ..schemas import MaskingParams
+from ..schemas import MAX_INT64, MAX_SEED, MaskingParams
 from ..static import cache_id, encode_chunk
 from ..store import CachesFull
 from ..work import Workload
@@ -24,12 +24,12 @@ from ..work import Workload
 
 router = APIRouter(prefix="/v1/datasets", tags=["masks"])
 
-MAX_SEED = (1 << 64) - 1
-
 
 class StaticBuild(MaskingParams):
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Copy c of sequence s is the mask of (seed, c, s).")
-    max_chunks: int | None = Field(default=None, ge=1, description="Build at most this many chunks in this call.")
+    max_chunks: int | None = Field(
+        default=None, ge=1, le=MAX_INT64, description="Build at most this many chunks in this call."
+    )
 
 
 class ReportRequest(MaskingParams):

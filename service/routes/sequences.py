@@ -9,6 +9,8 @@ no run has seen.
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from pydantic import Field
@@ -17,16 +19,20 @@ from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, drawn, fetched, served
 from ..errors import LimitExceeded, SequenceOutOfRange
-from ..schemas import MaskingParams, OutputParams
-from .batches import MAX_SEED, wants_json
+from ..schemas import MAX_INT64, MAX_SEED, MaskingParams, OutputParams
+from .batches import wants_json
 
 router = APIRouter(prefix="/v1/datasets", tags=["sequences"])
 
 
 class SequencesRequest(MaskingParams, OutputParams):
-    ids: list[int] = Field(min_length=1, description="Sequence ids, in the order the rows should come (repeats allowed).")
+    ids: list[Annotated[int, Field(ge=-MAX_INT64 - 1, le=MAX_INT64)]] = Field(
+        min_length=1, description="Sequence ids, in the order the rows should come (repeats allowed)."
+    )
     seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the masks (and names the static cache).")
-    epoch: int = Field(default=0, ge=0, description="Mask epoch; with mode=static, copy epoch mod copies is served.")
+    epoch: int = Field(
+        default=0, ge=0, le=MAX_INT64, description="Mask epoch; with mode=static, copy epoch mod copies is served."
+    )
     format: str | None = Field(default=None, pattern="^(safetensors|json)$", description="Overrides the Accept header.")
 
 
