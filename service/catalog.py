@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from .errors import Conflict, DatasetNotFound
+from .errors import Conflict, DatasetNotFound, DatasetReplaced
 from .masking import Vocab
 from .keys import Keys
 from .store import Store
@@ -146,13 +146,27 @@ class Catalog:
             raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry") from None
 
     async def runtime(self, name: str, uid: str | None = None) -> DatasetRuntime:
-        """The cached runtime for ``name`` (reloaded when ``uid`` differs)."""
+        """The cached runtime for ``name``; with ``uid``, of that generation only (reloaded when the cached one
+        is another): :class:`DatasetReplaced` when the name now holds another."""
         rt = self._cache.get(name)
         if rt is not None and (uid is None or rt.uid == uid):
             return rt
         meta = await self.store.meta(name)
         if meta is None:
             raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        rt = self._load(name, meta)
+        if uid is not None and rt.uid != uid:
+            raise DatasetReplaced(f"dataset {name!r} was deleted and created again while it was read; retry",
+                                  dataset=name)  # fmt: skip
+        return rt
+
+    async def holds(self, name: str, uid: str) -> bool:
+        """Whether generation ``uid`` is the one of ``name`` now (read from Redis)."""
+        counters = await self.store.counters(name)
+        return counters is not None and counters[0] == uid
+
+    def _load(self, name: str, meta: dict[str, Any]) -> DatasetRuntime:
+        """A runtime for ``meta`` (the name's current generation), cached."""
         if "chunk_groups" not in meta:  # written before chunks were spread over groups
             raise Conflict(
                 f"dataset {name!r} was stored by an earlier version, whose key layout this one does not read: "
