@@ -77,9 +77,11 @@ return 'retired'
 
 # KEYS[1]: meta, KEYS[2]: staging set
 # ARGV[1]: dataset uid, ARGV[2]: chunk id, ARGV[3]: how long the chunk may stay staged (ms)
-# returns the dataset's chunk groups, or -1 when the dataset is gone or replaced
+# returns the dataset's chunk groups, -1 when the dataset is gone or replaced, or -2 when another ingest staged
+# that id (it drew the same nonce: its entry is left as it is)
 RESERVE_CHUNK = """
 if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] then return -1 end
+if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return -2 end
 local t = redis.call('TIME')
 redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]), ARGV[2])
 return tonumber(redis.call('HGET', KEYS[1], 'chunk_groups'))
@@ -252,6 +254,7 @@ JSON_FIELDS = ("special_tokens", "all_special_ids", "masking")
 # the dataset's keys in its own slot that RETIRE_DATASET removes besides those it names one by one
 _FIXED = ("tokenizer", "chunks", "ingests", "freq", "freq:frozen")
 _RETIRE_TRIES = 16
+_STAGE_TRIES = 4  # ids a chunk tries (each of a fresh 39-bit nonce) before its ingest fails
 
 
 def pack_tokenizer(tokenizer_json: str) -> bytes:
@@ -543,17 +546,23 @@ class Store:
     async def stage_chunk(self, name: str, uid: str, ingest: int, j: int, blob: bytes, ttl: int) -> Staged | None:
         """Record chunk j of an ingest as staged, and store it with a TTL (None: the dataset is gone).
 
-        Nothing counts chunks in the dataset's slot: a request that fails leaves it as it was."""
+        Nothing counts chunks in the dataset's slot: a request that fails leaves it as it was. When the id is
+        another ingest's (the same nonce drawn, so staged by it or committed), the chunk gets the id of a fresh
+        nonce, and the other ingest's entries are left alone; :class:`ChunkIdTaken` after ``_STAGE_TRIES``."""
         k = self.keys
-        chunk_id = chunk_id_of(ingest, j)
-        groups = int(await self._reserve(keys=[k.ds(name, "meta"), k.ds(name, "staging")], args=[uid, chunk_id, ttl * 1000]))
-        if groups < 0:
-            return None
-        staged = Staged(chunk_id, k.chunk(uid, groups, chunk_id))
-        if not await self.r.set(staged.key, blob, ex=ttl, nx=True):  # two ingests drew the same nonce
-            await self.r.zrem(k.ds(name, "staging"), chunk_id)
-            raise ChunkIdTaken(staged.key)
-        return staged
+        staging = k.ds(name, "staging")
+        for _ in range(_STAGE_TRIES):
+            chunk_id = chunk_id_of(ingest, j)
+            groups = int(await self._reserve(keys=[k.ds(name, "meta"), staging], args=[uid, chunk_id, ttl * 1000]))
+            if groups == -1:
+                return None
+            if groups >= 0:
+                staged = Staged(chunk_id, k.chunk(uid, groups, chunk_id))
+                if await self.r.set(staged.key, blob, ex=ttl, nx=True):
+                    return staged
+                await self.r.zrem(staging, chunk_id)  # this ingest's own entry: a committed chunk holds the id
+            ingest = self.new_ingest_id()
+        raise ChunkIdTaken(f"chunk {j} found its id taken {_STAGE_TRIES} times")
 
     async def drop_staged(self, name: str, staged: list[Staged]) -> None:
         if staged:
@@ -752,7 +761,7 @@ class CachesFull(Exception):
 
 
 class ChunkIdTaken(Exception):
-    """A staged chunk's id is in use already (two ingests drew the same nonce): the ingest is retried."""
+    """Every id a chunk tried was in use already (ingests drew the same nonces): the ingest is retried."""
 
 
 class StaleCounters(Exception):
