@@ -15,7 +15,10 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
     P:ds:{D}:tokenizer                  STRING tokenizer.json, zlib-compressed
     P:ds:{D}:chunks                     STRING uint64 LE: first sequence id of each committed chunk, in order
     P:ds:{D}:chunk_ids                  STRING uint64 LE: the chunk id at each position of that table
-    P:ds:{D}:ingests                    HASH   idempotency key -> JSON result of a committed ingest
+    P:ds:{D}:idem                       HASH   idempotency key -> JSON result of a committed ingest
+    P:ds:{D}:idem:due                   ZSET   idempotency key -> when its record expires (ms); both keys
+                                               expire with their newest record
+    P:ds:{D}:ingests                    HASH   the records of earlier versions (read only, expiring)
     P:ds:{D}:staging                    ZSET   chunk id -> deadline (ms): chunks staged by ingests in flight
     P:ds:{D}:freq / :freq:frozen        STRING token counts (BITFIELD u32) / the copy frozen at first use
     P:ds:{D}:sm                         SET    ids of the static-mask caches

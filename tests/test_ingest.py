@@ -745,3 +745,37 @@ def test_a_nonce_collision_leaves_the_other_ingest_whole(redis_url):
         await r.aclose()
 
     asyncio.run(main())
+
+
+def test_idempotency_records_expire_after_their_ttl(settings, rdb, bpe_tokenizer, corpus):
+    """Every ingest with a key adds a record: they expire after MASKSERVE_INGEST_IDEMPOTENCY_TTL_S (a TTL on the
+    Redis key that holds them, and a deadline per record), so a dataset's records stay bounded."""
+    short = settings.model_copy(update={"ingest_idempotency_ttl_s": 1})
+    name = uniq("ttl")
+    with ServerThread(short) as server:
+        create(server.url, name, bpe_tokenizer, 64)
+        body = ndjson({"text": t} for t in corpus[:5])
+
+        def send(key: str) -> dict:
+            return ingest(server.url, name, body, {**NDJSON, "Idempotency-Key": key})
+
+        def holders(key: str) -> list[bytes]:  # the dataset's keys that hold the record of ``key``
+            return [k for k in rdb.scan_iter(match=Keys(short.key_prefix).ds(name, "*"))
+                    if rdb.type(k) == b"hash" and rdb.hexists(k, key)]  # fmt: skip
+
+        def redis_ms() -> int:
+            sec, usec = rdb.time()
+            return sec * 1000 + usec // 1000
+
+        assert send("a")["duplicate"] is False
+        committed = redis_ms()
+        assert send("a")["duplicate"] is True  # a retry within the TTL
+        [records] = holders("a")
+        assert 0 < rdb.pttl(records) <= 1000
+        assert send("b")["duplicate"] is False
+        while redis_ms() <= committed + 1000:  # the record of "a" is past its TTL
+            time.sleep(0.01)
+        assert send("c")["duplicate"] is False
+        assert holders("a") == [] and rdb.hlen(holders("c")[0]) <= 2  # "a" pruned (or its key expired)
+        assert send("a")["duplicate"] is False  # forgotten: committed again
+        assert decode_meta(rdb.hgetall(Keys(short.key_prefix).ds(name, "meta")))["num_documents"] == 4 * 5
