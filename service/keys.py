@@ -33,8 +33,9 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
 
 **Chunk ids.** Chunk j of an ingest gets id ``nonce << 24 | j``, the nonce a
 random 39-bit number per ingest (a staged chunk is written only if its id is
-not staged and its key is free; else it takes a fresh nonce), so staging changes no counter: a failed ingest leaves the dataset's
-slot exactly as it was. **Chunk groups.** Chunk ``id`` belongs to group
+not staged and its key is free; else it takes a fresh nonce), so staging
+changes no counter: a failed ingest leaves the dataset's slot exactly as it was.
+**Chunk groups.** Chunk ``id`` belongs to group
 ``(nonce + j) mod G`` (G fixed per dataset at creation): the chunks of one
 ingest go round the groups in turn. Group g's tag is a short string chosen so that its slot
 is ``(s0 + (g * q mod G) * 16384 / G) mod 16384``, with ``s0`` the slot of the

@@ -30,9 +30,9 @@ from client._wire import CONTENT_TYPE
 from .config import Settings
 from .errors import (
     PROBLEM_JSON, TYPE_BASE, Conflict, DatasetEmpty, DatasetExists, DatasetNotFound, InvalidRequest, InvalidTokenizer,
-    JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound, Overloaded,
-    PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable, TokenizerFailed,
-    TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
+    JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound,
+    Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable,
+    TokenizerFailed, TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
 )  # fmt: skip
 from .work import is_heavy
 
