@@ -71,8 +71,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.redis_url = url
         reader = connect(url, settings, replicas=True) if settings.redis_cluster and settings.read_from_replicas else None
         app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
-                                chunk_groups=settings.chunk_groups, reader=reader)
-        app.state.catalog = Catalog(app.state.store)
+                                chunk_groups=settings.chunk_groups, reader=reader,
+                                idempotency_ttl_s=settings.ingest_idempotency_ttl_s)
+        app.state.catalog = Catalog(app.state.store, max_entries=settings.catalog_max_datasets)
         durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
                                 cluster=settings.redis_cluster)  # fmt: skip
         try:

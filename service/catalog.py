@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import numpy as np
 
-from .errors import Conflict, DatasetNotFound
+from .errors import Conflict, DatasetNotFound, DatasetReplaced
 from .masking import Vocab
 from .keys import Keys
 from .store import Store
@@ -39,6 +39,8 @@ class DatasetRuntime:
     # (num_sequences, num_chunks) as last read: the batch route draws from these optimistically
     # and its fetch checks them (batching.drawn)
     seen: tuple[int, int] | None = None
+    # one tokenizer load at a time per generation (it lives and goes with the cached entry)
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
     @property
     def seq_len(self) -> int:
@@ -100,11 +102,13 @@ class TableCache:
 
 
 class Catalog:
+    """The runtimes of at most ``max_entries`` datasets (the least recently used goes first), and an LRU of
+    their chunk tables by bytes."""
+
     def __init__(self, store: Store, max_entries: int = 256, table_cache_bytes: int = 256 << 20) -> None:
         self.store = store
         self.max_entries = max_entries
-        self._cache: dict[str, DatasetRuntime] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._cache: OrderedDict[str, DatasetRuntime] = OrderedDict()  # least recently used first
         self.table_cache = TableCache(table_cache_bytes)
 
     async def entries(
@@ -146,13 +150,28 @@ class Catalog:
             raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry") from None
 
     async def runtime(self, name: str, uid: str | None = None) -> DatasetRuntime:
-        """The cached runtime for ``name`` (reloaded when ``uid`` differs)."""
+        """The cached runtime for ``name``; with ``uid``, of that generation only (reloaded when the cached one
+        is another): :class:`DatasetReplaced` when the name now holds another."""
         rt = self._cache.get(name)
         if rt is not None and (uid is None or rt.uid == uid):
+            self._cache.move_to_end(name)
             return rt
         meta = await self.store.meta(name)
         if meta is None:
             raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        rt = self._load(name, meta)
+        if uid is not None and rt.uid != uid:
+            raise DatasetReplaced(f"dataset {name!r} was deleted and created again while it was read; retry",
+                                  dataset=name)  # fmt: skip
+        return rt
+
+    async def holds(self, name: str, uid: str) -> bool:
+        """Whether generation ``uid`` is the one of ``name`` now (read from Redis)."""
+        counters = await self.store.counters(name)
+        return counters is not None and counters[0] == uid
+
+    def _load(self, name: str, meta: dict[str, Any]) -> DatasetRuntime:
+        """A runtime for ``meta`` (the name's current generation), cached."""
         if "chunk_groups" not in meta:  # written before chunks were spread over groups
             raise Conflict(
                 f"dataset {name!r} was stored by an earlier version, whose key layout this one does not read: "
@@ -161,10 +180,15 @@ class Catalog:
         special = meta["special_tokens"]
         vocab = Vocab.build(meta["vocab_size"], meta["all_special_ids"], special["mask"], special["pad"])
         rt = DatasetRuntime(name=name, uid=meta["uid"], meta=meta, vocab=vocab, id_dtype=np.dtype(meta["id_dtype"]))
-        if len(self._cache) >= self.max_entries:
-            self._cache.pop(next(iter(self._cache)))
+        self._cache.pop(name, None)
+        while len(self._cache) >= self.max_entries:
+            self._cache.popitem(last=False)
         self._cache[name] = rt
         return rt
+
+    def cached(self) -> list[str]:
+        """The names of the cached datasets, least recently used first."""
+        return list(self._cache)
 
     async def current(self, name: str) -> DatasetRuntime:
         """The runtime of the dataset that exists now (checked against Redis)."""
@@ -195,8 +219,7 @@ class Catalog:
 
     async def tokenizer(self, rt: DatasetRuntime) -> TokenizerInfo:
         if rt.tokenizer is None:
-            lock = self._locks.setdefault(rt.uid, asyncio.Lock())
-            async with lock:
+            async with rt.loading:
                 if rt.tokenizer is None:
                     raw = await self.store.tokenizer_json(rt.name)
                     if raw is None:

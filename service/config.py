@@ -78,6 +78,16 @@ class Settings(BaseSettings):
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")
+    ingest_idempotency_ttl_s: int = Field(
+        default=7 * 86400, ge=1, le=365 * 86400,
+        description="How long an ingest's Idempotency-Key is remembered: a retry within it is a no-op, later it "
+        "ingests again.",
+    )  # fmt: skip
+    catalog_max_datasets: int = Field(
+        default=256, ge=1, le=1 << 20,
+        description="Datasets whose config, tokenizer and chunk tables a process caches; the least recently used "
+        "beyond it are dropped (and read again when needed).",
+    )  # fmt: skip
 
     durable_acks: Literal["auto", "require", "off"] = Field(
         default="auto",

@@ -127,12 +127,23 @@ class JobFinished(ServiceError):
     type, title, status = "job-finished", "Job finished", 410
 
 
+class JobDatasetGone(ServiceError):
+    """The generation of the dataset a job reads was deleted (the name may hold a new one): the job can never
+    serve another batch."""
+
+    type, title, status = "job-dataset-gone", "The job's dataset was deleted", 409
+
+
 class StaticMasksMissing(ServiceError):
     type, title, status = "static-masks-missing", "Static masks not built", 409
 
 
 class Conflict(ServiceError):
     type, title, status = "conflict", "Conflicting concurrent change", 409
+
+
+class DatasetReplaced(Conflict):
+    """A generation of a dataset (its uid) asked for is no longer the one of its name."""
 
 
 class StoreUnavailable(ServiceError):

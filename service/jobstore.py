@@ -15,6 +15,8 @@ and the jobs of a cluster spread over its masters::
     P:job:{J}:requests                  HASH   "worker|request id" -> "epoch:index|redelivered|in order|
                                                answered again", one per live lease granted to a request
                                                that carried an id
+    P:job:{J}:ahead                     SET    "epoch:index" acked ahead of the cursor (epoch, next): the
+                                               cursor skips them (see "Rolled back" below)
 
 The dataset lists its jobs in its own slot (``P:ds:{D}:jobs``, see keys.py):
 a job is created in its slot and then listed (the listing checks that the
@@ -37,6 +39,15 @@ the job hash as the HMAC's inner and outer padded keys): one over
 worker; else ``not-owner``). So only the worker a lease was issued to can ack
 or release it, and the original holder of an expired lease can still ack it
 (``late``) if nobody has: it trained the batch.
+
+**Rolled back.** The job's keys may go back to an earlier consistent state
+(a failover that lost the master's last writes, a restart from an
+append-only file that lost its unsynced tail) while workers hold leases
+granted after it. Their acks still count (``late``, once each); one of a batch
+ahead of the cursor is recorded in ``ahead``, and the cursor skips it when it
+gets there, so only batches granted in the lost window can be trained twice.
+An ack of a batch already acked (``duplicate``) ends any lease on it, and a
+job is done once all its batches are acked, whatever its cursor says.
 """
 
 from __future__ import annotations
@@ -46,28 +57,26 @@ import re
 from .keys import Keys
 
 # A job's keys besides its hash and its acked bitmaps: P:job:{J}:<part>
-JOB_KEY_PARTS = ("leases", "lease", "workers", "ackcount", "seen", "requests")
+JOB_KEY_PARTS = ("leases", "lease", "workers", "ackcount", "seen", "requests", "ahead")
 
 # Shared Lua: time, lease ids, bookkeeping of workers, the ack of one lease.
 # KEYS[1]: job hash, KEYS[2]: leases zset, KEYS[3]: lease hash, KEYS[4]: workers hash, KEYS[5]: ackcount hash,
-# KEYS[6]: seen zset, KEYS[7]: requests hash, KEYS[8..]: the acked bitmap of each lease id in ARGV, in order
+# KEYS[6]: seen zset, KEYS[7]: requests hash, KEYS[8]: ahead set, KEYS[9..]: the acked bitmap of each lease id in
+# ARGV, in order
 _PRELUDE = """
 local job, leases, leasemap, workers, ackcount, seen, requests = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local ahead = KEYS[8]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
+-- done once every batch of every epoch is acked ('acked' counts each batch once), wherever the cursor is
 local function finish_if_done()
-  local epochs = tonumber(redis.call('HGET', job, 'epochs'))
-  if epochs < 0 then return false end
-  local epoch = tonumber(redis.call('HGET', job, 'epoch'))
-  local nxt = tonumber(redis.call('HGET', job, 'next'))
-  local bpe = tonumber(redis.call('HGET', job, 'bpe'))
-  if epoch == epochs - 1 and nxt >= bpe and redis.call('ZCARD', leases) == 0
-      and redis.call('HGET', job, 'status') == 'active' then
-    redis.call('HSET', job, 'status', 'done', 'finished_at', now)
-    return true
-  end
-  return false
+  local f = redis.call('HMGET', job, 'epochs', 'bpe', 'acked', 'status')
+  local epochs = tonumber(f[1])
+  if epochs < 0 or f[4] ~= 'active' or tonumber(f[3]) < epochs * tonumber(f[2]) then return false end
+  redis.call('HSET', job, 'status', 'done', 'finished_at', now)
+  redis.call('DEL', leases, leasemap, requests, ahead)  -- nothing left to train: no lease is live any more
+  return true
 end
 
 -- HMAC-SHA1 under the job's secret (its padded inner and outer keys), truncated to 64 bits
@@ -130,19 +139,32 @@ local function touch(worker)
   redis.call('HSETNX', workers, worker .. ':first', now)
 end
 
+-- no lease on batch 'member' any more, whoever held it
+local function end_lease(member)
+  forget_request(member)
+  redis.call('ZREM', leases, member)
+  redis.call('HDEL', leasemap, member)
+end
+
 -- ack one lease ('acked': the bitmap of its epoch); returns 'acked', 'late', 'duplicate', 'invalid', 'stale'
 -- or 'not-owner'
 local function ack(lease, worker, acked)
   local verdict, e, i = verify(lease, worker)
   if verdict ~= 'ok' then return verdict end
-  if redis.call('SETBIT', acked, i, 1) == 1 then return 'duplicate' end
-  local size = batch_size(i)
   local member = e .. ':' .. i
+  if redis.call('SETBIT', acked, i, 1) == 1 then
+    end_lease(member)  -- granted again after a roll back: training it again adds nothing
+    return 'duplicate'
+  end
+  local size = batch_size(i)
   local held, by = holder(member)
   local late = held ~= lease or by ~= worker
-  forget_request(member)
-  redis.call('ZREM', leases, member)
-  redis.call('HDEL', leasemap, member)
+  end_lease(member)
+  local cursor = redis.call('HMGET', job, 'epoch', 'next')
+  local epoch, nxt = tonumber(cursor[1]), tonumber(cursor[2])
+  if e > epoch or (e == epoch and i >= nxt) then
+    redis.call('SADD', ahead, member)  -- granted after the state the keys rolled back to: never again
+  end
   redis.call('HINCRBY', ackcount, e, 1)
   redis.call('HINCRBY', job, 'acked', 1)
   redis.call('HINCRBY', job, 'acked_sequences', size)
@@ -187,7 +209,7 @@ local function prune(idle_ms, max_workers, asking)
 end
 """
 
-# KEYS[1..7]: as in the prelude, KEYS[8..]: the acked bitmaps of ARGV[6..]
+# KEYS[1..8]: as in the prelude, KEYS[9..]: the acked bitmaps of ARGV[6..]
 # ARGV[1]: worker, ARGV[2]: request id ('' for none), ARGV[3]: idle ms after
 # which a worker's counters fold into the totals, ARGV[4]: most workers tracked, ARGV[5]: the request's
 # sequence number in its worker's stream (increasing; 0 for none), ARGV[6..]: lease ids to ack first (the
@@ -206,7 +228,7 @@ NEXT = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
 local worker, rid = ARGV[1], ARGV[2]
 local acks = {}
-for a = 6, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker, KEYS[a + 2]) end
+for a = 6, #ARGV do acks[#acks + 1] = ack(ARGV[a], worker, KEYS[a + 3]) end
 if #acks > 0 then redis.call('HSET', job, 'acked_at', now) end  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 local status = redis.call('HGET', job, 'status')
@@ -267,39 +289,51 @@ if #expired > 0 then
   local redelivered = redis.call('HGET', leasemap, expired[1]) == '-0' and 0 or 1
   return grant(tonumber(e), tonumber(i), redelivered)
 end
-local epoch = tonumber(redis.call('HGET', job, 'epoch'))
-local nxt = tonumber(redis.call('HGET', job, 'next'))
-local bpe = tonumber(redis.call('HGET', job, 'bpe'))
-if nxt >= bpe then
-  local epochs = tonumber(redis.call('HGET', job, 'epochs'))
-  local gated = redis.call('HGET', job, 'boundary') == 'ack'
-    and tonumber(redis.call('HGET', ackcount, epoch) or '0') < bpe
-  if gated or (epochs >= 0 and epoch + 1 >= epochs) then
-    local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
-    local retry = 100
-    if #first > 0 then retry = math.max(20, math.min(1000, tonumber(first[2]) - now)) end
-    return {'wait', retry, instance, unpack(acks)}
+-- the cursor's next batch, past those acked ahead of it (each skip consumes an 'ahead' entry, so the loop is
+-- bounded by that set); nil when the epoch boundary holds it back or the last epoch is all handed out
+local function from_cursor()
+  local f = redis.call('HMGET', job, 'epoch', 'next', 'bpe', 'epochs', 'boundary')
+  local epoch, nxt, bpe, epochs = tonumber(f[1]), tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
+  local moved = false
+  while true do
+    if nxt >= bpe then
+      local gated = f[5] == 'ack' and tonumber(redis.call('HGET', ackcount, epoch) or '0') < bpe
+      if gated or (epochs >= 0 and epoch + 1 >= epochs) then
+        if moved then redis.call('HSET', job, 'epoch', epoch, 'next', nxt) end  -- past what it skipped
+        return nil
+      end
+      epoch, nxt, moved = epoch + 1, 0, true
+    end
+    if redis.call('SREM', ahead, epoch .. ':' .. nxt) == 0 then
+      redis.call('HSET', job, 'epoch', epoch, 'next', nxt + 1)
+      return epoch, nxt
+    end
+    nxt, moved = nxt + 1, true
   end
-  epoch = epoch + 1
-  nxt = 0
-  redis.call('HSET', job, 'epoch', epoch)
 end
-redis.call('HSET', job, 'next', nxt + 1)
+
+local epoch, nxt = from_cursor()
+if not epoch then
+  local first = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  local retry = 100
+  if #first > 0 then retry = math.max(20, math.min(1000, tonumber(first[2]) - now)) end
+  return {'wait', retry, instance, unpack(acks)}
+end
 return grant(epoch, nxt, 0)
 """
 
-# KEYS[1..7]: as in the prelude, KEYS[8..]: the acked bitmaps of ARGV[2..]; ARGV[1]: worker, ARGV[2..]: lease ids
+# KEYS[1..8]: as in the prelude, KEYS[9..]: the acked bitmaps of ARGV[2..]; ARGV[1]: worker, ARGV[2..]: lease ids
 # returns one verdict per lease ('acked', 'late', 'duplicate', 'invalid', 'stale', 'not-owner'), or {'missing'}
 ACK = _PRELUDE + """
 if redis.call('EXISTS', job) == 0 then return {'missing'} end
 local out = {}
-for a = 2, #ARGV do out[#out + 1] = ack(ARGV[a], ARGV[1], KEYS[a + 6]) end
+for a = 2, #ARGV do out[#out + 1] = ack(ARGV[a], ARGV[1], KEYS[a + 7]) end
 redis.call('HSET', job, 'acked_at', now)  -- a write, so a durability wait covers earlier acks
 finish_if_done()
 return out
 """
 
-# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2..]: lease ids the worker gives back unacked
+# KEYS[1..8]: as in the prelude; ARGV[1]: worker, ARGV[2..]: lease ids the worker gives back unacked
 # returns how many were still leased to that worker under those ids (now due for immediate redelivery),
 # -1: no such job
 RELEASE = _PRELUDE + """
@@ -319,7 +353,7 @@ end
 return n
 """
 
-# KEYS[1..7]: as in the prelude; ARGV[1]: worker, ARGV[2]: lease id, ARGV[3]: 1 if its grant was a redelivery
+# KEYS[1..8]: as in the prelude; ARGV[1]: worker, ARGV[2]: lease id, ARGV[3]: 1 if its grant was a redelivery
 # Takes back a grant whose request failed before the batch reached the worker: the batch is due at once,
 # and the counters are as if it had never been handed out. Returns 1, or 0 when the lease is not current
 # or a retry of the same request was already answered with it (on another replica, say).
@@ -345,7 +379,7 @@ end
 return 1
 """
 
-# KEYS[1..7]: as in the prelude; ARGV[1]: worker
+# KEYS[1..8]: as in the prelude; ARGV[1]: worker
 # A worker known to be gone (its host died, its pod was deleted): its live leases are due at once.
 # Returns how many leases it held.
 EVICT = _PRELUDE + """
@@ -385,7 +419,7 @@ redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', tonumber(t[1])
 return 1
 """
 
-# KEYS[1]: job hash, KEYS[2..7]: the job's other fixed keys, KEYS[8..]: acked bitmaps of epochs 0..ARGV[2]-1
+# KEYS[1]: job hash, KEYS[2..8]: the job's other fixed keys, KEYS[9..]: acked bitmaps of epochs 0..ARGV[2]-1
 # ARGV[1]: the dataset uid the job must read ('' for any), ARGV[2]: number of epochs whose bitmaps are passed
 # returns the number of keys removed, -1 when the job reads another dataset generation (kept), or -2 when it
 # has more epochs than passed (nothing removed: read the epoch again)

@@ -15,7 +15,10 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
     P:ds:{D}:tokenizer                  STRING tokenizer.json, zlib-compressed
     P:ds:{D}:chunks                     STRING uint64 LE: first sequence id of each committed chunk, in order
     P:ds:{D}:chunk_ids                  STRING uint64 LE: the chunk id at each position of that table
-    P:ds:{D}:ingests                    HASH   idempotency key -> JSON result of a committed ingest
+    P:ds:{D}:idem                       HASH   idempotency key -> JSON result of a committed ingest
+    P:ds:{D}:idem:due                   ZSET   idempotency key -> when its record expires (ms); both keys
+                                               expire with their newest record
+    P:ds:{D}:ingests                    HASH   the records of earlier versions (read only, expiring)
     P:ds:{D}:staging                    ZSET   chunk id -> deadline (ms): chunks staged by ingests in flight
     P:ds:{D}:freq / :freq:frozen        STRING token counts (BITFIELD u32) / the copy frozen at first use
     P:ds:{D}:sm                         SET    ids of the static-mask caches
@@ -29,9 +32,10 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
     P:job:{J}...                        the job's keys (jobstore.py has their layout)
 
 **Chunk ids.** Chunk j of an ingest gets id ``nonce << 24 | j``, the nonce a
-random 39-bit number per ingest (a staged chunk is written only if its key is
-free), so staging changes no counter: a failed ingest leaves the dataset's
-slot exactly as it was. **Chunk groups.** Chunk ``id`` belongs to group
+random 39-bit number per ingest (a staged chunk is written only if its id is
+not staged and its key is free; else it takes a fresh nonce), so staging
+changes no counter: a failed ingest leaves the dataset's slot exactly as it was.
+**Chunk groups.** Chunk ``id`` belongs to group
 ``(nonce + j) mod G`` (G fixed per dataset at creation): the chunks of one
 ingest go round the groups in turn. Group g's tag is a short string chosen so that its slot
 is ``(s0 + (g * q mod G) * 16384 / G) mod 16384``, with ``s0`` the slot of the

@@ -30,9 +30,9 @@ from client._wire import CONTENT_TYPE
 from .config import Settings
 from .errors import (
     PROBLEM_JSON, TYPE_BASE, Conflict, DatasetEmpty, DatasetExists, DatasetNotFound, InvalidRequest, InvalidTokenizer,
-    JobConflict, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound, Overloaded,
-    PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable, TokenizerFailed,
-    TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
+    JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound,
+    Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable,
+    TokenizerFailed, TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
 )  # fmt: skip
 from .work import is_heavy
 
@@ -80,7 +80,8 @@ ERRORS: dict[str, Errors] = {
     "GET /v1/jobs/{name}": (JobNotFound, *_STORE),
     "DELETE /v1/jobs/{name}": (JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/next": (
-        *_JSON, LimitExceeded, NotAcceptable, JobNotFound, JobFinished, DatasetNotFound, *_MASKED, *_STORE
+        *_JSON, LimitExceeded, NotAcceptable, JobNotFound, JobFinished, JobDatasetGone, DatasetNotFound, *_MASKED,
+        *_STORE,
     ),  # dataset-not-found: the job's dataset deleted under it; limit-exceeded: more acks than MAX_ACKS
     "POST /v1/jobs/{name}/ack": (*_JSON, LimitExceeded, JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/release": (*_JSON, LimitExceeded, JobNotFound, *_STORE),

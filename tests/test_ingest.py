@@ -704,3 +704,78 @@ def test_a_create_racing_a_delete_of_the_same_name_stays_listed(redis_url, setti
         await r.aclose()
 
     asyncio.run(main())
+
+
+def _meta(name: str) -> dict:
+    """The meta of a small dataset created straight through the store."""
+    return {"name": name, "uid": uuid.uuid4().hex, "seq_len": 64, "packing": "none", "vocab_size": 10,
+            "id_dtype": "<u2", "special_tokens": {}, "all_special_ids": [], "num_sequences": 0, "num_tokens": 0,
+            "num_documents": 0, "num_chunks": 0, "bytes": 0, "generation": 0, "created_at": 0.0,
+            "tokenizer_sha256": ""}  # fmt: skip
+
+
+def test_a_nonce_collision_leaves_the_other_ingest_whole(redis_url):
+    """Two ingests that draw the same nonce: the second one's chunk gets a fresh id, and the first one's staged
+    chunk stays staged and commits; so does a chunk whose id a committed chunk holds."""
+    from service.store import Store
+
+    async def main() -> None:
+        r = aioredis.Redis.from_url(redis_url)
+        store = Store(r, uniq("nonce"))
+        m = _meta("collide")
+        assert await store.create_dataset("collide", m, b"")
+        uid, nonce = m["uid"], store.new_ingest_id()
+
+        async def commit(staged) -> int:  # noqa: ANN001
+            status, _ = await store.commit_ingest("collide", uid, "", [staged], [1], 1, 1, 1, 1, {},
+                                                  np.zeros(10, dtype=np.int64))  # fmt: skip
+            return status
+
+        first = await store.stage_chunk("collide", uid, nonce, 0, b"first", 60)
+        second = await store.stage_chunk("collide", uid, nonce, 0, b"second", 60)  # the same nonce, the same j
+        assert second.id != first.id and second.key != first.key
+        assert await r.get(first.key) == b"first" and await r.get(second.key) == b"second"
+        assert await commit(first) == 0  # its staging entry survived the collision
+        assert await commit(second) == 0
+        third = await store.stage_chunk("collide", uid, nonce, 0, b"third", 60)  # the id of a committed chunk
+        assert third.id not in (first.id, second.id) and await r.get(first.key) == b"first"
+        assert await commit(third) == 0
+        assert (await store.meta("collide"))["num_chunks"] == 3
+        await store.delete_dataset("collide")
+        await r.aclose()
+
+    asyncio.run(main())
+
+
+def test_idempotency_records_expire_after_their_ttl(settings, rdb, bpe_tokenizer, corpus):
+    """Every ingest with a key adds a record: they expire after MASKSERVE_INGEST_IDEMPOTENCY_TTL_S (a TTL on the
+    Redis key that holds them, and a deadline per record), so a dataset's records stay bounded."""
+    short = settings.model_copy(update={"ingest_idempotency_ttl_s": 1})
+    name = uniq("ttl")
+    with ServerThread(short) as server:
+        create(server.url, name, bpe_tokenizer, 64)
+        body = ndjson({"text": t} for t in corpus[:5])
+
+        def send(key: str) -> dict:
+            return ingest(server.url, name, body, {**NDJSON, "Idempotency-Key": key})
+
+        def holders(key: str) -> list[bytes]:  # the dataset's keys that hold the record of ``key``
+            return [k for k in rdb.scan_iter(match=Keys(short.key_prefix).ds(name, "*"))
+                    if rdb.type(k) == b"hash" and rdb.hexists(k, key)]  # fmt: skip
+
+        def redis_ms() -> int:
+            sec, usec = rdb.time()
+            return sec * 1000 + usec // 1000
+
+        assert send("a")["duplicate"] is False
+        committed = redis_ms()
+        assert send("a")["duplicate"] is True  # a retry within the TTL
+        [records] = holders("a")
+        assert 0 < rdb.pttl(records) <= 1000
+        assert send("b")["duplicate"] is False
+        while redis_ms() <= committed + 1000:  # the record of "a" is past its TTL
+            time.sleep(0.01)
+        assert send("c")["duplicate"] is False
+        assert holders("a") == [] and rdb.hlen(holders("c")[0]) <= 2  # "a" pruned (or its key expired)
+        assert send("a")["duplicate"] is False  # forgotten: committed again
+        assert decode_meta(rdb.hgetall(Keys(short.key_prefix).ds(name, "meta")))["num_documents"] == 4 * 5

@@ -30,6 +30,7 @@ import pytest
 
 from client import Client, ServiceUnavailableError, TransportError, decode
 from service.embedded import EmbeddedRedis
+from service.jobstore import JobKeys
 from service.permute import batch_ids
 
 from .conftest import ROOT, ServiceProcess, free_port, service_env
@@ -699,3 +700,38 @@ def test_trainer_says_a_cancelled_job_was_cancelled(service: ServiceProcess, tmp
         text = log.read_text()
         assert "was cancelled" in text and "is finished" not in text, text
         assert c.job_progress(job)["workers"].get("gate", {}).get("acked", 0) == 0
+
+
+@pytest.mark.slow
+def test_a_job_never_serves_a_re_created_generation_of_its_dataset(spawn_service, redis_url, rdb, bpe_tokenizer,
+                                                                     corpus):  # fmt: skip
+    """A job that outlives a delete of its dataset (the delete unlinks the old generation's chunks before its
+    jobs, and a create of the name may run meanwhile) answers a clear 409 from every process, whatever each
+    cached, and never a batch of the new generation."""
+    svc = spawn_service(service_env(REDIS_URL=redis_url), workers=2)
+    with Client(svc.url) as c:
+        name, _ = make_dataset(c, bpe_tokenizer, corpus, docs=60)
+        job = uid("job")
+        c.create_job(job, name, batch_size=8, epochs=1, lease_timeout_s=60)
+
+        def ask(worker: str) -> httpx.Response:  # a new connection each time: spread over both processes
+            with httpx.Client(base_url=svc.url, timeout=30) as http:
+                return http.post(f"/v1/jobs/{job}/next", params={"worker": worker, "format": "json"})
+
+        served = [ask(f"warm{k}") for k in range(8)]  # the processes that answer cache the dataset as it is now
+        assert all(r.status_code == 200 for r in served)
+        job_keys = JobKeys("ms").all_keys(job, 1)
+        kept = {key: rdb.dump(key) for key in job_keys}
+        c.delete_dataset(name)
+        c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN, packing="doc")
+        c.ingest(name, corpus[200:400])  # other documents, as many chunks or more
+        for key, value in kept.items():  # the job as the delete's race window leaves it
+            if value is not None:
+                rdb.restore(key, 0, value, replace=True)
+        answers = [ask(f"late{k}") for k in range(8)]
+        assert [r.status_code for r in answers if r.status_code == 200] == []  # no batch of the new generation
+        for r in answers:
+            problem = r.json()
+            assert (r.status_code, problem["type"]) == (409, "urn:maskserve:problem:job-dataset-gone"), problem
+            assert name in problem["detail"] and job in problem["detail"]
+        assert c.job_progress(job)["handed_out"] == len(served)  # each refused grant was taken back

@@ -4,6 +4,7 @@ eviction, retired workers and endings that are hard to reach through HTTP timing
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -11,6 +12,8 @@ import redis
 import redis.asyncio as aioredis
 
 from service.jobs import JobConfig, Jobs
+
+from .rollback import Drill, assert_converged, roll_back, snapshot
 
 DATASET = "d"
 
@@ -103,5 +106,53 @@ def test_a_cancelled_job_stays_cancelled_when_its_last_leases_are_acked(redis_ur
         assert await jobs.cancel(DATASET, "j")
         assert await jobs.ack(DATASET, "j", "w", [x.lease for x in leases]) == ["acked", "acked"]
         assert (await jobs.state(DATASET, "j"))["status"] == "cancelled"
+
+    run(redis_url, body)
+
+
+# ---- a job whose keys roll back (a failover, or a restart from an AOF that lost its last writes) -------------
+
+
+def test_a_job_converges_after_its_keys_roll_back_under_held_leases(redis_url: str, rdb: redis.Redis):
+    """Grants made after the state the job's keys roll back to are lost while workers still hold them: the
+    workers' late acks count once, the cursor skips what they acked, and the job ends."""
+
+    async def body(jobs: Jobs, r: aioredis.Redis) -> None:
+        bpe, epochs = 10, 2
+        await _create(jobs, bpe=bpe, epochs=epochs)
+        drill = Drill(jobs, r, 4)
+        await drill.rounds(2)  # 8 batches handed out, 4 acked; each worker holds one
+        taken = await snapshot(r, jobs, epochs)
+        before = Counter(drill.granted)
+        await drill.rounds(2, ack=False)  # the lost window: 8 more grants, across the epoch boundary
+        lost = set(drill.granted - before)
+        assert {e for e, _ in lost} == {0, 1}
+        await roll_back(r, taken)
+        assert (await jobs.state(DATASET, "j"))["next"] == 8
+        for w in drill.workers[:2]:  # these ack at once, the others with their next request
+            await drill.ack_all(w)
+        await drill.drain(max_rounds=4 * bpe * epochs)
+        await assert_converged(drill, bpe, epochs, lost)
+
+    run(redis_url, body)
+
+
+def test_a_duplicate_ack_ends_the_lease_on_its_batch(redis_url: str, rdb: redis.Redis):
+    """A lease on a batch that is already acked (left by a roll back under an earlier version) trains nothing
+    new: its ack answers ``duplicate`` and ends it, and the job then ends."""
+
+    async def body(jobs: Jobs, r: aioredis.Redis) -> None:
+        await _create(jobs, bpe=2)
+        a, b = [(await jobs.next(DATASET, "j", "w", [])).lease for _ in range(2)]
+        taken = await snapshot(r, jobs, 1)
+        assert await jobs.ack(DATASET, "j", "w", [a.lease]) == ["acked"]
+        acked_bits = await r.dump(jobs.keys.acked("j", 0))
+        counters = await r.hgetall(jobs.keys.job("j"))
+        await roll_back(r, taken)  # a's lease back, with its batch acked
+        await r.restore(jobs.keys.acked("j", 0), 0, acked_bits, replace=True)
+        await r.hset(jobs.keys.job("j"), mapping={"acked": counters[b"acked"]})
+        assert await jobs.ack(DATASET, "j", "w", [a.lease, b.lease]) == ["duplicate", "acked"]
+        assert await r.zcard(jobs.keys.lease_keys("j")[1]) == 0
+        assert (await jobs.state(DATASET, "j"))["status"] == "done"
 
     run(redis_url, body)

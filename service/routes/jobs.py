@@ -16,7 +16,8 @@ from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, fetched, open_dataset, served
 from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
-from ..errors import InvalidRequest, JobConflict, JobFinished, JobNotFound, LimitExceeded, StaticMasksMissing
+from ..errors import (Conflict, DatasetNotFound, InvalidRequest, JobConflict, JobDatasetGone, JobFinished, JobNotFound,
+                      LimitExceeded, StaticMasksMissing)
 from ..jobs import JobConfig, JobCreate, Jobs, Lease, NextResult
 from ..masking import MaskSpec
 from ..static import cache_id
@@ -229,11 +230,19 @@ async def _serve(
     assert lease is not None
     cfg, spec, st = await _config(jobs, dataset, name, res.instance)
     params: MaskingParams = cfg.masking
-    rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
-    ds = Fetched(rt, st["n"], st["num_chunks"])
-    seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
-    compute = await fetched(catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch, params=params, spec=spec,
-                            step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
+    try:  # the job's own generation of the dataset, never another of the same name
+        rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
+        ds = Fetched(rt, st["n"], st["num_chunks"])
+        seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
+        compute = await fetched(catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch, params=params,
+                                spec=spec, step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
+    except (Conflict, DatasetNotFound):
+        if not await catalog.holds(dataset, st["dataset_uid"]):
+            raise JobDatasetGone(
+                f"job {name!r} reads a generation of dataset {dataset!r} that was deleted (the name may hold a new "
+                "one): delete the job, and create it again to read the dataset as it is now", job=name, dataset=dataset,
+            ) from None  # fmt: skip
+        raise
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
     body = await served(state.work, compute, seq_ids, q, rt, meta, as_json)
