@@ -10,6 +10,7 @@
           ├── AuthenticationError    401 / 403
           ├── NotFoundError          404: unknown dataset or route
           ├── ConflictError          409: e.g. a dataset of that name exists
+          │    └── JobConflict       a job of that name exists with another config: ``conflicts`` says where
           ├── GoneError              410: e.g. a finished job
           │    └── JobCancelled      the job was cancelled (a finished one just ends its stream)
           ├── PayloadTooLargeError   413: request body over a configured limit
@@ -86,6 +87,22 @@ class ConflictError(APIError):
     pass
 
 
+class JobConflict(ConflictError):
+    """A job of that name exists with another config. ``conflicts`` lists each differing field as
+    ``{"field": ..., "job": the job's value, "requested": the requested one}`` (masking options as
+    ``masking.unit`` and so on)."""
+
+    @property
+    def conflicts(self) -> list[dict[str, Any]]:
+        found = self.extra.get("conflicts")
+        return [c for c in found if isinstance(c, dict)] if isinstance(found, list) else []
+
+    def __str__(self) -> str:
+        fields = "; ".join(f"{c.get('field')}: job {c.get('job')!r}, requested {c.get('requested')!r}"
+                           for c in self.conflicts)  # fmt: skip
+        return f"{super().__str__()} [{fields}]" if fields else super().__str__()
+
+
 class GoneError(APIError):
     pass
 
@@ -149,6 +166,8 @@ def error_from_response(status: int, body: bytes, headers: Any = None) -> APIErr
     cls = _BY_STATUS.get(status, APIError)
     if status == 410 and problem.get("job_status") == "cancelled":
         cls = JobCancelled
+    if status == 409 and str(problem.get("type", "")).endswith(":job-conflict"):
+        cls = JobConflict
     if status == 503 and str(problem.get("type", "")).endswith(":overloaded"):
         cls = OverloadedError
     return cls(

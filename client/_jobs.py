@@ -32,7 +32,7 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._batch import Batch, Closing
 from ._errors import APIError, GoneError, JobCancelled, MaskserveError, ProtocolError
@@ -64,6 +64,7 @@ class _Slot:
     seq: float = _IDLE
     sent_after: float = _IDLE
     future: Future[None] | None = field(default=None, repr=False)
+    told_wait: bool = False  # its last answer was 'nothing to hand out now' and it has not asked again yet
 
 
 @dataclass(order=True)
@@ -123,6 +124,7 @@ class JobStream(Closing):
                     if self._closed:
                         return
                     acks = self._take_acks()
+                    slot.told_wait = False
                     slot.sent_after = self._arrivals
                     self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
                 try:
@@ -150,6 +152,7 @@ class JobStream(Closing):
                     with self._cv:
                         self._flush_next = True  # e.g. the end of the job waits on acks still held here
                         slot.seq = slot.sent_after = _IDLE
+                        slot.told_wait = True
                         self._cv.notify_all()
                         self._cv.wait_for(lambda: self._closed,
                                           int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)  # fmt: skip
@@ -247,9 +250,25 @@ class JobStream(Closing):
     def __iter__(self) -> "JobStream":
         return self
 
+    def _starved(self) -> bool:
+        """Nothing to yield, and every request on the wire was told the service has nothing to hand out now
+        (the job's remaining batches are leased to other workers, or its end waits on their acks)."""
+        return not self._ready and bool(self._slots) and all(s.told_wait for s in self._slots)
+
     def __next__(self) -> Batch:
+        return cast(Batch, self._take(None))  # without a patience it waits for a batch or the end
+
+    def poll(self, patience: float = 0.0) -> Batch | None:
+        """The next batch like ``next()``, except that while the service has nothing to hand out to this
+        worker now (other workers hold the job's remaining leases), it returns None after ``patience``
+        seconds instead of waiting: a consumer in lockstep with others (data-parallel ranks) can go on
+        with them and ask again. Raises StopIteration at the end of the job, as ``next()`` does."""
+        return self._take(max(0.0, patience))
+
+    def _take(self, patience: float | None) -> Batch | None:
         if self.auto_ack and self._current is not None:
             self.ack(self._current, send=False)
+        deadline = None if patience is None else time.monotonic() + patience
         with self._cv:
             while True:
                 if self._closed:
@@ -265,6 +284,12 @@ class JobStream(Closing):
                     return self._current
                 if self._ended and not self._slots and not self._ready:
                     break
+                if deadline is not None and self._starved():
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        return None
+                    self._cv.wait(left)
+                    continue
                 self._cv.wait()
         error, ended = self._error, self._ended
         if error is not None:

@@ -56,14 +56,27 @@ class JobConfig(BaseModel):
         """The seed the masks are drawn with."""
         return self.seed if self.mask_seed is None else self.mask_seed
 
+    def _compared(self) -> dict:
+        exclude: dict = {"mask_seed": True} if self.mask_seed is None else {}
+        if self.masking.schedule == "constant":
+            exclude["masking"] = {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}
+        return exclude
+
     def digest(self) -> str:
         """What attaching compares. A constant mask rate leaves the schedule fields out, and an unset mask
         seed leaves that field out, so a job created before either existed keeps its digest (and workers
         can still attach to it)."""
-        exclude: dict = {"mask_seed": True} if self.mask_seed is None else {}
-        if self.masking.schedule == "constant":
-            exclude["masking"] = {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}
-        return hashlib.sha256(self.model_dump_json(exclude=exclude).encode()).hexdigest()[:32]
+        return hashlib.sha256(self.model_dump_json(exclude=self._compared()).encode()).hexdigest()[:32]
+
+    def differences(self, requested: "JobConfig") -> list[dict[str, Any]]:
+        """The fields (``masking.unit`` for a masking option) where ``requested`` differs from this config,
+        each with both values: what a refused attach reports. Fields the digest leaves out are compared as
+        it does (a field one side leaves out counts as unset)."""
+        mine = _flat(self.model_dump(mode="json", exclude=self._compared()))
+        theirs = _flat(requested.model_dump(mode="json", exclude=requested._compared()))
+        return [{"field": f, "job": mine.get(f), "requested": theirs.get(f)}
+                for f in sorted(mine.keys() | theirs.keys(), key=_field_order)
+                if mine.get(f) != theirs.get(f)]  # fmt: skip
 
 
 class JobCreate(JobConfig):
@@ -91,6 +104,23 @@ class NextResult:
     confirm: Confirm = confirmed  # await before answering: the acks are durable (see durability.py)
 
 
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _field_order(name: str) -> tuple[int, int, str]:
+    """Fields in the order the config declares them (the masking options in theirs)."""
+    top, _, sub = name.partition(".")
+    tops, subs = list(JobConfig.model_fields), list(MaskingParams.model_fields)
+    return tops.index(top) if top in tops else len(tops), subs.index(sub) if sub in subs else len(subs), name
+
+
 def _state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
     """A job hash as typed fields (its secrets left out); None for no job."""
     if not raw:
@@ -103,6 +133,15 @@ def _state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
         st[f] = int(st.get(f, 0))
     st["config"] = json.loads(st["config"])
     return st
+
+
+def _conflicts(requested: JobConfig, dataset: str, stored: str) -> list[dict[str, Any]]:
+    try:
+        existing = JobConfig.model_validate_json(stored)
+    except ValueError:  # not readable as a config of this release: at least the dataset can be compared
+        return [{"field": "dataset", "job": dataset, "requested": requested.dataset}] \
+            if dataset != requested.dataset else []  # fmt: skip
+    return existing.differences(requested)
 
 
 def _s(v: Any) -> str:
@@ -176,7 +215,9 @@ class Jobs:
 
     async def create(
         self, name: str, cfg: JobConfig, dataset_uid: str, n: int, bpe: int, num_chunks: int
-    ) -> tuple[str, str]:
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Create job ``name``: returns ('created' | 'exists' | 'no-dataset', []) or ('conflict', the fields
+        where the existing job's config differs from ``cfg``, each with both values)."""
         k = self.keys
         fields = {
             "name": name, "config": cfg.model_dump_json(), "config_hash": cfg.digest(), "dataset": cfg.dataset,
@@ -193,11 +234,13 @@ class Jobs:
             self._create, keys=[k.job(name)], args=[cfg.dataset, cfg.digest(), *pairs(fields)]
         )
         state = _s(out[0])
-        if state in ("created", "exists") and not await self.store.add_job(cfg.dataset, dataset_uid, name):
+        if state == "conflict":
+            return state, _conflicts(cfg, _s(out[1]), _s(out[2]))
+        if not await self.store.add_job(cfg.dataset, dataset_uid, name):
             if state == "created":
                 await self.store.delete_job(name, dataset_uid)
-            return "no-dataset", ""
-        return state, _s(out[1]) if len(out) > 1 else ""
+            return "no-dataset", []
+        return state, []
 
     async def state(self, dataset: str, job: str) -> dict[str, Any] | None:
         return _state(await self.r.hgetall(self.keys.job(job)))

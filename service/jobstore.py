@@ -397,14 +397,11 @@ return n
 
 # KEYS[1]: job hash
 # ARGV[1]: dataset, ARGV[2]: config hash, ARGV[3..]: field/value pairs
-# returns {'created'}, {'exists'} (same dataset and config) or {'conflict', dataset}
+# returns {'created'}, {'exists'} (same dataset and config) or {'conflict', the job's dataset, its config JSON}
 CREATE_JOB = """
 local owner = redis.call('HGET', KEYS[1], 'dataset')
-if owner and owner ~= ARGV[1] then return {'conflict', owner} end
-if owner then
-  if redis.call('HGET', KEYS[1], 'config_hash') == ARGV[2] then return {'exists'} end
-  return {'conflict', ARGV[1]}
-end
+if owner and owner == ARGV[1] and redis.call('HGET', KEYS[1], 'config_hash') == ARGV[2] then return {'exists'} end
+if owner then return {'conflict', owner, redis.call('HGET', KEYS[1], 'config') or ''} end
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 return {'created'}
 """

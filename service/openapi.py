@@ -127,6 +127,16 @@ PROBLEM_SCHEMA: dict[str, Any] = {
             "type": "array", "items": {"type": "string"},
             "description": "job-finished: how each ack the request carried went, as /ack answers.",
         },  # fmt: skip
+        "conflicts": {
+            "type": "array",
+            "description": "job-conflict: each config field (`masking.unit` for a masking option) where the existing "
+                           "job differs from the request, with the job's value and the requested one.",
+            "items": {
+                "type": "object",
+                "required": ["field", "job", "requested"],
+                "properties": {"field": {"type": "string"}, "job": {}, "requested": {}},
+            },
+        },  # fmt: skip
     },
 }
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -117,6 +118,36 @@ def test_closing_acks_the_batches_handed_out_and_gives_back_the_rest(client: Cli
     keys = [(b.epoch, b.index) for b in first] + rest
     assert sorted(keys) == [(0, i) for i in range(-(-n // 16))]  # each batch once
     assert client.job_progress(job)["status"] == "done"
+
+
+def test_poll_says_at_once_when_the_service_has_nothing_for_this_worker(client: Client, ds):
+    """A stream polled while every remaining batch is leased to another worker returns None after its
+    patience instead of waiting for those leases to run out; it gets the batches once they are given back,
+    and ends with the job."""
+    name, n = ds
+    job = uid("job")
+    bpe = -(-n // 16)
+    client.create_job(job, name, batch_size=16, lease_timeout_s=3600)
+    holder = client.job(job, worker="holder", prefetch=bpe)
+    held = next(holder)
+    deadline = time.monotonic() + 60
+    while client.job_progress(job)["leased"] < bpe:  # the holder leases the whole epoch (its prefetch)
+        assert time.monotonic() < deadline, "the holder's prefetch never leased the epoch"
+    waiter = client.job(job, worker="waiter", prefetch=2)
+    assert waiter.poll(0.05) is None and waiter.poll(0.0) is None
+    holder.close()  # acks the one it trained, gives back the rest
+    got = []
+    while True:
+        assert time.monotonic() < deadline, f"the waiter got {got} and no end"
+        try:
+            batch = waiter.poll(0.05)
+        except StopIteration:
+            break
+        if batch is not None:
+            got.append((batch.epoch, batch.index))
+    assert sorted(got + [(held.epoch, held.index)]) == [(0, i) for i in range(bpe)]
+    p = client.job_progress(job)
+    assert p["status"] == "done" and p["redelivered"] == bpe - 1 and p["acked"] == bpe
 
 
 def test_leaving_the_block_on_an_error_gives_back_the_untrained_batch(client: Client, ds):

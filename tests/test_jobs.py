@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client import Client, ConflictError, JobCancelled, NotFoundError, decode
+from client import Client, ConflictError, JobCancelled, JobConflict, NotFoundError, decode
 from service.masking import Vocab, mask_batch
 from service.permute import batch_ids
 from service.schemas import MaskingParams
@@ -199,12 +199,31 @@ def test_create_is_idempotent_and_other_configs_conflict(raw: Raw, client: Clien
     assert raw.progress(job)["acked"] == 0  # the conflicting creates changed nothing
 
 
+def test_a_conflict_names_each_differing_field_with_both_values(raw: Raw, client: Client, ds):
+    name, _ = ds
+    job = uid("job")
+    assert raw.create(job_body(job, name, batch_size=64, epochs=10)).status_code == 201
+    other = job_body(job, name, batch_size=32, epochs=1, masking={"mlm_probability": 0.3, "unit": "token"})
+    body = assert_problem(raw.create(other), 409, "job-conflict")
+    expected = [{"field": "batch_size", "job": 64, "requested": 32}, {"field": "epochs", "job": 10, "requested": 1},
+                {"field": "masking.mlm_probability", "job": 0.15, "requested": 0.3}]  # fmt: skip
+    assert body["conflicts"] == expected  # a masking option given at its default value is no difference
+    assert "batch_size 64 (requested 32)" in body["detail"] and "epochs 10 (requested 1)" in body["detail"]
+    with pytest.raises(JobConflict) as err:
+        client.create_job(job, name, batch_size=32, seed=3, epochs=1, masking={"mlm_probability": 0.3})
+    assert isinstance(err.value, ConflictError)
+    assert err.value.conflicts == expected
+    assert "batch_size: job 64, requested 32" in str(err.value)
+    assert raw.progress(job)["config"]["batch_size"] == 64  # nothing changed
+
+
 def test_same_name_on_another_dataset_conflicts(raw: Raw, client: Client, bpe_tokenizer, corpus):
     a, _ = make_dataset(client, bpe_tokenizer, corpus, docs=60)
     b, _ = make_dataset(client, bpe_tokenizer, corpus, docs=60)
     job = uid("job")
     assert raw.create(job_body(job, a)).status_code == 201
-    assert_problem(raw.create(job_body(job, b)), 409, "job-conflict")
+    body = assert_problem(raw.create(job_body(job, b)), 409, "job-conflict")
+    assert body["conflicts"] == [{"field": "dataset", "job": a, "requested": b}]
     assert raw.progress(job)["dataset"] == a
 
 

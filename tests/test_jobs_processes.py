@@ -735,3 +735,52 @@ def test_a_job_never_serves_a_re_created_generation_of_its_dataset(spawn_service
             assert (r.status_code, problem["type"]) == (409, "urn:maskserve:problem:job-dataset-gone"), problem
             assert name in problem["detail"] and job in problem["detail"]
         assert c.job_progress(job)["handed_out"] == len(served)  # each refused grant was taken back
+
+
+# ---- the README's walk-through ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_the_readme_jobs_walkthrough_runs_as_written(service: ServiceProcess, tmp_path: Path, bpe_tokenizer, corpus):
+    """README, "Jobs": a job made with the CLI, then the trainer command as written on two workers at once.
+    Both take the job's config (no flags of their own), both exit 0 when the job ends, and the job is done
+    with every batch acked exactly once."""
+    create = "maskserve jobs create pretrain --dataset wiki --batch-size 64 --epochs 10 --lease-timeout 60"
+    attach = "python -m trainer --dataset wiki --job pretrain"
+    readme = (ROOT / "README.md").read_text()
+    assert create in readme and attach in readme  # what runs below is what the README shows
+    with Client(service.url) as c:
+        c.create_dataset("wiki", tokenizer=bpe_tokenizer, seq_len=32)
+        c.ingest("wiki", corpus[:20])
+        n = c.dataset("wiki")["num_sequences"]
+    assert 64 < n <= 192  # 2 or 3 batches an epoch: a short run of the default model on the CPU
+    env = {**service_env(), "MASKSERVE_URL": service.url, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
+           "OMP_NUM_THREADS": "1"}  # fmt: skip
+    cli = Path(sys.executable).with_name("maskserve")
+    argv = [str(cli)] if cli.exists() else [sys.executable, "-m", "service"]
+    made = subprocess.run([*argv, *create.split()[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stdout + made.stderr
+    procs = {}
+    for w in ("a", "b"):
+        out = open(tmp_path / f"{w}.txt", "wb")
+        procs[w] = (out, subprocess.Popen([sys.executable, *attach.split()[1:]], cwd=ROOT, env=env, stdout=out,
+                                          stderr=subprocess.STDOUT))  # fmt: skip
+    try:
+        for w, (_, proc) in procs.items():
+            assert proc.wait(300) == 0, (tmp_path / f"{w}.txt").read_text()
+    finally:
+        for out, proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            out.close()
+    with Client(service.url) as c:
+        p = c.job_progress("pretrain")
+    bpe = -(-n // 64)
+    assert p["status"] == "done" and p["config"]["batch_size"] == 64 and p["epochs"] == 10
+    assert p["acked"] == 10 * bpe and p["acked_per_epoch"] == {str(e): bpe for e in range(10)}
+    assert p["redelivered"] == 0 and p["late_acks"] == 0
+    for w in procs:
+        text = (tmp_path / f"{w}.txt").read_text()
+        assert "batch 64" in text and "job 'pretrain': its config, 10 epochs" in text, text
+        assert "job 'pretrain' is finished" in text, text

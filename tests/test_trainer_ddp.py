@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -49,3 +50,45 @@ def test_two_ranks_share_a_job_and_stay_in_sync(client, service_url, bpe_tokeniz
     assert saved["data"]["job"] == "ddp" and (total + 1) // 2 <= saved["step"] < total
     assert not list(tmp_path.glob("*.tmp"))
     assert n > 16
+
+
+def _torchrun() -> str:
+    if TORCHRUN.exists():
+        return str(TORCHRUN)
+    found = shutil.which("torchrun")
+    if found is None:
+        pytest.skip("torchrun is not installed next to this Python")
+    return found
+
+
+@pytest.mark.slow
+def test_ranks_never_wait_for_a_lease_to_expire(client, service_url, bpe_tokenizer, corpus):
+    """At the end of an epoch a rank that gets no batch from the service (the rest are leased to the other
+    rank, prefetched) must not sit in its lease request while the other waits for it in the step's
+    all-reduce: nothing may be redelivered, and the ranks' data wait stays far below the lease timeout."""
+    lease_timeout = 60.0
+    name = f"ddp-{uuid.uuid4().hex[:8]}"
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=32)
+    client.ingest(name, corpus[:200])
+    n = client.dataset(name)["num_sequences"]
+    # about 35 batches, an odd number: one rank trains the last batch while the other has none (the
+    # trainer's default prefetch)
+    size = next(b for b in range(max(4, n // 35), n) if -(-n // b) % 2 == 1)
+    client.create_job("tail", name, batch_size=size, epochs=1, lease_timeout_s=lease_timeout)
+    cmd = [_torchrun(), "--standalone", "--nproc-per-node", "2", "-m", "trainer", "--url", service_url,
+           "--dataset", name, "--job", "tail", "--batch-size", str(size), "--epochs", "1", "--d-model", "16",
+           "--layers", "1", "--heads", "2", "--d-ff", "32", "--device", "cpu", "--threads", "1",
+           "--log-every", "5"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    log = out.stdout[-4000:] + out.stderr[-4000:]
+    assert out.returncode == 0, log
+    job = client.job_progress("tail")
+    assert job["status"] == "done", log
+    assert job["acked"] == job["batches_per_epoch"] and job["redelivered"] == 0, (job, log)
+    assert "weights identical on every rank: yes" in out.stdout
+    waits = [float(w) for w in re.findall(r"^done: .* data wait ([0-9.]+)s", out.stdout, re.MULTILINE)]
+    assert len(waits) == 2, log  # each rank's total time waiting for data (its own, and the other's in lockstep)
+    assert max(waits) < lease_timeout / 4, log
+    # the learning rate follows the job: its batches divided among the ranks, not the default --steps 200
+    bpe = job["batches_per_epoch"]
+    assert f"steps 0 -> {-(-bpe // 2)}" in out.stdout, log

@@ -268,3 +268,41 @@ def test_experiment_mask_rate_evaluates_every_run_at_the_low_rate(service_url, d
     assert first_high["tokens"] > 2 * first_low["tokens"]  # the runs trained at their own rates
     summary = (out / "summary.md").read_text()
     assert "# Mask-rate schedules" in summary and "## p0.4-to-0.15 − p0.15" in summary
+
+
+def test_a_worker_takes_the_config_of_a_job_made_by_the_cli_and_runs_to_its_end(service_url, client, data, capsys,
+                                                                                 tmp_path):  # fmt: skip
+    """``maskserve jobs create`` then ``python -m trainer --job`` with no data flags: the worker trains with the
+    job's batch size, epochs and masking (not its own defaults), until the job ends (not the default 200 steps),
+    its lr schedule spanning the job."""
+    name, n = data["train"]["name"], data["train"]["num_sequences"]
+    bpe = n  # one sequence a batch: more batches than the default --steps
+    assert bpe > 200
+    job = f"cli-{uuid.uuid4().hex[:8]}"
+    assert maskserve(["jobs", "create", job, "--url", service_url, "--dataset", name, "--batch-size", "1",
+                      "--epochs", "1", "--mlm-probability", "0.3", "--lease-timeout", "60"]) == 0  # fmt: skip
+    ckpt = tmp_path / "job.pt"
+    assert trainer(["--url", service_url, "--dataset", name, "--job", job, "--checkpoint", str(ckpt), *TINY]) == 0
+    out = capsys.readouterr().out
+    progress = client.job_progress(job)
+    assert progress["status"] == "done" and progress["acked"] == bpe and progress["redelivered"] == 0
+    assert f"steps 0 -> {bpe}" in out and "is finished" in out
+    saved = load_checkpoint(ckpt)
+    assert saved["step"] == bpe and saved["train_config"]["steps"] == bpe  # the schedule ended with the job
+    assert saved["data"]["batch_size"] == 1 and saved["data"]["masking"]["mlm_probability"] == 0.3
+
+
+def test_a_worker_whose_flags_differ_from_the_job_is_told_each_field(service_url, client, data, capsys):
+    name = data["train"]["name"]
+    job = f"cli-{uuid.uuid4().hex[:8]}"
+    assert maskserve(["jobs", "create", job, "--url", service_url, "--dataset", name, "--batch-size", "8",
+                      "--epochs", "2", "--mlm-probability", "0.3"]) == 0  # fmt: skip
+    capsys.readouterr()
+    # flags that match the job, or are left out, attach; these two differ
+    assert trainer(["--url", service_url, "--dataset", name, "--job", job, "--epochs", "2", "--batch-size", "4",
+                    "--mlm-probability", "0.15", "--unit", "token", *TINY]) == 1  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--batch-size 4 (the job's: 8)" in err and "--mlm-probability 0.15 (the job's: 0.3)" in err, err
+    assert "--epochs" not in err and "--unit" not in err, err
+    progress = client.job_progress(job)
+    assert progress["handed_out"] == 0 and progress["config"]["batch_size"] == 8  # nothing changed

@@ -193,6 +193,40 @@ def test_train_stops_when_the_data_runs_out():
     assert result.final_step == 7 and len(result.losses) == 7
 
 
+def test_a_run_until_the_data_ends_goes_past_its_estimate_and_the_horizon_moves_the_schedule():
+    """On a job the run stops when the data does, not at cfg.steps; the horizon moves where the lr ends."""
+    from trainer.attach import JobHorizon
+
+    class Leased(dict):  # a batch as a job stream yields it: its place in the job in the metadata
+        def __init__(self, arrays, index):
+            super().__init__(arrays)
+            self.metadata = {"epoch": 0, "index": index}
+
+    # this worker gets every other batch of a 24-batch job (another worker takes the rest): 12 steps
+    batches = [Leased(b, 2 * i) for i, b in enumerate(take(synthetic_batches(make_corpus()), 12))]
+    cfg = TrainConfig(steps=5, device="cpu", log_every=0, until_data_ends=True)
+    lrs = []
+    result = train(MaskedLM(tiny_config()), batches, cfg, log=None, horizon=JobHorizon(24, 1),
+                   on_step=lambda step, info: lrs.append(info["lr"]))  # fmt: skip
+    assert result.final_step == 12 and len(lrs) == 12
+    assert cfg.steps == 12  # the schedule ended with the worker's last batch
+    # past the first estimate (5) the lr still decays smoothly toward 0 at the worker's last batch
+    assert all(a > b > 0 for a, b in zip(lrs, lrs[1:])) and lrs[-1] <= cfg.lr * 2 / 12
+
+
+def test_the_job_horizon_estimates_a_workers_share():
+    from trainer.attach import JobHorizon
+
+    alone = JobHorizon(10, 3)
+    assert [alone(k + 1, {"epoch": k // 10, "index": k % 10}) for k in range(30)] == [30] * 30
+    # one of three workers: it gets places 1, 4, 7, ... of 30
+    third = JobHorizon(10, 3, workers=1)
+    ends = [third(k + 1, {"epoch": p // 10, "index": p % 10}) for k, p in enumerate(range(1, 30, 3))]
+    assert ends[1:] == [10] * 9 and ends[0] == 1 + 28  # a lone first batch: the guess (alone) until a second
+    # two ranks in lockstep guess half from the first batch
+    assert JobHorizon(10, 3, workers=2)(1, {"epoch": 0, "index": 0}) == 1 + round(29 / 2)
+
+
 def test_checkpoint_roundtrip_and_exact_resume(tmp_path):
     corpus = make_corpus()
     cfg = TrainConfig(steps=20, lr=2e-3, warmup_steps=4, log_every=5, device="cpu", seed=0)
@@ -333,9 +367,12 @@ def fake_client_module(calls):
     class FakeJobCancelled(FakeMaskserveError):
         pass
 
+    class FakeJobConflict(FakeMaskserveError):
+        conflicts: list = []
+
     mod = types.ModuleType("client")
-    mod.Client, mod.MaskserveError, mod.JobStream, mod.JobCancelled = (
-        Client, FakeMaskserveError, FakeJobStream, FakeJobCancelled
+    mod.Client, mod.MaskserveError, mod.JobStream, mod.JobCancelled, mod.JobConflict = (
+        Client, FakeMaskserveError, FakeJobStream, FakeJobCancelled, FakeJobConflict
     )
     return mod
 

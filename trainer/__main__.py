@@ -37,15 +37,16 @@ examples:
   python -m trainer --dataset wikitext --steps 50 --batch-size 8 \\
       --d-model 64 --layers 2 --heads 2 --device cpu --threads 4
 
-  # one of many workers sharing job "pretrain" (2 epochs), over two service replicas
-  python -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000 \\
+  # one of many workers sharing job "pretrain" (2 epochs if this worker creates it; an existing job's own
+  # config otherwise), over two service replicas, until the job ends
+  python -m trainer --dataset wikitext --job pretrain --epochs 2 \\
       --url http://data-a:8000,http://data-b:8000
 
   # write a checkpoint as a Hugging Face model directory (see python -m trainer export --help)
   python -m trainer export run.pt hf-model/
 
   # data-parallel on 4 GPUs: each rank a worker of job "pretrain", gradients all-reduced
-  torchrun --nproc-per-node 4 -m trainer --dataset wikitext --job pretrain --epochs 2 --steps 100000
+  torchrun --nproc-per-node 4 -m trainer --dataset wikitext --job pretrain --epochs 2
 
   # static (BERT) masks, 10 copies, evaluated on a held-out dataset every epoch, curves to a CSV
   python -m trainer --dataset wikitext --epochs 40 --mode static --copies 10 \\
@@ -82,15 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seed of the masks (and of the static cache used), apart from the data order [default: --seed]")
     g.add_argument("--prefetch", type=int, default=4, help="batches fetched ahead in the background")
     g.add_argument("--job", metavar="NAME", default=None,
-                   help="attach to a shared job (created if missing) instead of sampling batches: every worker "
-                        "on the job gets different batches, each sequence once per epoch, acked after each step")
+                   help="attach to a shared job instead of sampling batches: every worker on the job gets "
+                        "different batches, each sequence once per epoch, acked after each step; trains until "
+                        "the job ends. An existing job's config is used (batch size, seed, epochs, masking): "
+                        "flags given explicitly must match it. A missing job is created from the flags")
     g.add_argument("--epochs", type=int, default=None,
                    help="train on every sequence exactly this many times (the run's steps follow from it); "
                         "with --job: epochs of a job this worker creates [default: 1]")
     g.add_argument("--worker", default=None, help="with --job: this worker's name [default: host:pid:random]")
-    g.add_argument("--lease-timeout", type=float, default=60.0,
+    g.add_argument("--lease-timeout", type=float, default=None,
                    help="with --job: lease timeout (s) of a job this worker creates: a batch not acked by then "
-                        "goes to another worker")
+                        "goes to another worker [default: 60]")
     g.add_argument("--max-outage", type=float, default=300.0, metavar="SECONDS",
                    help="with --job: keep retrying (and failing over between the --url replicas) this long when "
                         "the service is unreachable or overloaded, then give up")
@@ -142,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=None,
                    help="total steps of the run; the lr decays to 0 there [default: 200, "
-                        "or the checkpoint's with --resume]")
+                        "or the checkpoint's with --resume; with --job: run until the job ends, the lr "
+                        "decaying over this worker's estimated share of the job's batches]")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate [default: 5e-4]")
     g.add_argument("--warmup", type=int, default=None,
                    help="linear warmup steps [default: 10%% of --steps]")
@@ -265,6 +269,30 @@ def main(argv: list[str] | None = None) -> int:
         distributed.finish()
 
 
+def _schedule(args: argparse.Namespace, joined, group, start_step: int, saved_train: dict, *, epochs: int | None,
+              num_sequences: int, batch_size: int):  # noqa: ANN001, ANN202
+    """(steps, train until the data ends, horizon): where the lr schedule ends, the stopping rule, and what
+    moves the schedule's end as the run goes.
+
+    ``--steps`` given: the run stops there and the schedule ends there. On a job with a known length
+    otherwise: the run goes on until the job ends; the schedule starts out at the job's batches left
+    divided among the torchrun ranks, and each worker then estimates its share as it goes
+    (:class:`~trainer.attach.JobHorizon`). Else: ``--epochs`` of the stateless stream, the checkpoint's
+    steps, or 200."""
+    from .attach import JobHorizon
+    from .data import steps_for_epochs
+
+    if args.job and args.steps is None and epochs:
+        world = group.world if group is not None else 1
+        left = joined.batches_left if joined is not None else None
+        if left is None:  # a job this worker creates: all of it
+            left = epochs * -(-num_sequences // batch_size)
+        per_epoch = joined.batches_per_epoch if joined is not None else -(-num_sequences // batch_size)
+        return start_step + max(1, -(-left // world)), True, JobHorizon(per_epoch, epochs, world)
+    default = steps_for_epochs(epochs, num_sequences, batch_size) if epochs and not args.job else 200
+    return _pick(args.steps, saved_train.get("steps"), default), False, None
+
+
 def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_train: dict, masking: dict,
          start_step: int) -> int:  # noqa: ANN001 - torch types are imported lazily
     """Connect, build or restore the model, prepare the data and evaluation, train, report."""
@@ -285,7 +313,7 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
         torch.backends.cudnn.allow_tf32 = True
 
     try:
-        from client import Client, JobCancelled, JobStream, MaskserveError
+        from client import Client, JobCancelled, JobConflict, JobStream, MaskserveError
     except ImportError as exc:
         return _fail(f"the maskserve client is not importable: {exc}")
 
@@ -301,10 +329,23 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
         num_sequences = int(info.get("num_sequences") or 0)
         if num_sequences <= 0:
             return _fail(f"dataset {args.dataset!r} has no sequences")
-        from .data import steps_for_epochs
+        from .attach import attach, describe_conflicts
 
-        default_steps = steps_for_epochs(epochs, num_sequences, batch_size) if epochs and not args.job else 200
-        steps = _pick(args.steps, saved_train.get("steps"), default_steps)
+        joined = None
+        try:
+            joined = attach(client, args) if args.job else None
+        except JobConflict as exc:
+            return _fail(describe_conflicts(args.job, exc.conflicts) if exc.conflicts else str(exc))
+        except MaskserveError as exc:
+            return _fail(f"attaching to job {args.job!r} at {args.url} failed: {exc}")
+        if joined is not None:  # the job's config, not the flags' defaults
+            seed, mask_seed, batch_size, epochs = joined.seed, joined.mask_seed, joined.batch_size, joined.epochs
+            masking = joined.masking
+        elif args.job:
+            epochs = epochs or 1  # of the job this worker creates
+        eval_every = args.eval_every or ("epoch" if epochs else None)
+        steps, until_end, horizon = _schedule(args, joined, group, start_step, saved_train, epochs=epochs,
+                                              num_sequences=num_sequences, batch_size=batch_size)  # fmt: skip
         if steps <= start_step:
             return _fail(f"checkpoint is at step {start_step}; pass --steps greater than that to continue")
 
@@ -334,7 +375,10 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
             log_every=args.log_every, device=str(device), amp=args.amp,
             checkpoint=(args.checkpoint or args.resume) if rank == 0 else None,
             checkpoint_every=args.checkpoint_every, seed=seed + rank,  # each rank its own dropout stream
+            until_data_ends=until_end,
         )
+        if group is not None:  # every rank on one schedule (each estimated it from the job as it read it)
+            cfg.steps, cfg.warmup_steps = distributed.largest([cfg.steps, cfg.warmup_steps], device)
 
         def data_state(step: int) -> dict:
             return {"dataset": args.dataset, "seed": seed, "step": step, "job": args.job,
@@ -347,6 +391,8 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
               + f" | masking {masking['mode']}"
               + (f" ({masking['copies']} copies)" if masking["mode"] == "static" else "")
               + (f" | {epochs} epochs = {steps} steps" if epochs and not args.job else "")
+              + (f" | job {args.job!r}: {'its config' if joined else 'created from the flags'}, "
+                 f"{epochs or 'endless'} epochs" if args.job else "")
               + (f" | resuming at step {start_step} from {args.resume}" if ckpt else ""))
         print(describe(model))
 
@@ -368,10 +414,10 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
             if start_step == 0:
                 runlog.evaluate(model, 0, final=False)
             if args.job:
-                create = {"dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": epochs or 1,
-                          "lease_timeout_s": args.lease_timeout, "masking": masking_options(masking)}
-                if mask_seed != seed:
-                    create["mask_seed"] = mask_seed
+                create = None if joined else {
+                    "dataset": args.dataset, "batch_size": batch_size, "seed": seed, "epochs": epochs,
+                    "lease_timeout_s": _pick(args.lease_timeout, None, 60.0), "masking": masking_options(masking),
+                    **({"mask_seed": mask_seed} if mask_seed != seed else {})}  # fmt: skip
                 stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch,
                                     max_outage=args.max_outage, ack_every=args.ack_every)
                 runlog.batches_per_epoch = client.job_progress(args.job)["batches_per_epoch"]
@@ -386,7 +432,7 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
             result = train(model, stream, cfg, start_step=start_step,
                            optimizer_state=ckpt["optimizer"] if ckpt else None, data_state=data_state,
                            rng=ckpt.get("rng") if ckpt and rank == 0 else None, on_step=runlog.on_step,
-                           log=print if rank == 0 else None)
+                           log=print if rank == 0 else None, horizon=horizon)
             if group is not None:
                 synced = distributed.in_sync(model, device)
                 if rank == 0:
@@ -398,6 +444,8 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
         except JobCancelled:
             print(f"trainer: job {args.job!r} was cancelled; stopping", file=sys.stderr)
             return EXIT_CANCELLED
+        except JobConflict as exc:  # created meanwhile by a worker with other flags
+            return _fail(describe_conflicts(args.job, exc.conflicts) if exc.conflicts else str(exc))
         except MaskserveError as exc:
             return _fail(f"data stream from {args.url} failed: {exc}")
         except KeyboardInterrupt:
@@ -420,7 +468,7 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
     if n == 0 and args.job:
         print(f"job {args.job!r} has no batches left: it is finished")
         return 0
-    if args.job and result.final_step < steps:
+    if args.job and (until_end or result.final_step < steps):
         print(f"job {args.job!r} is finished: every epoch was handed out and acked")
     if n == 0:
         return _fail("no batches were received")
@@ -428,7 +476,7 @@ def _run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_
     first, last = sum(result.losses[:w]) / w, sum(result.losses[-w:]) / w
     print(f"done: loss {first:.4f} -> {last:.4f} (mean of first/last {w} steps) | "
           f"{n} steps (now at {result.final_step}) | {result.elapsed:.1f}s | "
-          f"{result.sequences_per_sec:.1f} seq/s")
+          f"{result.sequences_per_sec:.1f} seq/s | data wait {result.data_wait:.2f}s")
     return 0
 
 

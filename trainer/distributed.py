@@ -5,9 +5,14 @@ each leases its own batches from the job (so the job, not the trainer, splits
 the data), gradients are averaged across ranks by DistributedDataParallel
 (NCCL on CUDA, gloo on the CPU), and rank 0 alone logs, evaluates and
 checkpoints. Ranks step in lockstep: before each step they agree (one small
-all-reduce) whether any rank has a batch; a rank whose stream ran dry steps
-with an empty batch (zero gradient) until every rank's has, so no rank waits
-in an all-reduce forever and every batch of the job is trained.
+all-reduce) whether any rank has a batch, whether any rank's stream goes on,
+and where the lr schedule ends. A rank never waits on the service while the
+others wait for it: when the service has nothing for it now (the job's
+remaining batches are leased to the other ranks, prefetched), its stream says
+so at once, and it steps with an empty batch (zero gradient) while the others
+train theirs; its own request keeps asking, and the batch it gets is trained
+at the next step. So no batch's lease runs out in a rank that holds it while
+it waits in an all-reduce, and every batch of the job is trained once.
 """
 
 from __future__ import annotations
@@ -53,11 +58,21 @@ def _flag_device(device: torch.device) -> torch.device:
     return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
-def any_has(has_batch: bool, device: torch.device) -> bool:
-    """Whether any rank has a batch for the next step (every rank calls this once per step)."""
-    flag = torch.tensor([1 if has_batch else 0], dtype=torch.int32, device=_flag_device(device))
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+def agree(has_batch: bool, going: bool, steps: int, device: torch.device) -> tuple[bool, bool, int]:
+    """Every rank calls this before each step: (whether any rank has a batch for it, whether any rank's
+    data goes on, the largest of the ranks' estimates of where the lr schedule ends)."""
+    flags = torch.tensor([int(has_batch), int(going), steps], dtype=torch.int64, device=_flag_device(device))
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    anyone, on, agreed = flags.tolist()
+    return bool(anyone), bool(on), int(agreed)
+
+
+def largest(values: list[int], device: torch.device) -> list[int]:
+    """Each of ``values``, the largest any rank holds: what every rank then uses (e.g. the lr schedule's
+    length, estimated by each rank from the job's progress as it read it)."""
+    t = torch.tensor(values, dtype=torch.int64, device=_flag_device(device))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [int(v) for v in t.tolist()]
 
 
 def empty_batch(seq_len: int, device: torch.device) -> dict[str, torch.Tensor]:

@@ -34,6 +34,9 @@ class TrainConfig:
     checkpoint: str | None = None  # path; written every checkpoint_every steps and at the end
     checkpoint_every: int = 0  # 0: only at the end
     seed: int = 0
+    # train until the data ends (a job's end), not until `steps`: `steps` is then where the lr schedule ends,
+    # an estimate that a `horizon` passed to `train` may move as the run goes
+    until_data_ends: bool = False
 
 
 @dataclass
@@ -42,10 +45,15 @@ class TrainResult:
     final_step: int = 0  # number of completed steps (the step to resume from)
     elapsed: float = 0.0  # seconds
     sequences_per_sec: float = 0.0
+    data_wait: float = 0.0  # seconds spent waiting for batches (in lockstep: for any rank's)
 
 
 DataState = Callable[[int], dict] | Mapping[str, Any] | None
 StepHook = Callable[[int, dict[str, Any]], Any]
+Horizon = Callable[[int, Mapping[str, Any] | None], int | None]
+# In lockstep, how long a rank waits for a batch while the service has none for it now (the rest of the job is
+# leased to other ranks), before the ranks agree again: it then steps with an empty batch while they train.
+STARVED_PATIENCE_S = 0.05
 
 
 def resolve_device(device: str) -> torch.device:
@@ -126,6 +134,17 @@ def _to_device(batch: Any, device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v if v.device == device else v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _fetch(it: Any, lockstep: bool) -> tuple[Any, bool]:
+    """(the next batch or None, whether the data has ended). In lockstep, a source that can say so (a job
+    stream's ``poll``) gives None at once while it has nothing for this rank, rather than waiting: the other
+    ranks may hold the batches it would wait for, and they wait for this rank in the step's all-reduce."""
+    poll = getattr(it, "poll", None) if lockstep else None
+    try:
+        return (poll(STARVED_PATIENCE_S) if poll is not None else next(it)), False
+    except StopIteration:
+        return None, True
+
+
 def train(
     model: MaskedLM,
     batches: Iterable[Mapping[str, torch.Tensor]],
@@ -137,6 +156,7 @@ def train(
     log: Callable[[str], Any] | None = print,
     rng: Mapping[str, Any] | None = None,
     on_step: StepHook | None = None,
+    horizon: Horizon | None = None,
 ) -> TrainResult:
     """Train `model` in place from step `start_step` up to cfg.steps.
 
@@ -153,6 +173,8 @@ def train(
     ``info`` = {"loss", "correct" (0-d tensors, not synced), "tokens", "lr",
     "batch", "metadata" (a client batch's), "model"}, before that step's checkpoint; evaluation may run in it (the
     model is put back in training mode).
+    horizon: called after each trained step as ``horizon(steps_done, metadata)``; a number it returns
+    becomes cfg.steps, the step the lr schedule ends at (under DDP the ranks agree on the largest).
     """
     log = log or (lambda _msg: None)
     if not 0 <= start_step <= cfg.steps:
@@ -220,13 +242,12 @@ def train(
 
     it = iter(batches)
     step = start_step
+    estimate = cfg.steps  # this rank's view of where the schedule ends (the horizon's latest answer)
     try:
-        while step < cfg.steps:
+        while cfg.until_data_ends or step < cfg.steps:
             t_wait = time.perf_counter()
             try:
-                raw = next(it)
-            except StopIteration:
-                raw = None
+                raw, ended = _fetch(it, ddp)
             except BaseException:
                 # Between steps the model and optimizer are consistent: keep the
                 # progress so a run cut off by the data source can be resumed.
@@ -235,18 +256,25 @@ def train(
                 raise
             idle = False
             if ddp:  # every rank steps while any rank has a batch: one without joins with an empty one
-                if raw is None and not distributed.any_has(False, device):
-                    log(f"data stream ended after step {step}; stopping early")
+                anyone, going, cfg.steps = distributed.agree(raw is not None, not ended, estimate, device)
+                if not anyone:
+                    waited = time.perf_counter() - t_wait
+                    window_data_t += waited
+                    result.data_wait += waited
+                    if going:  # no rank has a batch yet, and some wait for the service: agree again
+                        continue
+                    log(f"data stream ended after step {step}; stopping")
                     break
-                if raw is not None:
-                    distributed.any_has(True, device)
                 idle = raw is None
-            elif raw is None:
-                log(f"data stream ended after step {step}; stopping early")
+            elif ended:
+                log(f"data stream ended after step {step}; stopping")
                 break
             batch = _to_device(raw, device) if not idle else distributed.empty_batch(model.config.max_len, device)
             window_data_t += time.perf_counter() - t_wait
+            result.data_wait += time.perf_counter() - t_wait
 
+            if cfg.until_data_ends and step >= cfg.steps:  # more data than estimated: the schedule's last step
+                cfg.steps = step + 1
             lr = lr_at(step, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -262,6 +290,10 @@ def train(
             if idle:  # an empty step to keep the ranks' all-reduces paired: nothing to count
                 result.final_step = step
                 continue
+            if horizon is not None:
+                estimate = horizon(step, getattr(raw, "metadata", None)) or estimate
+                if not ddp:
+                    cfg.steps = estimate
             window_losses.append(loss.detach())
             window_tokens += batch["attention_mask"].sum()
             window_seqs += batch["input_ids"].shape[0]

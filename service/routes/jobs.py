@@ -68,13 +68,15 @@ async def create_job(
     bpe = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
     if bpe == 0:
         raise InvalidRequest(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} sequences")
-    state, other = await jobs.create(body.name, cfg, ds.rt.uid, n, bpe, ds.num_chunks)
+    state, conflicts = await jobs.create(body.name, cfg, ds.rt.uid, n, bpe, ds.num_chunks)
     if state == "no-dataset":
-        raise JobConflict(f"dataset {cfg.dataset!r} changed while the job was created; retry", job=body.name)
+        raise JobConflict(f"dataset {cfg.dataset!r} changed while the job was created; retry", job=body.name,
+                          conflicts=[])  # fmt: skip
     if state == "conflict":
+        differ = ", ".join(f"{c['field']} {c['job']} (requested {c['requested']})" for c in conflicts)
         raise JobConflict(
-            f"a job named {body.name!r} exists with a different config (dataset {other!r}); "
-            "use another name or delete it", job=body.name,
+            f"a job named {body.name!r} exists with a different config{': ' + differ if differ else ''}; "
+            "attach with its config, use another name or delete it", job=body.name, conflicts=conflicts,
         )  # fmt: skip
     if state == "exists":
         response.status_code = 200
