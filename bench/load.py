@@ -19,7 +19,7 @@ and workers together) every 50 ms. Reported per run:
 * ``/healthz`` p99 and worst latency,
 * peak RSS of the service, next to the bound documented in the README
   (baseline + ``cpu_threads`` x W x the masking peak + ``max_inflight`` x W x the
-  rendered batch; see "Capacity and limits").
+  rendered batch; its paragraph "Memory").
 
 The load generator shares the machine with the service: on a 2-core host the
 figures are those of the pair, and the same for every run. The client processes

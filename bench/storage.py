@@ -4,8 +4,9 @@ For each (L, packing) a fresh dataset is created in a ``python -m service serve`
 subprocess and the stdlib docstrings (repeated to at least ``--min-tokens``
 tokens) are ingested through the client. Then, straight from Redis:
 
-* the sum of ``MEMORY USAGE key SAMPLES 0`` over every key of the dataset
-  (``SCAN MATCH ms:ds:{name}:*``), split into chunk keys and the rest,
+* the sum of ``MEMORY USAGE key SAMPLES 0`` over every key of the dataset (its own
+  slot's ``ms:ds:{name}:*`` and its chunk blobs ``ms:c:{<group>}:<uid>:<id>`` in the
+  chunk groups' slots; service/keys.py has the layout), split into chunk keys and the rest,
 * the ``INFO memory`` ``used_memory`` delta from before the dataset was created
   to after the ingest,
 
@@ -22,6 +23,8 @@ from __future__ import annotations
 import argparse
 import math
 import time
+
+import numpy as np
 
 from _common import (
     KEY_PREFIX,
@@ -76,28 +79,40 @@ def _settle(r, timeout: float = 10.0) -> tuple[int, int]:  # noqa: ANN001
 
 
 def _key_usage(r, name: str) -> tuple[dict[str, tuple[int, int]], list[tuple[int, int]]]:  # noqa: ANN001
-    """({category: (keys, MEMORY USAGE bytes)}, [(STRLEN, MEMORY USAGE) per chunk blob]) of ``ms:ds:{name}:*``."""
-    out: dict[str, list[int]] = {}
-    blobs: list[tuple[int, int]] = []
-    pattern = f"{KEY_PREFIX}:ds:{{{name}}}:*"
-    keys = list(r.scan_iter(match=pattern, count=1000))
+    """({category: (keys, MEMORY USAGE bytes)}, [(STRLEN, MEMORY USAGE) per chunk blob]) of one dataset.
+
+    The dataset's keys are those of its own slot, ``ms:ds:{name}:*``, and its chunk blobs, which live in
+    the chunk groups' slots (``ms:c:{<tag>}:<uid>:<chunk id>``, see service/keys.py): the committed ones
+    are named by the dataset's chunk table (``:chunk_ids``); a SCAN for the uid finds any others (staged
+    chunks an ingest left behind).
+    """
+    from service.keys import Keys
+
+    keys_of = Keys(KEY_PREFIX)
+    meta = {k.decode(): v.decode() for k, v in r.hgetall(keys_of.ds(name, "meta")).items()}
+    uid, groups = meta["uid"], int(meta["chunk_groups"])
+    committed = {keys_of.chunk(uid, groups, int(i)).encode()
+                 for i in np.frombuffer(r.get(keys_of.ds(name, "chunk_ids")) or b"", dtype="<u8")}  # fmt: skip
+    own = list(r.scan_iter(match=f"{KEY_PREFIX}:ds:{{{name}}}:*", count=1000))
+    chunks = set(r.scan_iter(match=f"{KEY_PREFIX}:c:*:{uid}:*", count=1000)) | committed
+    keys = own + sorted(chunks)
     pipe = r.pipeline(transaction=False)
     for k in keys:
         pipe.memory_usage(k, samples=0)
-        pipe.type(k)
+        pipe.strlen(k) if k in chunks else pipe.type(k)
     replies = pipe.execute()
-    prefix = f"{KEY_PREFIX}:ds:{{{name}}}:".encode()
-    for k, usage, kind in zip(keys, replies[0::2], replies[1::2]):
-        part = k[len(prefix):].decode()
-        if part.startswith("c:"):
+    out: dict[str, list[int]] = {}
+    blobs: list[tuple[int, int]] = []
+    own_prefix = keys_of.ds(name, "").encode()
+    for k, usage, extra in zip(keys, replies[0::2], replies[1::2]):
+        if k in committed:
             cat = "chunk blobs"
-            blobs.append((int(r.strlen(k)), int(usage or 0)))
-        elif part.startswith("stage:"):
-            cat = "staged (left over)"
-        elif part == "chunks":
-            cat = "chunk table"
+            blobs.append((int(extra), int(usage or 0)))
+        elif k in chunks:
+            cat = "chunk masks" if b":sm:" in k else "staged chunks (left over)"
         else:
-            cat = part
+            part = k[len(own_prefix):].decode()
+            cat = {"chunks": "chunk table", "chunk_ids": "chunk table"}.get(part, part)
         acc = out.setdefault(cat, [0, 0])
         acc[0] += 1
         acc[1] += int(usage or 0)
@@ -109,7 +124,8 @@ def main() -> int:
     header(
         "maskserve storage: Redis bytes per stored token",
         [
-            "MEMORY USAGE (SAMPLES 0) summed over SCAN ms:ds:{name}:*, and INFO used_memory delta,",
+            "MEMORY USAGE (SAMPLES 0) summed over ms:ds:{name}:* and the chunk keys ms:c:*:<uid>:*,",
+            "and INFO used_memory delta,",
             "divided by the dataset's stored tokens (num_tokens, cls/sep included);",
             f"compared with the raw id bytes/token (2 for uint16, 4 for uint32); target <= {TARGET}x",
         ],

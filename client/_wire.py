@@ -4,7 +4,7 @@ A batch travels as one safetensors document: an 8-byte little-endian header
 length, a JSON header naming each array's dtype, shape and byte range, then the
 raw little-endian array bytes. numpy and torch read it without copying the
 token data; the service imports :func:`encode` so both ends share one
-definition of the format.
+definition of the format (docs/wire-format.md describes it).
 """
 
 from __future__ import annotations

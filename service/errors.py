@@ -3,7 +3,7 @@
 Every error the service returns is ``application/problem+json`` with a stable
 ``type`` URI. Routes raise a :class:`ServiceError` subclass; the handlers
 registered by :func:`install` turn it (and request-validation errors, and a
-lost Redis connection) into the response.
+lost Redis connection) into the response. docs/errors.md lists every type.
 """
 
 from __future__ import annotations

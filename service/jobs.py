@@ -4,9 +4,9 @@ A job is a dataset + masking config + batch size + seed + shuffle + epochs.
 Epoch e is the (seed, e) permutation of the dataset's first ``n`` sequences
 (``n`` is fixed when the job is created), cut into batches; batch i of epoch
 e holds ``permute.batch_ids(seed, e, n, B, i, shuffle)`` masked for epoch e
-(DESIGN.md's determinism rule), so a re-delivered batch is byte-identical.
-Leases, acks and cursors live in Redis (jobstore.py); this module holds no
-state of its own.
+(the determinism rule of docs/masking.md), so a re-delivered batch is
+byte-identical. Leases, acks and cursors live in Redis (jobstore.py); this
+module holds no state of its own. docs/jobs.md has the contract users rely on.
 """
 
 from __future__ import annotations

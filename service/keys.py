@@ -1,5 +1,7 @@
 """Every Redis key name of the service, and where (which cluster slot) each one lives.
 
+docs/storage.md describes this layout for users and operators.
+
 ``P`` is the configured prefix; ``{...}`` is a hash tag, the part of the name
 Redis Cluster hashes to pick the key's slot. Three kinds of slot::
 

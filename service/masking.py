@@ -1,6 +1,6 @@
 """Masking: pure functions, arrays in, arrays out, no I/O.
 
-Determinism (DESIGN.md): every random decision is a hash (rng.py) of
+Determinism (docs/masking.md): every random decision is a hash (rng.py) of
 ``(seed, epoch, sequence id, config digest)`` and a position, span or word
 index, so a mask never depends on batch composition, order, worker count or
 process. A 32-bit hash per position decides selection; only at selected

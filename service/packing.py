@@ -1,6 +1,6 @@
 """Packing documents into sequences of at most L tokens, and sequences into chunks.
 
-Packing modes (DESIGN.md, "Data model"):
+Packing modes (the README's "Packing"; the chunk layout is in docs/storage.md):
 
 ``complete``
     RoBERTa FULL-SENTENCES: documents form one stream with ``sep`` after each,

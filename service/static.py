@@ -10,7 +10,7 @@ A cache stores, per data chunk, one blob::
     record = m pairs (position, id placed there), each of the dataset's id width
 
 Positions and the ids placed there, not copies of the sequence: about
-p * 2 * width bytes per token and copy.
+p * 2 * width bytes per token and copy. See docs/masking.md, "Static masks".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Conformance of the masking engine with DESIGN.md, section "Masking".
+"""Conformance of the masking engine with docs/masking.md.
 
 Two layers are checked: the pure function ``service.masking.mask_batch`` on
 synthetic batches (scattered special ids, pads, multi-token words), and the

@@ -745,15 +745,15 @@ def test_the_readme_jobs_walkthrough_runs_as_written(service: ServiceProcess, tm
     """README, "Jobs": a job made with the CLI, then the trainer command as written on two workers at once.
     Both take the job's config (no flags of their own), both exit 0 when the job ends, and the job is done
     with every batch acked exactly once."""
-    create = "maskserve jobs create pretrain --dataset wiki --batch-size 64 --epochs 10 --lease-timeout 60"
-    attach = "python -m trainer --dataset wiki --job pretrain"
+    create = "maskserve jobs create pretrain --dataset wiki --batch-size 16 --epochs 2 --lease-timeout 60"
+    attach = "python -m trainer --dataset wiki --job pretrain --d-model 64 --layers 2 --heads 2"
     readme = (ROOT / "README.md").read_text()
     assert create in readme and attach in readme  # what runs below is what the README shows
     with Client(service.url) as c:
         c.create_dataset("wiki", tokenizer=bpe_tokenizer, seq_len=32)
         c.ingest("wiki", corpus[:20])
         n = c.dataset("wiki")["num_sequences"]
-    assert 64 < n <= 192  # 2 or 3 batches an epoch: a short run of the default model on the CPU
+    assert 16 < n <= 192  # a few batches an epoch: a short run of a small model on the CPU
     env = {**service_env(), "MASKSERVE_URL": service.url, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
     cli = Path(sys.executable).with_name("maskserve")
@@ -776,11 +776,11 @@ def test_the_readme_jobs_walkthrough_runs_as_written(service: ServiceProcess, tm
             out.close()
     with Client(service.url) as c:
         p = c.job_progress("pretrain")
-    bpe = -(-n // 64)
-    assert p["status"] == "done" and p["config"]["batch_size"] == 64 and p["epochs"] == 10
-    assert p["acked"] == 10 * bpe and p["acked_per_epoch"] == {str(e): bpe for e in range(10)}
+    bpe = -(-n // 16)
+    assert p["status"] == "done" and p["config"]["batch_size"] == 16 and p["epochs"] == 2
+    assert p["acked"] == 2 * bpe and p["acked_per_epoch"] == {str(e): bpe for e in range(2)}
     assert p["redelivered"] == 0 and p["late_acks"] == 0
     for w in procs:
         text = (tmp_path / f"{w}.txt").read_text()
-        assert "batch 64" in text and "job 'pretrain': its config, 10 epochs" in text, text
+        assert "batch 16" in text and "job 'pretrain': its config, 2 epochs" in text, text
         assert "job 'pretrain' is finished" in text, text

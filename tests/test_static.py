@@ -1,4 +1,4 @@
-"""Static masking (DESIGN.md, "Masking"): K masks per sequence cached in Redis.
+"""Static masking (docs/masking.md, "Static masks"): K masks per sequence cached in Redis.
 
 Contract checked here, over real HTTP and a real Redis:
 

@@ -401,3 +401,19 @@ def test_cli_trains_checkpoints_resumes_and_reports_errors(tmp_path, monkeypatch
     assert main(["--dataset", "nope", *small]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("trainer: error:") and "nope" in err and "\n" not in err
+
+
+def test_every_masking_option_of_the_service_is_a_flag():
+    """The trainer exposes each field of the service's masking parameters as a flag, and passes it on."""
+    from service.schemas import MaskingParams
+    from trainer.__main__ import _masking, build_parser
+    from trainer.data import masking_options
+
+    parser = build_parser()
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    missing = [f for f in MaskingParams.model_fields if "--" + f.replace("_", "-") not in flags]
+    assert not missing, f"masking options of the service without a trainer flag: {missing}"
+    args = parser.parse_args(["--dataset", "d", "--unit", "span", "--span-p", "0.3", "--span-max", "5"])
+    sent = masking_options(_masking(args, {}))
+    assert (sent["unit"], sent["span_p"], sent["span_max"]) == ("span", 0.3, 5)
+    assert "span_p" not in masking_options(_masking(parser.parse_args(["--dataset", "d"]), {}))  # the service's default

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-ratio", type=float, default=None, help="selected tokens set to a random one [default: 0.1]")
     g.add_argument("--random-tokens", choices=["uniform", "frequency"], default=None, help="[default: uniform]")
     g.add_argument("--max-predictions", type=int, default=None, help="cap on tokens to predict per sequence (exact)")
+    g.add_argument("--span-p", type=float, default=None,
+                   help="--unit span: span lengths in words ~ Geometric(p), clipped to --span-max [default: 0.2]")
+    g.add_argument("--span-max", type=int, default=None, help="--unit span: longest span, in words [default: 10]")
     g.add_argument("--schedule", choices=["constant", "linear", "cosine"], default=None,
                    help="mask-rate schedule of the service: --mlm-probability moves to --mlm-probability-end")
     g.add_argument("--mlm-probability-end", type=float, default=None, help="the rate a schedule ends at")

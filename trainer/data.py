@@ -14,13 +14,13 @@ from typing import Any
 
 # Masking options of the service, as the trainer's flags name them (None: the service's default).
 MASKING_KEYS = ("mlm_probability", "mode", "copies", "unit", "count", "mask_ratio", "random_ratio",
-                "random_tokens", "max_predictions", "schedule", "mlm_probability_end", "schedule_unit",
-                "schedule_length")  # fmt: skip
+                "random_tokens", "max_predictions", "span_p", "span_max", "schedule", "mlm_probability_end",
+                "schedule_unit", "schedule_length")  # fmt: skip
 MASKING_DEFAULTS: dict[str, Any] = {"mlm_probability": 0.15, "mode": "dynamic", "copies": 10, "unit": "token",
                                     "count": "bernoulli", "mask_ratio": 0.8, "random_ratio": 0.1,
-                                    "random_tokens": "uniform", "max_predictions": None, "schedule": None,
-                                    "mlm_probability_end": None, "schedule_unit": None,
-                                    "schedule_length": None}  # fmt: skip
+                                    "random_tokens": "uniform", "max_predictions": None, "span_p": None,
+                                    "span_max": None, "schedule": None, "mlm_probability_end": None,
+                                    "schedule_unit": None, "schedule_length": None}  # fmt: skip
 # A mask-rate schedule is how a run trains, not how a fixed evaluation set is masked.
 SCHEDULE_KEYS = ("schedule", "mlm_probability_end", "schedule_unit", "schedule_length")
 
