@@ -37,7 +37,7 @@ from .openapi import openapi_schema
 from .routes import batches, datasets, health, jobs, masks, sequences, tokenizers
 from .serving import die_with_supervisor
 from .store import Store
-from .tuning import tune_allocator
+from .tuning import tune_allocator, tune_gil
 from .work import ADMISSION, Workload, is_heavy
 
 log = logging.getLogger("maskserve")
@@ -54,6 +54,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_allocator()
+        tune_gil()
         die_with_supervisor()
         embedded: EmbeddedRedis | None = None
         url = settings.redis_url

@@ -37,8 +37,10 @@ from .work import admission
 
 Piece = bytes | memoryview
 
-# a number of a JSON body takes 2 to 12 bytes ("0," .. "-2147483648,"): this many per encoder call stay near a piece
+# a number of a JSON body takes 2 to 12 bytes ("0," .. "-2147483648,"): this many per encoder call stay near a
+# piece, and at most _JSON_NUMBERS_PER_CALL (a millisecond or two of the GIL)
 _JSON_BYTES_PER_NUMBER = 8
+_JSON_NUMBERS_PER_CALL = 8192
 
 
 def render(
@@ -46,7 +48,8 @@ def render(
 ) -> list[Piece]:
     """A batch's body as pieces of at most ``piece_bytes`` (CPU work: run it on the pool)."""
     if as_json:
-        return sliced(json_pieces(arrays, meta, max(1, piece_bytes // _JSON_BYTES_PER_NUMBER)), piece_bytes)
+        numbers = max(1, min(_JSON_NUMBERS_PER_CALL, piece_bytes // _JSON_BYTES_PER_NUMBER))
+        return sliced(json_pieces(arrays, meta, numbers), piece_bytes)
     return sliced(encode_pieces(arrays, {k: str(v) for k, v in meta.items()}), piece_bytes)
 
 
