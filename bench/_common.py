@@ -49,6 +49,9 @@ def add_service_args(p: argparse.ArgumentParser) -> None:
                    help="extra environment for the service, e.g. MASKSERVE_CHUNK_BYTES=1040000")
     g.add_argument("--profile", default=None, metavar="FILE.prof",
                    help="run the service under cProfile (event-loop thread only) and print its top functions")
+    g.add_argument("--service-root", default=None, metavar="DIR",
+                   help="run the service from this checkout (e.g. a worktree at another commit, to compare); "
+                        "the benchmark itself and its client stay this checkout's")
 
 
 # ---- machine header ----------------------------------------------------------
@@ -180,10 +183,12 @@ def service_env(args: argparse.Namespace) -> dict[str, str]:
     return out
 
 
-def start_service(args: argparse.Namespace) -> "Service":
-    """The service as the common command-line options describe it (not started yet)."""
+def start_service(args: argparse.Namespace, env: dict[str, str] | None = None) -> "Service":
+    """The service as the common command-line options describe it (not started yet); ``env`` replaces
+    ``--service-env``."""
     return Service(redis_url=args.redis_url, embedded=args.embedded, log_file=args.service_log,
-                   profile=args.profile, env=service_env(args))  # fmt: skip
+                   profile=args.profile, env=service_env(args) if env is None else env,
+                   root=args.service_root)  # fmt: skip
 
 
 class Service:
@@ -195,7 +200,9 @@ class Service:
     """
 
     def __init__(self, *, redis_url: str | None, embedded: bool, log_file: str | None = None,
-                 profile: str | None = None, env: dict[str, str] | None = None) -> None:  # fmt: skip
+                 profile: str | None = None, env: dict[str, str] | None = None,
+                 root: str | Path | None = None) -> None:  # fmt: skip
+        self.root = Path(root).resolve() if root else ROOT
         self.embedded = embedded
         self.redis_url = None if embedded else redis_url
         self.port = free_port()
@@ -210,7 +217,7 @@ class Service:
         from client import Client
 
         env = {k: v for k, v in os.environ.items() if k != "REDIS_URL" and not k.startswith("MASKSERVE_")}
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.root), env.get("PYTHONPATH")]))
         if self.embedded:
             env["MASKSERVE_DATA_DIR"] = str(self._tmp / "redis")
         else:
@@ -222,7 +229,7 @@ class Service:
         cmd += ["-m", "service", "serve", "--port", str(self.port), "--log-level", "info",
                 "--workers", env.get("MASKSERVE_WORKERS", "1")]  # one process unless asked: figures stay comparable
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=str(self.root), env=env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         with Client(self.url, retries=0, timeout=5) as c:
             while not c.ready():
@@ -388,7 +395,7 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
                                         checked=known is not None)  # fmt: skip
                 m = compute()  # on the event loop here; the route runs it on the CPU pool above a size
                 t2 = time.perf_counter()
-                render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False)
+                render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False, 1 << 18)
                 t3 = time.perf_counter()
                 if it >= warmup:
                     for key, dt in zip(steps, (t1 - t0, spent[0], t2 - t1 - spent[0], t3 - t2)):

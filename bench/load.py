@@ -18,8 +18,16 @@ and workers together) every 50 ms. Reported per run:
   problem types, transport errors),
 * ``/healthz`` p99 and worst latency,
 * peak RSS of the service, next to the bound documented in the README
-  (baseline + ``cpu_threads`` x W x the masking peak + ``max_inflight`` x W x the
-  rendered batch; its paragraph "Memory").
+  (baseline + ``cpu_threads`` x W x the masking peak + W x the bodies in flight,
+  at most ``max_inflight`` of them and about ``max_inflight_bytes``; see "Memory").
+
+``--storm N`` measures a burst instead: N clients at once, each asking for one
+batch of ``--storm-shape`` (default the largest, 4096x512) and reading it at
+``--storm-read-mbps`` (a slow link); refusals are counted, not retried. It
+reports ``/healthz`` p50/p99/max meanwhile, how many were served and refused,
+and the peak RSS next to the README's bound. ``--service-root DIR`` runs the
+service from another checkout (e.g. a worktree at an older commit), so two
+versions can be compared back to back with the same parameters.
 
 The load generator shares the machine with the service: on a 2-core host the
 figures are those of the pair, and the same for every run. The client processes
@@ -28,6 +36,7 @@ other machines; the probe runs at normal priority, as a health checker would.
 
     .venv/bin/python bench/load.py --embedded
     .venv/bin/python bench/load.py --levels 4 64 --shapes 64x128 --seconds 5
+    .venv/bin/python bench/load.py --embedded --workers 2 --storm 200 --storm-formats safetensors json
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from _common import (
     percentile,
     repeat_to,
     service_env,
+    start_service,
     stdlib_docs,
     train_bpe,
 )
@@ -233,6 +243,115 @@ def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, pr
     return run
 
 
+# ---- the storm: every client at once, each asking for one batch of the largest size and reading it slowly ----
+
+
+@dataclass
+class Storm:
+    workers: int
+    batch: int
+    seq_len: int
+    clients: int
+    fmt: str
+    served: int = 0
+    answers: Counter = field(default_factory=Counter)
+    health: list[float] = field(default_factory=list)
+    peak_rss: int = 0
+    seconds: float = 0.0
+
+
+async def _slow_reader(h: httpx.AsyncClient, name: str, storm: Storm, rate: float, seed: int) -> None:
+    """One request; a 200 body is read at no more than ``rate`` bytes/s (a client on a slow link)."""
+    try:
+        async with h.stream("GET", f"/v1/datasets/{name}/batch",
+                            params={"size": storm.batch, "seed": seed, "format": storm.fmt}) as r:  # fmt: skip
+            if r.status_code != 200:
+                await r.aread()
+                kind = str(r.status_code)
+                if r.headers.get("content-type", "").startswith("application/problem+json"):
+                    kind = r.json()["type"].rsplit(":", 1)[-1]
+                storm.answers[kind] += 1
+                return
+            t0, got = time.monotonic(), 0
+            async for piece in r.aiter_raw(1 << 16):
+                got += len(piece)
+                ahead = got / rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            storm.served += 1
+            storm.answers["200"] += 1
+    except httpx.HTTPError as exc:
+        storm.answers[f"transport:{type(exc).__name__}"] += 1
+
+
+async def _storm_part(url: str, name: str, storm: Storm, rate: float, first_seed: int) -> None:
+    limits = httpx.Limits(max_connections=storm.clients, max_keepalive_connections=0)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as h:
+        await asyncio.gather(*(_slow_reader(h, name, storm, rate, first_seed + i) for i in range(storm.clients)))
+
+
+def _storm_proc(url: str, name: str, storm: Storm, rate: float, first_seed: int, nice: int,
+                out: mp.Queue) -> None:  # noqa: ANN001 - multiprocessing types
+    if nice:
+        os.nice(nice)
+    asyncio.run(_storm_part(url, name, storm, rate, first_seed))
+    out.put(storm)
+
+
+def storm(svc: Service, name: str, run: Storm, rate: float, procs: int, nice: int) -> Storm:
+    """``run.clients`` requests at once, from ``procs`` processes; the probe and the RSS sampler meanwhile."""
+    ctx = mp.get_context("spawn")
+    stop, out, parts = ctx.Event(), ctx.Queue(), ctx.Queue()
+    prober = ctx.Process(target=_probe, args=(svc.url, stop, out))
+    prober.start()
+    sampler = RssSampler(svc.pid)
+    sampler.start()
+    shares = [run.clients // procs + (i < run.clients % procs) for i in range(procs)]
+    loaders = [ctx.Process(target=_storm_proc, args=(svc.url, name, Storm(run.workers, run.batch, run.seq_len, n,
+                                                                        run.fmt), rate, 1000 * i, nice, parts))
+               for i, n in enumerate(shares) if n]  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        for p in loaders:
+            p.start()
+        for _ in loaders:
+            part = parts.get(timeout=900)
+            run.served += part.served
+            run.answers += part.answers
+        for p in loaders:
+            p.join()
+    finally:
+        run.seconds = time.monotonic() - t0
+        stop.set()
+        run.health = out.get(timeout=60)
+        prober.join()
+        run.peak_rss = sampler.stop()
+    return run
+
+
+def memory_bound(env: dict[str, str], workers: int, b: int, seq_len: int, fmt: str) -> float:
+    """The README's bound on the service's peak RSS (its "Memory" formula, per process, times the workers),
+    in bytes, for batches of ``b`` x ``seq_len`` in ``fmt`` and the settings in ``env`` (else the defaults)."""
+    from service.config import Settings
+
+    s = Settings(**{k.removeprefix("MASKSERVE_").lower(): v for k, v in env.items() if k.startswith("MASKSERVE_")
+                    and k != "MASKSERVE_WORKERS"})  # fmt: skip
+    tokens = b * seq_len
+    body = tokens * (15 if fmt == "json" else 12)  # the body and the stored tokens it is read from
+    held = min(s.max_inflight * body, max(s.max_inflight_bytes, body))
+    return workers * (145 * 2**20 + s.cpu_threads * tokens * 30 + held)
+
+
+def storm_line(run: Storm, bound: float) -> str:
+    health = run.health or [float("nan")]
+    answers = ", ".join(f"{k} {v}" for k, v in sorted(run.answers.items())) or "none"
+    return (f"  storm W={run.workers} B={run.batch} L={run.seq_len} {run.fmt} clients={run.clients}: "
+            f"{run.served} served in {run.seconds:.1f} s; answers: {answers}; "
+            f"healthz p50 {1000 * percentile(health, 50):.1f} ms, p99 {1000 * percentile(health, 99):.1f} ms, "
+            f"max {1000 * max(health):.1f} ms ({len(health)} probes); "
+            f"peak RSS {run.peak_rss / 2**20:.0f} MiB (README bound {bound / 2**20:.0f} MiB)")  # fmt: skip
+
+
 # ---- set-up and report --------------------------------------------------------------------------------------
 
 
@@ -276,7 +395,19 @@ def main() -> None:
     p.add_argument("--client-nice", type=int, default=10,
                    help="niceness of the client processes (they stand for other machines; 0: same priority)")
     p.add_argument("--corpus-mb", type=float, default=4.0, help="text ingested per dataset")
+    g = p.add_argument_group("storm (instead of the sweep above)")
+    g.add_argument("--storm", type=int, default=0, metavar="N",
+                   help="N clients at once, each asking for one batch of --storm-shape and reading it at "
+                        "--storm-read-mbps; reports /healthz p50/p99/max, served and refused, peak RSS next to "
+                        "the README's memory bound (uses --workers, --client-procs, --client-nice, --corpus-mb)")
+    g.add_argument("--storm-shape", default="4096x512", help="batch shape BxL of the storm (default: the largest B)")
+    g.add_argument("--storm-formats", nargs="+", default=["safetensors"], choices=["safetensors", "json"],
+                   help="one storm per format")
+    g.add_argument("--storm-read-mbps", type=float, default=50.0, help="how fast each storm client reads, MB/s")
     args = p.parse_args()
+    if args.storm:
+        run_storms(args)
+        return
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     env = service_env(args)
     header("serving under load", [
@@ -315,6 +446,30 @@ def main() -> None:
             at64 = next((r.sequences_per_s for r in mine if r.clients == 64), float("nan"))
             print(f"  W={workers} B={b} L={L}: 64 clients {at64:,.0f} seq/s = {100 * at64 / best:.0f}% of the best "
                   f"level ({best:,.0f}) (target >= 90%); peak RSS {max(r.peak_rss for r in mine) / 2**20:.0f} MiB")
+
+
+def run_storms(args: argparse.Namespace) -> None:
+    b, seq_len = (int(x) for x in args.storm_shape.split("x"))
+    env = service_env(args)
+    header("a storm of the largest batches", [
+        f"{args.storm} clients at once, each asking for one B={b} L={seq_len} batch and reading it at "
+        f"{args.storm_read_mbps} MB/s; 503 overloaded counted, not retried",
+        "healthz probed every 20 ms from its own process; service RSS = manager + workers (Redis apart)",
+    ], {"workers": args.workers, "formats": args.storm_formats, "service root": args.service_root or "this checkout",
+        "service env": env or "defaults"})  # fmt: skip
+    docs = repeat_to(stdlib_docs(), min_bytes=int(args.corpus_mb * 1e6))
+    _, tokenizer = train_bpe(docs)
+    with BenchRedis(args):
+        for workers in args.workers:
+            with start_service(args, env={**env, "MASKSERVE_WORKERS": str(workers)}) as svc:
+                name = prepare(svc.url, tokenizer, docs, seq_len)
+                print(f"W={workers}: service pid {svc.pid}, idle RSS {sum(_rss(q) for q in _family(svc.pid)) / 2**20:.0f} MiB",
+                      flush=True)  # fmt: skip
+                for fmt in args.storm_formats:
+                    run = storm(svc, name, Storm(workers, b, seq_len, args.storm, fmt), args.storm_read_mbps * 1e6,
+                                args.client_procs, args.client_nice)  # fmt: skip
+                    print(storm_line(run, memory_bound(env, workers, b, seq_len, fmt)), flush=True)
+    print("target: /healthz p99 < 100 ms; no answers but 200 and overloaded")
 
 
 if __name__ == "__main__":

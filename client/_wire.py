@@ -43,10 +43,19 @@ class WireFormatError(ValueError):
 
 def encode(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialize named arrays (C-contiguous after conversion) into one buffer."""
+    return b"".join(encode_pieces(arrays, metadata))
+
+
+def encode_pieces(
+    arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> list[bytes | memoryview]:
+    """The document :func:`encode` returns, as its pieces in order, without copying the array data: the
+    8-byte header length and the header, then each array's bytes (a view of the array itself when it is
+    C-contiguous and little-endian, else of a converted copy). ``b"".join`` of them is ``encode``'s buffer."""
     header: dict[str, object] = {}
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    blobs: list[np.ndarray] = []
+    blobs: list[memoryview] = []
     offset = 0
     for name, arr in arrays.items():
         a = np.ascontiguousarray(arr).reshape(np.shape(arr))  # keeps 0-d arrays 0-d
@@ -57,18 +66,11 @@ def encode(arrays: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None 
             raise TypeError(f"array {name!r} has dtype {a.dtype}, which has no safetensors name")
         header[name] = {"dtype": dtype, "shape": list(a.shape), "data_offsets": [offset, offset + a.nbytes]}
         offset += a.nbytes
-        blobs.append(a)
+        if a.nbytes:
+            blobs.append(memoryview(a.reshape(-1).view(np.uint8)))
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-(len(head) + 8) % _ALIGN)
-    out = bytearray(8 + len(head) + offset)
-    out[:8] = struct.pack("<Q", len(head))
-    out[8 : 8 + len(head)] = head
-    pos = 8 + len(head)
-    view = memoryview(out)
-    for a in blobs:
-        view[pos : pos + a.nbytes] = a.reshape(-1).view(np.uint8)
-        pos += a.nbytes
-    return bytes(out)
+    return [struct.pack("<Q", len(head)) + head, *blobs]
 
 
 def decode(buf: bytes | bytearray | memoryview) -> tuple[dict[str, np.ndarray], dict[str, str]]:

@@ -8,7 +8,6 @@ With no ``REDIS_URL`` the lifespan starts an embedded server over
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -30,7 +29,7 @@ from .config import Settings
 from .deps import check_token
 from .durability import Durability
 from .embedded import EmbeddedRedis
-from .errors import Overloaded, PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
+from .errors import PayloadTooLarge, PoolExhausted, ServiceError, install, problem_response
 from .jobs import Jobs
 from .keys import slot_tags
 from .metrics import Metrics, process_exited
@@ -38,8 +37,8 @@ from .openapi import openapi_schema
 from .routes import batches, datasets, docs, health, jobs, masks, sequences, tokenizers
 from .serving import die_with_supervisor
 from .store import Store
-from .tuning import tune_allocator
-from .work import Workload, is_heavy
+from .tuning import tune_allocator, tune_gil
+from .work import ADMISSION, Workload, is_heavy
 
 log = logging.getLogger("maskserve")
 
@@ -57,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         tune_allocator()
+        tune_gil()
         die_with_supervisor()
         embedded: EmbeddedRedis | None = None
         url = settings.redis_url
@@ -104,8 +104,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = Metrics()
-    app.state.work = Workload(cpu_threads=settings.cpu_threads, max_inflight=settings.max_inflight,
-                              inline_tokens=settings.inline_tokens)  # fmt: skip
+    app.state.work = Workload(
+        cpu_threads=settings.cpu_threads, max_inflight=settings.max_inflight, inline_tokens=settings.inline_tokens,
+        max_inflight_bytes=settings.max_inflight_bytes, retry_after_s=settings.overload_retry_after_s,
+        retry_ms=settings.overload_retry_ms,
+    )  # fmt: skip
     install(app)
 
     # the batch routes first: requests are matched against routes in order
@@ -150,7 +153,9 @@ def connect(url: str, settings: Settings, *, replicas: bool = False) -> aioredis
 
 class Gatekeeper:
     """Pure ASGI middleware: check the bearer token (all but the public paths),
-    refuse oversized JSON bodies early, count and time requests.
+    refuse oversized JSON bodies early, admit heavy requests (their ``Admission``
+    rides in the scope until the last piece of the response is sent; see
+    ``work``), count and time requests.
 
     As middleware rather than per-route dependencies (FastAPI solves each
     dependency on every request) and not Starlette's ``BaseHTTPMiddleware``
@@ -184,17 +189,14 @@ class Gatekeeper:
                     refusal = PayloadTooLarge(f"body of {int(value)} bytes exceeds the {limit}-byte limit")
             receive = _bounded(receive, limit)
         heavy = refusal is None and is_heavy(scope["method"], path)
-        admitted = heavy and self.work.admit()
-        if admitted:
+        admitted = self.work.admit() if heavy else None
+        if admitted is not None:
             self.metrics.inflight.inc()
+            scope[ADMISSION] = admitted  # the route holds its body's bytes on it (see bodies.hold_body)
         elif heavy:
             self.metrics.overloaded.inc()
-            mean = self.settings.overload_retry_ms
-            refusal = Overloaded(
-                f"this process is working on its limit of {self.work.max_inflight} heavy requests",
-                retry_after_s=self.settings.overload_retry_after_s,
-                retry_after_ms=max(1, round(mean * random.uniform(0.5, 1.5))),
-            )  # fmt: skip
+            refusal = self.work.overloaded(f"this process is working on its limit of {self.work.max_inflight} heavy "
+                                           "requests")  # fmt: skip
         if refusal is not None:
             await problem_response(refusal, Request(scope), getattr(refusal, "headers", None))(scope, receive, send)
             return
@@ -214,8 +216,10 @@ class Gatekeeper:
             # the client stopped reading its response: give up on it (the server closes the connection)
             log.info("dropped a client that did not read its response for %s s", self.settings.send_timeout_s)
         finally:
-            if admitted:
-                self.work.release()
+            if admitted is not None:
+                if admitted.refused:  # refused for its body's bytes (see bodies.hold_body)
+                    self.metrics.overloaded.inc()
+                admitted.close()
                 self.metrics.inflight.dec()
             route = scope.get("route")
             label = getattr(route, "path", "unmatched")

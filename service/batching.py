@@ -7,7 +7,6 @@ Redis round trip as the data and applied, never recomputed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -15,8 +14,7 @@ from typing import TypeVar
 import numpy as np
 from redis.exceptions import ResponseError
 
-from client._wire import encode
-
+from .bodies import Piece, render
 from .catalog import Catalog, Chunks, DatasetRuntime
 from .errors import Conflict, DatasetEmpty, DatasetNotFound, StaticMasksMissing
 from .masking import Masked, MaskSpec, mask_batch
@@ -218,15 +216,10 @@ def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> d
 
 async def served(
     work: Workload, compute: Callable[[], Masked], seq_ids: np.ndarray, out: OutputParams, rt: DatasetRuntime,
-    meta: dict[str, object], as_json: bool,
-) -> bytes:  # fmt: skip
+    meta: dict[str, object], as_json: bool, piece_bytes: int,
+) -> list[Piece]:  # fmt: skip
     """The response body of a batch: its masking (``compute``, from :func:`fetched`), the output options and
-    the encoding, as one piece of CPU work (on the pool unless the batch is small)."""
-    return await work.run(lambda: render(outputs(compute(), seq_ids, out, rt.vocab.pad_id), meta, as_json),
+    the encoding into pieces of at most ``piece_bytes`` (see ``bodies``), as one piece of CPU work (on the
+    pool unless the batch is small)."""
+    return await work.run(lambda: render(outputs(compute(), seq_ids, out, rt.vocab.pad_id), meta, as_json, piece_bytes),
                           tokens=len(seq_ids) * rt.seq_len)  # fmt: skip
-
-
-def render(arrays: dict[str, np.ndarray], meta: dict[str, object], as_json: bool) -> bytes:
-    if as_json:
-        return json.dumps({"metadata": meta, **{k: v.tolist() for k, v in arrays.items()}}).encode()
-    return encode(arrays, {k: str(v) for k, v in meta.items()})

@@ -111,6 +111,15 @@ class Settings(BaseSettings):
         description="Heavy requests (batches, leases, ingest, reports, builds) a process works on at once; "
         "beyond it they get 503 overloaded with Retry-After.",
     )  # fmt: skip
+    max_inflight_bytes: int = Field(
+        default=256 << 20, ge=1 << 20,
+        description="Response bytes (batch bodies being built or sent) a process holds at once; a heavy request "
+        "that would go past it gets 503 overloaded (one body larger than this is still served when it is alone).",
+    )  # fmt: skip
+    response_piece_bytes: int = Field(
+        default=256 << 10, ge=4096, le=64 << 20,
+        description="Largest piece of a batch body handed to the server at once; the next goes once it has drained.",
+    )  # fmt: skip
     inline_tokens: int = Field(
         default=16384, ge=0, description="Batches of at most this many tokens (B x L) are masked on the event loop."
     )

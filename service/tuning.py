@@ -6,6 +6,11 @@ returns them on free, so every request page-faults its memory in again, which
 costs more than the masking arithmetic itself. Raising the threshold and
 keeping freed memory in the heap makes those allocations reuse warm pages
 (about 2x faster masking of B=256, L=512).
+
+The event loop shares the GIL with the CPU pool. A pool thread running Python
+code (encoding a JSON body, say) keeps the GIL until the loop has asked for it
+for a whole switch interval, 5 ms by default, and the loop asks several times
+per request; at 1 ms a probe waits a few milliseconds, not tens.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+
+SWITCH_INTERVAL_S = 0.001
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -30,3 +37,8 @@ def tune_allocator(mmap_threshold: int = 32 << 20, trim_threshold: int = 128 << 
     ok &= mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     ok &= mallopt(_M_TOP_PAD, 16 << 20) == 1
     return bool(ok)
+
+
+def tune_gil(interval_s: float = SWITCH_INTERVAL_S) -> None:
+    """Let a thread waiting for the GIL (the event loop) have it after ``interval_s``, not 5 ms."""
+    sys.setswitchinterval(min(sys.getswitchinterval(), interval_s))

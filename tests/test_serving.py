@@ -27,6 +27,7 @@ import pytest
 import redis
 
 from client import Client
+from client._wire import decode
 from service.config import Settings
 from service.embedded import EmbeddedRedis
 
@@ -65,9 +66,9 @@ def own_redis(tmp_path) -> Iterator[EmbeddedRedis]:
         yield server
 
 
-def _server(redis_url: str, **overrides) -> ServerThread:
+def _server(redis_url: str, wrap: Callable | None = None, **overrides) -> ServerThread:
     base = dict(redis_url=redis_url, max_batch_size=1024, chunk_bytes=64 << 10, chunk_max_sequences=256)
-    return ServerThread(Settings(**{**base, **overrides}))
+    return ServerThread(Settings(**{**base, **overrides}), wrap=wrap)
 
 
 # ---- the Redis pool: busy is not down ----------------------------------------------------------------------
@@ -271,6 +272,140 @@ def test_small_batches_are_masked_inline_and_large_ones_on_the_pool(redis_url, r
         c.batch(name, 9, seed=0)
     loop_thread, pool_thread = threads
     assert "AnyIO worker thread" not in loop_thread and "AnyIO worker thread" in pool_thread
+
+
+# ---- large bodies: sent in bounded pieces, counted in bytes ---------------------------------------------------
+
+PIECE = 64 << 10
+
+
+class BodyTap:
+    """An ASGI wrapper around the app: records the size of every response body message of the batch route, and
+    holds each response longer than a piece after its first message (when more follow) until the test releases
+    it. The hold waits on a worker thread, so the event loop stays free, as it is while a slow client reads."""
+
+    def __init__(self) -> None:
+        self.sizes: list[int] = []
+        self.held = 0
+        self.release = threading.Event()
+
+    def __call__(self, app: Callable) -> Callable:
+        import anyio.to_thread
+
+        async def tapped(scope, receive, send) -> None:  # noqa: ANN001 - ASGI
+            if scope["type"] != "http" or not scope["path"].endswith("/batch"):
+                return await app(scope, receive, send)
+            first, large = True, False
+
+            async def tap(message) -> None:  # noqa: ANN001
+                nonlocal first, large
+                await send(message)
+                if message["type"] == "http.response.start":
+                    large = int(dict(message["headers"]).get(b"content-length", b"0")) > PIECE
+                if message["type"] == "http.response.body":
+                    self.sizes.append(len(message.get("body", b"")))
+                    if first and large and message.get("more_body", False):
+                        self.held += 1
+                        assert await anyio.to_thread.run_sync(self.release.wait, 120), "the test never released"
+                    first = False
+
+            await app(scope, receive, tap)
+
+        return tapped
+
+
+def _get_batches(url: str, name: str, count: int, fmt: str, size: int = 1024) -> list[concurrent.futures.Future]:
+    pool = concurrent.futures.ThreadPoolExecutor(count)
+    futures = [pool.submit(httpx.get, f"{url}/v1/datasets/{name}/batch", params={"size": size, "seed": i,
+                                                                                  "format": fmt}, timeout=120)
+               for i in range(count)]  # fmt: skip
+    pool.shutdown(wait=False)
+    return futures
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "json"])
+def test_large_bodies_go_out_in_bounded_pieces_and_probes_answer_meanwhile(fmt, redis_url, rdb, bpe_tokenizer, corpus):
+    """Batches of the largest size are held in the middle of their bodies, as slow clients hold them. Their
+    bodies must go to the server in pieces of bounded size (one huge write holds the event loop while the
+    kernel copies it, and the process cannot tell when it has gone), probes must answer meanwhile, and the
+    requests still count against the admission limit until their last piece is sent."""
+    tap = BodyTap()
+    with _server(redis_url, wrap=tap, response_piece_bytes=PIECE) as s, Client(s.url, retries=0) as c:
+        name = _dataset(c, bpe_tokenizer, corpus)
+        try:
+            futures = _get_batches(s.url, name, 3, fmt)
+            _until(lambda: tap.held == 3 or all(f.done() for f in futures), "the bodies were held or sent")
+            assert tap.held == 3, f"bodies sent whole, in messages of {sorted(tap.sizes)[-3:]} bytes"
+            for _ in range(3):
+                assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
+            assert _gauge(s.url, "maskserve_inflight_heavy_requests") == 3
+            assert not any(f.done() for f in futures)
+        finally:
+            tap.release.set()
+        responses = [f.result(timeout=120) for f in futures]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    for r in responses:
+        if fmt == "json":
+            assert np.asarray(r.json()["input_ids"]).shape == (1024, SEQ_LEN)
+        else:
+            assert decode(r.content)[0]["input_ids"].shape == (1024, SEQ_LEN)
+    assert max(tap.sizes) <= PIECE and len(tap.sizes) > 3 * 8
+
+
+def test_the_json_encoder_never_gets_a_whole_batch_at_once(redis_url, rdb, bpe_tokenizer, corpus, monkeypatch):
+    """The JSON encoder holds the GIL for the whole of one call, stalling the event loop for as long (seconds
+    for the largest batch): a JSON batch is encoded in calls of about a piece's worth each."""
+    outputs: list[int] = []
+    real = json.dumps
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        outputs.append(len(out))
+        return out
+
+    monkeypatch.setattr(json, "dumps", spy)
+    with _server(redis_url, response_piece_bytes=PIECE) as s, Client(s.url, retries=0) as c:
+        name = _dataset(c, bpe_tokenizer, corpus)
+        outputs.clear()
+        r = httpx.get(f"{s.url}/v1/datasets/{name}/batch", params={"size": 1024, "format": "json"}, timeout=120)
+    assert r.status_code == 200 and len(r.content) > 16 * PIECE
+    assert max(outputs) <= 2 * PIECE, f"one encoder call wrote {max(outputs)} of {len(r.content)} bytes"
+
+
+@pytest.mark.parametrize("numbers", [1, 5, 64, 1 << 20])
+def test_a_json_body_in_pieces_is_the_whole_document(numbers):
+    from service.bodies import json_pieces
+
+    arrays = {"input_ids": np.arange(60, dtype=np.int32).reshape(6, 10) - 7, "sequence_ids": np.arange(6),
+              "masked_positions": np.zeros((0, 2), np.int32), "scalar": np.array(3)}  # fmt: skip
+    meta = {"dataset": "d", "seed": 7}
+    got = json.loads(b"".join(json_pieces(arrays, meta, numbers)))
+    assert got == {"metadata": meta, **{k: v.tolist() for k, v in arrays.items()}}
+
+
+def test_response_bytes_in_flight_are_limited(redis_url, rdb, bpe_tokenizer, corpus):
+    """With a large body held mid-way (a slow client), a second large batch would take the process past
+    MASKSERVE_MAX_INFLIGHT_BYTES: it is refused at once with 503 overloaded (before anything is read), while
+    a small one still fits; once the first body is sent, large batches are served again."""
+    tap = BodyTap()
+    with _server(redis_url, wrap=tap, response_piece_bytes=PIECE, max_inflight_bytes=2 << 20) as s, \
+            Client(s.url, retries=0) as c:  # fmt: skip
+        name = _dataset(c, bpe_tokenizer, corpus)
+        try:
+            (first,) = _get_batches(s.url, name, 1, "safetensors")
+            _until(lambda: tap.held == 1 or first.done(), "the first body was held or sent")
+            assert tap.held == 1, "the body was sent whole"
+            second = httpx.get(f"{s.url}/v1/datasets/{name}/batch", params={"size": 1024}, timeout=30)
+            assert second.status_code == 503, second.status_code
+            assert second.json()["type"] == "urn:maskserve:problem:overloaded" and second.headers["Retry-After"] == "1"
+            assert 100 <= int(second.headers["Maskserve-Retry-After-Ms"]) <= 300
+            assert _gauge(s.url, "maskserve_overloaded_total") == 1
+            assert c.batch(name, 8, seed=1)["input_ids"].shape == (8, SEQ_LEN)
+        finally:
+            tap.release.set()
+        assert first.result(timeout=120).status_code == 200
+        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 0, "the first request finished")
+        assert c.batch(name, 1024, seed=2)["input_ids"].shape == (1024, SEQ_LEN)
 
 
 # ---- static builds: bounded per call, in memory, by quota ----------------------------------------------------

@@ -6,12 +6,13 @@ import secrets
 
 import numpy as np
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, drawn, fetched_rows, served
+from ..bodies import Piece, Pieces, hold_body
 from ..deps import parse_query, query_docs
 from ..errors import LimitExceeded, NotAcceptable
 from ..permute import stream_ids
@@ -81,7 +82,7 @@ def _quality(accept: str, media_type: str, exact: bool = False) -> float:
     responses={200: {"content": {CONTENT_TYPE: {}, "application/json": {}}}},
     openapi_extra=query_docs(BatchQuery),
 )
-async def get_batch(name: str, request: Request) -> Response:
+async def get_batch(name: str, request: Request) -> Pieces:
     q = parse_query(BatchQuery, request)
     state = request.app.state  # no dependencies on the hot path (see deps.parse_query)
     catalog, settings, metrics, work = state.catalog, state.settings, state.metrics, state.work
@@ -91,8 +92,10 @@ async def get_batch(name: str, request: Request) -> Response:
     as_json = wants_json(request, q.format)
     seed = secrets.randbits(63) if q.seed is None else q.seed
 
-    async def draw(ds: Fetched, checked: bool) -> tuple[bytes, int]:
-        seq_ids, epochs = stream_ids(seed, q.index, q.size, ds.num_sequences)
+    async def draw(ds: Fetched, checked: bool) -> tuple[list[Piece], int]:
+        hold_body(request, q.size, ds.rt, q, as_json)
+        seq_ids, epochs = await work.run(stream_ids, seed, q.index, q.size, ds.num_sequences,
+                                         tokens=q.size * ds.rt.seq_len)  # fmt: skip
         epoch = int(epochs[0]) if q.epoch is None else q.epoch
         mask_epochs = epochs if q.epoch is None else np.full_like(epochs, q.epoch)
         mask_seed = seed if q.mask_seed is None else q.mask_seed
@@ -100,7 +103,7 @@ async def get_batch(name: str, request: Request) -> Response:
                                      checked=checked, step=q.index)  # fmt: skip
         meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
                 "mode": q.mode}  # fmt: skip
-        body = await served(work, compute, seq_ids, q, ds.rt, meta, as_json)
+        body = await served(work, compute, seq_ids, q, ds.rt, meta, as_json, settings.response_piece_bytes)
         return body, epoch
 
     body, epoch = await drawn(catalog, name, draw)
@@ -111,4 +114,4 @@ async def get_batch(name: str, request: Request) -> Response:
         "Maskserve-Epoch": str(epoch),
         "Maskserve-Batch-Index": str(q.index),
     }
-    return Response(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
+    return Pieces(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)

@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, fetched, open_dataset, served
+from ..bodies import Pieces, hold_body
 from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
 from ..errors import (Conflict, DatasetNotFound, InvalidRequest, JobConflict, JobDatasetGone, JobFinished, JobNotFound,
                       LimitExceeded, StaticMasksMissing)
@@ -235,7 +236,9 @@ async def _serve(
     try:  # the job's own generation of the dataset, never another of the same name
         rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
         ds = Fetched(rt, st["n"], st["num_chunks"])
-        seq_ids = batch_ids(cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index, cfg.shuffle)
+        hold_body(request, cfg.batch_size, rt, q, as_json)
+        seq_ids = await state.work.run(batch_ids, cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index,
+                                       cfg.shuffle, tokens=cfg.batch_size * rt.seq_len)  # fmt: skip
         compute = await fetched(catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch, params=params,
                                 spec=spec, step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
     except (Conflict, DatasetNotFound):
@@ -247,7 +250,7 @@ async def _serve(
         raise
     meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
             "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
-    body = await served(state.work, compute, seq_ids, q, rt, meta, as_json)
+    body = await served(state.work, compute, seq_ids, q, rt, meta, as_json, state.settings.response_piece_bytes)
     metrics.sequences_served.labels(dataset).inc(len(seq_ids))
     headers = {
         **ack_header,
@@ -260,7 +263,7 @@ async def _serve(
         "Maskserve-Redelivered": "1" if lease.redelivered else "0",
         "Maskserve-In-Order": "1" if lease.in_order else "0",
     }
-    return Response(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
+    return Pieces(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
 
 
 async def _config(jobs: Jobs, dataset: str, name: str, instance: str) -> tuple[JobConfig, MaskSpec, dict[str, Any]]:

@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from pydantic import Field
 
 from client._wire import CONTENT_TYPE
 
 from ..batching import Fetched, drawn, fetched, served
+from ..bodies import Piece, Pieces, hold_body
 from ..errors import LimitExceeded, SequenceOutOfRange
 from ..schemas import MAX_INT64, MAX_SEED, MaskingParams, OutputParams
 from .batches import wants_json
@@ -41,7 +42,7 @@ class SequencesRequest(MaskingParams, OutputParams):
     summary="Given sequence ids, masked for (seed, epoch) or a static copy",
     responses={200: {"content": {CONTENT_TYPE: {}, "application/json": {}}}},
 )
-async def get_sequences(name: str, body: SequencesRequest, request: Request) -> Response:
+async def get_sequences(name: str, body: SequencesRequest, request: Request) -> Pieces:
     state = request.app.state
     catalog, settings = state.catalog, state.settings
     if len(body.ids) > settings.max_batch_size:
@@ -52,20 +53,21 @@ async def get_sequences(name: str, body: SequencesRequest, request: Request) -> 
     as_json = wants_json(request, body.format)
     seq_ids = np.asarray(body.ids, dtype=np.int64) if max(body.ids) < 1 << 62 and min(body.ids) >= 0 else None
 
-    async def draw(ds: Fetched, checked: bool) -> bytes:
+    async def draw(ds: Fetched, checked: bool) -> list[Piece]:
         if seq_ids is None or int(seq_ids.max()) >= ds.num_sequences:
             bad = next(i for i in body.ids if not 0 <= i < ds.num_sequences)
             raise SequenceOutOfRange(
                 f"sequence id {bad} is outside dataset {name!r}, which holds ids 0..{ds.num_sequences - 1}",
                 dataset=name, num_sequences=ds.num_sequences,
             )  # fmt: skip
+        hold_body(request, len(seq_ids), ds.rt, body, as_json)
         compute = await fetched(catalog, ds, seq_ids, seed=body.seed, epoch=body.epoch, params=body, spec=spec,
                                 checked=checked)  # fmt: skip
         meta = {"dataset": name, "seed": body.seed, "epoch": body.epoch, "pad_id": ds.rt.vocab.pad_id,
                 "mode": body.mode}  # fmt: skip
-        return await served(state.work, compute, seq_ids, body, ds.rt, meta, as_json)
+        return await served(state.work, compute, seq_ids, body, ds.rt, meta, as_json, settings.response_piece_bytes)
 
     payload = await drawn(catalog, name, draw)
     state.metrics.sequences_served.labels(name).inc(len(body.ids))
     headers = {"Maskserve-Dataset": name, "Maskserve-Seed": str(body.seed), "Maskserve-Epoch": str(body.epoch)}
-    return Response(payload, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
+    return Pieces(payload, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
