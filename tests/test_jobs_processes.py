@@ -783,4 +783,5 @@ def test_the_readme_jobs_walkthrough_runs_as_written(service: ServiceProcess, tm
     for w in procs:
         text = (tmp_path / f"{w}.txt").read_text()
         assert "batch 16" in text and "job 'pretrain': its config, 2 epochs" in text, text
-        assert "job 'pretrain' is finished" in text, text
+        # a worker that attached after the other had taken every batch trains none, and says so
+        assert "job 'pretrain' is finished" in text or "job 'pretrain' has no batches left" in text, text
