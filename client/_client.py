@@ -6,24 +6,22 @@ import json
 import os
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ._batch import Batch, Closing
+from ._batch import Batch, BatchStream
 from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError
 from ._jobs import JobStream
 from ._transport import Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
+from ._uploads import Document, Replayable, as_record, file_chunks, ndjson
 from ._wire import CONTENT_TYPE, WireFormatError, decode
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
-Document = str | Mapping[str, Any] | Sequence[int]
 
 
 def _transport_setting(name: str, doc: str) -> Any:
@@ -138,7 +136,7 @@ class Client:
     ) -> dict[str, Any]:
         """Have the service train a tokenizer on ``texts``; returns tokenizer.json."""
         params = {"kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency}
-        body = _ndjson({"text": t} for t in texts)
+        body = ndjson({"text": t} for t in texts)
         return self._json("POST", "/v1/tokenizers/train", idempotent=False, params=params, content=body,
                           headers={"Content-Type": NDJSON})  # fmt: skip
 
@@ -198,7 +196,7 @@ class Client:
         replayable = iter(docs) is not docs
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=replayable,
-            content=_Replayable(lambda: _ndjson(map(_as_record, docs), on_bytes)),
+            content=Replayable(lambda: ndjson(map(as_record, docs), on_bytes)),
             headers={"Content-Type": NDJSON, "Idempotency-Key": key},
         )  # fmt: skip
 
@@ -212,7 +210,7 @@ class Client:
         params = {} if ctype != PLAIN_TEXT else {"split": split}
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
-            content=_Replayable(lambda: _file_chunks(path, on_bytes)),
+            content=Replayable(lambda: file_chunks(path, on_bytes)),
             headers={"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
         )  # fmt: skip
 
@@ -376,7 +374,7 @@ class Client:
         steps: int | None = None,
         prefetch: int = 4,
         **masking: Any,
-    ) -> "BatchStream":
+    ) -> BatchStream:
         """Batches ``start, start+1, ...`` (``steps`` of them, or forever).
 
         Batch k is a pure function of ``(seed, k)``, so resuming at ``start=k``
@@ -388,91 +386,5 @@ class Client:
         return BatchStream(fetch, start, steps, prefetch)
 
 
-class BatchStream(Closing):
-    """An iterator over ``fetch(k)`` with ``prefetch`` calls in flight on threads."""
-
-    def __init__(self, fetch: Callable[[int], Batch], start: int, steps: int | None, prefetch: int) -> None:
-        self._fetch = fetch
-        self._next = start
-        self._end = None if steps is None else start + steps
-        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="maskserve-prefetch")
-        self._pending: deque[Future[Batch]] = deque()
-        self._depth = max(1, prefetch)
-        self._closed = False
-
-    def _fill(self) -> None:
-        while len(self._pending) < self._depth and (self._end is None or self._next < self._end):
-            self._pending.append(self._pool.submit(self._fetch, self._next))
-            self._next += 1
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> Batch:
-        if self._closed:
-            raise StopIteration
-        self._fill()
-        if not self._pending:
-            self.close()
-            raise StopIteration
-        try:
-            return self._pending.popleft().result()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self._closed = True
-        for f in self._pending:
-            f.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-
 def _param(value: Any) -> Any:
     return ("true" if value else "false") if isinstance(value, bool) else value
-
-
-def _as_record(doc: Document) -> Mapping[str, Any]:
-    if isinstance(doc, str):
-        return {"text": doc}
-    if isinstance(doc, Mapping):
-        return doc
-    return {"ids": [int(i) for i in doc]}
-
-
-def _ndjson(records: Iterable[Mapping[str, Any]], on_bytes: Callable[[int], None] | None = None, chunk: int = 1 << 16) -> Iterator[bytes]:
-    buf: list[bytes] = []
-    size = 0
-    for rec in records:
-        line = json.dumps(rec, ensure_ascii=False).encode() + b"\n"
-        buf.append(line)
-        size += len(line)
-        if size >= chunk:
-            yield b"".join(buf)
-            if on_bytes:
-                on_bytes(size)
-            buf, size = [], 0
-    if buf:
-        yield b"".join(buf)
-        if on_bytes:
-            on_bytes(size)
-
-
-def _file_chunks(path: Path, on_bytes: Callable[[int], None] | None, chunk: int = 1 << 20) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while piece := f.read(chunk):
-            yield piece
-            if on_bytes:
-                on_bytes(len(piece))
-
-
-class _Replayable:
-    """A request body that starts over each time httpx iterates it (for retries)."""
-
-    def __init__(self, factory: Callable[[], Iterator[bytes]]) -> None:
-        self._factory = factory
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._factory()
