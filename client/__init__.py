@@ -8,8 +8,8 @@
             out = model(**batch.torch("cuda"))
 """
 
-from ._batch import Batch
-from ._client import DEFAULT_URL, BatchStream, Client
+from ._batch import Batch, BatchStream
+from ._client import DEFAULT_URL, Client
 from ._jobs import JobStream
 from ._masking import mask_rate_schedule
 from ._errors import (

@@ -1,7 +1,10 @@
-"""A decoded batch: numpy arrays over the response buffer, torch on request."""
+"""A decoded batch: numpy arrays over the response buffer, torch on request; the stream of prefetched ones."""
 
 from __future__ import annotations
 
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,3 +91,44 @@ class Batch:
 def _widen(a: np.ndarray) -> np.ndarray:
     """``a`` as int64 when it holds integers (no copy when it already is), else unchanged."""
     return a.astype(np.int64, copy=False) if a.dtype.kind in "iu" else a
+
+
+class BatchStream(Closing):
+    """An iterator over ``fetch(k)`` with ``prefetch`` calls in flight on threads."""
+
+    def __init__(self, fetch: Callable[[int], Batch], start: int, steps: int | None, prefetch: int) -> None:
+        self._fetch = fetch
+        self._next = start
+        self._end = None if steps is None else start + steps
+        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="maskserve-prefetch")
+        self._pending: deque[Future[Batch]] = deque()
+        self._depth = max(1, prefetch)
+        self._closed = False
+
+    def _fill(self) -> None:
+        while len(self._pending) < self._depth and (self._end is None or self._next < self._end):
+            self._pending.append(self._pool.submit(self._fetch, self._next))
+            self._next += 1
+
+    def __iter__(self) -> "BatchStream":
+        return self
+
+    def __next__(self) -> Batch:
+        if self._closed:
+            raise StopIteration
+        self._fill()
+        if not self._pending:
+            self.close()
+            raise StopIteration
+        try:
+            return self._pending.popleft().result()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self._closed = True
+        for f in self._pending:
+            f.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -6,22 +6,28 @@ import json
 import os
 import time
 import uuid
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from ._batch import Batch, Closing
-from ._errors import APIError, OverloadedError, ProtocolError, ServiceUnavailableError, TransportError, error_from_response
+from ._batch import Batch, BatchStream
+from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError
+from ._jobs import JobStream
+from ._transport import Transport
+from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
+from ._uploads import Document, Replayable, as_record, file_chunks, ndjson
 from ._wire import CONTENT_TYPE, WireFormatError, decode
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-_RETRY_STATUS = (502, 503, 504)
 
-Document = str | Mapping[str, Any] | Sequence[int]
+
+
+def _transport_setting(name: str, doc: str) -> Any:
+    """A Client attribute that reads and sets the same one of its transport."""
+    return property(lambda self: getattr(self._transport, name),
+                    lambda self, value: setattr(self._transport, name, value), doc=doc)  # fmt: skip
 
 
 class Client:
@@ -56,33 +62,40 @@ class Client:
         urls = base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL
         if isinstance(urls, str):
             urls = urls.split(",")
-        self.base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
-        if not self.base_urls:
+        base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not base_urls:
             raise ValueError("no service URL given")
-        self._url = 0  # index of the replica in use
         token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.retries = retries
-        self.backoff = backoff
-        self.max_backoff = max_backoff
-        self._http = http or httpx.Client(
+        http = http or httpx.Client(
             headers=headers, timeout=timeout, transport=transport,
             limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
         )  # fmt: skip
+        self._transport = Transport(base_urls, http, retries=retries, backoff=backoff, max_backoff=max_backoff)
+
+    @property
+    def transport(self) -> Transport:
+        """The requests to the service: retries, failover between replicas, errors from its answers."""
+        return self._transport
 
     @property
     def base_url(self) -> str:
         """The replica requests go to now."""
-        return self.base_urls[self._url % len(self.base_urls)]
+        return self._transport.base_url
 
-    def _fail_over(self, failed: str) -> None:
-        if self.base_url == failed:  # another thread may have moved on already
-            self._url = (self._url + 1) % len(self.base_urls)
+    base_urls = _transport_setting("base_urls", "The service's replicas, in the order requests fail over.")
+    retries = _transport_setting("retries", "Attempts after the first of an idempotent call.")
+    backoff = _transport_setting("backoff", "The first wait between attempts (s), doubled each time.")
+    max_backoff = _transport_setting("max_backoff", "The longest wait between attempts (s).")
+
+    @property
+    def _http(self) -> httpx.Client:
+        return self._transport.http
 
     # ---- plumbing ----------------------------------------------------------
 
     def close(self) -> None:
-        self._http.close()
+        self._transport.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -90,65 +103,8 @@ class Client:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _send(
-        self, method: str, path: str, *, idempotent: bool, read_into: bool = False, patience: float | None = None,
-        should_stop: Callable[[], bool] | None = None, on_retry: Callable[[Exception, int], None] | None = None,
-        **kw: Any,
-    ) -> httpx.Response | tuple[httpx.Response, bytearray]:  # fmt: skip
-        """One request, retried on transport errors and 502/503/504 when ``idempotent``, and whatever it
-        is when the service answered ``overloaded`` (it did nothing with it) and its body can be sent again.
-
-        Retries stop after ``retries`` attempts, or, with ``patience``, once that many seconds have
-        passed since the first failure; ``should_stop()`` ends them early. ``on_retry(error, n)`` is
-        told of each failure that will be retried.
-        """
-        attempt = 0
-        first_failure: float | None = None
-        while True:
-            url = self.base_url
-            try:
-                if read_into:
-                    with self._http.stream(method, url + path, **kw) as resp:
-                        if resp.status_code >= 400:
-                            resp.read()
-                            raise error_from_response(resp.status_code, resp.content, resp.headers)
-                        return resp, _read_into(resp)
-                resp = self._http.request(method, url + path, **kw)
-                if resp.status_code >= 400:
-                    raise error_from_response(resp.status_code, resp.content, resp.headers)
-                return resp
-            except httpx.TransportError as exc:
-                err: Exception = TransportError(f"{method} {url}{path}: {exc.__class__.__name__}: {exc}")
-                err.__cause__ = exc
-                delay = None
-            except APIError as exc:
-                if exc.status not in _RETRY_STATUS:
-                    raise
-                err, delay = exc, exc.retry_after
-            self._fail_over(url)
-            attempt += 1
-            now = time.monotonic()
-            first_failure = first_failure or now
-            out_of_time = now - first_failure >= patience if patience is not None else attempt > self.retries
-            replayable = isinstance(kw.get("content"), (bytes, str, type(None)))  # not a consumed generator
-            retryable = idempotent or (isinstance(err, OverloadedError) and replayable)
-            if not retryable or out_of_time or (should_stop is not None and should_stop()):
-                raise err
-            if on_retry is not None:
-                on_retry(err, attempt)
-            if delay is None:
-                delay = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
-            if patience is not None:
-                delay = min(delay, max(0.0, first_failure + patience - now))
-            time.sleep(delay)
-
     def _json(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> Any:
-        resp = self._send(method, path, idempotent=idempotent, **kw)
-        assert isinstance(resp, httpx.Response)
-        try:
-            return resp.json() if resp.content else None
-        except ValueError:
-            raise ProtocolError(f"{method} {path}: response is not JSON") from None
+        return self._transport.json(method, path, idempotent=idempotent, **kw)
 
     # ---- service -----------------------------------------------------------
 
@@ -176,13 +132,13 @@ class Client:
     # ---- datasets ----------------------------------------------------------
 
     def train_tokenizer(
-        self, texts: Iterable[str], *, kind: str = "bpe", vocab_size: int = 8000, min_frequency: int = 2
+        self, texts: Iterable[str], *, kind: TokenizerKind = "bpe", vocab_size: int = 8000, min_frequency: int = 2
     ) -> dict[str, Any]:
         """Have the service train a tokenizer on ``texts``; returns tokenizer.json."""
         params = {"kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency}
-        body = _ndjson({"text": t} for t in texts)
+        body = ndjson({"text": t} for t in texts)
         return self._json("POST", "/v1/tokenizers/train", idempotent=False, params=params, content=body,
-                          headers={"Content-Type": "application/x-ndjson"})  # fmt: skip
+                          headers={"Content-Type": NDJSON})  # fmt: skip
 
     def create_dataset(
         self,
@@ -190,7 +146,7 @@ class Client:
         *,
         tokenizer: Mapping[str, Any] | str | Path,
         seq_len: int,
-        packing: str = "complete",
+        packing: Packing = "complete",
         special_tokens: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         """Create a dataset. ``tokenizer``: a tokenizer.json dict, its text, or a path to one."""
@@ -240,21 +196,21 @@ class Client:
         replayable = iter(docs) is not docs
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=replayable,
-            content=_Replayable(lambda: _ndjson(map(_as_record, docs), on_bytes)),
-            headers={"Content-Type": "application/x-ndjson", "Idempotency-Key": key},
+            content=Replayable(lambda: ndjson(map(as_record, docs), on_bytes)),
+            headers={"Content-Type": NDJSON, "Idempotency-Key": key},
         )  # fmt: skip
 
     def ingest_file(
-        self, name: str, path: str | Path, *, split: str = "none", idempotency_key: str | None = None,
+        self, name: str, path: str | Path, *, split: TextSplit = "none", idempotency_key: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Stream a file: ``.jsonl``/``.ndjson`` as NDJSON, anything else as plain text."""
         path = Path(path)
-        ctype = "application/x-ndjson" if path.suffix in (".jsonl", ".ndjson") else "text/plain"
-        params = {} if ctype != "text/plain" else {"split": split}
+        ctype = NDJSON if path.suffix in (".jsonl", ".ndjson") else PLAIN_TEXT
+        params = {} if ctype != PLAIN_TEXT else {"split": split}
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
-            content=_Replayable(lambda: _file_chunks(path, on_bytes)),
+            content=Replayable(lambda: file_chunks(path, on_bytes)),
             headers={"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
         )  # fmt: skip
 
@@ -287,14 +243,13 @@ class Client:
             params["seed"] = seed
         if epoch is not None:
             params["epoch"] = epoch
-        out = self._send("GET", f"/v1/datasets/{name}/batch", idempotent=True, read_into=True, params=params,
-                         headers={"Accept": CONTENT_TYPE})  # fmt: skip
-        resp, buf = out  # type: ignore[misc]
+        got = self._transport.receive("GET", f"/v1/datasets/{name}/batch", idempotent=True, params=params,
+                                      headers={"Accept": CONTENT_TYPE})  # fmt: skip
         try:
-            arrays, metadata = decode(buf)
+            arrays, metadata = decode(got.body)
         except WireFormatError as exc:
             raise ProtocolError(f"batch from {self.base_url}: {exc}") from None
-        metadata.setdefault("seed", resp.headers.get("maskserve-seed", "0"))
+        metadata.setdefault("seed", got.headers.get("maskserve-seed", "0"))
         return Batch(arrays, metadata, step=index)
 
     def sequences(
@@ -309,11 +264,10 @@ class Client:
         """
         body: dict[str, Any] = {"ids": [int(i) for i in ids], "seed": seed, "epoch": epoch}
         body.update({k: v for k, v in options.items() if v is not None})
-        out = self._send("POST", f"/v1/datasets/{name}/sequences", idempotent=True, read_into=True, json=body,
-                         headers={"Accept": CONTENT_TYPE})  # fmt: skip
-        _, buf = out  # type: ignore[misc]
+        got = self._transport.receive("POST", f"/v1/datasets/{name}/sequences", idempotent=True, json=body,
+                                      headers={"Accept": CONTENT_TYPE})  # fmt: skip
         try:
-            arrays, metadata = decode(buf)
+            arrays, metadata = decode(got.body)
         except WireFormatError as exc:
             raise ProtocolError(f"sequences from {self.base_url}: {exc}") from None
         return Batch(arrays, metadata)
@@ -323,7 +277,7 @@ class Client:
     def create_job(
         self, name: str, dataset: str, *, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
         epochs: int | None = 1, drop_last: bool = False, lease_timeout_s: float = 60.0,
-        epoch_boundary: str = "handout", masking: Mapping[str, Any] | None = None, mask_seed: int | None = None,
+        epoch_boundary: EpochBoundary = "handout", masking: Mapping[str, Any] | None = None, mask_seed: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Create a job, or attach to the existing one with the same config (a different one is a ConflictError).
 
@@ -356,7 +310,7 @@ class Client:
         self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
         create: Mapping[str, Any] | None = None, max_outage: float = 300.0, ack_every: int = 1,
         ack_delay: float = 2.0, **output: Any,
-    ) -> "JobStream":  # fmt: skip
+    ) -> JobStream:  # fmt: skip
         """Attach to job ``name`` (creating it from ``create`` if given) and iterate its batches.
 
         Batches come in (epoch, index) order. Each is acked when the next one
@@ -370,8 +324,6 @@ class Client:
         batches trained again should this worker die.
         Batches carry ``metadata["epoch"|"index"|"lease"]``.
         """
-        from ._jobs import JobStream
-
         if create is not None:
             self.create_job(name, **create)
         return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, max_outage=max_outage,
@@ -422,7 +374,7 @@ class Client:
         steps: int | None = None,
         prefetch: int = 4,
         **masking: Any,
-    ) -> "BatchStream":
+    ) -> BatchStream:
         """Batches ``start, start+1, ...`` (``steps`` of them, or forever).
 
         Batch k is a pure function of ``(seed, k)``, so resuming at ``start=k``
@@ -434,109 +386,5 @@ class Client:
         return BatchStream(fetch, start, steps, prefetch)
 
 
-class BatchStream(Closing):
-    """An iterator over ``fetch(k)`` with ``prefetch`` calls in flight on threads."""
-
-    def __init__(self, fetch: Callable[[int], Batch], start: int, steps: int | None, prefetch: int) -> None:
-        self._fetch = fetch
-        self._next = start
-        self._end = None if steps is None else start + steps
-        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="maskserve-prefetch")
-        self._pending: deque[Future[Batch]] = deque()
-        self._depth = max(1, prefetch)
-        self._closed = False
-
-    def _fill(self) -> None:
-        while len(self._pending) < self._depth and (self._end is None or self._next < self._end):
-            self._pending.append(self._pool.submit(self._fetch, self._next))
-            self._next += 1
-
-    def __iter__(self) -> "BatchStream":
-        return self
-
-    def __next__(self) -> Batch:
-        if self._closed:
-            raise StopIteration
-        self._fill()
-        if not self._pending:
-            self.close()
-            raise StopIteration
-        try:
-            return self._pending.popleft().result()
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        self._closed = True
-        for f in self._pending:
-            f.cancel()
-        self._pending.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
-
-
 def _param(value: Any) -> Any:
     return ("true" if value else "false") if isinstance(value, bool) else value
-
-
-def _read_into(resp: httpx.Response) -> bytearray:
-    """Read a body into one writable buffer (arrays over it are writable, no copy)."""
-    length = resp.headers.get("content-length")
-    if length is None or resp.headers.get("content-encoding", "identity") != "identity":
-        return bytearray(resp.read())  # compressed or chunked: size unknown until decoded
-    buf = bytearray(int(length))
-    view = memoryview(buf)
-    pos = 0
-    for piece in resp.iter_bytes():
-        if pos + len(piece) > len(buf):
-            raise ProtocolError(f"body longer than its Content-Length of {len(buf)} bytes")
-        view[pos : pos + len(piece)] = piece
-        pos += len(piece)
-    if pos != len(buf):
-        raise ProtocolError(f"body ended after {pos} of {len(buf)} bytes")
-    return buf
-
-
-def _as_record(doc: Document) -> Mapping[str, Any]:
-    if isinstance(doc, str):
-        return {"text": doc}
-    if isinstance(doc, Mapping):
-        return doc
-    return {"ids": [int(i) for i in doc]}
-
-
-def _ndjson(records: Iterable[Mapping[str, Any]], on_bytes: Callable[[int], None] | None = None, chunk: int = 1 << 16) -> Iterator[bytes]:
-    buf: list[bytes] = []
-    size = 0
-    for rec in records:
-        line = json.dumps(rec, ensure_ascii=False).encode() + b"\n"
-        buf.append(line)
-        size += len(line)
-        if size >= chunk:
-            yield b"".join(buf)
-            if on_bytes:
-                on_bytes(size)
-            buf, size = [], 0
-    if buf:
-        yield b"".join(buf)
-        if on_bytes:
-            on_bytes(size)
-
-
-def _file_chunks(path: Path, on_bytes: Callable[[int], None] | None, chunk: int = 1 << 20) -> Iterator[bytes]:
-    with path.open("rb") as f:
-        while piece := f.read(chunk):
-            yield piece
-            if on_bytes:
-                on_bytes(len(piece))
-
-
-class _Replayable:
-    """A request body that starts over each time httpx iterates it (for retries)."""
-
-    def __init__(self, factory: Callable[[], Iterator[bytes]]) -> None:
-        self._factory = factory
-
-    def __iter__(self) -> Iterator[bytes]:
-        return self._factory()

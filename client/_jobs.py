@@ -32,14 +32,12 @@ import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from ._batch import Batch, Closing
 from ._errors import APIError, GoneError, JobCancelled, MaskserveError, ProtocolError
+from ._transport import Connected, Outage, Received
 from ._wire import CONTENT_TYPE, WireFormatError, decode
-
-if TYPE_CHECKING:
-    from ._client import Client
 
 log = logging.getLogger("maskserve.client")
 
@@ -81,10 +79,11 @@ class JobStream(Closing):
     """Iterator of leased :class:`Batch` objects of one job, in (epoch, index) order."""
 
     def __init__(
-        self, client: "Client", job: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
+        self, client: Connected, job: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
         max_outage: float = 300.0, ack_every: int = 1, ack_delay: float = 2.0, **output: Any,
     ) -> None:  # fmt: skip
         self.client = client
+        self._transport = client.transport
         self.ack_every = min(MAX_PIGGYBACK, max(1, ack_every))
         self._ack_cap = MAX_PIGGYBACK  # most acks per request; lowered when the service refuses as many
         self.ack_delay = ack_delay
@@ -116,58 +115,8 @@ class JobStream(Closing):
     def _lease(self, slot: _Slot) -> None:
         """Lease one batch, asking again while the service says 'wait'; files the outcome under the lock."""
         try:
-            while True:
-                # one id for every retry of this request (a lost answer is not a lost lease), a new one once
-                # an answer came: the request number and arrivals counted below belong to it
-                rid = uuid.uuid4().hex
-                with self._cv:
-                    if self._closed:
-                        return
-                    acks = self._take_acks()
-                    slot.told_wait = False
-                    slot.sent_after = self._arrivals
-                    self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
-                try:
-                    resp, buf = self.client._send(
-                        "POST", f"/v1/jobs/{self.job}/next", idempotent=True, read_into=True,
-                        patience=self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage,
-                        params={"worker": self.worker, "request": rid, "seq": int(slot.seq), **self._output},
-                        headers={"Accept": CONTENT_TYPE}, **({"json": {"acks": acks}} if acks else {}),
-                    )  # type: ignore[misc]  # fmt: skip
-                except GoneError as exc:  # finished or cancelled; the acks in this call were applied
-                    self._confirm(acks, exc.extra.get("acks") or [])
-                    with self._cv:
-                        self._ended = "cancelled" if isinstance(exc, JobCancelled) else "done"
-                    return
-                except BaseException as exc:
-                    with self._cv:  # not applied, or not known to be: they go again with the next request
-                        self._put_back(acks)
-                        if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
-                            continue  # refused for carrying too many, before anything was applied
-                    raise
-                self._back()
-                verdicts = resp.headers.get("maskserve-acks", "")
-                self._confirm(acks, verdicts.split(",") if verdicts else [])
-                if resp.status_code == 204:
-                    with self._cv:
-                        self._flush_next = True  # e.g. the end of the job waits on acks still held here
-                        slot.seq = slot.sent_after = _IDLE
-                        slot.told_wait = True
-                        self._cv.notify_all()
-                        self._cv.wait_for(lambda: self._closed,
-                                          int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)  # fmt: skip
-                    continue
-                try:
-                    arrays, metadata = decode(buf)
-                except WireFormatError as exc:
-                    raise ProtocolError(f"job batch from {self.client.base_url}: {exc}") from None
-                batch = Batch(arrays, metadata, step=int(metadata.get("index", 0)))
-                in_order = resp.headers.get("maskserve-in-order") == "1"
-                with self._cv:
-                    self._arrivals += 1
-                    heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order,
-                                                       batch))  # fmt: skip
-                return
+            while not self._ask(slot):
+                pass
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
             with self._cv:
                 if self._error is None and not self._closed:
@@ -176,6 +125,67 @@ class JobStream(Closing):
             with self._cv:
                 self._slots.remove(slot)
                 self._cv.notify_all()
+
+    def _ask(self, slot: _Slot) -> bool:
+        """One lease request of ``slot`` (with its retries): True once the slot is done (a batch filed, the
+        job over, the stream closed), False to ask again."""
+        # one id for every retry of this request (a lost answer is not a lost lease), a new one once
+        # an answer came: the request number and arrivals counted below belong to it
+        rid = uuid.uuid4().hex
+        with self._cv:
+            if self._closed:
+                return True
+            acks = self._take_acks()
+            slot.told_wait = False
+            slot.sent_after = self._arrivals
+            self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
+        try:
+            resp = self._transport.receive(
+                "POST", f"/v1/jobs/{self.job}/next", idempotent=True,
+                outage=Outage(self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage),
+                params={"worker": self.worker, "request": rid, "seq": int(slot.seq), **self._output},
+                headers={"Accept": CONTENT_TYPE}, **({"json": {"acks": acks}} if acks else {}),
+            )  # fmt: skip
+        except GoneError as exc:  # finished or cancelled; the acks in this call were applied
+            self._confirm(acks, exc.extra.get("acks") or [])
+            with self._cv:
+                self._ended = "cancelled" if isinstance(exc, JobCancelled) else "done"
+            return True
+        except BaseException as exc:
+            with self._cv:  # not applied, or not known to be: they go again with the next request
+                self._put_back(acks)
+                if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
+                    return False  # refused for carrying too many, before anything was applied
+            raise
+        self._back()
+        verdicts = resp.headers.get("maskserve-acks", "")
+        self._confirm(acks, verdicts.split(",") if verdicts else [])
+        if resp.status_code == 204:
+            self._told_to_wait(slot, resp)
+            return False
+        self._file(slot, resp)
+        return True
+
+    def _told_to_wait(self, slot: _Slot, resp: Received) -> None:
+        """The service has nothing to hand out now: the slot leaves the wire until it advised to ask again."""
+        with self._cv:
+            self._flush_next = True  # e.g. the end of the job waits on acks still held here
+            slot.seq = slot.sent_after = _IDLE
+            slot.told_wait = True
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._closed, int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)
+
+    def _file(self, slot: _Slot, resp: Received) -> None:
+        """Decode the leased batch and put it among the ready ones."""
+        try:
+            arrays, metadata = decode(resp.body)
+        except WireFormatError as exc:
+            raise ProtocolError(f"job batch from {self._transport.base_url}: {exc}") from None
+        batch = Batch(arrays, metadata, step=int(metadata.get("index", 0)))
+        in_order = resp.headers.get("maskserve-in-order") == "1"
+        with self._cv:
+            self._arrivals += 1
+            heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order, batch))
 
     def _take_acks(self) -> list[str]:
         """The acks the next lease request carries (under the lock): all of them once ``ack_every`` are
@@ -225,7 +235,7 @@ class JobStream(Closing):
     def _back(self) -> None:
         if self._outage_since is not None:
             log.warning("job %r: the service answers again (after %.1fs), at %s",
-                        self.job, time.monotonic() - self._outage_since, self.client.base_url)  # fmt: skip
+                        self.job, time.monotonic() - self._outage_since, self._transport.base_url)  # fmt: skip
             self._outage_since = None
 
     def _top_up(self) -> None:
@@ -329,9 +339,9 @@ class JobStream(Closing):
             if not acks:
                 return
             try:
-                out = self.client._json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True,
-                                        patience=self.max_outage, on_retry=self._outage,
-                                        json={"worker": self.worker, "leases": acks})  # fmt: skip
+                out = self._transport.json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True,
+                                           outage=Outage(self.max_outage, on_retry=self._outage),
+                                           json={"worker": self.worker, "leases": acks})  # fmt: skip
             except BaseException as exc:
                 with self._cv:
                     self._put_back(acks)
@@ -363,8 +373,8 @@ class JobStream(Closing):
             self._current = None
         if unused:
             try:
-                self.client._json("POST", f"/v1/jobs/{self.job}/release", idempotent=True,
-                                  json={"worker": self.worker, "leases": unused})  # fmt: skip
+                self._transport.json("POST", f"/v1/jobs/{self.job}/release", idempotent=True,
+                                     json={"worker": self.worker, "leases": unused})  # fmt: skip
             except MaskserveError as exc:  # they are handed out again when their leases expire
                 log.warning("job %r: could not give back %d leases (%s)", self.job, len(unused), exc)
         self.flush()

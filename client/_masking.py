@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEDULES = ("constant", "linear", "cosine")
-UNITS = ("epoch", "step")
+from ._types import SCHEDULE_KINDS, SCHEDULE_UNITS, ScheduleKind, ScheduleUnit
+
+SCHEDULES = SCHEDULE_KINDS
+UNITS = SCHEDULE_UNITS
 
 
-def mask_rate_schedule(kind: str, start: float, end: float, length: int, unit: str = "epoch") -> dict[str, Any]:
+def mask_rate_schedule(
+    kind: ScheduleKind, start: float, end: float, length: int, unit: ScheduleUnit = "epoch"
+) -> dict[str, Any]:
     """The service's parameters for a mask rate moving from ``start`` to ``end`` over ``length``
     epochs or steps (``unit``), then staying at ``end``. Pass them with the other masking
     options: ``c.batches("wiki", 64, **mask_rate_schedule("cosine", 0.3, 0.15, 10))``, or in a

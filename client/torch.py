@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from ._batch import Batch
-from ._client import BatchStream, Client
+from ._batch import Batch, BatchStream
+from ._client import Client
 
 
 class MaskedBatches(IterableDataset):

@@ -179,158 +179,203 @@ def train(
     log = log or (lambda _msg: None)
     if not 0 <= start_step <= cfg.steps:
         raise ValueError(f"start_step {start_step} is outside [0, {cfg.steps}]")
-    device = resolve_device(cfg.device)
-    model.to(device)
-    if rng is not None:
-        set_rng_state(rng)
-    else:
-        torch.manual_seed(cfg.seed + start_step)  # dropout stream
-    model.train()
+    loop = _Loop(model, cfg, start_step=start_step, optimizer_state=optimizer_state, data_state=data_state,
+                 log=log, rng=rng)  # fmt: skip
+    precision = "bf16 autocast" if loop.use_amp else "fp32"
+    log(f"training on {loop.device} ({precision}) | {model.num_parameters() / 1e6:.2f}M params "
+        f"| steps {start_step} -> {cfg.steps}")
+    return loop.run(batches, on_step=on_step, horizon=horizon)
 
-    use_amp = cfg.amp and device.type == "cuda"
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else contextlib.nullcontext
-    )
-    optimizer = torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay),
-        lr=lr_at(start_step, cfg),
-        betas=tuple(cfg.betas),
-        eps=cfg.eps,
-        fused=device.type == "cuda",
-    )
-    if optimizer_state is not None:
-        optimizer.load_state_dict(optimizer_state)
 
-    def checkpoint(step: int) -> None:
+_AGAIN = object()  # no rank has a batch yet, and some wait for the service: the ranks agree again
+
+
+class _Window:
+    """The steps since the last log line: their losses stay on the device until the line syncs them, once."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.losses: list[torch.Tensor] = []
+        self.tokens = torch.zeros((), dtype=torch.long, device=device)
+        self.seqs, self.data_t, self.start = 0, 0.0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: Mapping[str, torch.Tensor]) -> None:
+        self.losses.append(loss.detach())
+        self.tokens += batch["attention_mask"].sum()
+        self.seqs += batch["input_ids"].shape[0]
+
+    def flush(self, result: TrainResult) -> list[float]:
+        """The window's losses as numbers (a sync with the device), added to the result's."""
+        values = torch.stack(self.losses).float().tolist() if self.losses else []
+        self.losses.clear()
+        result.losses.extend(values)
+        return values
+
+    def line(self, step: int, steps: int, lr: float, result: TrainResult) -> str:
+        """The log line of the window ending at ``step``; the next window starts."""
+        values = self.flush(result)
+        window_t = time.perf_counter() - self.start
+        mean_loss = sum(values) / max(len(values), 1)
+        if not math.isfinite(mean_loss):
+            raise FloatingPointError(f"loss is {mean_loss} at step {step}")
+        compute_t = window_t - self.data_t
+        text = (f"step {step:>6}/{steps} | loss {mean_loss:.4f} | lr {lr:.2e} "
+                f"| {self.seqs / window_t:,.1f} seq/s | {self.tokens.item() / window_t:,.0f} tok/s "
+                f"| data wait {self.data_t:.2f}s ({100 * self.data_t / window_t:.0f}%) "
+                f"compute {compute_t:.2f}s")  # fmt: skip
+        self.tokens.zero_()
+        self.seqs, self.data_t, self.start = 0, 0.0, time.perf_counter()
+        return text
+
+
+class _Loop:
+    """One call of `train`: the model on its device, its optimizer (and DDP wrapper), and where the run is."""
+
+    def __init__(self, model: MaskedLM, cfg: TrainConfig, *, start_step: int, optimizer_state: dict | None,
+                 data_state: DataState, log: Callable[[str], Any], rng: Mapping[str, Any] | None) -> None:  # fmt: skip
+        from . import distributed
+
+        self.model, self.cfg, self.data_state, self.log = model, cfg, data_state, log
+        self.start_step = self.step = start_step
+        self.device = device = resolve_device(cfg.device)
+        model.to(device)
+        if rng is not None:
+            set_rng_state(rng)
+        else:
+            torch.manual_seed(cfg.seed + start_step)  # dropout stream
+        model.train()
+        self.use_amp = cfg.amp and device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=lr_at(start_step, cfg),
+                                           betas=tuple(cfg.betas), eps=cfg.eps, fused=device.type == "cuda")
+        if optimizer_state is not None:
+            self.optimizer.load_state_dict(optimizer_state)
+        self.ddp = distributed.active()
+        self.net: torch.nn.Module = model
+        if self.ddp:  # gradients averaged across ranks in backward; the optimizer and checkpoints see `model`
+            self.net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device] if device.type == "cuda" else None)
+        self.result = TrainResult(final_step=start_step)
+        self.window = _Window(device)
+        self.total_seqs = 0
+        self.estimate = cfg.steps  # this rank's view of where the schedule ends (the horizon's latest answer)
+
+    def checkpoint(self, step: int) -> None:
+        cfg = self.cfg
         save_checkpoint(cfg.checkpoint, {
-            "model_config": asdict(model.config),
+            "model_config": asdict(self.model.config),
             "train_config": asdict(cfg),
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
             # The schedule is a pure function of the step; stored for reference.
             "scheduler": {"kind": "linear_warmup_linear_decay", "lr": cfg.lr,
                           "warmup_steps": cfg.warmup_steps, "total_steps": cfg.steps,
                           "last_lr": lr_at(max(step - 1, 0), cfg)},
             "step": step,
-            "data": _data_position(data_state, step),
+            "data": _data_position(self.data_state, step),
             "rng": rng_state(),
-        })
-        log(f"checkpoint: step {step} -> {cfg.checkpoint}")
+        })  # fmt: skip
+        self.log(f"checkpoint: step {step} -> {cfg.checkpoint}")
 
-    from . import distributed
-
-    ddp = distributed.active()
-    net: torch.nn.Module = model
-    if ddp:  # gradients averaged across ranks in backward; the optimizer and checkpoints see `model`
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-    precision = "bf16 autocast" if use_amp else "fp32"
-    log(f"training on {device} ({precision}) | {model.num_parameters() / 1e6:.2f}M params "
-        f"| steps {start_step} -> {cfg.steps}")
-
-    result = TrainResult(final_step=start_step)
-    window_losses: list[torch.Tensor] = []  # kept on device; synced once per log line
-    window_tokens = torch.zeros((), dtype=torch.long, device=device)
-    window_seqs, window_data_t, window_start = 0, 0.0, time.perf_counter()
-    total_seqs, t0 = 0, time.perf_counter()
-
-    def flush_losses() -> list[float]:
-        values = torch.stack(window_losses).float().tolist() if window_losses else []
-        window_losses.clear()
-        result.losses.extend(values)
-        return values
-
-    it = iter(batches)
-    step = start_step
-    estimate = cfg.steps  # this rank's view of where the schedule ends (the horizon's latest answer)
-    try:
-        while cfg.until_data_ends or step < cfg.steps:
-            t_wait = time.perf_counter()
-            try:
-                raw, ended = _fetch(it, ddp)
-            except BaseException:
-                # Between steps the model and optimizer are consistent: keep the
-                # progress so a run cut off by the data source can be resumed.
-                if cfg.checkpoint and step > start_step:
-                    checkpoint(step)
-                raise
-            idle = False
-            if ddp:  # every rank steps while any rank has a batch: one without joins with an empty one
-                anyone, going, cfg.steps = distributed.agree(raw is not None, not ended, estimate, device)
-                if not anyone:
-                    waited = time.perf_counter() - t_wait
-                    window_data_t += waited
-                    result.data_wait += waited
-                    if going:  # no rank has a batch yet, and some wait for the service: agree again
-                        continue
-                    log(f"data stream ended after step {step}; stopping")
+    def run(self, batches: Iterable[Any], *, on_step: StepHook | None, horizon: Horizon | None) -> TrainResult:
+        """Step until cfg.steps (or the data's end); checkpoint at the end."""
+        cfg, result = self.cfg, self.result
+        it = iter(batches)
+        t0 = time.perf_counter()
+        try:
+            while cfg.until_data_ends or self.step < cfg.steps:
+                fetched = self._next_batch(it)
+                if fetched is _AGAIN:
+                    continue
+                if fetched is None:
                     break
-                idle = raw is None
-            elif ended:
-                log(f"data stream ended after step {step}; stopping")
-                break
-            batch = _to_device(raw, device) if not idle else distributed.empty_batch(model.config.max_len, device)
-            window_data_t += time.perf_counter() - t_wait
-            result.data_wait += time.perf_counter() - t_wait
+                raw, batch, idle = fetched
+                logits, loss, lr = self._step(batch)
+                if idle:  # an empty step to keep the ranks' all-reduces paired: nothing to count
+                    result.final_step = self.step
+                    continue
+                self._stepped(raw, batch, logits, loss, lr, on_step=on_step, horizon=horizon)
+        finally:
+            self.window.flush(result)
+            result.elapsed = time.perf_counter() - t0
+            result.sequences_per_sec = self.total_seqs / result.elapsed if result.elapsed > 0 else 0.0
+        if cfg.checkpoint and self.step > self.start_step:
+            self.checkpoint(self.step)
+        return result
 
-            if cfg.until_data_ends and step >= cfg.steps:  # more data than estimated: the schedule's last step
-                cfg.steps = step + 1
-            lr = lr_at(step, cfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            with autocast():
-                logits, loss = net(batch["input_ids"], batch["attention_mask"], batch["labels"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip and cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            step += 1
+    def _next_batch(self, it: Any) -> Any:
+        """(the batch as it came, on the device, whether it is an empty one), _AGAIN, or None once the data
+        ended. In lockstep every rank steps while any rank has a batch: one without joins with an empty one."""
+        from . import distributed
 
-            if idle:  # an empty step to keep the ranks' all-reduces paired: nothing to count
-                result.final_step = step
-                continue
-            if horizon is not None:
-                estimate = horizon(step, getattr(raw, "metadata", None)) or estimate
-                if not ddp:
-                    cfg.steps = estimate
-            window_losses.append(loss.detach())
-            window_tokens += batch["attention_mask"].sum()
-            window_seqs += batch["input_ids"].shape[0]
-            total_seqs += batch["input_ids"].shape[0]
-            result.final_step = step
-            if on_step is not None:
-                labels = batch["labels"]
-                targets = labels[labels != -100]
-                correct = (logits.detach().argmax(dim=-1) == targets).sum()
-                on_step(step, {"loss": loss.detach(), "correct": correct, "tokens": targets.numel(), "lr": lr,
-                               "batch": batch, "metadata": getattr(raw, "metadata", None), "model": model})
+        t_wait = time.perf_counter()
+        try:
+            raw, ended = _fetch(it, self.ddp)
+        except BaseException:
+            # Between steps the model and optimizer are consistent: keep the
+            # progress so a run cut off by the data source can be resumed.
+            if self.cfg.checkpoint and self.step > self.start_step:
+                self.checkpoint(self.step)
+            raise
+        idle = False
+        if self.ddp:
+            anyone, going, self.cfg.steps = distributed.agree(raw is not None, not ended, self.estimate, self.device)
+            if not anyone:
+                waited = time.perf_counter() - t_wait
+                self.window.data_t += waited
+                self.result.data_wait += waited
+                if going:
+                    return _AGAIN
+                self.log(f"data stream ended after step {self.step}; stopping")
+                return None
+            idle = raw is None
+        elif ended:
+            self.log(f"data stream ended after step {self.step}; stopping")
+            return None
+        batch = _to_device(raw, self.device) if not idle else distributed.empty_batch(self.model.config.max_len,
+                                                                                        self.device)  # fmt: skip
+        self.window.data_t += time.perf_counter() - t_wait
+        self.result.data_wait += time.perf_counter() - t_wait
+        return raw, batch, idle
 
-            if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
-                values = flush_losses()  # syncs with the device
-                window_t = time.perf_counter() - window_start
-                mean_loss = sum(values) / max(len(values), 1)
-                if not math.isfinite(mean_loss):
-                    raise FloatingPointError(f"loss is {mean_loss} at step {step}")
-                compute_t = window_t - window_data_t
-                log(f"step {step:>6}/{cfg.steps} | loss {mean_loss:.4f} | lr {lr:.2e} "
-                    f"| {window_seqs / window_t:,.1f} seq/s | {window_tokens.item() / window_t:,.0f} tok/s "
-                    f"| data wait {window_data_t:.2f}s ({100 * window_data_t / window_t:.0f}%) "
-                    f"compute {compute_t:.2f}s")
-                window_tokens.zero_()
-                window_seqs, window_data_t, window_start = 0, 0.0, time.perf_counter()
+    def _step(self, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step on ``batch``: (logits, loss, the lr it used)."""
+        cfg = self.cfg
+        if cfg.until_data_ends and self.step >= cfg.steps:  # more data than estimated: the schedule's last step
+            cfg.steps = self.step + 1
+        lr = lr_at(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cuda", dtype=torch.bfloat16) if self.use_amp else contextlib.nullcontext():
+            logits, loss = self.net(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip and cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return logits, loss, lr
 
-            if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 \
-                    and step < cfg.steps:
-                checkpoint(step)
-    finally:
-        flush_losses()
-        result.elapsed = time.perf_counter() - t0
-        result.sequences_per_sec = total_seqs / result.elapsed if result.elapsed > 0 else 0.0
-
-    if cfg.checkpoint and step > start_step:
-        checkpoint(step)
-    return result
+    def _stepped(self, raw: Any, batch: Mapping[str, torch.Tensor], logits: torch.Tensor, loss: torch.Tensor,
+                 lr: float, *, on_step: StepHook | None, horizon: Horizon | None) -> None:  # fmt: skip
+        """After a trained step: the schedule's end, the counts, ``on_step``, the log line, the checkpoint."""
+        cfg, step = self.cfg, self.step
+        metadata = getattr(raw, "metadata", None)
+        if horizon is not None:
+            self.estimate = horizon(step, metadata) or self.estimate
+            if not self.ddp:
+                cfg.steps = self.estimate
+        self.window.add(loss, batch)
+        self.total_seqs += batch["input_ids"].shape[0]
+        self.result.final_step = step
+        if on_step is not None:
+            labels = batch["labels"]
+            targets = labels[labels != -100]
+            correct = (logits.detach().argmax(dim=-1) == targets).sum()
+            on_step(step, {"loss": loss.detach(), "correct": correct, "tokens": targets.numel(), "lr": lr,
+                           "batch": batch, "metadata": metadata, "model": self.model})  # fmt: skip
+        if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
+            self.log(self.window.line(step, cfg.steps, lr, self.result))
+        if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            self.checkpoint(step)
 
 
 __all__ = [
