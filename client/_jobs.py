@@ -228,9 +228,11 @@ class JobStream(Closing):
                     log.warning("job %r: the service refused the ack of lease %s (%s)", self.job, lease, verdict)
 
     def _outage(self, err: Exception, attempt: int) -> None:
-        if self._outage_since is None:
-            self._outage_since = time.monotonic()
-            log.warning("job %r: %s; retrying for up to %.0fs", self.job, err, self.max_outage)
+        with self._cv:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("job %r: %s; retrying for up to %.0fs", self.job, err, self.max_outage)
+                self._cv.notify_all()  # a poll() waiting for this request comes back after its patience
 
     def _back(self) -> None:
         if self._outage_since is not None:
@@ -261,18 +263,22 @@ class JobStream(Closing):
         return self
 
     def _starved(self) -> bool:
-        """Nothing to yield, and every request on the wire was told the service has nothing to hand out now
-        (the job's remaining batches are leased to other workers, or its end waits on their acks)."""
-        return not self._ready and bool(self._slots) and all(s.told_wait for s in self._slots)
+        """Nothing to yield, and either every request on the wire was told the service has nothing to hand out
+        now (the job's remaining batches are leased to other workers, or its end waits on their acks), or the
+        service does not answer (the requests are retrying through an outage)."""
+        if self._ready or not self._slots:
+            return False
+        return self._outage_since is not None or all(s.told_wait for s in self._slots)
 
     def __next__(self) -> Batch:
         return cast(Batch, self._take(None))  # without a patience it waits for a batch or the end
 
     def poll(self, patience: float = 0.0) -> Batch | None:
         """The next batch like ``next()``, except that while the service has nothing to hand out to this
-        worker now (other workers hold the job's remaining leases), it returns None after ``patience``
-        seconds instead of waiting: a consumer in lockstep with others (data-parallel ranks) can go on
-        with them and ask again. Raises StopIteration at the end of the job, as ``next()`` does."""
+        worker now (other workers hold the job's remaining leases) or does not answer (an outage the stream
+        rides out for up to ``max_outage``), it returns None after ``patience`` seconds instead of waiting: a
+        consumer in lockstep with others (data-parallel ranks) can go on with them and ask again. Raises
+        StopIteration at the end of the job, as ``next()`` does."""
         return self._take(max(0.0, patience))
 
     def _take(self, patience: float | None) -> Batch | None:

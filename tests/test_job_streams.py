@@ -150,6 +150,20 @@ def test_poll_says_at_once_when_the_service_has_nothing_for_this_worker(client: 
     assert p["status"] == "done" and p["redelivered"] == bpe - 1 and p["acked"] == bpe
 
 
+def test_poll_comes_back_while_the_service_does_not_answer():
+    """A stream whose service is unreachable keeps retrying (up to max_outage), but poll() returns None after
+    its patience meanwhile: a data-parallel rank goes on with the others instead of holding them (and the
+    leases their prefetch holds) for the whole outage."""
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with Client(url, retries=0, backoff=0.05, max_backoff=0.2) as c:
+        stream = c.job(uid("job"), worker="w", max_outage=600)
+        try:
+            assert stream.poll(0.1) is None
+            assert stream.poll(0.0) is None
+        finally:
+            stream.close()
+
+
 def test_leaving_the_block_on_an_error_gives_back_the_untrained_batch(client: Client, ds):
     name, _ = ds
     job = uid("job")
