@@ -86,7 +86,7 @@ def _key_usage(r, name: str) -> tuple[dict[str, tuple[int, int]], list[tuple[int
     are named by the dataset's chunk table (``:chunk_ids``); a SCAN for the uid finds any others (staged
     chunks an ingest left behind).
     """
-    from service.keys import Keys
+    from service.store.keys import Keys
 
     keys_of = Keys(KEY_PREFIX)
     meta = {k.decode(): v.decode() for k, v in r.hgetall(keys_of.ds(name, "meta")).items()}

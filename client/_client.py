@@ -16,7 +16,7 @@ import httpx
 
 from ._batch import Batch, Closing
 from ._errors import APIError, OverloadedError, ProtocolError, ServiceUnavailableError, TransportError, error_from_response
-from ._wire import CONTENT_TYPE, WireFormatError, decode
+from wire import CONTENT_TYPE, WireFormatError, decode
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 _RETRY_STATUS = (502, 503, 504)

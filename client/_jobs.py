@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ._batch import Batch, Closing
 from ._errors import APIError, GoneError, JobCancelled, MaskserveError, ProtocolError
-from ._wire import CONTENT_TYPE, WireFormatError, decode
+from wire import CONTENT_TYPE, WireFormatError, decode
 
 if TYPE_CHECKING:
     from ._client import Client

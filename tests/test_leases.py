@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from client import Client
-from service.cli import main as cli
-from service.durability import Durability, DurabilityError
-from service.embedded import EmbeddedRedis
-from service.jobs import lease_keys, lease_tag
+from maskserve.cli import main as cli
+from service.store.durability import Durability, DurabilityError
+from service.store.embedded import EmbeddedRedis
+from service.jobs.jobs import lease_keys, lease_tag
 
 from .conftest import ServerThread
 from .test_jobs import PROBLEM, Leased, Raw, assert_problem, drain, job_body, make_dataset, uid

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from client import BadRequestError, mask_rate_schedule
-from service.schedule import rate_at
+from service.masking.schedule import rate_at
 
 SIGMAS = 5.0
 PROBLEM = "application/problem+json"
