@@ -146,12 +146,12 @@ def test_a_batch_costs_one_round_trip_per_node(cluster, service, bpe_tokenizer, 
             return await send(self, command, check_health)
 
         monkeypatch.setattr(Connection, "send_packed_command", counted)
-        joined, _ = await store.fetch(rt, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
+        joined, _ = await store.fetch(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
                                       expect=(rt.uid, ds.num_sequences, ds.num_chunks))  # fmt: skip
         monkeypatch.undo()
         assert len(joined) == int(entries[:, 1].sum()) * rt.id_dtype.itemsize
         after = {p: _evalsha_calls(cluster, p) for p in cluster.master_ports()}
-        groups = len({store.chunk_keys(rt, [k])[0].split("}")[0] for k in chunks.ids.tolist()})
+        groups = len({store.chunk_keys(rt.chunk_ref, [k])[0].split("}")[0] for k in chunks.ids.tolist()})
         await rc.aclose()
         return writes, {p: after[p] - before[p] for p in after}, groups
 

@@ -121,7 +121,7 @@ async def fetched(
         masks = (cache, mask_entries)
     try:
         joined, mask_records = await catalog.store.fetch(
-            rt, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words,
+            rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words,
             expect=(rt.uid, ds.num_sequences, ds.num_chunks) if checked else None,
         )
     except ResponseError as exc:

@@ -20,8 +20,7 @@ import numpy as np
 
 from ..core.errors import Conflict, DatasetNotFound, DatasetReplaced
 from ..masking.masking import Vocab
-from ..store.keys import Keys
-from ..store.store import Store
+from ..store.store import ChunkRef, Store
 from .tokenization import TokenizerInfo, describe, load_tokenizer
 
 
@@ -46,9 +45,10 @@ class DatasetRuntime:
     def seq_len(self) -> int:
         return int(self.meta["seq_len"])
 
-    def chunk_prefixes(self, keys: Keys) -> tuple[str, ...]:
-        """Key prefix of each chunk group (see keys.py)."""
-        return keys.chunk_prefixes(self.uid, int(self.meta["chunk_groups"]))
+    @property
+    def chunk_ref(self) -> ChunkRef:
+        """This generation's chunks, as the store finds them."""
+        return ChunkRef(self.name, self.uid, int(self.meta["chunk_groups"]), self.chunk_ids)
 
     def locate(self, seq_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Sequence ids -> (chunk index, index inside the chunk)."""
@@ -124,7 +124,7 @@ class Catalog:
             starts = rt.chunk_starts
             ks = [int(chunks.ids[i]) for i in missing]
             counts = [(int(starts[k + 1]) if k + 1 < len(starts) else num_sequences) - int(starts[k]) for k in ks]
-            keys = self.store.chunk_keys(rt, ks, mask_cache)
+            keys = self.store.chunk_keys(rt.chunk_ref, ks, mask_cache)
             if mask_cache is not None:
                 counts = [c * copies for c in counts]
             for i, k, t in zip(missing, ks, await self.store.tables(keys, counts)):

@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..core.arrays import runs
+
 PACKING_MODES = ("complete", "doc", "none")
 
 Sequence = tuple[np.ndarray, np.ndarray]  # (ids, word_start)
@@ -156,13 +158,6 @@ class ChunkBuilder:
 
 def record_length(ntok: int, itemsize: int) -> int:
     return ntok * itemsize + (ntok + 7) // 8
-
-
-def runs(first: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """``first[i], first[i] + 1, ..., first[i] + counts[i] - 1`` for every i, concatenated."""
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    return np.repeat(first - offsets, counts) + np.arange(total, dtype=first.dtype)
 
 
 def decode_records(records: list[tuple[int, bytes]], dtype: np.dtype, seq_len: int) -> tuple[np.ndarray, ...]:

@@ -190,7 +190,8 @@ def mask_batch(
             raise ValueError(f"unit {spec.unit!r} needs word_start")
         word_start = word_start | ~real  # each pad is a word of its own
         word_start[:, 0] = True
-    ctx = Context(rows, cand, word_start, _budget(cand, spec) if spec.count == "exact" else None, spec)
+    budget = _budget(cand, spec) if spec.count == "exact" else None
+    ctx = Context(rows, cand, word_start, budget, spec.mlm_probability, spec.span_p, spec.span_max)
     sel = UNITS[spec.unit](ctx)
     selected = sel.selected
 

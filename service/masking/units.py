@@ -15,16 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..core.arrays import runs
 from . import rng
-from ..data.packing import runs
 from .rng import MAX64, chance, fmix64
 
-if TYPE_CHECKING:
-    from .masking import MaskSpec
 
 __all__ = ["UNITS", "Context", "Selection", "Selector", "span_law"]
 
@@ -47,7 +44,9 @@ class Context:
     cand: np.ndarray  # (B, L) bool: real, non-special tokens
     word_start: np.ndarray  # (B, L) bool: word starts; pads and specials are words of their own
     budget: np.ndarray | None  # (B,) int64: exact count mode's token budget
-    spec: MaskSpec
+    p: float  # the selection rate (mlm_probability)
+    span_p: float  # span lengths ~ Geometric(span_p), at most span_max words (span unit)
+    span_max: int
 
     @cached_property
     def h(self) -> np.ndarray:
@@ -94,7 +93,7 @@ def _unique_keys(h: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.gener
 
 def _select_token(c: Context) -> Selection:
     if c.budget is None:
-        return Selection(c.cand & chance(c.h, c.spec.mlm_probability))
+        return Selection(c.cand & chance(c.h, c.p))
     keys, never = _unique_keys(c.h, c.cand)
     return Selection(_smallest(keys, c.budget, never))
 
@@ -128,7 +127,7 @@ class _Words:
 def _select_whole_word(c: Context) -> Selection:
     w = _Words(c.word_start, c.cand)
     if c.budget is None:
-        hit = chance(c.h.ravel()[w.starts], c.spec.mlm_probability)
+        hit = chance(c.h.ravel()[w.starts], c.p)
         return Selection(w.tokens(w.cand_word & hit, c.cand))
     # exact: words in hash order, as many as fit the token budget
     token_keys, never = _unique_keys(c.h, np.ones(c.h.shape, dtype=bool))
@@ -193,10 +192,9 @@ def _select_span(c: Context) -> Selection:
     candidate words are indexed by rank, and the covered ranks are generated
     span by span.
     """
-    spec = c.spec
     b, n = c.cand.shape
     nothing = Selection(np.zeros((b, n), bool), np.empty(0, np.int64), np.empty(0, np.uint64))
-    p = spec.mlm_probability if c.budget is None else min(0.9, 2 * spec.mlm_probability)
+    p = c.p if c.budget is None else min(0.9, 2 * c.p)
     if p < 2.0**-33 or b == 0:  # as for tokens (rng.chance), a rate below 2**-33 selects nothing
         return nothing
     cand = c.cand.ravel()
@@ -221,7 +219,7 @@ def _select_span(c: Context) -> Selection:
     first = np.searchsorted(cw, np.searchsorted(starts, np.arange(b + 1) * n))
     words_in_row = np.diff(first)
 
-    cdf, mean_len = span_law(spec.span_p, spec.span_max)
+    cdf, mean_len = span_law(c.span_p, c.span_max)
     # The process starts ``burn`` ranks before the row (spans cut by the row's start
     # are cut like those at its end), so that its first words are masked at the same
     # rate as the rest: a process started at the row's first word would never cover it.
@@ -229,7 +227,7 @@ def _select_span(c: Context) -> Selection:
     burn = int(np.ceil(8 * cycle))
     n_pairs = int(np.ceil((n + burn) / cycle * 1.5)) + 8
     j = np.arange(n_pairs, dtype=np.uint64)[None, :] * np.uint64(rng.GOLDEN)
-    lengths = _length_draws(spec.span_p, spec.span_max)(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_LEN))))
+    lengths = _length_draws(c.span_p, c.span_max)(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_LEN))))
     extra = mean_len * (1 - p) / p - 1.0  # mean gap = mean_len * (1 - p) / p covers a share p
     if extra <= 0:
         gaps = np.ones_like(lengths)

@@ -29,7 +29,7 @@ import json
 import secrets
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import numpy as np
@@ -39,8 +39,17 @@ from redis.exceptions import NoScriptError
 from .jobstore import DELETE_JOB, JobKeys
 from .keys import Keys, chunk_id_of, group_of
 
-if TYPE_CHECKING:
-    from ..data.catalog import DatasetRuntime
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """What the store needs to find one dataset generation's chunks: the dataset's name, the generation's
+    uid, its number of chunk groups and the chunk id at each position of its chunk table."""
+
+    name: str
+    uid: str
+    groups: int
+    ids: np.ndarray
 
 # KEYS[1]: meta, KEYS[2]: tokenizer
 # ARGV[1]: tokenizer.json, ARGV[2..]: meta field/value pairs
@@ -484,11 +493,11 @@ class Store:
 
     # ---- chunks --------------------------------------------------------------
 
-    def chunk_keys(self, rt: "DatasetRuntime", positions: list[int], cache: str | None = None) -> list[str]:
+    def chunk_keys(self, rt: ChunkRef, positions: list[int], cache: str | None = None) -> list[str]:
         """Keys of the chunks at ``positions`` of the chunk table (or of their static masks of ``cache``)."""
-        prefixes = rt.chunk_prefixes(self.keys)
+        prefixes = self.keys.chunk_prefixes(rt.uid, rt.groups)
         groups = len(prefixes)
-        ids = rt.chunk_ids[positions].tolist() if positions else []
+        ids = rt.ids[positions].tolist() if positions else []
         suffix = "" if cache is None else f":sm:{cache}"
         return [f"{prefixes[group_of(i, groups)]}{i}{suffix}" for i in ids]
 
@@ -500,7 +509,7 @@ class Store:
             starts, ids = await p.execute()
         return _u64(starts), _u64(ids)
 
-    async def read_chunk(self, rt: "DatasetRuntime", k: int) -> bytes | None:
+    async def read_chunk(self, rt: ChunkRef, k: int) -> bytes | None:
         return await self.r.get(self.chunk_keys(rt, [k])[0])
 
     # ---- static masks --------------------------------------------------------
@@ -533,7 +542,7 @@ class Store:
                 out.append(meta)
         return out
 
-    async def save_mask_chunk(self, rt: "DatasetRuntime", cache: str, k: int, blob: bytes) -> int:
+    async def save_mask_chunk(self, rt: ChunkRef, cache: str, k: int, blob: bytes) -> int:
         """Store the masks of chunk k beside it and count them if k is the next one; returns the cache's
         chunks built (-1: dataset gone, and the masks are unlinked again)."""
         key = self.chunk_keys(rt, [k], cache)[0]
@@ -646,7 +655,7 @@ class Store:
         ]
 
     async def fetch(
-        self, rt: "DatasetRuntime", chunks: np.ndarray, which: np.ndarray, entries: np.ndarray, itemsize: int, *,
+        self, rt: ChunkRef, chunks: np.ndarray, which: np.ndarray, entries: np.ndarray, itemsize: int, *,
         masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
         expect: tuple[str, int, int] | None = None,
     ) -> tuple[bytes, bytes | None]:  # fmt: skip
@@ -677,7 +686,7 @@ class Store:
         return b"".join(data), b"".join(records) if masks else None
 
     async def _fetch_fanned(
-        self, rt: "DatasetRuntime", keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray,
+        self, rt: ChunkRef, keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray,
         itemsize: int, masks: tuple[str, np.ndarray] | None, word_starts: bool, expect: tuple[str, int, int] | None,
     ) -> tuple[bytes, bytes | None]:  # fmt: skip
         """The cluster's fetch: one FETCH_RANGES per chunk group (one slot each) and, with ``expect``, the

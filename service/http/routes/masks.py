@@ -86,11 +86,11 @@ async def build_static(
     stop = ds.num_chunks if body.max_chunks is None else min(ds.num_chunks, k + body.max_chunks)
     deadline = time.monotonic() + settings.static_build_max_s
     while k < stop:  # at least one chunk per call, so that calls in a row always finish the cache
-        blob = await store.read_chunk(rt, k)
+        blob = await store.read_chunk(rt.chunk_ref, k)
         if blob is None:
             raise DatasetNotFound(f"dataset {name!r} was deleted during the build", dataset=name)
         masks = await work.run(_mask_chunk, catalog, rt, blob, int(rt.chunk_starts[k]), body, spec)
-        built = await store.save_mask_chunk(rt, cache, k, masks)
+        built = await store.save_mask_chunk(rt.chunk_ref, cache, k, masks)
         if built < 0:
             raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the build", dataset=name)
         k = max(k + 1, built)
