@@ -32,6 +32,7 @@ from ..store.embedded import EmbeddedRedis
 from ..core.process import die_with_supervisor
 from ..core.errors import PayloadTooLarge, PoolExhausted, ServiceError
 from ..jobs.jobs import Jobs
+from ..jobs.leasing import Leasing
 from ..store.keys import slot_tags
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
@@ -84,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.durability = durability
         app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
                               max_workers=settings.job_max_workers, store=app.state.store)  # fmt: skip
+        app.state.leasing = Leasing(app.state.jobs, app.state.catalog, app.state.work)
         try:
             yield
         finally:

@@ -56,6 +56,11 @@ class JobConfig(BaseModel):
         """The seed the masks are drawn with."""
         return self.seed if self.mask_seed is None else self.mask_seed
 
+    def batches_per_epoch(self, num_sequences: int) -> int:
+        """Batches an epoch of ``num_sequences`` makes: a short last one counts unless ``drop_last``."""
+        full, rest = divmod(num_sequences, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
     def _compared(self) -> dict:
         exclude: dict = {"mask_seed": True} if self.mask_seed is None else {}
         if self.masking.schedule == "constant":
@@ -202,7 +207,6 @@ class Jobs:
         self._create = r.register_script(CREATE_JOB)
         self._cancel = r.register_script(CANCEL_JOB)
         self._datasets: dict[str, str] = {}  # job -> dataset, immutable while the job exists
-        self.configs: dict[str, tuple[str, Any]] = {}  # job -> (instance id, parsed config), for the routes
 
     async def dataset_of(self, job: str, *, fresh: bool = False) -> str | None:
         if fresh or job not in self._datasets:
@@ -342,7 +346,10 @@ class Jobs:
         """Drop cached lookups of a job, or of every job of a dataset."""
         for name in [j for j, d in self._datasets.items() if j == job or d == dataset]:
             self._datasets.pop(name, None)
-            self.configs.pop(name, None)
+
+    def knows(self, job: str) -> bool:
+        """Whether this process holds a lookup of ``job`` (dropped by ``forget``)."""
+        return job in self._datasets
 
     async def delete(self, dataset: str, job: str) -> int:
         removed = await self.store.delete_job(job)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 from typing import Annotated, Any
 
@@ -14,21 +13,18 @@ from pydantic import BaseModel, Field, ValidationError
 
 from wire import CONTENT_TYPE
 
-from ...batches.batching import Fetched, fetched, open_dataset, served
+from ...batches.batching import open_dataset, served
 from ...batches.bodies import Pieces, hold_body
-from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
-from ...core.errors import (Conflict, DatasetNotFound, InvalidRequest, JobConflict, JobDatasetGone, JobFinished, JobNotFound,
-                      LimitExceeded, StaticMasksMissing)
-from ...jobs.jobs import JobConfig, JobCreate, Jobs, Lease, NextResult
-from ...masking.masking import MaskSpec
-from ...masking.static import cache_id
-from ...batches.permute import batch_ids
-from ...masking.params import MaskingParams
 from ...batches.params import OutputParams
+from ...core.errors import InvalidRequest, JobConflict, JobNotFound, LimitExceeded, StaticMasksMissing
+from ...data.catalog import DatasetRuntime
+from ...jobs.jobs import JobConfig, JobCreate, Jobs
+from ...jobs.leasing import Granted, Leasing, Waiting
+from ...masking.static import cache_id
+from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
 from .batches import wants_json
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-log = logging.getLogger("maskserve")
 
 WORKER = r"^[A-Za-z0-9._:@/-]{1,128}$"
 REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -67,7 +63,7 @@ async def create_job(
     n = ds.num_sequences
     if cfg.masking.mode == "static":
         await _check_static_cache(catalog, cfg, ds.num_chunks)
-    bpe = n // cfg.batch_size if cfg.drop_last else math.ceil(n / cfg.batch_size)
+    bpe = cfg.batches_per_epoch(n)
     if bpe == 0:
         raise InvalidRequest(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} sequences")
     state, conflicts = await jobs.create(body.name, cfg, ds.rt.uid, n, bpe, ds.num_chunks)
@@ -162,33 +158,23 @@ _NEXT_BODY = {"required": False, "content": {"application/json": {"schema": Next
 )
 async def next_batch(name: str, request: Request) -> Response:
     q = parse_query(NextQuery, request)
-    jobs: Jobs = request.app.state.jobs  # no dependencies on the hot path (see deps.parse_query)
-    acks = _check_count(q.ack + await _body_acks(request), request.app.state.settings.max_acks)
+    state = request.app.state
+    leasing: Leasing = state.leasing  # no dependencies on the hot path (see deps.parse_query)
+    acks = _check_count(q.ack + await _body_acks(request), state.settings.max_acks)
     as_json = wants_json(request, q.format)
-    dataset = await _dataset(jobs, name)
-    res = await jobs.next(dataset, name, q.worker, acks, q.request or "", q.seq)
-    if res.state == "missing":  # deleted, or re-created on another dataset
-        dataset = await _dataset(jobs, name, fresh=True)
-        res = await jobs.next(dataset, name, q.worker, acks, q.request or "", q.seq)
-        if res.state == "missing":
-            raise JobNotFound(f"no job named {name!r}", job=name)
-    ack_header = {"Maskserve-Acks": ",".join(res.acks or [])}
-    try:
-        if res.state in ("done", "cancelled"):
-            await res.confirm()
-            raise JobFinished(f"job {name!r} is {res.state}", job=name, job_status=res.state, acks=res.acks or [])
-        if res.state == "wait":
-            await res.confirm()
-            return Response(status_code=204, headers={
-                **ack_header, "Retry-After": str(max(1, math.ceil(res.retry_ms / 1000))),
-                "Maskserve-Retry-After-Ms": str(res.retry_ms)})  # fmt: skip
-        response = await _serve(request, q, name, dataset, res, as_json, ack_header)
-        await res.confirm()  # the acks this request carried are durable (the wait ran while the batch was built)
-        return response
-    except BaseException:  # the batch never reached the worker: take the lease back, hand it out next
-        if res.lease is not None:
-            await _take_back(jobs, dataset, name, q.worker, res.lease)
-        raise
+
+    def hold(cfg: JobConfig, rt: DatasetRuntime) -> None:
+        hold_body(request, cfg.batch_size, rt, q, as_json)
+
+    async def hand_over(granted: Granted) -> Response:
+        return await _respond(request, q, granted, as_json)
+
+    out = await leasing.lease(name, q.worker, acks, q.request or "", q.seq, hold=hold, hand_over=hand_over)
+    if isinstance(out, Waiting):
+        return Response(status_code=204, headers={
+            "Maskserve-Acks": ",".join(out.acks), "Retry-After": str(max(1, math.ceil(out.retry_ms / 1000))),
+            "Maskserve-Retry-After-Ms": str(out.retry_ms)})  # fmt: skip
+    return out
 
 
 async def _body_acks(request: Request) -> list[str]:
@@ -217,46 +203,19 @@ def _check_count(leases: list[str], limit: int) -> list[str]:
     return leases
 
 
-async def _take_back(jobs: Jobs, dataset: str, name: str, worker: str, lease: Lease) -> None:
-    try:
-        await jobs.ungrant(dataset, name, worker, lease)
-    except Exception:  # noqa: BLE001 - Redis gone too: the lease expires by itself
-        log.warning("could not take back lease %s of job %r; it is handed out again when it expires", lease.lease, name)
-
-
-async def _serve(
-    request: Request, q: "NextQuery", name: str, dataset: str, res: NextResult, as_json: bool,
-    ack_header: dict[str, str],
-) -> Response:  # fmt: skip
+async def _respond(request: Request, q: "NextQuery", granted: Granted, as_json: bool) -> Response:
+    """A granted lease's answer: its batch, masked and rendered, and the lease's headers."""
     state = request.app.state
-    jobs, catalog, metrics = state.jobs, state.catalog, state.metrics
-    lease = res.lease
-    assert lease is not None
-    cfg, spec, st = await _config(jobs, dataset, name, res.instance)
-    params: MaskingParams = cfg.masking
-    try:  # the job's own generation of the dataset, never another of the same name
-        rt = await catalog.with_chunks(await catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
-        ds = Fetched(rt, st["n"], st["num_chunks"])
-        hold_body(request, cfg.batch_size, rt, q, as_json)
-        seq_ids = await state.work.run(batch_ids, cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index,
-                                       cfg.shuffle, tokens=cfg.batch_size * rt.seq_len)  # fmt: skip
-        compute = await fetched(catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch, params=params,
-                                spec=spec, step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
-    except (Conflict, DatasetNotFound):
-        if not await catalog.holds(dataset, st["dataset_uid"]):
-            raise JobDatasetGone(
-                f"job {name!r} reads a generation of dataset {dataset!r} that was deleted (the name may hold a new "
-                "one): delete the job, and create it again to read the dataset as it is now", job=name, dataset=dataset,
-            ) from None  # fmt: skip
-        raise
-    meta = {"job": name, "dataset": dataset, "epoch": lease.epoch, "index": lease.index, "lease": lease.lease,
-            "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
-    body = await served(state.work, compute, seq_ids, q, rt, meta, as_json, state.settings.response_piece_bytes)
-    metrics.sequences_served.labels(dataset).inc(len(seq_ids))
+    lease, rt, cfg = granted.lease, granted.rt, granted.config
+    meta = {"job": granted.job, "dataset": granted.dataset, "epoch": lease.epoch, "index": lease.index,
+            "lease": lease.lease, "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
+    body = await served(state.work, granted.compute, granted.seq_ids, q, rt, meta, as_json,
+                        state.settings.response_piece_bytes)  # fmt: skip
+    state.metrics.sequences_served.labels(granted.dataset).inc(len(granted.seq_ids))
     headers = {
-        **ack_header,
-        "Maskserve-Job": name,
-        "Maskserve-Dataset": dataset,
+        "Maskserve-Acks": ",".join(granted.acks),
+        "Maskserve-Job": granted.job,
+        "Maskserve-Dataset": granted.dataset,
         "Maskserve-Epoch": str(lease.epoch),
         "Maskserve-Batch-Index": str(lease.index),
         "Maskserve-Lease": lease.lease,
@@ -265,19 +224,6 @@ async def _serve(
         "Maskserve-In-Order": "1" if lease.in_order else "0",
     }
     return Pieces(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
-
-
-async def _config(jobs: Jobs, dataset: str, name: str, instance: str) -> tuple[JobConfig, MaskSpec, dict[str, Any]]:
-    """The job's config, parsed once per process, keyed by the job's instance id (new for every created job)."""
-    cached = jobs.configs.get(name)
-    if cached is None or cached[0] != instance:
-        st = await jobs.state(dataset, name)
-        if st is None:
-            raise JobNotFound(f"no job named {name!r}", job=name)
-        cfg = JobConfig(**st["config"])
-        cached = (st["instance"], (cfg, cfg.masking.spec(), st))
-        jobs.configs[name] = cached
-    return cached[1]
 
 
 async def _on_job(jobs: Jobs, name: str, op):  # noqa: ANN001, ANN202
