@@ -53,7 +53,7 @@ def ingest(url: str, name: str, body, headers=None, params=None) -> dict:
 
 
 def chunk_keys(rdb, prefix: str, name: str) -> list[bytes]:
-    """The data chunk keys of the dataset's current generation (they carry its uid; see service/keys.py)."""
+    """The data chunk keys of the dataset's current generation (they carry its uid; see service/store/keys.py)."""
     uid = rdb.hget(Keys(prefix).ds(name, "meta"), "uid").decode()
     return sorted(k for k in rdb.scan_iter(match=f"{prefix}:c:*:{uid}:*") if b":sm:" not in k)
 
@@ -105,7 +105,7 @@ def _seq(body: list[tuple[int, bool]], cls: int | None, sep: int | None) -> tupl
 
 
 def expected_packing(docs: list[list[tuple[int, bool]]], mode: str, seq_len: int, cls: int, sep: int):
-    """Packing as the README describes it, written out independently of service/packing.py."""
+    """Packing as the README describes it, written out independently of service/data/packing.py."""
     if mode == "complete":
         stream = [p for d in docs if d for p in [*d, (sep, True)]]
         room = seq_len - 1

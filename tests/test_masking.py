@@ -1,4 +1,4 @@
-"""Pure-function tests of service/masking.py (no service, no Redis).
+"""Pure-function tests of service/masking/masking.py (no service, no Redis).
 
 Statistical checks use a binomial standard-error bound: an observed share
 p_hat over n independent trials must satisfy |p_hat - p| <= 5 * sqrt(p(1-p)/n)

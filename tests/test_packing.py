@@ -1,4 +1,4 @@
-"""Unit tests of service/packing.py and service/tokenization.py (pure functions, no I/O)."""
+"""Unit tests of service/data/packing.py and service/data/tokenization.py (pure functions, no I/O)."""
 
 from __future__ import annotations
 

@@ -88,17 +88,37 @@ class Leasing:
                 await self._take_back(dataset, name, worker, res.lease)
             raise
 
-    async def _next(self, name: str, worker: str, acks: list[str], request_id: str, seq: int) -> tuple[str, NextResult]:
-        """The job's dataset and its answer to the lease request, looking the job up again once when it is not
-        where this process thought (deleted, or re-created on another dataset)."""
+    async def ack(self, name: str, worker: str, leases: list[str]) -> list[str]:
+        """Ack ``leases`` (idempotent); returns those that were live."""
+        return await self.on_job(name, lambda ds: self.jobs.ack(ds, name, worker, leases))
+
+    async def release(self, name: str, worker: str, leases: list[str]) -> int:
+        """Give back unacked leases for immediate redelivery; returns how many were live."""
+        return await self.on_job(name, lambda ds: self.jobs.release(ds, name, worker, leases))
+
+    async def evict(self, name: str, worker: str) -> int:
+        """A worker known to be gone: hand its live leases out again at once; returns how many."""
+        return await self.on_job(name, lambda ds: self.jobs.evict(ds, name, worker))
+
+    async def on_job(self, name: str, op: Callable[[str], Awaitable[T | None]]) -> T:
+        """``op(dataset)``; when the job is not where this process thought (``op`` answers None: deleted, or
+        re-created on another dataset), look it up again once."""
         for fresh in (False, True):
             dataset = await self.jobs.dataset_of(name, fresh=fresh)
             if dataset is None:
                 break
-            res = await self.jobs.next(dataset, name, worker, acks, request_id, seq)
-            if res.state != "missing":
-                return dataset, res
+            out = await op(dataset)
+            if out is not None:
+                return out
         raise JobNotFound(f"no job named {name!r}", job=name)
+
+    async def _next(self, name: str, worker: str, acks: list[str], request_id: str, seq: int) -> tuple[str, NextResult]:
+        """The job's dataset and its answer to the lease request (see ``on_job``)."""
+        async def next_on(dataset: str) -> tuple[str, NextResult] | None:
+            res = await self.jobs.next(dataset, name, worker, acks, request_id, seq)
+            return None if res.state == "missing" else (dataset, res)
+
+        return await self.on_job(name, next_on)
 
     async def _build(
         self, name: str, dataset: str, res: NextResult, hold: Callable[[JobConfig, DatasetRuntime], None]
@@ -107,13 +127,15 @@ class Leasing:
         assert lease is not None
         cfg, spec, st = await self._config(dataset, name, res.instance)
         try:  # the job's own generation of the dataset, never another of the same name
-            rt = await self.catalog.with_chunks(await self.catalog.runtime(dataset, st["dataset_uid"]), st["num_chunks"])
+            rt = await self.catalog.runtime(dataset, st["dataset_uid"])
+            rt = await self.catalog.with_chunks(rt, st["num_chunks"])
             ds = Fetched(rt, st["n"], st["num_chunks"])
             hold(cfg, rt)
             seq_ids = await self.work.run(batch_ids, cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index,
                                           cfg.shuffle, tokens=cfg.batch_size * rt.seq_len)  # fmt: skip
+            step = lease.epoch * st["bpe"] + lease.index  # bpe: the job's batches per epoch
             compute = await fetched(self.catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch,
-                                    params=cfg.masking, spec=spec, step=lease.epoch * st["bpe"] + lease.index)  # fmt: skip
+                                    params=cfg.masking, spec=spec, step=step)  # fmt: skip
         except (Conflict, DatasetNotFound):
             if not await self.catalog.holds(dataset, st["dataset_uid"]):
                 raise JobDatasetGone(

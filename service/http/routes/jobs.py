@@ -16,7 +16,7 @@ from wire import CONTENT_TYPE
 from ...batches.batching import open_dataset, served
 from ...batches.bodies import Pieces, hold_body
 from ...batches.params import OutputParams
-from ...core.errors import InvalidRequest, JobConflict, JobNotFound, LimitExceeded, StaticMasksMissing
+from ...core.errors import InvalidRequest, JobConflict, LimitExceeded, StaticMasksMissing
 from ...data.catalog import DatasetRuntime
 from ...jobs.jobs import JobConfig, JobCreate, Jobs
 from ...jobs.leasing import Granted, Leasing, Waiting
@@ -34,7 +34,12 @@ async def get_jobs(request: Request) -> Jobs:
     return request.app.state.jobs
 
 
+async def get_leasing(request: Request) -> Leasing:
+    return request.app.state.leasing
+
+
 JobsDep = Annotated[Jobs, Depends(get_jobs)]
+LeasingDep = Annotated[Leasing, Depends(get_leasing)]
 
 
 class Leases(BaseModel):
@@ -42,16 +47,9 @@ class Leases(BaseModel):
     leases: list[str] = Field(max_length=4096, description="Lease ids, as `Maskserve-Lease` gave them.")
 
 
-async def _dataset(jobs: Jobs, name: str, *, fresh: bool = False) -> str:
-    ds = await jobs.dataset_of(name, fresh=fresh)
-    if ds is None:
-        raise JobNotFound(f"no job named {name!r}", job=name)
-    return ds
-
-
 @router.post("", status_code=201, summary="Create a job, or attach to an existing one with the same config")
 async def create_job(
-    body: JobCreate, jobs: JobsDep, catalog: CatalogDep, settings: SettingsDep, response: Response
+    body: JobCreate, jobs: JobsDep, leasing: LeasingDep, catalog: CatalogDep, settings: SettingsDep, response: Response
 ) -> dict[str, Any]:
     cfg = JobConfig(**body.model_dump(exclude={"name"}))
     cfg.masking.spec()  # validate the masking config now, not at the first batch
@@ -79,7 +77,7 @@ async def create_job(
     if state == "exists":
         response.status_code = 200
     response.headers["Location"] = f"/v1/jobs/{body.name}"
-    return await _progress(jobs, body.name)
+    return await _progress(leasing, body.name)
 
 
 async def _check_static_cache(catalog: Any, cfg: JobConfig, num_chunks: int) -> None:
@@ -96,13 +94,8 @@ async def _check_static_cache(catalog: Any, cfg: JobConfig, num_chunks: int) -> 
         )  # fmt: skip
 
 
-async def _progress(jobs: Jobs, name: str) -> dict[str, Any]:
-    out = await jobs.progress(await _dataset(jobs, name), name)
-    if out is None:
-        out = await jobs.progress(await _dataset(jobs, name, fresh=True), name)
-    if out is None:
-        raise JobNotFound(f"no job named {name!r}", job=name)
-    return out
+async def _progress(leasing: Leasing, name: str) -> dict[str, Any]:
+    return await leasing.on_job(name, lambda ds: leasing.jobs.progress(ds, name))
 
 
 @router.get("", summary="All jobs with their progress")
@@ -113,8 +106,8 @@ async def list_jobs(jobs: JobsDep) -> dict[str, list[dict[str, Any]]]:
 
 
 @router.get("/{name}", summary="A job's progress: epoch, batches handed out, acked, leased, per worker")
-async def get_job(name: str, jobs: JobsDep) -> dict[str, Any]:
-    return await _progress(jobs, name)
+async def get_job(name: str, leasing: LeasingDep) -> dict[str, Any]:
+    return await _progress(leasing, name)
 
 
 class NextQuery(OutputParams):
@@ -226,46 +219,34 @@ async def _respond(request: Request, q: "NextQuery", granted: Granted, as_json: 
     return Pieces(body, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)
 
 
-async def _on_job(jobs: Jobs, name: str, op):  # noqa: ANN001, ANN202
-    """Run ``op(dataset)``; when the job is not where this process thought (None), look it up again once."""
-    out = await op(await _dataset(jobs, name))
-    if out is None:
-        out = await op(await _dataset(jobs, name, fresh=True))
-        if out is None:
-            raise JobNotFound(f"no job named {name!r}", job=name)
-    return out
-
-
 @router.post("/{name}/ack", summary="Ack finished batches by lease id (idempotent)")
-async def ack(name: str, body: Leases, jobs: JobsDep, settings: SettingsDep) -> dict[str, list[str]]:
-    leases = _check_count(body.leases, settings.max_acks)
-    return {"results": await _on_job(jobs, name, lambda ds: jobs.ack(ds, name, body.worker, leases))}
+async def ack(name: str, body: Leases, leasing: LeasingDep, settings: SettingsDep) -> dict[str, list[str]]:
+    return {"results": await leasing.ack(name, body.worker, _check_count(body.leases, settings.max_acks))}
 
 
 @router.post("/{name}/release", summary="Give back unacked leases for immediate redelivery")
-async def release(name: str, body: Leases, jobs: JobsDep, settings: SettingsDep) -> dict[str, int]:
-    leases = _check_count(body.leases, settings.max_acks)
-    return {"released": await _on_job(jobs, name, lambda ds: jobs.release(ds, name, body.worker, leases))}
+async def release(name: str, body: Leases, leasing: LeasingDep, settings: SettingsDep) -> dict[str, int]:
+    return {"released": await leasing.release(name, body.worker, _check_count(body.leases, settings.max_acks))}
 
 
 @router.post(
     "/{name}/workers/{worker}/evict",
     summary="A worker known to be gone: its live leases are handed out again at once",
 )
-async def evict(name: str, worker: Annotated[str, PathParam(pattern=WORKER)], jobs: JobsDep) -> dict[str, int]:
-    return {"released": await _on_job(jobs, name, lambda ds: jobs.evict(ds, name, worker))}
+async def evict(name: str, worker: Annotated[str, PathParam(pattern=WORKER)], leasing: LeasingDep) -> dict[str, int]:
+    return {"released": await leasing.evict(name, worker)}
 
 
 @router.post("/{name}/cancel", summary="Stop handing out batches")
-async def cancel(name: str, jobs: JobsDep) -> dict[str, Any]:
-    await _on_job(jobs, name, lambda ds: jobs.cancel(ds, name))
-    return await _progress(jobs, name)
+async def cancel(name: str, leasing: LeasingDep) -> dict[str, Any]:
+    await leasing.on_job(name, lambda ds: leasing.jobs.cancel(ds, name))
+    return await _progress(leasing, name)
 
 
 @router.delete("/{name}", status_code=204, summary="Delete a job and all its state")
-async def delete(name: str, jobs: JobsDep) -> Response:
+async def delete(name: str, leasing: LeasingDep) -> Response:
     async def drop(ds: str) -> int | None:
-        return await jobs.delete(ds, name) or None
+        return await leasing.jobs.delete(ds, name) or None
 
-    await _on_job(jobs, name, drop)
+    await leasing.on_job(name, drop)
     return Response(status_code=204)
