@@ -14,16 +14,16 @@ from typing import TypeVar
 import numpy as np
 from redis.exceptions import ResponseError
 
-from .bodies import Piece, render
-from ..data.catalog import Catalog, Chunks, DatasetRuntime
 from ..core.errors import Conflict, DatasetEmpty, DatasetNotFound, StaticMasksMissing
-from ..masking.masking import Masked, MaskSpec, mask_batch
+from ..core.work import Workload
+from ..data.catalog import Catalog, Chunks, DatasetRuntime
 from ..data.packing import assemble
+from ..masking.masking import Masked, MaskSpec, mask_batch
 from ..masking.params import MaskingParams
-from .params import OutputParams
 from ..masking.static import apply, cache_id
 from ..store.store import StaleCounters
-from ..core.work import Workload
+from .bodies import Piece, render
+from .params import OutputParams
 
 T = TypeVar("T")
 

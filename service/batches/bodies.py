@@ -31,9 +31,9 @@ from starlette.types import Receive, Scope, Send
 
 from wire import encode_pieces
 
+from ..core.work import admission
 from ..data.catalog import DatasetRuntime
 from .params import OutputParams
-from ..core.work import admission
 
 Piece = bytes | memoryview
 

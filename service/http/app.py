@@ -24,23 +24,23 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
-from ..data.catalog import Catalog
 from ..core.config import Settings
-from .deps import check_token
-from ..store.durability import Durability
-from ..store.embedded import EmbeddedRedis
-from ..core.process import die_with_supervisor
 from ..core.errors import PayloadTooLarge, PoolExhausted, ServiceError
+from ..core.process import die_with_supervisor
+from ..core.tuning import tune_allocator, tune_gil
+from ..core.work import ADMISSION, Workload, is_heavy
+from ..data.catalog import Catalog
 from ..jobs.jobs import Jobs
 from ..jobs.leasing import Leasing
+from ..store.durability import Durability
+from ..store.embedded import EmbeddedRedis
 from ..store.keys import slot_tags
+from ..store.store import Store
+from .deps import check_token
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
 from .problems import install, problem_response
 from .routes import batches, datasets, docs, health, jobs, masks, sequences, tokenizers
-from ..store.store import Store
-from ..core.tuning import tune_allocator, tune_gil
-from ..core.work import ADMISSION, Workload, is_heavy
 
 log = logging.getLogger("maskserve")
 

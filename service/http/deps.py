@@ -14,11 +14,11 @@ from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
-from ..data.catalog import Catalog
 from ..core.config import Settings
 from ..core.errors import Unauthorized
-from .metrics import Metrics
+from ..data.catalog import Catalog
 from ..store.store import Store
+from .metrics import Metrics
 
 
 async def get_settings(request: Request) -> Settings:

@@ -27,8 +27,8 @@ from pathlib import Path
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ..core.config import Settings
-from ..store.embedded import EmbeddedRedis
 from ..core.process import SUPERVISOR_ENV
+from ..store.embedded import EmbeddedRedis
 from .metrics import MULTIPROC_ENV
 
 log = logging.getLogger("maskserve")

@@ -22,9 +22,9 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 from redis.asyncio import Redis
 
+from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
 from ..store.durability import Confirm, Durability, confirmed
 from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
-from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
 from ..store.store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"

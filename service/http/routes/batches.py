@@ -13,11 +13,11 @@ from wire import CONTENT_TYPE
 
 from ...batches.batching import Fetched, drawn, fetched_rows, served
 from ...batches.bodies import Piece, Pieces, hold_body
-from ..deps import parse_query, query_docs
-from ...core.errors import LimitExceeded, NotAcceptable
-from ...batches.permute import stream_ids
-from ...masking.params import MAX_BATCH, MAX_INDEX, MAX_INT64, MAX_SEED, MaskingParams
 from ...batches.params import OutputParams
+from ...batches.permute import stream_ids
+from ...core.errors import LimitExceeded, NotAcceptable
+from ...masking.params import MAX_BATCH, MAX_INDEX, MAX_INT64, MAX_SEED, MaskingParams
+from ..deps import parse_query, query_docs
 
 router = APIRouter(prefix="/v1/datasets", tags=["batches"])
 

@@ -14,14 +14,14 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from ...data.catalog import DatasetRuntime, sha256
-from ...store.store import ChunkIdTaken, Staged, pack_tokenizer
-from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 from ...core.errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
+from ...data.catalog import DatasetRuntime, sha256
 from ...data.ingest import SPLITS, Pipeline, documents, limited, run_pipeline
 from ...data.packing import PACKING_MODES
-from ...masking.params import MAX_SEQ_LEN
 from ...data.tokenization import ROLES, TokenizerInfo, load_tokenizer, prepare
+from ...masking.params import MAX_SEQ_LEN
+from ...store.store import ChunkIdTaken, Staged, pack_tokenizer
+from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 log = logging.getLogger("maskserve")

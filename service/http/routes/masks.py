@@ -11,15 +11,15 @@ from fastapi import APIRouter, Path, Request, Response
 from pydantic import Field
 
 from ...batches.batching import fetched, open_dataset
-from ...data.catalog import Catalog
-from ..deps import CatalogDep, SettingsDep, StoreDep
 from ...core.errors import DatasetNotFound, LimitExceeded, NotFound, ValidationFailed
-from ...masking.masking import Masked, MaskSpec, mask_batch
+from ...core.work import Workload
+from ...data.catalog import Catalog
 from ...data.packing import assemble, split_chunk
+from ...masking.masking import Masked, MaskSpec, mask_batch
 from ...masking.params import MAX_INT64, MAX_SEED, MaskingParams
 from ...masking.static import cache_id, encode_chunk
 from ...store.store import CachesFull
-from ...core.work import Workload
+from ..deps import CatalogDep, SettingsDep, StoreDep
 
 
 router = APIRouter(prefix="/v1/datasets", tags=["masks"])

@@ -19,9 +19,9 @@ from wire import CONTENT_TYPE
 
 from ...batches.batching import Fetched, drawn, fetched, served
 from ...batches.bodies import Piece, Pieces, hold_body
+from ...batches.params import OutputParams
 from ...core.errors import LimitExceeded, SequenceOutOfRange
 from ...masking.params import MAX_INT64, MAX_SEED, MaskingParams
-from ...batches.params import OutputParams
 from .batches import wants_json
 
 router = APIRouter(prefix="/v1/datasets", tags=["sequences"])

@@ -7,10 +7,10 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Query, Request, Response
 from tokenizers import Tokenizer
 
-from ..deps import SettingsDep
 from ...core.errors import UnsupportedMediaType
 from ...data.ingest import documents, limited, parse
 from ...data.tokenization import train_tokenizer
+from ..deps import SettingsDep
 
 router = APIRouter(prefix="/v1/tokenizers", tags=["tokenizers"])
 
