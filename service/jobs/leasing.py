@@ -89,11 +89,11 @@ class Leasing:
             raise
 
     async def ack(self, name: str, worker: str, leases: list[str]) -> list[str]:
-        """Ack ``leases`` (idempotent); returns those that were live."""
+        """Ack ``leases`` (idempotent); returns the result of each, in order (see ``Jobs.ack``)."""
         return await self.on_job(name, lambda ds: self.jobs.ack(ds, name, worker, leases))
 
     async def release(self, name: str, worker: str, leases: list[str]) -> int:
-        """Give back unacked leases for immediate redelivery; returns how many were live."""
+        """Give back unacked leases for immediate redelivery; returns how many went back."""
         return await self.on_job(name, lambda ds: self.jobs.release(ds, name, worker, leases))
 
     async def evict(self, name: str, worker: str) -> int:
