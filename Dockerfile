@@ -20,6 +20,8 @@ COPY pyproject.toml README.md ./
 COPY service ./service
 COPY client ./client
 COPY trainer ./trainer
+COPY wire ./wire
+COPY maskserve ./maskserve
 RUN pip wheel --no-deps --no-build-isolation --no-index --wheel-dir /wheels .
 
 FROM base AS service

@@ -108,7 +108,7 @@ def stdlib_docs() -> list[str]:
     """The stdlib docstrings once (about 1.2 MB on CPython 3.11), cached per process."""
     global _DOCS
     if _DOCS is None:
-        from service.corpus import stdlib_docstrings
+        from service.data.corpus import stdlib_docstrings
 
         _DOCS = list(stdlib_docstrings())
     return _DOCS
@@ -126,12 +126,12 @@ def repeat_to(docs: Sequence[str], *, min_bytes: int = 0, copies: int = 1) -> li
 
 
 def train_bpe(docs: Sequence[str], vocab_size: int = 8000):  # noqa: ANN201 - tokenizers.Tokenizer
-    """The byte-level BPE of ``service.tokenization.train_tokenizer`` on ``docs``.
+    """The byte-level BPE of ``service.data.tokenization.train_tokenizer`` on ``docs``.
 
     Returns ``(tokenizer, tokenizer_json_dict)``; the tokenizer is reloaded from
     its JSON the way the service loads a dataset's tokenizer.
     """
-    from service.tokenization import load_tokenizer, train_tokenizer
+    from service.data.tokenization import load_tokenizer, train_tokenizer
 
     tok = train_tokenizer(docs, "bpe", vocab_size)
     text = tok.to_str()
@@ -352,18 +352,18 @@ BATCH_PATH_STEPS = ("open_dataset", "Redis fetch (Lua)", "assemble + mask/apply"
 
 def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dict[str, Any], *, seed: int = 0,
                      first_index: int = 900_000, warmup: int = 3) -> dict[str, list[float]]:  # fmt: skip
-    """Seconds per step of the batch route's own path (``service.batching``), run
+    """Seconds per step of the batch route's own path (``service.batches.batching``), run
     in-process on this process's event loop, the way the route runs it: the
     dataset opened from the counters last seen and the fetch checking them."""
     import asyncio
 
     import redis.asyncio as aioredis
 
-    from service.batching import fetched, open_dataset, outputs, render
-    from service.catalog import Catalog
-    from service.permute import stream_ids
-    from service.routes.batches import BatchQuery
-    from service.store import Store
+    from service.batches.batching import fetched, open_dataset, outputs, render
+    from service.data.catalog import Catalog
+    from service.batches.permute import stream_ids
+    from service.http.routes.batches import BatchQuery
+    from service.store.store import Store
 
     async def run() -> dict[str, list[float]]:
         r = aioredis.from_url(redis_url)

@@ -109,9 +109,9 @@ def main() -> int:
     from tokenizers import Tokenizer
 
     from client import Client
-    from service.config import Settings
-    from service.ingest import Pipeline
-    from service.tokenization import prepare
+    from service.core.config import Settings
+    from service.data.ingest import Pipeline
+    from service.data.tokenization import prepare
 
     t0 = time.perf_counter()
     docs = stdlib_docs()

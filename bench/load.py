@@ -332,7 +332,7 @@ def storm(svc: Service, name: str, run: Storm, rate: float, procs: int, nice: in
 def memory_bound(env: dict[str, str], workers: int, b: int, seq_len: int, fmt: str) -> float:
     """The README's bound on the service's peak RSS (its "Memory" formula, per process, times the workers),
     in bytes, for batches of ``b`` x ``seq_len`` in ``fmt`` and the settings in ``env`` (else the defaults)."""
-    from service.config import Settings
+    from service.core.config import Settings
 
     s = Settings(**{k.removeprefix("MASKSERVE_").lower(): v for k, v in env.items() if k.startswith("MASKSERVE_")
                     and k != "MASKSERVE_WORKERS"})  # fmt: skip

@@ -2,7 +2,7 @@
 
 Everything below runs in ONE invocation, on the same real data (the stdlib
 docstrings, tokenized with a byte-level BPE trained by
-``service.tokenization.train_tokenizer`` and packed ``complete`` into
+``service.data.tokenization.train_tokenizer`` and packed ``complete`` into
 full-length sequences), for B x L (default 256 x 512) and again at a short
 length (default L=128). Figures are sequences/s, medians over ``--repeats``
 repeats after warm-up; every repeat runs every case of its group once, in
@@ -17,11 +17,11 @@ References (this process):
    (3)  its vectorized core, collator.torch_mask_tokens(tensor, special_tokens_mask=precomputed)
    (4)  one-call vectorized numpy masker (np.random.Generator, no determinism)
    (5)  HTTP floor: a tiny uvicorn app (subprocess) returning a fixed, pre-encoded safetensors
-        body of the served shape, fetched by client.Client.batch (httpx + client._wire.decode)
+        body of the served shape, fetched by client.Client.batch (httpx + wire.decode)
 maskserve:
-   (6)  service.masking.mask_batch, unit=token, count=bernoulli (hash-based, deterministic)
+   (6)  service.masking.masking.mask_batch, unit=token, count=bernoulli (hash-based, deterministic)
    (7)  unit=whole_word   (8) unit=span (word starts from the real packed text)   (9) token, exact
-   (10) service.static.apply on pre-fetched static records (K=10 copies via encode_chunk)
+   (10) service.masking.static.apply on pre-fetched static records (K=10 copies via encode_chunk)
    (11) end to end: a `python -m service serve` subprocess on Redis, client.Client in this
         process: dynamic token, dynamic whole_word and static, sequential and Client.batches(prefetch)
 
@@ -215,7 +215,7 @@ class Data:
 
     def __init__(self, info, enc: tuple[np.ndarray, np.ndarray, np.ndarray], length: int, b: int,  # noqa: ANN001
                  n_batches: int = 4, seed: int = 0) -> None:  # fmt: skip
-        from service.packing import Packer
+        from service.data.packing import Packer
 
         ids, ws, doc_lengths = enc
         per_copy = len(ids) + len(doc_lengths)  # + one sep per document
@@ -256,8 +256,8 @@ def inprocess_cases(d: Data, hf, info, vocab, args: argparse.Namespace) -> list[
     import torch
     from transformers import DataCollatorForLanguageModeling
 
-    from service.masking import MaskSpec, mask_batch
-    from service.static import apply, encode_chunk, pair_dtype
+    from service.masking.masking import MaskSpec, mask_batch
+    from service.masking.static import apply, encode_chunk, pair_dtype
 
     b, L, p = d.b, d.length, args.mlm_probability
     tag = f"L{L}"
@@ -428,7 +428,7 @@ class TinyServer:
 
 
 def service_path(redis_url: str, name: str, b: int, iters: int, options: dict[str, Any]) -> dict[str, float]:
-    """Median ms per batch of the batch route's steps (service.batching), run on this process's event loop."""
+    """Median ms per batch of the batch route's steps (service.batches.batching), run on this process's event loop."""
     steps = batch_path_steps(redis_url, name, b, iters, options)
     return {k: statistics.median(v) * 1e3 for k, v in steps.items()}
 
@@ -525,11 +525,11 @@ def main() -> int:
           f"({torch.get_num_threads()} intra-op threads for the HF references), "
           f"Redis server {redis_version(args.redis_url) if not args.no_e2e else '-'}", flush=True)
 
-    from service.masking import Vocab
-    from service.tokenization import encode_texts, load_tokenizer, prepare
-    from service.tuning import tune_allocator
+    from service.masking.masking import Vocab
+    from service.data.tokenization import encode_texts, load_tokenizer, prepare
+    from service.core.tuning import tune_allocator
 
-    print(f"service.tuning.tune_allocator(): {tune_allocator()}")
+    print(f"service.core.tuning.tune_allocator(): {tune_allocator()}")
     t0 = time.perf_counter()
     docs = stdlib_docs()
     tok, tok_json = train_bpe(docs, args.vocab_size)
@@ -566,8 +566,8 @@ def main() -> int:
 def run_e2e(args: argparse.Namespace, data: dict[int, Data], tok_json: dict, vocab, info,  # noqa: ANN001
             cases: dict[str, Case], extra: dict[int, dict[str, float]]) -> None:  # fmt: skip
     from client import Client
-    from client._wire import encode
-    from service.masking import MaskSpec, mask_batch
+    from wire import encode
+    from service.masking.masking import MaskSpec, mask_batch
 
     b, lengths, k = args.batch_size, list(data), args.prefetch
     docs = stdlib_docs()
@@ -732,7 +732,7 @@ def report(args: argparse.Namespace, lengths: list[int], cases: dict[str, Case],
 
     if not extra:
         return
-    print("\nwhere a sequential end-to-end batch goes (ms per batch; service path = service.batching run in this process, no HTTP):")
+    print("\nwhere a sequential end-to-end batch goes (ms per batch; service path = service.batches.batching run in this process, no HTTP):")
     for n in lengths:
         t = f"L{n}"
         parts = extra.get(n, {})

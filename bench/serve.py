@@ -11,8 +11,8 @@ the trainer side: it pulls batches through ``client.Client``
 
 and reports sequences/s, batches/s, MB/s of response body and p50/p99 request
 latency, and the CPU each process (client, service, Redis) spends per batch.
-Side by side, the reference: ``service.masking.mask_tokens`` +
-``client._wire.encode`` on arrays of the same shape in this process, the
+Side by side, the reference: ``service.masking.masking.mask_tokens`` +
+``wire.encode`` on arrays of the same shape in this process, the
 client's ``decode``, and (when its internals can be driven directly) the
 service's own batch path without HTTP, to show what share of a request is
 HTTP/ASGI overhead.
@@ -119,8 +119,8 @@ def main() -> int:
         [
             f"masked (B={b}, L={seq_len}) batches from a `python -m service serve` subprocess over HTTP (safetensors body),",
             "pulled by client.Client in this process: sequences/s, batches/s, MB/s of body, p50/p99 request latency;",
-            "reference: in this process, mask_tokens + client._wire.encode on arrays of the same shape, the client's decode,",
-            "and the service's own batch path (service.batching: Redis fetch, assemble, mask, render) without HTTP",
+            "reference: in this process, mask_tokens + wire.encode on arrays of the same shape, the client's decode,",
+            "and the service's own batch path (service.batches.batching: Redis fetch, assemble, mask, render) without HTTP",
         ],
         {"batch_size": b, "seq_len": seq_len, "requests": args.requests, "prefetch": " ".join(map(str, args.prefetch)),
          "concurrency": args.concurrency, "warmup": args.warmup, "min_batches": args.min_batches,
@@ -130,7 +130,7 @@ def main() -> int:
     import httpx
 
     from client import Client
-    from client._wire import CONTENT_TYPE, decode
+    from wire import CONTENT_TYPE, decode
 
     docs = stdlib_docs()
     tok, tok_json = train_bpe(docs, args.vocab_size)
@@ -291,14 +291,14 @@ def main() -> int:
 def reference(args: argparse.Namespace, redis_url: str, name: str, meta: dict, body: int) -> dict[str, float]:
     """Median seconds per batch of the in-process steps; prints them.
 
-    Always: ``service.masking.mask_tokens`` and ``client._wire.encode`` on arrays of
+    Always: ``service.masking.masking.mask_tokens`` and ``wire.encode`` on arrays of
     the served shape (ids drawn from the ordinary vocabulary, every sequence L
     long), and the client's ``decode``. Also, when the service's internal batch
-    path (``service.batching``) can be driven directly, that whole path with
+    path (``service.batches.batching``) can be driven directly, that whole path with
     its Redis round trips, minus HTTP.
     """
-    from client._wire import decode, encode
-    from service.masking import MaskSpec, Vocab, mask_tokens
+    from wire import decode, encode
+    from service.masking.masking import MaskSpec, Vocab, mask_tokens
 
     b, seq_len, iters = args.batch_size, args.seq_len, args.reference_iters
     print(f"\nreference, in this process (median of {iters} runs, one (B={b}, L={seq_len}) batch each):")
@@ -347,12 +347,12 @@ def reference(args: argparse.Namespace, redis_url: str, name: str, meta: dict, b
 
 
 def _service_path(args: argparse.Namespace, redis_url: str, name: str) -> dict[str, float]:
-    """The batch route's own steps (``service.batching``), run in-process on this process's event loop."""
+    """The batch route's own steps (``service.batches.batching``), run in-process on this process's event loop."""
     b = args.batch_size
     steps = batch_path_steps(redis_url, name, b, args.reference_iters, {"mlm_probability": args.mlm_probability},
                              seed=1, first_index=10_000, warmup=5)  # fmt: skip
     med = {k: statistics.median(v) for k, v in steps.items()}
-    print("  the service's batch path (service.batching), in-process, no HTTP:")
+    print("  the service's batch path (service.batches.batching), in-process, no HTTP:")
     for key, v in med.items():
         print(f"    {key:<42} {v * 1e3:7.3f} ms")
     total = sum(med.values())

@@ -6,7 +6,7 @@ tokens) are ingested through the client. Then, straight from Redis:
 
 * the sum of ``MEMORY USAGE key SAMPLES 0`` over every key of the dataset (its own
   slot's ``ms:ds:{name}:*`` and its chunk blobs ``ms:c:{<group>}:<uid>:<id>`` in the
-  chunk groups' slots; service/keys.py has the layout), split into chunk keys and the rest,
+  chunk groups' slots; service/store/keys.py has the layout), split into chunk keys and the rest,
 * the ``INFO memory`` ``used_memory`` delta from before the dataset was created
   to after the ingest,
 
@@ -82,11 +82,11 @@ def _key_usage(r, name: str) -> tuple[dict[str, tuple[int, int]], list[tuple[int
     """({category: (keys, MEMORY USAGE bytes)}, [(STRLEN, MEMORY USAGE) per chunk blob]) of one dataset.
 
     The dataset's keys are those of its own slot, ``ms:ds:{name}:*``, and its chunk blobs, which live in
-    the chunk groups' slots (``ms:c:{<tag>}:<uid>:<chunk id>``, see service/keys.py): the committed ones
+    the chunk groups' slots (``ms:c:{<tag>}:<uid>:<chunk id>``, see service/store/keys.py): the committed ones
     are named by the dataset's chunk table (``:chunk_ids``); a SCAN for the uid finds any others (staged
     chunks an ingest left behind).
     """
-    from service.keys import Keys
+    from service.store.keys import Keys
 
     keys_of = Keys(KEY_PREFIX)
     meta = {k.decode(): v.decode() for k, v in r.hgetall(keys_of.ds(name, "meta")).items()}

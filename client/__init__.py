@@ -31,7 +31,7 @@ from ._errors import (
     TransportError,
     UnsupportedMediaTypeError,
 )
-from ._wire import CONTENT_TYPE, WireFormatError, decode, encode
+from wire import CONTENT_TYPE, WireFormatError, decode, encode
 
 __all__ = [
     "APIError",

@@ -12,13 +12,14 @@ from typing import Any
 
 import httpx
 
+from wire import CONTENT_TYPE, WireFormatError, decode
+
 from ._batch import Batch, BatchStream
 from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError
 from ._jobs import JobStream
 from ._transport import Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
 from ._uploads import Document, Replayable, as_record, file_chunks, ndjson
-from ._wire import CONTENT_TYPE, WireFormatError, decode
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 

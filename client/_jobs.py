@@ -34,10 +34,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from wire import CONTENT_TYPE, WireFormatError, decode
+
 from ._batch import Batch, Closing
 from ._errors import APIError, GoneError, JobCancelled, MaskserveError, ProtocolError
 from ._transport import Connected, Outage, Received
-from ._wire import CONTENT_TYPE, WireFormatError, decode
 
 log = logging.getLogger("maskserve.client")
 

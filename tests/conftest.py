@@ -26,11 +26,11 @@ import redis
 import uvicorn
 
 from client import Client
-from service.app import create_app
-from service.config import Settings
-from service.corpus import stdlib_docstrings
-from service.embedded import EmbeddedRedis
-from service.tokenization import train_tokenizer
+from service.http.app import create_app
+from service.core.config import Settings
+from service.data.corpus import stdlib_docstrings
+from service.store.embedded import EmbeddedRedis
+from service.data.tokenization import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DB = 15

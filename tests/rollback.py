@@ -7,7 +7,7 @@ from collections import Counter
 
 import redis.asyncio as aioredis
 
-from service.jobs import Jobs
+from service.jobs.jobs import Jobs
 
 DATASET, JOB = "d", "j"
 

@@ -176,7 +176,7 @@ def test_unmasked_ids_are_the_packed_corpus(http, ds, corpus, bpe_tokenizer, gat
     over few chunks gathers chunk by chunk, one over many chunks row by row)."""
     assert ds["num_chunks"] >= 2
     if gather == "per row":  # the test server runs in this process
-        monkeypatch.setattr("service.catalog._GROUPED_UP_TO", 0)
+        monkeypatch.setattr("service.data.catalog._GROUPED_UP_TO", 0)
     expected = packed_corpus(corpus, bpe_tokenizer, ds["special_tokens"]["cls"], ds["special_tokens"]["sep"])
     assert ds["num_sequences"] == len(expected)
     plain, _ = arrays(get(http, ds["name"], size=512, seed=3, index=0, mlm_probability=0.0))

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from service.openapi import operations
+from service.http.openapi import operations
 
 from .test_errors import snapshot
 

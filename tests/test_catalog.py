@@ -7,8 +7,8 @@ import uuid
 
 import redis.asyncio as aioredis
 
-from service.catalog import Catalog
-from service.store import Store
+from service.data.catalog import Catalog
+from service.store.store import Store
 
 
 def test_the_catalog_keeps_the_most_recently_used_datasets(client, settings, redis_url, bpe_tokenizer):

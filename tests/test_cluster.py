@@ -26,9 +26,9 @@ from redis.asyncio.connection import Connection
 
 from client import Client
 from client._errors import MaskserveError
-from service.catalog import Catalog
-from service.config import Settings
-from service.store import Store
+from service.data.catalog import Catalog
+from service.core.config import Settings
+from service.store.store import Store
 
 from .cluster import LocalCluster, Node, binaries
 from .conftest import ServerThread
@@ -128,8 +128,8 @@ def test_a_batch_costs_one_round_trip_per_node(cluster, service, bpe_tokenizer, 
         rc = RedisCluster.from_url(cluster.url)
         store = Store(rc, PREFIX, cluster=True)
         catalog = Catalog(store)
-        from service.batching import open_dataset
-        from service.catalog import Chunks
+        from service.batches.batching import open_dataset
+        from service.data.catalog import Chunks
 
         ds = await open_dataset(catalog, "trips")
         rt = ds.rt
@@ -146,12 +146,12 @@ def test_a_batch_costs_one_round_trip_per_node(cluster, service, bpe_tokenizer, 
             return await send(self, command, check_health)
 
         monkeypatch.setattr(Connection, "send_packed_command", counted)
-        joined, _ = await store.fetch(rt, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
+        joined, _ = await store.fetch(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
                                       expect=(rt.uid, ds.num_sequences, ds.num_chunks))  # fmt: skip
         monkeypatch.undo()
         assert len(joined) == int(entries[:, 1].sum()) * rt.id_dtype.itemsize
         after = {p: _evalsha_calls(cluster, p) for p in cluster.master_ports()}
-        groups = len({store.chunk_keys(rt, [k])[0].split("}")[0] for k in chunks.ids.tolist()})
+        groups = len({store.chunk_keys(rt.chunk_ref, [k])[0].split("}")[0] for k in chunks.ids.tolist()})
         await rc.aclose()
         return writes, {p: after[p] - before[p] for p in after}, groups
 
@@ -250,7 +250,7 @@ def slot_owners(c: LocalCluster) -> dict[int, int]:
 
 
 def job_slot(name: str) -> int:
-    from service.keys import key_slot
+    from service.store.keys import key_slot
 
     return key_slot(name)
 
@@ -303,7 +303,7 @@ def test_durable_acks_wait_for_the_aof_of_each_jobs_master(aof_cluster, bpe_toke
 
 def test_durable_acks_required_on_a_cluster_that_cannot_give_them(cluster):
     """The redis-server cluster runs without an append-only file (and Redis < 7.2 has no WAITAOF)."""
-    from service.durability import Durability, DurabilityError
+    from service.store.durability import Durability, DurabilityError
 
     async def probe() -> None:
         rc = RedisCluster.from_url(cluster.url)

@@ -22,7 +22,7 @@ import redis
 import yaml
 
 from client import Client
-from service.embedded import find_server_binary
+from service.store.embedded import find_server_binary
 
 from .conftest import ROOT, ServiceProcess, free_port, service_env
 
@@ -61,7 +61,7 @@ def _local(cmd: list[str], url: str) -> list[str]:
     if out[0] == "python":
         out[0] = sys.executable
     elif out[0] == "maskserve":
-        out[:1] = [sys.executable, "-m", "service"]
+        out[:1] = [sys.executable, "-m", "maskserve"]
     return out
 
 

@@ -1,6 +1,6 @@
 """Conformance of the masking engine with docs/masking.md.
 
-Two layers are checked: the pure function ``service.masking.mask_batch`` on
+Two layers are checked: the pure function ``service.masking.masking.mask_batch`` on
 synthetic batches (scattered special ids, pads, multi-token words), and the
 service over real HTTP on datasets built from the ``corpus`` fixture with real
 tokenizers (WordPiece, byte-level BPE and Unigram trained here, and GPT-2's
@@ -32,8 +32,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 from client import decode
-from service.masking import IGNORE_INDEX, MaskSpec, Vocab, mask_batch
-from service.tokenization import train_tokenizer
+from service.masking.masking import IGNORE_INDEX, MaskSpec, Vocab, mask_batch
+from service.data.tokenization import train_tokenizer
 
 from .conftest import service_env
 from .words import word_numbers

@@ -204,7 +204,7 @@ def test_static_job_uses_a_cache_built_with_its_mask_seed(client, ds):
 
 
 def test_a_job_without_mask_seed_keeps_its_config_digest():
-    from service.jobs import JobConfig
+    from service.jobs.jobs import JobConfig
 
     plain = JobConfig(dataset="d")
     assert "mask_seed" not in plain.model_dump_json(exclude={"mask_seed"})
@@ -219,7 +219,7 @@ def test_bad_mask_seed_is_a_problem(client, ds):
 
 @pytest.mark.parametrize("n, size", [(1, 3), (7, 3), (100, 32), (4096 + 5, 1000), (10, 25)])
 def test_stream_ids_are_the_job_permutations_concatenated(n, size):
-    from service.permute import batch_ids, stream_ids
+    from service.batches.permute import batch_ids, stream_ids
 
     k_max = -(-4 * n // size)
     ids, epochs = zip(*(stream_ids(2, k, size, n) for k in range(k_max)))
@@ -230,7 +230,7 @@ def test_stream_ids_are_the_job_permutations_concatenated(n, size):
 
 
 def test_holdout_rule_depends_on_the_document_alone():
-    from service.holdout import held_out
+    from service.data.holdout import held_out
 
     docs = [{"text": f"document number {i}"} for i in range(4000)]
     share = sum(held_out(d, 0.05) for d in docs) / len(docs)

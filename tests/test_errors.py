@@ -14,7 +14,7 @@ from pydantic import SecretStr
 
 import client as ms
 from client import Client
-from service.config import Settings
+from service.core.config import Settings
 
 from .conftest import ServerThread, free_port
 
@@ -357,7 +357,7 @@ def test_head_answers_like_get_and_405_says_what_is_allowed(http, populated):
 def _methods_by_path(settings: Settings) -> dict[str, set[str]]:
     """Every path template of the app with the methods its routes take (HEAD wherever GET is: the
     gatekeeper answers HEAD with the GET route)."""
-    from service.app import create_app
+    from service.http.app import create_app
 
     try:
         from fastapi.routing import iter_route_contexts  # FastAPI that nests included routers
@@ -474,8 +474,8 @@ def test_bearer_token(guarded, rdb, bpe_tokenizer):
 
 def test_batch_routes_document_their_query_parameters(http):
     """The batch routes read their query strings themselves; the schema still lists every parameter."""
-    from service.routes.batches import BatchQuery
-    from service.routes.jobs import NextQuery
+    from service.http.routes.batches import BatchQuery
+    from service.http.routes.jobs import NextQuery
 
     paths = http.get("/openapi.json").json()["paths"]
     for path, method, model in (("/v1/datasets/{name}/batch", "get", BatchQuery), ("/v1/jobs/{name}/next", "post", NextQuery)):
@@ -596,8 +596,8 @@ def test_client_transport_error():
 
 def test_token_check_compares_raw_header_bytes():
     """The token is compared as bytes (a UTF-8 token works), the scheme case-insensitively."""
-    from service.config import Settings as S
-    from service.deps import check_token
+    from service.core.config import Settings as S
+    from service.http.deps import check_token
 
     settings = S(auth_token=SecretStr("pässwörd"))
     assert check_token(settings, b"Bearer " + "pässwörd".encode()) is None
@@ -612,7 +612,7 @@ def test_an_empty_token_is_refused_at_start_up(monkeypatch):
     """MASKSERVE_AUTH_TOKEN="" would accept a bare 'Authorization: Bearer': the service refuses to start."""
     from pydantic import ValidationError
 
-    from service.config import Settings as S
+    from service.core.config import Settings as S
 
     for blank in ("", "   "):
         with pytest.raises(ValidationError, match="empty bearer token"):

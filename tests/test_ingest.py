@@ -16,8 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from service.packing import decode_records, record_length
-from service.store import Keys, decode_meta
+from service.data.packing import decode_records, record_length
+from service.store.store import Keys, decode_meta
 
 from .conftest import ServerThread
 from .words import reference_word_starts, special_ids
@@ -53,7 +53,7 @@ def ingest(url: str, name: str, body, headers=None, params=None) -> dict:
 
 
 def chunk_keys(rdb, prefix: str, name: str) -> list[bytes]:
-    """The data chunk keys of the dataset's current generation (they carry its uid; see service/keys.py)."""
+    """The data chunk keys of the dataset's current generation (they carry its uid; see service/store/keys.py)."""
     uid = rdb.hget(Keys(prefix).ds(name, "meta"), "uid").decode()
     return sorted(k for k in rdb.scan_iter(match=f"{prefix}:c:*:{uid}:*") if b":sm:" not in k)
 
@@ -105,7 +105,7 @@ def _seq(body: list[tuple[int, bool]], cls: int | None, sep: int | None) -> tupl
 
 
 def expected_packing(docs: list[list[tuple[int, bool]]], mode: str, seq_len: int, cls: int, sep: int):
-    """Packing as the README describes it, written out independently of service/packing.py."""
+    """Packing as the README describes it, written out independently of service/data/packing.py."""
     if mode == "complete":
         stream = [p for d in docs if d for p in [*d, (sep, True)]]
         room = seq_len - 1
@@ -568,7 +568,7 @@ def test_recreated_dataset_seen_by_another_replica(settings, rdb, bpe_tokenizer,
 
 
 async def _split(pieces: list[bytes]) -> list[tuple[int, bytes]]:
-    from service.ingest import lines
+    from service.data.ingest import lines
 
     async def stream():
         for p in pieces:
@@ -607,7 +607,7 @@ def test_ingest_batches_are_bounded_in_documents_too():
     """Many tiny documents: each tokenizer call gets at most batch_docs of them, however little text they hold."""
     import asyncio
 
-    from service.ingest import IngestStats, run_pipeline
+    from service.data.ingest import IngestStats, run_pipeline
 
     fed: list[int] = []
 
@@ -654,7 +654,7 @@ def test_a_dataset_of_the_earlier_key_layout_is_refused_with_a_clear_conflict(cl
 def test_a_create_racing_a_delete_of_the_same_name_stays_listed(redis_url, settings):
     """The index of names is not in the dataset's slot (on a cluster no script can write both): whatever way a
     create of a name interleaves with a delete of its previous generation, the new dataset stays listed."""
-    from service.store import Store
+    from service.store.store import Store
 
     def meta(name: str) -> dict:
         return {"name": name, "uid": uuid.uuid4().hex, "seq_len": 64, "packing": "none", "vocab_size": 10,
@@ -717,7 +717,7 @@ def _meta(name: str) -> dict:
 def test_a_nonce_collision_leaves_the_other_ingest_whole(redis_url):
     """Two ingests that draw the same nonce: the second one's chunk gets a fresh id, and the first one's staged
     chunk stays staged and commits; so does a chunk whose id a committed chunk holds."""
-    from service.store import Store
+    from service.store.store import Store
 
     async def main() -> None:
         r = aioredis.Redis.from_url(redis_url)

@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 
 from client import Client, ConflictError, JobCancelled, JobConflict, NotFoundError, decode
-from service.masking import Vocab, mask_batch
-from service.permute import batch_ids
-from service.schemas import MaskingParams
-from service.tokenization import load_tokenizer, prepare
+from service.masking.masking import Vocab, mask_batch
+from service.batches.permute import batch_ids
+from service.masking.params import MaskingParams
+from service.data.tokenization import load_tokenizer, prepare
 
 from .conftest import ServerThread
 

@@ -1,4 +1,4 @@
-"""The job scripts driven directly (service.jobs.Jobs over a real Redis): edges of request ids, take-backs,
+"""The job scripts driven directly (service.jobs.jobs.Jobs over a real Redis): edges of request ids, take-backs,
 eviction, retired workers and endings that are hard to reach through HTTP timing."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
-from service.jobs import JobConfig, Jobs
+from service.jobs.jobs import JobConfig, Jobs
 
 from .rollback import Drill, assert_converged, roll_back, snapshot
 

@@ -14,10 +14,10 @@ import pytest
 import redis
 
 from client import Client
-from service.cli import main as cli
-from service.durability import Durability, DurabilityError
-from service.embedded import EmbeddedRedis
-from service.jobs import lease_keys, lease_tag
+from maskserve.cli import main as cli
+from service.store.durability import Durability, DurabilityError
+from service.store.embedded import EmbeddedRedis
+from service.jobs.jobs import lease_keys, lease_tag
 
 from .conftest import ServerThread
 from .test_jobs import PROBLEM, Leased, Raw, assert_problem, drain, job_body, make_dataset, uid
@@ -63,7 +63,7 @@ def test_lease_ids_name_their_worker_under_the_jobs_secret(raw: Raw, ds, rdb: re
     job = _job(raw, name)
     a = raw.lease(job, "worker-1")
     e, i, attempt, instance, tag = a.lease.split(":")
-    key = f"ms:job:{{{job}}}"  # the job hash (service/jobstore.py)
+    key = f"ms:job:{{{job}}}"  # the job hash (service/store/jobstore.py)
     inner, outer = rdb.hmget(key, "mac_in", "mac_out")
     secret = bytes(b ^ 0x36 for b in inner).rstrip(b"\0")
     assert lease_keys(secret) == {"mac_in": inner, "mac_out": outer}

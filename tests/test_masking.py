@@ -1,4 +1,4 @@
-"""Pure-function tests of service/masking.py (no service, no Redis).
+"""Pure-function tests of service/masking/masking.py (no service, no Redis).
 
 Statistical checks use a binomial standard-error bound: an observed share
 p_hat over n independent trials must satisfy |p_hat - p| <= 5 * sqrt(p(1-p)/n)
@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 
-from service.masking import IGNORE_INDEX, MaskSpec, Vocab, mask_batch, mask_tokens, sample_ids
+from service.masking.masking import IGNORE_INDEX, MaskSpec, Vocab, mask_batch, mask_tokens, sample_ids
 
 SIGMAS = 5.0
 VOCAB_SIZE = 1000
@@ -347,8 +347,8 @@ def test_span_length_draws_are_the_exact_inverse_cdf(span_p, span_max):
     """The table-driven draw equals the plain inverse CDF on the hash's 53-bit
     uniform, hashes right at and around every CDF point included, and never
     exceeds span_max (not even for the largest hash)."""
-    from service.units import _length_draws
-    from service.rng import uniform01
+    from service.masking.units import _length_draws
+    from service.masking.rng import uniform01
 
     cdf, _ = MaskSpec(span_p=span_p, span_max=span_max).span_lengths()
     assert cdf[-1] == 1.0
@@ -367,7 +367,7 @@ def test_span_length_draws_are_the_exact_inverse_cdf(span_p, span_max):
 def test_equal_specs_have_one_digest_whatever_came_first():
     """1 and 1.0, -0.0 and 0.0 are the same config: the same digest (so the same masks and
     static-cache ids on every replica) in whichever order a process first meets them."""
-    from service import masking
+    from service.masking import masking
 
     for a, b in ((dict(mask_ratio=-0.0), dict(mask_ratio=0.0)), (dict(mlm_probability=1), dict(mlm_probability=1.0))):
         masking._digest.cache_clear()

@@ -21,12 +21,12 @@ from fastapi.exceptions import RequestValidationError
 from openapi_spec_validator import OpenAPIV31SpecValidator
 from pydantic import SecretStr
 
-from client._wire import CONTENT_TYPE
-from service.app import create_app
-from service.config import Settings
-from service.errors import PROBLEM_JSON, TYPE_BASE, ServiceError, ValidationFailed
-from service.openapi import ERRORS, PUBLIC, operations
-from service.work import is_heavy
+from wire import CONTENT_TYPE
+from service.http.app import create_app
+from service.core.config import Settings
+from service.core.errors import PROBLEM_JSON, TYPE_BASE, ServiceError, ValidationFailed
+from service.http.openapi import ERRORS, PUBLIC, operations
+from service.core.work import is_heavy
 
 from .conftest import ServerThread
 

@@ -21,7 +21,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-from service.errors import TYPE_BASE
+from service.core.errors import TYPE_BASE
 
 from .conftest import ServerThread
 from .test_openapi import AUTH, NDJSON, conforms, doc, guarded, guarded_settings  # noqa: F401 - fixtures

@@ -1,4 +1,4 @@
-"""Unit tests of service/packing.py and service/tokenization.py (pure functions, no I/O)."""
+"""Unit tests of service/data/packing.py and service/data/tokenization.py (pure functions, no I/O)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from service.errors import InvalidTokenizer
-from service.packing import ChunkBuilder, Packer, decode_records, record_length
-from service.tokenization import describe, encode_texts, load_tokenizer, prepare, train_tokenizer
+from service.core.errors import InvalidTokenizer
+from service.data.packing import ChunkBuilder, Packer, decode_records, record_length
+from service.data.tokenization import describe, encode_texts, load_tokenizer, prepare, train_tokenizer
 
 from .words import reference_word_starts
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from service.permute import BLOCK, batch_ids, permute
+from service.batches.permute import BLOCK, batch_ids, permute
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 17])

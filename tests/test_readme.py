@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from client import Client
-from service.config import Settings
+from service.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -15,9 +15,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from client import Client
-from service.durability import Durability
-from service.embedded import EmbeddedRedis
-from service.jobs import JobConfig, Jobs
+from service.store.durability import Durability
+from service.store.embedded import EmbeddedRedis
+from service.jobs.jobs import JobConfig, Jobs
 
 from .conftest import service_env
 from .rollback import DATASET, JOB, Drill, assert_converged

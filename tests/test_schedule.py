@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from client import BadRequestError, mask_rate_schedule
-from service.schedule import rate_at
+from service.masking.schedule import rate_at
 
 SIGMAS = 5.0
 PROBLEM = "application/problem+json"
@@ -62,7 +62,7 @@ def test_schedule_by_epoch_is_deterministic_and_is_the_constant_rate_of_its_epoc
     for epoch in (0, 2, 5):
         a = client.batch(ds["name"], 32, seed=3, index=1, epoch=epoch, **sched)
         again = client.batch(ds["name"], 32, seed=3, index=1, epoch=epoch, **sched)
-        p = round(_linear(0.4, 0.1, 4, epoch), 9)  # rates are rounded to 9 decimals (see service/schedule.py)
+        p = round(_linear(0.4, 0.1, 4, epoch), 9)  # rates are rounded to 9 decimals (see service/masking/schedule.py)
         plain = client.batch(ds["name"], 32, seed=3, index=1, epoch=epoch, mlm_probability=p)
         for key in ("input_ids", "labels", "sequence_ids"):
             np.testing.assert_array_equal(a[key], again[key])

@@ -27,9 +27,9 @@ import pytest
 import redis
 
 from client import Client
-from client._wire import decode
-from service.config import Settings
-from service.embedded import EmbeddedRedis
+from wire import decode
+from service.core.config import Settings
+from service.store.embedded import EmbeddedRedis
 
 from .conftest import ServerThread, service_env
 
@@ -200,8 +200,8 @@ class Held:
 @pytest.fixture
 def held_masking(monkeypatch) -> Iterator[Held]:
     """Masking that blocks until the test releases it."""
-    import service.batching as batching
-    import service.routes.masks as masks
+    import service.batches.batching as batching
+    import service.http.routes.masks as masks
 
     held = Held(monkeypatch, batching.mask_batch, batching, masks)
     yield held
@@ -233,8 +233,8 @@ def test_health_probes_answer_while_masking_runs(route, redis_url, rdb, bpe_toke
 def test_health_probes_answer_while_a_body_is_parsed(body, redis_url, rdb, bpe_tokenizer, corpus, monkeypatch):
     """Parsing JSON lines or UTF-8 text (a line or a body may be as large as the body limit) is held in the
     middle; were it on the event loop, the probes below could not be answered until it finished."""
-    import service.ingest as ingest
-    import service.routes.tokenizers as tokenizers
+    import service.data.ingest as ingest
+    import service.http.routes.tokenizers as tokenizers
 
     held = Held(monkeypatch, ingest.parse, ingest, tokenizers)
     with _server(redis_url) as s, Client(s.url, retries=0) as c:
@@ -256,7 +256,7 @@ def test_health_probes_answer_while_a_body_is_parsed(body, redis_url, rdb, bpe_t
 
 
 def test_small_batches_are_masked_inline_and_large_ones_on_the_pool(redis_url, rdb, bpe_tokenizer, corpus, monkeypatch):
-    import service.batching as batching
+    import service.batches.batching as batching
 
     threads: list[str] = []
     real = batching.mask_batch
@@ -374,7 +374,7 @@ def test_the_json_encoder_never_gets_a_whole_batch_at_once(redis_url, rdb, bpe_t
 
 @pytest.mark.parametrize("numbers", [1, 5, 64, 1 << 20])
 def test_a_json_body_in_pieces_is_the_whole_document(numbers):
-    from service.bodies import json_pieces
+    from service.batches.bodies import json_pieces
 
     arrays = {"input_ids": np.arange(60, dtype=np.int32).reshape(6, 10) - 7, "sequence_ids": np.arange(6),
               "masked_positions": np.zeros((0, 2), np.int32), "scalar": np.array(3)}  # fmt: skip
@@ -416,8 +416,8 @@ def test_static_build_memory_does_not_hold_every_copy(bpe_tokenizer, corpus):
     the peak grows by far less than one full copy per extra copy."""
     import tracemalloc
 
-    from service.masking import MaskSpec, Vocab, mask_batch
-    from service.static import encode_chunk
+    from service.masking.masking import MaskSpec, Vocab, mask_batch
+    from service.masking.static import encode_chunk
 
     rng = np.random.default_rng(0)
     b, n = 256, 512
@@ -628,11 +628,11 @@ def test_the_process_manager_imports_none_of_the_app():
     probe = (
         "import sys, uvicorn\n"
         "uvicorn.run = lambda *a, **k: None  # the manager's work up to starting workers, without starting them\n"
-        "from service.config import Settings\n"
-        "from service.serving import serve\n"
+        "from service.core.config import Settings\n"
+        "from service.http.serving import serve\n"
         "serve(Settings(redis_url='redis://127.0.0.1:1'), host='127.0.0.1', port=1, workers=2,\n"
         "      log_level='warning', access_log=False)\n"
-        "print(sorted(m for m in ('service.app', 'fastapi', 'numpy', 'tokenizers') if m in sys.modules))\n"
+        "print(sorted(m for m in ('service.http.app', 'fastapi', 'numpy', 'tokenizers') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).resolve().parent.parent)  # fmt: skip

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from client import decode
-from service.rng import sample_ids
+from service.masking.rng import sample_ids
 
 SEQ_LEN = 128
 K = 4

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from client import Client
-from service.cli import main as maskserve
-from service.holdout import held_out
+from maskserve.cli import main as maskserve
+from service.data.holdout import held_out
 from trainer.__main__ import main as trainer
 from trainer.evaluate import EVAL_SEED, fetch_set, read_metrics
 from trainer.loop import load_checkpoint

@@ -405,7 +405,7 @@ def test_cli_trains_checkpoints_resumes_and_reports_errors(tmp_path, monkeypatch
 
 def test_every_masking_option_of_the_service_is_a_flag():
     """The trainer exposes each field of the service's masking parameters as a flag, and passes it on."""
-    from service.schemas import MaskingParams
+    from service.masking.params import MaskingParams
     from trainer.__main__ import _masking, build_parser
     from trainer.data import masking_options
 

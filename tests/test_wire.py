@@ -1,4 +1,4 @@
-"""client/_wire.py: the safetensors encoder/decoder shared by service and client."""
+"""wire/: the safetensors encoder/decoder shared by service and client."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import safetensors.numpy
 import safetensors.torch
 
-from client._wire import WireFormatError, decode, encode
+from wire import WireFormatError, decode, encode
 
 DTYPES = ["bool", "u1", "i1", "<u2", "<i2", "<u4", "<i4", "<u8", "<i8", "<f2", "<f4", "<f8"]
 SHAPES = [(0,), (3, 0), (0, 4, 2), (1,), (7,), (2, 3), (2, 3, 4)]

@@ -1,0 +1,228 @@
+"""The shape of the code: import cycles, imports that run back up the layer table, the largest module and function.
+
+    python bench/layout.py [ROOT]      # ROOT: a checkout (default: this one)
+
+Reads the source with ``ast`` (nothing is imported). Modules are those of the packages service, client,
+trainer, wire and maskserve under ROOT; an import counts wherever it is written (module level, in a
+function, under ``TYPE_CHECKING``). Prints:
+
+- import cycles: strongly connected components of more than one module, between modules and between
+  units (service's sub-packages, each top-level package; see ``unit``);
+- back-running imports: imports from one unit into another that the layer table (``ALLOWED``) does not
+  allow. A tree from before service's sub-packages is read with each flat module placed where it
+  belongs now (``FORMERLY``), so that the table applies to it too;
+- the largest module and the largest function, in lines.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+PACKAGES = ("service", "client", "trainer", "wire", "maskserve")
+_SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches",
+            "service.jobs", "service.http")  # fmt: skip
+
+# unit -> the units it may import (besides itself); service's root package (its version) is open to all of service.
+ALLOWED: dict[str, set[str]] = {
+    "service.core": set(),
+    "service.store": {"service.core"},
+    "service.masking": {"service.core"},
+    "service.data": {"service.core", "service.store", "service.masking"},
+    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
+    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
+    "service.http": {*_SERVICE, "wire"},
+    "service": set(),
+    "service.__main__": {"service.http"},
+    "wire": set(),
+    "client": {"wire"},
+    "trainer": {"client", "wire"},
+    "maskserve": {*_SERVICE, "service", "client", "trainer", "wire"},
+}
+
+
+def modules(root: Path) -> dict[str, Path]:
+    """Dotted module name -> file, for every module of PACKAGES under ``root``."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((root / pkg).rglob("*.py")) if (root / pkg).is_dir() else []:
+            parts = list(path.relative_to(root).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, int]]:
+    """(imported module, line) for every import in the file: the project's modules only, and for
+    ``from X import y`` the module ``X.y`` when it is one, else ``X``. External names are kept as written."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    is_pkg = path.name == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known]
+            out += [(s, node.lineno) for s in subs]
+            if len(subs) < len(node.names):
+                out.append((mod, node.lineno))
+    return out
+
+
+# Where the modules of the flat service/ (and client/_wire.py, service/cli.py) belong in the layered one.
+FORMERLY = {
+    **{m: "service.core" for m in ("config", "errors", "work", "tuning")},
+    **{m: "service.store" for m in ("keys", "store", "jobstore", "durability", "embedded")},
+    **{m: "service.masking" for m in ("masking", "units", "rng", "static", "schedule", "schemas")},
+    **{m: "service.data" for m in ("ingest", "tokenization", "packing", "holdout", "corpus", "catalog")},
+    **{m: "service.batches" for m in ("batching", "bodies", "permute")},
+    "jobs": "service.jobs",
+    **{m: "service.http" for m in ("app", "serving", "deps", "openapi", "metrics", "routes")},
+    "cli": "maskserve",
+}
+
+
+def unit(module: str) -> str:
+    """The layer a module belongs to: service's sub-package (or root module), else its top-level package."""
+    if module == "client._wire":
+        return "wire"
+    parts = module.split(".")
+    if parts[0] == "service" and len(parts) > 1 and parts[1] in FORMERLY:
+        return FORMERLY[parts[1]]
+    if parts[0] != "service":
+        return parts[0]
+    if len(parts) == 1:
+        return "service"
+    return ".".join(parts[:2])
+
+
+def graph(root: Path) -> tuple[dict[str, Path], dict[str, set[str]], list[tuple[str, str, int]]]:
+    """(modules, module -> project modules it imports, every import as (importer, imported, line))."""
+    known = modules(root)
+    edges: dict[str, set[str]] = {m: set() for m in known}
+    raw = []
+    for name, path in known.items():
+        for target, line in imports(name, path, known):
+            raw.append((name, target, line))
+            # the nearest enclosing project module: ``from service.store.keys import Keys`` -> service.store.keys
+            t = target
+            while t and t not in known:
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                edges[name].add(t)
+    return known, edges, raw
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one node (Tarjan, iterative)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    on, stack, out = set(), [], []
+    counter = 0
+    for start in sorted(edges):
+        if start in index:
+            continue
+        work = [(start, iter(sorted(edges[start])))]
+        index[start] = low[start] = counter
+        counter += 1
+        stack.append(start)
+        on.add(start)
+        while work:
+            node, it = work[-1]
+            for nxt in it:
+                if nxt not in index:
+                    index[nxt] = low[nxt] = counter
+                    counter += 1
+                    stack.append(nxt)
+                    on.add(nxt)
+                    work.append((nxt, iter(sorted(edges.get(nxt, ())))))
+                    break
+                if nxt in on:
+                    low[node] = min(low[node], index[nxt])
+            else:
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    comp = []
+                    while True:
+                        m = stack.pop()
+                        on.discard(m)
+                        comp.append(m)
+                        if m == node:
+                            break
+                    if len(comp) > 1:
+                        out.append(sorted(comp))
+    return out
+
+
+def unit_edges(edges: dict[str, set[str]]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = defaultdict(set)
+    for src, targets in edges.items():
+        out[unit(src)] |= {unit(t) for t in targets if unit(t) != unit(src)}
+    return dict(out)
+
+
+def back_imports(edges: dict[str, set[str]]) -> tuple[list[str], list[str]]:
+    """(imports the table does not allow, modules of units the table has no row for)."""
+    bad, unplaced = [], set()
+    for src, targets in sorted(edges.items()):
+        u = unit(src)
+        if u not in ALLOWED:
+            unplaced.add(src)
+            continue
+        for t in sorted(targets):
+            v = unit(t)
+            if v != u and v not in ALLOWED[u] and not (v == "service" and u.startswith("service")):
+                bad.append(f"{src} -> {t}")
+    return bad, sorted(unplaced)
+
+
+def largest(known: dict[str, Path]) -> tuple[tuple[int, str], tuple[int, str]]:
+    """((lines, module) of the longest module, (lines, module:function) of the longest function)."""
+    biggest_mod, biggest_fn = (0, ""), (0, "")
+    for name, path in known.items():
+        text = path.read_text(encoding="utf-8")
+        biggest_mod = max(biggest_mod, (len(text.splitlines()), name))
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                biggest_fn = max(biggest_fn, (node.end_lineno - node.lineno + 1, f"{name}:{node.name}"))
+    return biggest_mod, biggest_fn
+
+
+def main(argv: list[str]) -> int:
+    root = Path(argv[1] if len(argv) > 1 else Path(__file__).resolve().parent.parent).resolve()
+    known, edges, _ = graph(root)
+    module_cycles = cycles(edges)
+    package_cycles = cycles(unit_edges(edges))
+    bad, unplaced = back_imports(edges)
+    (mod_lines, mod), (fn_lines, fn) = largest(known)
+    print(f"tree: {root} ({len(known)} modules)")
+    print(f"import cycles between modules: {len(module_cycles)}")
+    for c in module_cycles:
+        print("   ", " <-> ".join(c))
+    print(f"import cycles between packages: {len(package_cycles)}")
+    for c in package_cycles:
+        print("   ", " <-> ".join(c))
+    print(f"imports against the layer table: {len(bad)}")
+    for b in bad:
+        print("   ", b)
+    if unplaced:
+        print(f"modules outside the table's packages: {len(unplaced)} ({', '.join(unplaced)})")
+    print(f"largest module: {mod} ({mod_lines} lines)")
+    print(f"largest function: {fn} ({fn_lines} lines)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

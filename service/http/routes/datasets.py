@@ -1,0 +1,256 @@
+"""Datasets: create, list, inspect, delete; ingest documents."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+import anyio
+import numpy as np
+from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
+
+from ...core.errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
+from ...data.catalog import DatasetRuntime, sha256
+from ...data.ingest import SPLITS, Pipeline, documents, limited, run_pipeline
+from ...data.packing import PACKING_MODES
+from ...data.tokenization import ROLES, TokenizerInfo, load_tokenizer, prepare
+from ...masking.params import MAX_SEQ_LEN
+from ...store.store import ChunkIdTaken, Staged, pack_tokenizer
+from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+log = logging.getLogger("maskserve")
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
+
+
+class DatasetCreate(BaseModel):
+    name: str = Field(pattern=NAME_PATTERN, description="Letters, digits, '.', '_', '-'; at most 128.")
+    seq_len: int = Field(
+        ge=8, le=MAX_SEQ_LEN, description="Sequence length L, special tokens included (at most MASKSERVE_MAX_SEQ_LEN)."
+    )
+    packing: Literal["complete", "doc", "none"] = Field(default="complete", description=f"One of {PACKING_MODES}.")
+    tokenizer: dict[str, Any] = Field(description="The tokenizer.json object of the 'tokenizers' library.")
+    special_tokens: dict[Literal["cls", "sep", "pad", "mask", "unk"], str] | None = Field(
+        default=None,
+        description=f"Token string per role {ROLES}; roles left out are found by name, "
+        "and a missing cls/sep/pad/mask is added to the vocabulary.",
+    )
+
+
+class DatasetInfo(BaseModel):
+    name: str
+    uid: str
+    seq_len: int
+    packing: str
+    vocab_size: int
+    id_dtype: str
+    special_tokens: dict[str, int | None]
+    num_sequences: int
+    num_tokens: int
+    num_documents: int
+    num_chunks: int
+    bytes: int
+    generation: int
+    created_at: float
+    tokenizer_sha256: str
+
+
+class IngestResult(BaseModel):
+    dataset: str
+    documents: int
+    sequences: int
+    tokens: int
+    bytes: int
+    first_sequence_id: int
+    duplicate: bool = Field(default=False, description="True when this Idempotency-Key was committed before.")
+
+
+def _prepare_create(raw: bytes, max_seq_len: int) -> tuple[DatasetCreate, TokenizerInfo, bytes, str]:
+    """Parse and check a create request, load its tokenizer; (body, tokenizer info, the tokenizer.json as
+    stored, its sha256)."""
+    try:
+        obj = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise RequestValidationError([{"loc": ("body",), "msg": f"JSON decode error: {exc}", "type": "json_invalid"}])
+    try:
+        body = DatasetCreate.model_validate(obj)
+    except ValidationError as exc:
+        raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors()]) from None
+    if body.seq_len > max_seq_len:
+        raise LimitExceeded(f"seq_len {body.seq_len} exceeds the service limit of {max_seq_len}", limit=max_seq_len)
+    info = prepare(load_tokenizer(json.dumps(body.tokenizer)), body.special_tokens)
+    if info.special_ids["mask"] is None or info.special_ids["pad"] is None:
+        raise InvalidRequest("the tokenizer needs a mask and a pad token")
+    tok_json = info.tokenizer.to_str()
+    return body, info, pack_tokenizer(tok_json), sha256(tok_json)
+
+
+def _info(meta: dict[str, Any]) -> DatasetInfo:
+    return DatasetInfo(**{k: meta[k] for k in DatasetInfo.model_fields})
+
+
+@router.post(
+    "", status_code=201, response_model=DatasetInfo, summary="Create a dataset",
+    openapi_extra={"requestBody": {"required": True, "content": {
+        "application/json": {"schema": DatasetCreate.model_json_schema()}}}},
+)  # fmt: skip
+async def create_dataset(request: Request, store: StoreDep, settings: SettingsDep, response: Response) -> DatasetInfo:
+    # The body (up to MASKSERVE_MAX_TOKENIZER_BYTES of tokenizer.json) is parsed, validated and loaded in a worker
+    # thread, not on the event loop: a large tokenizer must not stall the health probes or other requests.
+    raw = await request.body()  # bounded as it arrives (see app.Gatekeeper)
+    body, info, tok_blob, tok_sha = await request.app.state.work.run(_prepare_create, raw, settings.max_seq_len)
+    meta = {
+        "name": body.name,
+        "uid": uuid.uuid4().hex,
+        "seq_len": body.seq_len,
+        "packing": body.packing,
+        "vocab_size": info.vocab_size,
+        "id_dtype": info.id_dtype.str,
+        "special_tokens": info.special_ids,
+        "all_special_ids": list(info.all_special_ids),
+        "num_sequences": 0,
+        "num_tokens": 0,
+        "num_documents": 0,
+        "num_chunks": 0,
+        "bytes": 0,
+        "generation": 0,
+        "created_at": time.time(),
+        "tokenizer_sha256": tok_sha,
+    }
+    if not await store.create_dataset(body.name, meta, tok_blob):
+        raise DatasetExists(f"a dataset named {body.name!r} exists; delete it first", dataset=body.name)
+    response.headers["Location"] = f"/v1/datasets/{body.name}"
+    return _info(meta)
+
+
+@router.get("", summary="List datasets")
+async def list_datasets(store: StoreDep) -> dict[str, list[DatasetInfo]]:
+    out = []
+    for name in await store.list_names():
+        meta = await store.meta(name)
+        if meta is not None:
+            out.append(_info(meta))
+    return {"datasets": out}
+
+
+async def _meta(store: StoreDep, name: str) -> dict[str, Any]:
+    meta = await store.meta(name)
+    if meta is None:
+        raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+    return meta
+
+
+@router.get("/{name}", response_model=DatasetInfo, summary="Inspect a dataset")
+async def get_dataset(name: str, store: StoreDep) -> DatasetInfo:
+    return _info(await _meta(store, name))
+
+
+@router.get("/{name}/tokenizer", summary="The dataset's tokenizer.json")
+async def get_tokenizer(name: str, store: StoreDep) -> Response:
+    raw = await store.tokenizer_json(name)
+    if raw is None:
+        raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+    return Response(raw, media_type="application/json")
+
+
+@router.delete("/{name}", status_code=204, summary="Delete a dataset and every key it owns")
+async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, request: Request) -> Response:
+    if not await store.delete_dataset(name):
+        raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+    catalog.forget(name)
+    request.app.state.jobs.forget(dataset=name)  # its jobs went with it
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{name}/documents",
+    response_model=IngestResult,
+    summary="Ingest documents (NDJSON or plain text), atomically",
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/x-ndjson": {"schema": {"type": "string"}},
+                "text/plain": {"schema": {"type": "string"}},
+            },
+            "required": True,
+        }
+    },
+)
+async def ingest(
+    name: str,
+    request: Request,
+    store: StoreDep,
+    catalog: CatalogDep,
+    settings: SettingsDep,
+    metrics: MetricsDep,
+    split: Annotated[
+        Literal["none", "line", "paragraph"],
+        Query(description=f"text/plain only: how the body splits into documents, one of {SPLITS}."),
+    ] = "none",
+    idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
+) -> IngestResult:
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in (*NDJSON_TYPES, "text/plain"):
+        raise UnsupportedMediaType(
+            f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line) or text/plain, "
+            f"not {media_type or 'no content type'!r}"
+        )
+    rt = await catalog.current(name)
+    info = await catalog.tokenizer(rt)
+    pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
+    ingest_id = store.new_ingest_id()
+    staged: list[Staged] = []
+
+    async def stage(blob: bytes) -> None:
+        try:
+            chunk = await store.stage_chunk(name, rt.uid, ingest_id, len(staged), blob, settings.stage_ttl_s)
+        except ChunkIdTaken as taken:
+            raise Conflict(f"a staged chunk's key was taken ({taken}); retry the ingest") from None
+        if chunk is None:
+            raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
+        staged.append(chunk)
+
+    body = limited(request.stream(), settings.max_body_bytes)
+    try:
+        stats = await run_pipeline(
+            pipeline, documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt)), settings.ingest_batch_bytes,
+            stage, settings.ingest_batch_docs, request.app.state.work.limiter,
+        )
+        result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
+                  "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip
+        status, payload = await store.commit_ingest(
+            name, rt.uid, idempotency_key or "", staged, stats.chunk_counts,
+            stats.sequences, stats.tokens, stats.documents, stats.bytes, result, pipeline.token_counts,
+        )  # fmt: skip
+        if status == -1:
+            raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
+        if status == -2:
+            raise Conflict(f"staged data expired before commit ({payload}); retry the ingest")
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            try:
+                await store.drop_staged(name, staged)
+            except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
+                log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
+        raise
+    out = IngestResult(**json.loads(payload), duplicate=status == 1)
+    if status == 0:
+        metrics.tokens_ingested.labels(name).inc(stats.tokens)
+        metrics.documents_ingested.labels(name).inc(stats.documents)
+    return out
+
+
+def _reserved(rt: DatasetRuntime) -> np.ndarray:
+    """Ids pre-tokenized documents may not hold: the special tokens, except unk."""
+    reserved = rt.vocab.is_special.copy()
+    unk = rt.meta["special_tokens"].get("unk")
+    if unk is not None:
+        reserved[unk] = False
+    return reserved

@@ -1,0 +1,358 @@
+"""Jobs: many workers, one epoch. Config, leases and progress.
+
+A job is a dataset + masking config + batch size + seed + shuffle + epochs.
+Epoch e is the (seed, e) permutation of the dataset's first ``n`` sequences
+(``n`` is fixed when the job is created), cut into batches; batch i of epoch
+e holds ``permute.batch_ids(seed, e, n, B, i, shuffle)`` masked for epoch e
+(the determinism rule of docs/masking.md), so a re-delivered batch is
+byte-identical. Leases, acks and cursors live in Redis (jobstore.py); this
+module holds no state of its own. docs/jobs.md has the contract users rely on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+from redis.asyncio import Redis
+
+from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
+from ..store.durability import Confirm, Durability, confirmed
+from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
+from ..store.store import Store, pairs
+
+JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+
+
+class JobConfig(BaseModel):
+    dataset: str = Field(description="The dataset the job reads.")
+    batch_size: int = Field(
+        default=32, ge=1, le=MAX_BATCH, description="Sequences per batch (at most MASKSERVE_MAX_BATCH_SIZE)."
+    )
+    seed: int = Field(default=0, ge=0, le=MAX_SEED, description="Seeds the permutations (and the masks).")
+    shuffle: bool = Field(default=True, description="A fresh seeded permutation per epoch; off: dataset order.")
+    epochs: int | None = Field(default=1, ge=1, le=1_000_000, description="Number of epochs; null runs until cancelled.")
+    drop_last: bool = Field(default=False, description="Drop the short last batch of each epoch.")
+    lease_timeout_s: float = Field(
+        default=60.0, ge=0.01, le=86400, description="A batch not acked by then is handed out again (10 ms or more)."
+    )
+    epoch_boundary: Literal["handout", "ack"] = Field(
+        default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
+    )
+    masking: MaskingParams = Field(default_factory=MaskingParams)
+    mask_seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED,
+        description="Seeds the masks (and names the static cache) apart from the order; default `seed`.",
+    )  # fmt: skip
+
+    @property
+    def masks_seed(self) -> int:
+        """The seed the masks are drawn with."""
+        return self.seed if self.mask_seed is None else self.mask_seed
+
+    def batches_per_epoch(self, num_sequences: int) -> int:
+        """Batches an epoch of ``num_sequences`` makes: a short last one counts unless ``drop_last``."""
+        full, rest = divmod(num_sequences, self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def _compared(self) -> dict:
+        exclude: dict = {"mask_seed": True} if self.mask_seed is None else {}
+        if self.masking.schedule == "constant":
+            exclude["masking"] = {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}
+        return exclude
+
+    def digest(self) -> str:
+        """What attaching compares. A constant mask rate leaves the schedule fields out, and an unset mask
+        seed leaves that field out, so a job created before either existed keeps its digest (and workers
+        can still attach to it)."""
+        return hashlib.sha256(self.model_dump_json(exclude=self._compared()).encode()).hexdigest()[:32]
+
+    def differences(self, requested: "JobConfig") -> list[dict[str, Any]]:
+        """The fields (``masking.unit`` for a masking option) where ``requested`` differs from this config,
+        each with both values: what a refused attach reports. Fields the digest leaves out are compared as
+        it does (a field one side leaves out counts as unset)."""
+        mine = _flat(self.model_dump(mode="json", exclude=self._compared()))
+        theirs = _flat(requested.model_dump(mode="json", exclude=requested._compared()))
+        return [{"field": f, "job": mine.get(f), "requested": theirs.get(f)}
+                for f in sorted(mine.keys() | theirs.keys(), key=_field_order)
+                if mine.get(f) != theirs.get(f)]  # fmt: skip
+
+
+class JobCreate(JobConfig):
+    name: str = Field(pattern=JOB_NAME, description="Workers attach by this name.")
+
+
+@dataclass
+class Lease:
+    epoch: int
+    index: int
+    lease: str
+    expires_ms: int
+    redelivered: bool
+    instance: str
+    in_order: bool = False  # no later request of the worker's stream got a batch first (see jobstore.NEXT)
+
+
+@dataclass
+class NextResult:
+    state: str  # lease, wait, done, cancelled, missing
+    lease: Lease | None = None
+    retry_ms: int = 0
+    instance: str = ""  # new for every created job: what cached configs are keyed on
+    acks: list[str] | None = None
+    confirm: Confirm = confirmed  # await before answering: the acks are durable (see durability.py)
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _field_order(name: str) -> tuple[int, int, str]:
+    """Fields in the order the config declares them (the masking options in theirs)."""
+    top, _, sub = name.partition(".")
+    tops, subs = list(JobConfig.model_fields), list(MaskingParams.model_fields)
+    return tops.index(top) if top in tops else len(tops), subs.index(sub) if sub in subs else len(subs), name
+
+
+def _state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
+    """A job hash as typed fields (its secrets left out); None for no job."""
+    if not raw:
+        return None
+    st: dict[str, Any] = {_s(k): _s(v) for k, v in raw.items() if k not in _SECRET_FIELDS}
+    for f in ("epoch", "next", "n", "bpe", "epochs", "batch_size", "lease_ms", "attempts", "handed", "acked",
+              "acked_sequences", "redelivered", "late_acks", "num_chunks"):  # fmt: skip
+        st[f] = int(st[f])
+    for f in _RETIRED:
+        st[f] = int(st.get(f, 0))
+    st["config"] = json.loads(st["config"])
+    return st
+
+
+def _conflicts(requested: JobConfig, dataset: str, stored: str) -> list[dict[str, Any]]:
+    try:
+        existing = JobConfig.model_validate_json(stored)
+    except ValueError:  # not readable as a config of this release: at least the dataset can be compared
+        return [{"field": "dataset", "job": dataset, "requested": requested.dataset}] \
+            if dataset != requested.dataset else []  # fmt: skip
+    return existing.differences(requested)
+
+
+def _s(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+_SECRET_FIELDS = (b"mac_in", b"mac_out")
+# KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
+_JOB_CLOCK = "return redis.call('TIME')"
+_PROGRESS_PER_PIPELINE = 512  # jobs whose progress one pipeline reads (GET /v1/jobs reads them all)
+_RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
+
+
+def lease_keys(secret: bytes) -> dict[str, bytes]:
+    """HMAC-SHA1's padded inner and outer keys for ``secret``: the job's lease-signing key, as the scripts use it."""
+    key = secret if len(secret) <= 64 else hashlib.sha1(secret).digest()
+    key = key.ljust(64, b"\0")
+    return {"mac_in": bytes(b ^ 0x36 for b in key), "mac_out": bytes(b ^ 0x5C for b in key)}
+
+
+def lease_tag(secret: bytes, base: str, worker: str) -> str:
+    """The tag the scripts put at the end of lease id ``base:tag`` issued to ``worker`` (for tests and tools)."""
+    def mac(msg: str) -> str:
+        return hmac.new(secret, msg.encode(), hashlib.sha1).hexdigest()[:16]
+
+    return mac(base) + mac(f"{base}:{worker}")
+
+
+def parse_next(out: list[Any]) -> NextResult:
+    state = _s(out[0])
+    if state == "lease":
+        lease = Lease(int(out[1]), int(out[2]), _s(out[3]), int(out[4]), bool(int(out[5])), _s(out[6]),
+                      bool(int(out[7])))  # fmt: skip
+        return NextResult(state, lease=lease, instance=lease.instance, acks=[_s(a) for a in out[8:]])
+    if state == "missing":
+        return NextResult(state)
+    return NextResult(state, retry_ms=int(out[1]), instance=_s(out[2]), acks=[_s(a) for a in out[3:]])
+
+
+class Jobs:
+    """Async access to job state; every transition is one Lua script."""
+
+    def __init__(
+        self, r: Redis, prefix: str, durability: Durability | None = None, *, worker_idle_s: float = 3600,
+        max_workers: int = 1024, store: Store | None = None,
+    ) -> None:  # fmt: skip
+        self.r = r
+        self.keys = JobKeys(prefix)
+        self.store = store or Store(r, prefix)  # the job lists in the datasets' slots
+        self.durability = durability or Durability(r, "off")
+        self.worker_idle_ms = int(worker_idle_s * 1000)
+        self.max_workers = max_workers
+        self._next = r.register_script(NEXT)
+        self._ack = r.register_script(ACK)
+        self._release = r.register_script(RELEASE)
+        self._ungrant = r.register_script(UNGRANT)
+        self._evict = r.register_script(EVICT)
+        self._create = r.register_script(CREATE_JOB)
+        self._cancel = r.register_script(CANCEL_JOB)
+        self._datasets: dict[str, str] = {}  # job -> dataset, immutable while the job exists
+
+    async def dataset_of(self, job: str, *, fresh: bool = False) -> str | None:
+        if fresh or job not in self._datasets:
+            ds = await self.r.hget(self.keys.job(job), "dataset")
+            if ds is None:
+                self._datasets.pop(job, None)
+                return None
+            self._datasets[job] = ds.decode()
+        return self._datasets[job]
+
+    async def create(
+        self, name: str, cfg: JobConfig, dataset_uid: str, n: int, bpe: int, num_chunks: int
+    ) -> tuple[str, list[dict[str, Any]]]:
+        """Create job ``name``: returns ('created' | 'exists' | 'no-dataset', []) or ('conflict', the fields
+        where the existing job's config differs from ``cfg``, each with both values)."""
+        k = self.keys
+        fields = {
+            "name": name, "config": cfg.model_dump_json(), "config_hash": cfg.digest(), "dataset": cfg.dataset,
+            "dataset_uid": dataset_uid, "status": "active", "epoch": 0, "next": 0, "n": n, "bpe": bpe,
+            "epochs": -1 if cfg.epochs is None else cfg.epochs, "batch_size": cfg.batch_size,
+            "lease_ms": int(cfg.lease_timeout_s * 1000), "boundary": cfg.epoch_boundary, "attempts": 0,
+            "handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0, "late_acks": 0,
+            "num_chunks": num_chunks, "created_at": time.time(), "instance": secrets.token_hex(8),
+            **lease_keys(secrets.token_bytes(32)),
+        }  # fmt: skip
+        # the job in its slot, then listed with its dataset (which checks that the dataset still exists):
+        # a dataset deleted meanwhile either lists the job in its trash, or refuses it and it is deleted again
+        out = await self.durability.run(
+            self._create, keys=[k.job(name)], args=[cfg.dataset, cfg.digest(), *pairs(fields)]
+        )
+        state = _s(out[0])
+        if state == "conflict":
+            return state, _conflicts(cfg, _s(out[1]), _s(out[2]))
+        if not await self.store.add_job(cfg.dataset, dataset_uid, name):
+            if state == "created":
+                await self.store.delete_job(name, dataset_uid)
+            return "no-dataset", []
+        return state, []
+
+    async def state(self, dataset: str, job: str) -> dict[str, Any] | None:
+        return _state(await self.r.hgetall(self.keys.job(job)))
+
+    async def progress(self, dataset: str, job: str) -> dict[str, Any] | None:
+        return (await self.progress_many([(dataset, job)]))[0]
+
+    async def progress_many(self, jobs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+        """The progress of each (dataset, job) (None: no such job of that dataset), read in one pipeline per
+        ``_PROGRESS_PER_PIPELINE`` jobs: one round trip per node, not one per job."""
+        out: list[dict[str, Any] | None] = []
+        for start in range(0, len(jobs), _PROGRESS_PER_PIPELINE):
+            part = jobs[start : start + _PROGRESS_PER_PIPELINE]
+            async with self.r.pipeline(transaction=False) as p:
+                for _, job in part:
+                    base = self.keys.lease_keys(job)
+                    p.hgetall(self.keys.job(job))
+                    p.zcard(base[1])
+                    p.hgetall(base[4])
+                    p.hgetall(base[3])
+                    p.eval(_JOB_CLOCK, 1, base[0])  # the job's node's clock (a cluster pipeline has no keyless TIME)
+                replies = await p.execute()
+            for i, (dataset, job) in enumerate(part):
+                raw, leased, ackcount, workers, now = replies[5 * i : 5 * i + 5]
+                st = _state(raw)
+                mine = st is not None and st["dataset"] == dataset  # not a job of the same name of another dataset
+                out.append(self._progress(dataset, job, st, leased, ackcount, workers, now) if mine else None)
+        return out
+
+    def _progress(
+        self, dataset: str, job: str, st: dict[str, Any], leased: int, ackcount: dict, workers: dict, now: list
+    ) -> dict[str, Any]:  # fmt: skip
+        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
+        per_worker: dict[str, dict[str, float]] = {}
+        for key, value in workers.items():
+            worker, _, counter = _s(key).rpartition(":")
+            counters = per_worker.setdefault(
+                worker, {"handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0}
+            )
+            counters[counter] = int(value)
+        for w in per_worker.values():
+            span = max(1, w.get("last", now_ms) - w.get("first", now_ms)) / 1000
+            w["sequences_per_s"] = w.get("acked_sequences", 0) / span if w.get("acked", 0) > 1 else 0.0
+        created = float(st["created_at"])
+        return {
+            "name": job, "dataset": dataset, "status": st["status"], "config": st["config"],
+            "epoch": st["epoch"], "epochs": None if st["epochs"] < 0 else st["epochs"],
+            "batches_per_epoch": st["bpe"], "sequences_per_epoch": st["n"] if not st["config"]["drop_last"]
+            else st["bpe"] * st["batch_size"], "next_batch": st["next"],
+            "handed_out": st["handed"], "acked": st["acked"], "leased": int(leased),
+            "redelivered": st["redelivered"], "late_acks": st["late_acks"],
+            "acked_per_epoch": {_s(e): int(c) for e, c in sorted(ackcount.items(), key=lambda kv: int(kv[0]))},
+            "sequences_per_s": st["acked_sequences"] / max(1e-3, time.time() - created),
+            "workers": per_worker, "created_at": created,
+            "retired_workers": {f.removeprefix("retired_"): st[f] for f in _RETIRED},
+            **self.durability.describe(),
+        }  # fmt: skip
+
+    async def next(
+        self, dataset: str, job: str, worker: str, acks: list[str], request: str = "", seq: int = 0
+    ) -> NextResult:
+        """Ack ``acks``, then lease the next batch; ``request`` (a client-chosen id) makes a retry return
+        the lease the first attempt got; ``seq`` numbers the worker's requests (see ``Lease.in_order``).
+        ``confirm()`` on the result returns once the acks are durable."""
+        out, confirm = await self.durability.start(
+            self._next, keys=self.keys.with_acks(job, acks),
+            args=[worker, request, self.worker_idle_ms, self.max_workers, seq, *acks], durable=bool(acks),
+        )  # fmt: skip
+        res = parse_next(out)
+        res.confirm = confirm
+        return res
+
+    async def ungrant(self, dataset: str, job: str, worker: str, lease: Lease) -> bool:
+        """Take back a lease whose batch never reached the worker (its request failed)."""
+        out = await self._ungrant(keys=self.keys.lease_keys(job),
+                                  args=[worker, lease.lease, int(lease.redelivered)])  # fmt: skip
+        return bool(out)
+
+    async def ack(self, dataset: str, job: str, worker: str, leases: list[str]) -> list[str] | None:
+        """Ack results per lease; None when there is no such job (on that dataset)."""
+        out = await self.durability.run(self._ack, keys=self.keys.with_acks(job, leases), args=[worker, *leases])
+        if out and _s(out[0]) == "missing":
+            return None
+        return [_s(a) for a in out]
+
+    async def release(self, dataset: str, job: str, worker: str, leases: list[str]) -> int | None:
+        n = int(await self._release(keys=self.keys.lease_keys(job), args=[worker, *leases]))
+        return None if n < 0 else n
+
+    async def evict(self, dataset: str, job: str, worker: str) -> int | None:
+        n = int(await self._evict(keys=self.keys.lease_keys(job), args=[worker]))
+        return None if n < 0 else n
+
+    async def cancel(self, dataset: str, job: str) -> bool | None:
+        n = int(await self.durability.run(self._cancel, keys=[self.keys.job(job)], args=[]))
+        return None if n < 0 else bool(n)
+
+    def forget(self, job: str | None = None, dataset: str | None = None) -> None:
+        """Drop cached lookups of a job, or of every job of a dataset."""
+        for name in [j for j, d in self._datasets.items() if j == job or d == dataset]:
+            self._datasets.pop(name, None)
+
+    def knows(self, job: str) -> bool:
+        """Whether this process holds a lookup of ``job`` (dropped by ``forget``)."""
+        return job in self._datasets
+
+    async def delete(self, dataset: str, job: str) -> int:
+        removed = await self.store.delete_job(job)
+        await self.store.unlist_job(dataset, job)  # after: a listed name without a job is skipped
+        self.forget(job)
+        return removed

@@ -1,0 +1,220 @@
+"""Chunks: their keys, the chunk tables, and batch reads (one script per node, fanned out on a cluster)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
+
+from .base import ChunkRef, StaleCounters, StoreBase, _counters, _u64
+from .keys import group_of
+
+
+# KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks), then
+# the dataset's meta hash
+# ARGV[1]: id width in bytes, ARGV[2]: B, ARGV[3]: 1 to fetch whole records (ids and word-start bits),
+# ARGV[4]: per sequence, (key number, offset, tokens) as packed uint32 triples,
+# ARGV[5]: with masks, per sequence, (key number, offset, pairs) of its mask record, packed likewise ('' without)
+# ARGV[6]: '' or the counters the caller drew the batch from, 'uid:num_sequences:num_chunks'
+# (the callers read the chunks' immutable tables once and cache them, so a sequence costs one GETRANGE)
+# returns two arrays, of B strings each: each sequence's ids (or whole record), and its mask record
+# (arrays, not joined strings: Lua's table.concat re-copies its growing buffer, quadratic in the batch);
+# or, when the counters are not those of ARGV[6], {'stale', uid, num_sequences, num_chunks} as they are
+# ('' for a dataset that is gone), before reading anything
+# a range that comes back short (a dataset deleted mid-request) is an error reply naming the key
+FETCH_RANGES = """
+if ARGV[6] ~= '' then
+  local c = redis.call('HMGET', KEYS[#KEYS], 'uid', 'num_sequences', 'num_chunks')
+  if not c[1] or (c[1] .. ':' .. c[2] .. ':' .. c[3]) ~= ARGV[6] then
+    return {'stale', c[1] or '', c[2] or '', c[3] or ''}
+  end
+end
+local w = tonumber(ARGV[1])
+local b = tonumber(ARGV[2])
+local whole = ARGV[3] == '1'
+local entries = ARGV[4]
+local data, masks = {}, {}
+for i = 1, b do
+  local k, off, n = struct.unpack('<I4I4I4', entries, 12 * i - 11)
+  local size = n * w
+  if whole then size = size + math.floor((n + 7) / 8) end
+  local part = redis.call('GETRANGE', KEYS[k], off, off + size - 1)
+  if #part ~= size then return redis.error_reply('missing chunk ' .. KEYS[k]) end
+  data[i] = part
+end
+if ARGV[5] ~= '' then
+  local mentries = ARGV[5]
+  for i = 1, b do
+    local k, off, m = struct.unpack('<I4I4I4', mentries, 12 * i - 11)
+    if m > 0 then
+      local part = redis.call('GETRANGE', KEYS[k], off, off + m * 2 * w - 1)
+      if #part ~= m * 2 * w then return redis.error_reply('missing masks ' .. KEYS[k]) end
+      masks[i] = part
+    else
+      masks[i] = ''
+    end
+  end
+end
+return {data, masks}
+"""
+
+def _group_of(key: str) -> str:
+    """The hash tag of a chunk key (its group)."""
+    return key[key.index("{") + 1 : key.index("}")]
+
+def _packed(key_numbers: np.ndarray, pairs: np.ndarray) -> bytes:
+    """(key number, offset, count) per sequence as packed uint32 triples (Lua's KEYS are 1-based)."""
+    triples = np.empty((len(key_numbers), 3), dtype="<u4")
+    triples[:, 0] = key_numbers
+    triples[:, 1:] = pairs
+    return triples.tobytes()
+
+
+class ChunkReads(StoreBase):
+    """Read chunks and the sequences of a batch."""
+
+    def _register_chunks(self, r: aioredis.Redis) -> None:
+        self._fetch = r.register_script(FETCH_RANGES)
+
+    def chunk_keys(self, rt: ChunkRef, positions: list[int], cache: str | None = None) -> list[str]:
+        """Keys of the chunks at ``positions`` of the chunk table (or of their static masks of ``cache``)."""
+        prefixes = self.keys.chunk_prefixes(rt.uid, rt.groups)
+        groups = len(prefixes)
+        ids = rt.ids[positions].tolist() if positions else []
+        suffix = "" if cache is None else f":sm:{cache}"
+        return [f"{prefixes[group_of(i, groups)]}{i}{suffix}" for i in ids]
+
+    async def chunk_table(self, name: str, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+        """First sequence id and chunk id of table positions ``start..end-1`` (both tables are append-only)."""
+        async with self.r.pipeline(transaction=False) as p:
+            p.getrange(self.keys.ds(name, "chunks"), 8 * start, 8 * end - 1)
+            p.getrange(self.keys.ds(name, "chunk_ids"), 8 * start, 8 * end - 1)
+            starts, ids = await p.execute()
+        return _u64(starts), _u64(ids)
+
+    async def read_chunk(self, rt: ChunkRef, k: int) -> bytes | None:
+        return await self.r.get(self.chunk_keys(rt, [k])[0])
+
+    async def tables(self, keys: list[str], counts: list[int]) -> list[np.ndarray | None]:
+        """The (offset, n) tables at the head of chunk blobs, ``counts[i]`` entries each (None: no such key).
+        Read from a replica when configured; what it lacks (it may lag a fresh ingest) is read from masters."""
+        tables = await self._tables(self.reader, keys, counts)
+        lacking = [i for i, t in enumerate(tables) if t is None]
+        if lacking and self.replica_reads:
+            again = await self._tables(self.r, [keys[i] for i in lacking], [counts[i] for i in lacking])
+            for i, t in zip(lacking, again):
+                tables[i] = t
+        return tables
+
+    @staticmethod
+    async def _tables(client: aioredis.Redis, keys: list[str], counts: list[int]) -> list[np.ndarray | None]:
+        async with client.pipeline(transaction=False) as p:
+            for key, count in zip(keys, counts):
+                p.getrange(key, 4, 3 + 8 * count)
+            raw = await p.execute()
+        return [
+            np.frombuffer(r, dtype="<u4").reshape(-1, 2) if len(r) == 8 * c else None for r, c in zip(raw, counts)
+        ]
+
+    async def fetch(
+        self, rt: ChunkRef, chunks: np.ndarray, which: np.ndarray, entries: np.ndarray, itemsize: int, *,
+        masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
+        expect: tuple[str, int, int] | None = None,
+    ) -> tuple[bytes, bytes | None]:  # fmt: skip
+        """Sequences at ``entries`` ((offset, tokens) each) of their chunks, in one round trip per node:
+        sequence i lies in the chunk at table position ``chunks[which[i]]`` (``chunks``: the distinct ones).
+
+        Returns the sequences back to back (their ids, or with ``word_starts``
+        their whole records, as ``packing.assemble`` takes) and, with
+        ``masks=(cache id, (offset, pairs) per sequence)``, their static mask
+        records back to back (else None). With ``expect`` (the counters the
+        batch was drawn from) they are checked in the same round trip, and
+        ``StaleCounters`` raised with the current ones when they moved on.
+        """
+        positions = chunks.tolist()
+        keys = self.chunk_keys(rt, positions)
+        mkeys = self.chunk_keys(rt, positions, masks[0]) if masks is not None else []
+        if self.cluster:
+            return await self._fetch_fanned(rt, keys, mkeys, which, entries, itemsize, masks, word_starts, expect)
+        args: list[object] = [itemsize, len(which), 1 if word_starts else 0, _packed(which + 1, entries), b""]
+        if masks is not None:
+            args[4] = _packed(which + 1 + len(keys), masks[1])
+        args.append("" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}")
+        reply = await self._fetch(keys=[*keys, *mkeys, self.keys.ds(rt.name, "meta")], args=args)
+        if reply[0] == b"stale":
+            uid, nseq, nchunks = (x.decode() for x in reply[1:])
+            raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+        data, records = reply
+        return b"".join(data), b"".join(records) if masks else None
+
+    async def _fetch_fanned(
+        self, rt: ChunkRef, keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray,
+        itemsize: int, masks: tuple[str, np.ndarray] | None, word_starts: bool, expect: tuple[str, int, int] | None,
+    ) -> tuple[bytes, bytes | None]:  # fmt: skip
+        """The cluster's fetch: one FETCH_RANGES per chunk group (one slot each) and, with ``expect``, the
+        counters, all in one pipeline that the client sends as one batch per node, to all nodes at once."""
+        chunk_group = np.array([_group_of(key) for key in keys])  # the group's tag, per distinct chunk
+        seq_group = chunk_group[which]
+        order = np.argsort(seq_group, kind="stable")
+        plans = []
+        for tag in np.unique(chunk_group):
+            in_group = np.flatnonzero(chunk_group == tag)  # distinct chunks of this group
+            local = np.full(len(keys), 0, dtype=np.int64)
+            local[in_group] = np.arange(1, len(in_group) + 1)
+            rows = order[seq_group[order] == tag]  # the batch rows read here, in batch order
+            gkeys = [keys[i] for i in in_group]
+            args: list[object] = [itemsize, len(rows), 1 if word_starts else 0, _packed(local[which[rows]], entries[rows]), b""]
+            if masks is not None:
+                args[4] = _packed(local[which[rows]] + len(in_group), masks[1][rows])
+                gkeys += [mkeys[i] for i in in_group]
+            plans.append((rows, gkeys, [*args, ""]))
+        meta = self.keys.ds(rt.name, "meta") if expect is not None else None
+        replies = await self._run_fetches(self.reader, plans, meta, replica=self.replica_reads)
+        failed = any(isinstance(x, Exception) for x in replies)
+        if self.replica_reads and (failed or (expect is not None and _counters(replies[-1]) != expect)):
+            # A replica may lag the master (a fresh ingest, a re-created dataset): what it could not answer,
+            # or counters other than the caller's, are asked of the masters before anything is concluded.
+            replies = await self._run_fetches(self.r, plans, meta, replica=False)
+        for x in replies:
+            if isinstance(x, Exception):
+                raise x  # a short range (a chunk gone) is a ResponseError, as on one server
+        if expect is not None:
+            current = _counters(replies[-1])
+            if current != expect:
+                raise StaleCounters(current)
+        data: list[bytes] = [b""] * len(which)
+        records: list[bytes] = [b""] * len(which)
+        for (rows, _, _), (part, mparts) in zip(plans, replies):
+            for row, piece in zip(rows.tolist(), part):
+                data[row] = piece
+            if masks is not None:
+                for row, piece in zip(rows.tolist(), mparts):
+                    records[row] = piece
+        return b"".join(data), b"".join(records) if masks else None
+
+    async def _run_fetches(
+        self, client: aioredis.Redis, plans: list[tuple[np.ndarray, list[str], list[object]]], meta: str | None, *,
+        replica: bool,
+    ) -> list[Any]:  # fmt: skip
+        """One FETCH_RANGES per plan and, with ``meta``, the counters: one pipeline (one batch per node).
+        Errors are returned in place of their replies."""
+        for attempt in range(2):
+            async with client.pipeline(transaction=False) as p:
+                for _, gkeys, args in plans:
+                    p.execute_command("EVALSHA_RO" if replica else "EVALSHA", self._fetch.sha, len(gkeys), *gkeys, *args)
+                if meta is not None:
+                    p.hmget(meta, "uid", "num_sequences", "num_chunks")
+                replies = await p.execute(raise_on_error=False)
+            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                await self._load_everywhere(FETCH_RANGES)
+                continue
+            break
+        return replies
+
+    async def _load_everywhere(self, script: str) -> None:
+        """Load ``script`` on every node, replicas included (a promoted replica, or a replica serving reads,
+        may not have it)."""
+        for client in {id(self.r): self.r, id(self.reader): self.reader}.values():
+            await client.execute_command("SCRIPT LOAD", script, target_nodes="all")

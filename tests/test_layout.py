@@ -1,0 +1,196 @@
+"""The code's layering, read with ``ast`` (nothing imported): which package may import which, no import
+circles, no reaching into another package's private modules, and a service that stands without the client,
+the trainer and the command line.
+
+Every import counts, wherever it is written: at module level, inside a function, under TYPE_CHECKING.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("service", "client", "trainer", "wire", "maskserve")
+SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches", "service.jobs",
+           "service.http")  # fmt: skip
+
+# Each unit (service's sub-packages, service's root modules, each top-level package) and the units it may
+# import besides itself. Every part of service may import service's root package (its version).
+ALLOWED: dict[str, set[str]] = {
+    "service.core": set(),
+    "service.store": {"service.core"},
+    "service.masking": {"service.core"},
+    "service.data": {"service.core", "service.store", "service.masking"},
+    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
+    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
+    "service.http": {*SERVICE, "wire"},
+    "service": set(),
+    "service.app": {"service.http"},
+    "service.__main__": {"service.http"},
+    "wire": set(),
+    "client": {"wire"},
+    "trainer": {"client", "wire"},
+    "maskserve": {*SERVICE, "service", "client", "trainer", "wire"},
+}
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            out[".".join(parts)] = path
+    return out
+
+
+MODULES = _modules()
+
+
+def _imports(name: str) -> list[tuple[str, int]]:
+    """(imported name, line) of every import in module ``name``, relative ones made absolute; for
+    ``from X import y`` the module ``X.y`` when there is one, else ``X``."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES]
+            out += [(s, node.lineno) for s in subs]
+            if len(subs) < len(node.names):
+                out.append((mod, node.lineno))
+    return out
+
+
+IMPORTS = {name: _imports(name) for name in MODULES}
+
+
+def _own(target: str) -> str | None:
+    """The project module an imported name lies in (``service.store.keys.Keys`` -> ``service.store.keys``)."""
+    while target and target not in MODULES:
+        target = target.rpartition(".")[0]
+    return target or None
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[0] if parts[0] != "service" or len(parts) == 1 else ".".join(parts[:2])
+
+
+EDGES = {name: {t for t in (_own(i) for i, _ in found) if t and t != name} for name, found in IMPORTS.items()}
+
+
+def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one node (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            comp = []
+            while True:
+                m = stack.pop()
+                comp.append(m)
+                if m == node:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return out
+
+
+def test_the_tree_is_read() -> None:
+    """The checks below see the packages they speak of (an empty tree would pass them all)."""
+    assert {_unit(m) for m in MODULES} >= set(SERVICE) | {"wire", "client", "trainer", "maskserve"}
+    assert "service.store.keys" in EDGES["service.store.store"]
+    assert "wire" in EDGES["service.batches.bodies"]
+
+
+def test_every_unit_has_a_row_in_the_table() -> None:
+    assert not sorted({_unit(m) for m in MODULES} - set(ALLOWED))
+
+
+def test_imports_follow_the_layer_table() -> None:
+    bad = []
+    for src, targets in sorted(EDGES.items()):
+        u = _unit(src)
+        for t in sorted(targets):
+            v = _unit(t)
+            if v != u and v not in ALLOWED[u] and not (v == "service" and u.startswith("service")):
+                bad.append(f"{src} -> {t}")
+    assert not bad, "imports the layer table does not allow:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize("level", ["module", "package"])
+def test_no_import_circles(level: str) -> None:
+    if level == "module":
+        edges = EDGES
+    else:
+        edges = {}
+        for src, targets in EDGES.items():
+            edges.setdefault(_unit(src), set()).update(_unit(t) for t in targets if _unit(t) != _unit(src))
+    circles = _circles(edges)
+    # client._client <-> client._jobs is the client's own, cut where the client is reshaped
+    known = [["client._client", "client._jobs"]] if level == "module" else []
+    assert [c for c in circles if c not in known] == [], circles
+
+
+def test_the_circle_finder_finds_circles() -> None:
+    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_another_packages_private_module() -> None:
+    """``_name`` modules are their package's own: ``client._wire`` from the service is what this forbids."""
+    bad = []
+    for src, found in sorted(IMPORTS.items()):
+        for target, line in found:
+            mod = _own(target)
+            if mod is None:
+                continue
+            private = [i for i, part in enumerate(mod.split(".")) if part.startswith("_") and not part.startswith("__")]
+            if private and mod.split(".")[: private[0]] != src.split(".")[: private[0]]:
+                bad.append(f"{src}:{line} imports {mod}")
+    assert not bad, "\n".join(bad)
+
+
+def test_the_service_needs_no_client_trainer_cli_or_httpx() -> None:
+    bad = [f"{src}:{line} imports {target}" for src, found in sorted(IMPORTS.items()) if _unit(src).startswith("service")
+           for target, line in found if target.split(".")[0] in ("client", "trainer", "maskserve", "httpx")]  # fmt: skip
+    assert not bad, "\n".join(bad)
+
+
+def test_wire_imports_nothing_of_ours_and_no_http_library() -> None:
+    found = [t for m in MODULES if _unit(m) == "wire" for t, _ in IMPORTS[m]]
+    assert not [t for t in found if t.split(".")[0] in (*PACKAGES, "httpx")], found
+
+
+@pytest.mark.parametrize("package", [*SERVICE, "wire", "maskserve"])
+def test_every_package_says_what_it_owns(package: str) -> None:
+    doc = ast.get_docstring(ast.parse(MODULES[package].read_text(encoding="utf-8")))
+    assert doc and len(doc.split()) >= 5, package
