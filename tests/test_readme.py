@@ -1,6 +1,6 @@
-"""The README's examples run against a live service, and its claims are checked against the code.
+"""The examples of the README and docs/ run against a live service, and their claims are checked against the code.
 
-Every fenced block of README.md is marked on the line before its fence:
+Every fenced block of README.md and of each docs/*.md is marked on the line before its fence:
 
 * ``<!-- runnable NAME -->`` (optionally ``dataset=D`` for each dataset the
   block expects to exist): the block runs here, ``bash`` blocks under
@@ -31,6 +31,8 @@ from service.core.config import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+CONFIGURATION = ROOT / "docs" / "configuration.md"  # the configuration table: every setting, in full
 MARK = re.compile(r"^<!--\s*(runnable|not runnable)\b(.*?)-->\s*$")
 LANGS = ("bash", "python")
 BLOCK_TIMEOUT_S = 300  # a guard against a hung block, not a way to wait for anything
@@ -45,9 +47,14 @@ class Block:
     name: str = ""
     reason: str = ""
     datasets: list[str] = field(default_factory=list)
+    doc: str = "README.md"  # the document it is in, relative to the repository
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
 
 
-def readme_blocks(text: str) -> list[Block]:
+def readme_blocks(text: str, doc: str = "README.md") -> list[Block]:
     """Every fenced block of a Markdown text with the marker on the line before it."""
     lines = text.splitlines()
     blocks: list[Block] = []
@@ -59,8 +66,8 @@ def readme_blocks(text: str) -> list[Block]:
         lang = lines[i][3:].strip()
         end = next((j for j in range(i + 1, len(lines)) if lines[j].startswith("```")), None)
         if end is None:
-            raise ValueError(f"README line {i + 1}: a fence that is never closed")
-        block = Block(line=i + 1, lang=lang, code="\n".join(lines[i + 1 : end]) + "\n", runnable=None)
+            raise ValueError(f"{doc} line {i + 1}: a fence that is never closed")
+        block = Block(line=i + 1, lang=lang, code="\n".join(lines[i + 1 : end]) + "\n", runnable=None, doc=doc)
         m = MARK.match(lines[i - 1]) if i else None
         if m:
             block.runnable = m.group(1) == "runnable"
@@ -75,7 +82,7 @@ def readme_blocks(text: str) -> list[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks(README.read_text(encoding="utf-8"))
+BLOCKS = [b for d in DOCS for b in readme_blocks(d.read_text(encoding="utf-8"), str(d.relative_to(ROOT)))]
 RUNNABLE = [b for b in BLOCKS if b.runnable]
 # Cases expected to fail on this branch, and why; strict: once they pass, the entry must go.
 EXPECTED_FAILURES: dict[str, str] = {}  # block name -> why it fails today (run as a strict xfail)
@@ -83,12 +90,12 @@ EXPECTED_FAILURES: dict[str, str] = {}  # block name -> why it fails today (run 
 
 def test_every_block_is_marked() -> None:
     """Each fenced block is runnable (and then has a name and a language we run) or says why not."""
-    unmarked = [b.line for b in BLOCKS if b.runnable is None]
-    assert not unmarked, f"README blocks at lines {unmarked} carry neither <!-- runnable NAME --> nor <!-- not runnable: WHY -->"
+    unmarked = [b.where for b in BLOCKS if b.runnable is None]
+    assert not unmarked, f"blocks at {unmarked} carry neither <!-- runnable NAME --> nor <!-- not runnable: WHY -->"
     assert all(b.reason for b in BLOCKS if b.runnable is False), "a not-runnable block must say why"
     for b in RUNNABLE:
-        assert b.name, f"README line {b.line}: a runnable block needs a name"
-        assert b.lang in LANGS, f"README block {b.name}: runnable blocks are {LANGS}, not {b.lang!r}"
+        assert b.name, f"{b.where}: a runnable block needs a name"
+        assert b.lang in LANGS, f"block {b.name} ({b.where}): runnable blocks are {LANGS}, not {b.lang!r}"
     names = [b.name for b in RUNNABLE]
     assert len(names) == len(set(names)), f"runnable block names repeat: {names}"
     assert set(EXPECTED_FAILURES) <= set(names), "an expected failure names no block"
@@ -140,10 +147,10 @@ def test_readme_block(
     argv = ["bash", "-e", "-o", "pipefail", "-c", block.code] if block.lang == "bash" else [sys.executable, "-c", block.code]
     proc = subprocess.run(argv, cwd=tmp_path, env=_env(service_url, redis_url), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=BLOCK_TIMEOUT_S)  # fmt: skip
-    assert proc.returncode == 0, f"README block {block.name!r} (line {block.line}) exited {proc.returncode}:\n{proc.stdout[-6000:]}"
+    assert proc.returncode == 0, f"block {block.name!r} ({block.where}) exited {proc.returncode}:\n{proc.stdout[-6000:]}"
 
 
-# ---- settings: the README's configuration table against the code ------------------------------
+# ---- settings: the configuration table (docs/configuration.md) against the code ---------------
 
 ENV_NAME = re.compile(r"MASKSERVE_[A-Z0-9_]*[A-Z0-9](?![A-Z0-9_]*\*)")  # a name, not a pattern like MASKSERVE_MAX_*
 # Set by the service for its own worker processes, not by users.
@@ -159,9 +166,8 @@ def _settings_names() -> set[str]:
 
 
 def _config_table() -> set[str]:
-    """The names in the first column of the README's configuration table."""
-    section = README.read_text(encoding="utf-8").split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line.split("|")[1] for line in section.splitlines() if line.startswith("| `")]
+    """The names in the first column of the configuration table (every table of docs/configuration.md)."""
+    rows = [line.split("|")[1] for line in CONFIGURATION.read_text(encoding="utf-8").splitlines() if line.startswith("| `")]
     return {name for row in rows for name in re.findall(r"`([A-Z][A-Z0-9_]+)`", row)}
 
 
@@ -174,12 +180,12 @@ def _code_names() -> set[str]:
 def test_every_setting_is_in_the_configuration_table() -> None:
     table = _config_table()
     missing = sorted((_settings_names() | _code_names()) - INTERNAL - table)
-    assert not missing, f"settings the code reads but the README's configuration table lacks: {missing}"
+    assert not missing, f"settings the code reads but the configuration table ({CONFIGURATION.name}) lacks: {missing}"
 
 
 def test_every_documented_setting_exists() -> None:
     known = _settings_names() | _code_names()
-    for doc in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+    for doc in DOCS:
         unknown = sorted(set(ENV_NAME.findall(doc.read_text(encoding="utf-8"))) - known)
         assert not unknown, f"{doc.relative_to(ROOT)} names settings no code reads: {unknown}"
 
@@ -214,7 +220,7 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 def test_relative_links_in_the_docs_resolve() -> None:
     broken = []
-    for doc in [README, *sorted((ROOT / "docs").rglob("*.md"))]:
+    for doc in DOCS:
         for target in LINK.findall(doc.read_text(encoding="utf-8")):
             if "://" in target or target.startswith("mailto:"):
                 continue
