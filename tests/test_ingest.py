@@ -105,7 +105,7 @@ def _seq(body: list[tuple[int, bool]], cls: int | None, sep: int | None) -> tupl
 
 
 def expected_packing(docs: list[list[tuple[int, bool]]], mode: str, seq_len: int, cls: int, sep: int):
-    """Packing as the README describes it, written out independently of service/data/packing.py."""
+    """Packing as docs/datasets.md describes it, written out independently of service/data/packing.py."""
     if mode == "complete":
         stream = [p for d in docs if d for p in [*d, (sep, True)]]
         room = seq_len - 1

@@ -12,6 +12,7 @@ import redis
 import redis.asyncio as aioredis
 
 from service.jobs.jobs import JobConfig, Jobs
+from service.store.store import Store
 
 from .rollback import Drill, assert_converged, roll_back, snapshot
 
@@ -154,5 +155,34 @@ def test_a_duplicate_ack_ends_the_lease_on_its_batch(redis_url: str, rdb: redis.
         assert await jobs.ack(DATASET, "j", "w", [a.lease, b.lease]) == ["duplicate", "acked"]
         assert await r.zcard(jobs.keys.lease_keys("j")[1]) == 0
         assert (await jobs.state(DATASET, "j"))["status"] == "done"
+
+    run(redis_url, body)
+
+
+def test_deleting_a_job_whose_keys_rolled_back_leaves_nothing_for_its_successor(redis_url: str, rdb: redis.Redis):
+    """A late ack of a batch in an epoch after the cursor's (granted in the lost window) writes that epoch's
+    acked bitmap; deleting the job removes it too, so a job created again under the name starts clean and
+    ends, instead of answering ``duplicate`` for batches it never trained and never finishing."""
+
+    async def body(jobs: Jobs, r: aioredis.Redis) -> None:
+        bpe, epochs = 2, 2
+        await _create(jobs, bpe=bpe, epochs=epochs)
+        drill = Drill(jobs, r, 1)
+        (w,) = drill.workers
+        await drill.rounds(2, ack=False)  # epoch 0's two batches, held
+        taken = await snapshot(r, jobs, epochs)
+        await drill.rounds(2)  # the lost window: epoch 0 acked, epoch 1's two batches granted
+        held = list(w.held)
+        assert {lease.split(":")[0] for lease in held} == {"1"}
+        await roll_back(r, taken)
+        assert await jobs.ack(DATASET, "j", w.name, held[:1]) == ["late"]  # acked ahead of the cursor's epoch
+        assert await jobs.cancel(DATASET, "j")
+        assert await Store(r, "ms").delete_job("j") > 0
+        assert [k async for k in r.scan_iter(match="ms:job:*")] == []
+        await _create(jobs, bpe=bpe, epochs=epochs)
+        again = Drill(jobs, r, 1)
+        await again.drain(max_rounds=4 * bpe * epochs)
+        assert (await jobs.state(DATASET, "j"))["status"] == "done"
+        assert (await jobs.state(DATASET, "j"))["acked"] == bpe * epochs
 
     run(redis_url, body)

@@ -7,7 +7,7 @@ the connection's writes are fsynced locally (and, if asked, on N replicas), so
 the script and the wait go over one connection and the answer goes out only
 after both. Older servers (no ``WAITAOF``) or servers with the AOF off confirm
 as soon as the script ran: the window that remains is the server's own (up to
-a second of writes with ``everysec``; see the README).
+a second of writes with ``everysec``; see docs/jobs.md, "Durable acks").
 
 Modes (``MASKSERVE_DURABLE_ACKS``): ``auto`` waits where the server supports
 it, ``require`` refuses to start where it does not, ``off`` never waits.

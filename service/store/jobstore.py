@@ -4,7 +4,8 @@ A job's keys share the job's own hash tag, so every script touches one slot,
 and the jobs of a cluster spread over its masters::
 
     P:job:{J}                           HASH   dataset, its uid, config, status, epoch, next, counters,
-                                               lease-signing keys (the job -> dataset lookup, too)
+                                               lease-signing keys (the job -> dataset lookup, too),
+                                               acked_top (latest epoch acked ahead of the cursor)
     P:job:{J}:leases                    ZSET   "epoch:index" -> lease expiry (ms, Redis clock)
     P:job:{J}:lease                     HASH   "epoch:index" -> "lease id|worker|request id" (or "-0"/"-1":
                                                taken back from a failed request)
@@ -45,7 +46,9 @@ or release it, and the original holder of an expired lease can still ack it
 append-only file that lost its unsynced tail) while workers hold leases
 granted after it. Their acks still count (``late``, once each); one of a batch
 ahead of the cursor is recorded in ``ahead``, and the cursor skips it when it
-gets there, so only batches granted in the lost window can be trained twice.
+gets there, so only batches granted or acked in the lost window can be trained
+twice. The hash's ``acked_top`` is the latest epoch acked ahead of the cursor's,
+so deleting the job finds every acked bitmap.
 An ack of a batch already acked (``duplicate``) ends any lease on it, and a
 job is done once all its batches are acked, whatever its cursor says.
 """
@@ -164,6 +167,9 @@ local function ack(lease, worker, acked)
   local epoch, nxt = tonumber(cursor[1]), tonumber(cursor[2])
   if e > epoch or (e == epoch and i >= nxt) then
     redis.call('SADD', ahead, member)  -- granted after the state the keys rolled back to: never again
+    if e > epoch and e > (tonumber(redis.call('HGET', job, 'acked_top')) or -1) then
+      redis.call('HSET', job, 'acked_top', e)  -- so that deleting the job finds this epoch's bitmap
+    end
   end
   redis.call('HINCRBY', ackcount, e, 1)
   redis.call('HINCRBY', job, 'acked', 1)
@@ -418,12 +424,14 @@ return 1
 
 # KEYS[1]: job hash, KEYS[2..8]: the job's other fixed keys, KEYS[9..]: acked bitmaps of epochs 0..ARGV[2]-1
 # ARGV[1]: the dataset uid the job must read ('' for any), ARGV[2]: number of epochs whose bitmaps are passed
+# (the later of the cursor's epoch and 'acked_top', plus one)
 # returns the number of keys removed, -1 when the job reads another dataset generation (kept), or -2 when it
 # has more epochs than passed (nothing removed: read the epoch again)
 DELETE_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'dataset_uid') ~= ARGV[1] then return -1 end
-if tonumber(redis.call('HGET', KEYS[1], 'epoch')) + 1 > tonumber(ARGV[2]) then return -2 end
+local f = redis.call('HMGET', KEYS[1], 'epoch', 'acked_top')
+if math.max(tonumber(f[1]), tonumber(f[2]) or -1) + 1 > tonumber(ARGV[2]) then return -2 end
 local removed = 0
 for i = 1, #KEYS do removed = removed + redis.call('UNLINK', KEYS[i]) end
 return removed

@@ -130,8 +130,8 @@ class Trash(StoreBase):
         """Delete the job's keys (only if it reads generation ``dataset_uid``, when given); returns keys removed."""
         jk = self.job_keys
         for _ in range(_RETIRE_TRIES):
-            epoch = await self.r.hget(jk.job(job), "epoch")
-            epochs = int(epoch) + 1 if epoch is not None else 0
+            epoch, top = await self.r.hmget(jk.job(job), ["epoch", "acked_top"])  # top: acked ahead, after a roll back
+            epochs = max(int(epoch), int(top or -1)) + 1 if epoch is not None else 0
             n = int(await self._delete_job(keys=jk.all_keys(job, epochs), args=[dataset_uid, epochs]))
             if n != -2:  # -2: the job entered another epoch meanwhile
                 return max(n, 0)
