@@ -359,7 +359,7 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
 
     import redis.asyncio as aioredis
 
-    from service.batches.batching import fetched, open_dataset, outputs, render
+    from service.batches.batching import open_dataset, outputs, prepare_batch, render
     from service.data.catalog import Catalog
     from service.batches.permute import stream_ids
     from service.http.routes.batches import BatchQuery
@@ -391,8 +391,8 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
                 index = first_index + it
                 seq_ids, epochs = stream_ids(seed, index, b, ds.num_sequences)
                 spent[0] = 0.0
-                compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=int(epochs[0]), params=q, spec=spec,
-                                        checked=known is not None)  # fmt: skip
+                compute = await prepare_batch(catalog, ds, seq_ids, seed=seed, epoch=int(epochs[0]), params=q,
+                                              spec=spec, checked=known is not None)  # fmt: skip
                 m = compute()  # on the event loop here; the route runs it on the CPU pool above a size
                 t2 = time.perf_counter()
                 render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False, 1 << 18)

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from wire import CONTENT_TYPE
 
-from ...batches.batching import open_dataset, served
+from ...batches.batching import open_dataset, render_batch
 from ...batches.bodies import Pieces, hold_body
 from ...batches.params import OutputParams
 from ...core.errors import InvalidRequest, JobConflict, LimitExceeded, StaticMasksMissing
@@ -202,8 +202,8 @@ async def _respond(request: Request, q: "NextQuery", granted: Granted, as_json: 
     lease, rt, cfg = granted.lease, granted.rt, granted.config
     meta = {"job": granted.job, "dataset": granted.dataset, "epoch": lease.epoch, "index": lease.index,
             "lease": lease.lease, "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
-    body = await served(state.work, granted.compute, granted.seq_ids, q, rt, meta, as_json,
-                        state.settings.response_piece_bytes)  # fmt: skip
+    body = await render_batch(state.work, granted.compute, granted.seq_ids, q, rt, meta, as_json,
+                              state.settings.response_piece_bytes)  # fmt: skip
     state.metrics.sequences_served.labels(granted.dataset).inc(len(granted.seq_ids))
     headers = {
         "Maskserve-Acks": ",".join(granted.acks),
