@@ -28,6 +28,8 @@ from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, 
 from ..store.store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: when a job's next epoch starts: once the last batch was handed out, or once it was acked
+EpochBoundary = Literal["handout", "ack"]
 
 
 class JobConfig(BaseModel):
@@ -42,7 +44,7 @@ class JobConfig(BaseModel):
     lease_timeout_s: float = Field(
         default=60.0, ge=0.01, le=86400, description="A batch not acked by then is handed out again (10 ms or more)."
     )
-    epoch_boundary: Literal["handout", "ack"] = Field(
+    epoch_boundary: EpochBoundary = Field(
         default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
     )
     masking: MaskingParams = Field(default_factory=MaskingParams)
