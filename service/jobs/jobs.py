@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
 from ..store.durability import Confirm, Durability, confirmed
 from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
+from ..store.lua import NOW_MS
 from ..store.store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
@@ -157,7 +158,7 @@ def _s(v: Any) -> str:
 
 _SECRET_FIELDS = (b"mac_in", b"mac_out")
 # KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
-_JOB_CLOCK = "return redis.call('TIME')"
+_JOB_CLOCK = NOW_MS + "return now"
 _PROGRESS_PER_PIPELINE = 512  # jobs whose progress one pipeline reads (GET /v1/jobs reads them all)
 _RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
 
@@ -270,16 +271,15 @@ class Jobs:
                     p.eval(_JOB_CLOCK, 1, base[0])  # the job's node's clock (a cluster pipeline has no keyless TIME)
                 replies = await p.execute()
             for i, (dataset, job) in enumerate(part):
-                raw, leased, ackcount, workers, now = replies[5 * i : 5 * i + 5]
+                raw, leased, ackcount, workers, now_ms = replies[5 * i : 5 * i + 5]
                 st = _state(raw)
                 mine = st is not None and st["dataset"] == dataset  # not a job of the same name of another dataset
-                out.append(self._progress(dataset, job, st, leased, ackcount, workers, now) if mine else None)
+                out.append(self._progress(dataset, job, st, leased, ackcount, workers, now_ms) if mine else None)
         return out
 
     def _progress(
-        self, dataset: str, job: str, st: dict[str, Any], leased: int, ackcount: dict, workers: dict, now: list
+        self, dataset: str, job: str, st: dict[str, Any], leased: int, ackcount: dict, workers: dict, now_ms: int
     ) -> dict[str, Any]:  # fmt: skip
-        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():
             worker, _, counter = _s(key).rpartition(":")
