@@ -169,16 +169,38 @@ async def documents(
         async for number, raw in lines(body):
             yield Unparsed(number, raw, False, vocab_size, reserved)
         return
-    para: list[str] = []
+    paragraphs = Paragraphs()
     async for number, raw in lines(body):
-        line = _utf8(raw, f"line {number}").rstrip("\r")
+        para = paragraphs.add(_utf8(raw, f"line {number}").rstrip("\r"))
+        if para is not None:
+            yield para
+    para = paragraphs.end()
+    if para is not None:
+        yield para
+
+
+class Paragraphs:
+    """Lines of plain text -> its paragraphs (``split=paragraph``): each run of non-blank lines, joined by
+    newlines; blank (or whitespace-only) lines separate them. The one rule for the service's ingest and for
+    files read ahead of an upload (``holdout.read_documents``)."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def add(self, line: str) -> str | None:
+        """Take the next line (without its line break); returns the paragraph it ends, if any."""
         if line.strip():
-            para.append(line)
-        elif para:
-            yield "\n".join(para)
-            para = []
-    if para:
-        yield "\n".join(para)
+            self._lines.append(line)
+            return None
+        return self.end()
+
+    def end(self) -> str | None:
+        """At the end of the text: the paragraph still open, if any."""
+        if not self._lines:
+            return None
+        para = "\n".join(self._lines)
+        self._lines = []
+        return para
 
 
 @dataclass
