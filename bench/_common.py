@@ -17,7 +17,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from service.core.process import free_port, stop_process  # noqa: E402  (free_port: for the benches)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/14"
 KEY_PREFIX = "ms"  # the service's default MASKSERVE_KEY_PREFIX
@@ -167,12 +168,6 @@ def redis_version(url: str) -> str:
 # ---- the service process -----------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def service_env(args: argparse.Namespace) -> dict[str, str]:
     out = {}
     for kv in args.service_env or []:
@@ -258,13 +253,8 @@ class Service:
         return self.proc.pid
 
     def stop(self, timeout: float = 30.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc, timeout, signal.SIGINT)
         self.proc = None
         if getattr(self, "_log", None) is not None:
             self._log.close()
@@ -359,7 +349,7 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
 
     import redis.asyncio as aioredis
 
-    from service.batches.batching import fetched, open_dataset, outputs, render
+    from service.batches.batching import open_dataset, outputs, prepare_batch, render
     from service.data.catalog import Catalog
     from service.batches.permute import stream_ids
     from service.http.routes.batches import BatchQuery
@@ -391,8 +381,8 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
                 index = first_index + it
                 seq_ids, epochs = stream_ids(seed, index, b, ds.num_sequences)
                 spent[0] = 0.0
-                compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=int(epochs[0]), params=q, spec=spec,
-                                        checked=known is not None)  # fmt: skip
+                compute = await prepare_batch(catalog, ds, seq_ids, seed=seed, epoch=int(epochs[0]), params=q,
+                                              spec=spec, checked=known is not None)  # fmt: skip
                 m = compute()  # on the event loop here; the route runs it on the CPU pool above a size
                 t2 = time.perf_counter()
                 render(outputs(m, seq_ids, q, ds.rt.vocab.pad_id), {"dataset": name, "index": index}, False, 1 << 18)

@@ -68,6 +68,7 @@ from _common import (  # noqa: E402
     stdlib_docs,
     train_bpe,
 )
+from service.core.process import stop_process  # noqa: E402
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/11"
 COPIES = 10  # static masks per sequence
@@ -414,13 +415,7 @@ class TinyServer:
     def close(self) -> None:
         import shutil
 
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

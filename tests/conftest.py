@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,18 +27,13 @@ import uvicorn
 from client import Client
 from service.http.app import create_app
 from service.core.config import Settings
+from service.core.process import free_port, stop_process
 from service.data.corpus import stdlib_docstrings
 from service.store.embedded import EmbeddedRedis
 from service.data.tokenization import train_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_DB = 15
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _with_db(url: str) -> str:
@@ -168,14 +162,7 @@ class ServiceProcess:
         return self
 
     def stop(self, sig: int = 2) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return stop_process(self.proc, 20, sig)
 
 
 @pytest.fixture

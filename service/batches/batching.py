@@ -29,13 +29,16 @@ T = TypeVar("T")
 
 
 @dataclass
-class Fetched:
+class DatasetSnapshot:
+    """A dataset as one batch sees it: its runtime (with the chunk table) and the
+    counters (sequences, chunks) the batch is drawn against."""
+
     rt: DatasetRuntime
     num_sequences: int
     num_chunks: int
 
 
-async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, int] | None = None) -> Fetched:
+async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, int] | None = None) -> DatasetSnapshot:
     """The dataset as it is now: runtime with its chunk table, and counters
     (read from Redis, unless the caller passes those it knows)."""
     if counters is None:
@@ -50,11 +53,12 @@ async def open_dataset(catalog: Catalog, name: str, counters: tuple[str, int, in
         raise Conflict(f"dataset {name!r} was re-created while the batch was read; retry")
     rt.seen = (num_sequences, num_chunks)
     rt = await catalog.with_chunks(rt, num_chunks)
-    return Fetched(rt, num_sequences, num_chunks)
+    return DatasetSnapshot(rt, num_sequences, num_chunks)
 
 
-async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awaitable[T]]) -> T:
-    """``draw(ds, checked)`` against the dataset's counters, read optimistically.
+async def draw_with_retry(catalog: Catalog, name: str, draw: Callable[[DatasetSnapshot, bool], Awaitable[T]]) -> T:
+    """Run ``draw(ds, checked)`` against the dataset's counters, read optimistically, and once more
+    against the current ones when those turn out stale.
 
     The counters this process read last (kept on the dataset's runtime, so they
     are always that dataset's) are used at once, and the batch's fetch
@@ -79,23 +83,14 @@ async def drawn(catalog: Catalog, name: str, draw: Callable[[Fetched, bool], Awa
     return await draw(await open_dataset(catalog, name, current), False)
 
 
-async def masked(
-    catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
-    spec: MaskSpec, work: Workload, need_words: bool = False, checked: bool = False, step: int | None = None,
-) -> Masked:  # fmt: skip
-    """Mask the sequences ``seq_ids`` for ``epoch`` (on the CPU pool unless the batch is small)."""
-    compute = await fetched(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=params, spec=spec,
-                            need_words=need_words, checked=checked, step=step)  # fmt: skip
-    return await work.run(compute, tokens=len(seq_ids) * ds.rt.seq_len)
-
-
-async def fetched(
-    catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
+async def prepare_batch(
+    catalog: Catalog, ds: DatasetSnapshot, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
     spec: MaskSpec, need_words: bool = False, checked: bool = False, step: int | None = None,
 ) -> Callable[[], Masked]:  # fmt: skip
-    """Read the sequences ``seq_ids`` (and their static masks); return the CPU work that masks them for
-    ``epoch``, to run where the caller chooses (see ``work.Workload.run``). ``need_words`` also
-    returns word starts; ``checked``: have the fetch verify ``ds``'s counters (see ``drawn``).
+    """Prepare a batch: read the sequences ``seq_ids`` (and their static masks) and return the CPU work
+    that masks them for ``epoch``, to run where the caller chooses (see ``work.Workload.run``).
+    ``need_words`` also returns word starts; ``checked``: have the fetch verify ``ds``'s counters
+    (see ``draw_with_retry``).
     ``step``: where the batch sits for a mask-rate schedule counted in steps (callers without steps
     count one per epoch)."""
     if params.schedule != "constant":
@@ -147,21 +142,21 @@ async def fetched(
     return compute
 
 
-async def fetched_rows(
-    catalog: Catalog, ds: Fetched, seq_ids: np.ndarray, epochs: np.ndarray, *, seed: int, params: MaskingParams,
+async def prepare_batch_rows(
+    catalog: Catalog, ds: DatasetSnapshot, seq_ids: np.ndarray, epochs: np.ndarray, *, seed: int, params: MaskingParams,
     spec: MaskSpec, checked: bool = False, step: int | None = None,
 ) -> Callable[[], Masked]:  # fmt: skip
-    """``fetched`` with an epoch per row (a stateless batch that straddles an epoch boundary): each
+    """``prepare_batch`` with an epoch per row (a stateless batch that straddles an epoch boundary): each
     row is masked exactly as it would be in a batch of its own epoch."""
     distinct = np.unique(epochs)
     if len(distinct) == 1:
-        return await fetched(catalog, ds, seq_ids, seed=seed, epoch=int(distinct[0]), params=params, spec=spec,
-                             checked=checked, step=step)  # fmt: skip
+        return await prepare_batch(catalog, ds, seq_ids, seed=seed, epoch=int(distinct[0]), params=params, spec=spec,
+                                   checked=checked, step=step)  # fmt: skip
     parts = []
     for epoch in distinct:
         rows = np.flatnonzero(epochs == epoch)
-        part = await fetched(catalog, ds, seq_ids[rows], seed=seed, epoch=int(epoch), params=params, spec=spec,
-                             checked=checked, step=step)  # fmt: skip
+        part = await prepare_batch(catalog, ds, seq_ids[rows], seed=seed, epoch=int(epoch), params=params, spec=spec,
+                                   checked=checked, step=step)  # fmt: skip
         parts.append((rows, part))
     return lambda: _stitch([(rows, compute()) for rows, compute in parts], len(seq_ids))
 
@@ -215,12 +210,12 @@ def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> d
     return arrays
 
 
-async def served(
+async def render_batch(
     work: Workload, compute: Callable[[], Masked], seq_ids: np.ndarray, out: OutputParams, rt: DatasetRuntime,
     meta: dict[str, object], as_json: bool, piece_bytes: int,
 ) -> list[Piece]:  # fmt: skip
-    """The response body of a batch: its masking (``compute``, from :func:`fetched`), the output options and
-    the encoding into pieces of at most ``piece_bytes`` (see ``bodies``), as one piece of CPU work (on the
-    pool unless the batch is small)."""
+    """Render a batch into its response body: its masking (``compute``, from :func:`prepare_batch`), the
+    output options and the encoding into pieces of at most ``piece_bytes`` (see ``bodies``), as one piece
+    of CPU work (on the pool unless the batch is small)."""
     return await work.run(lambda: render(outputs(compute(), seq_ids, out, rt.vocab.pad_id), meta, as_json, piece_bytes),
                           tokens=len(seq_ids) * rt.seq_len)  # fmt: skip

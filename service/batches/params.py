@@ -6,9 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+#: how labels travel: a (B, L) array with -100 off the selected tokens, or the selected positions and ids
+Labels = Literal["dense", "sparse"]
+
 
 class OutputParams(BaseModel):
-    labels: Literal["dense", "sparse"] = Field(
+    labels: Labels = Field(
         default="dense",
         description="dense: `labels` (B, L) with -100; sparse: `masked_positions` (N, 2) and `masked_ids` (N,) instead.",
     )

@@ -14,6 +14,9 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: when acks wait for an fsync: where the server can, always (refusing to start otherwise), or never
+DurableAcks = Literal["auto", "require", "off"]
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MASKSERVE_", env_file=".env", extra="ignore")
@@ -89,7 +92,7 @@ class Settings(BaseSettings):
         "beyond it are dropped (and read again when needed).",
     )  # fmt: skip
 
-    durable_acks: Literal["auto", "require", "off"] = Field(
+    durable_acks: DurableAcks = Field(
         default="auto",
         description="Confirm acks and job transitions only once fsynced (WAITAOF, Redis/Valkey >= 7.2 with the "
         "append-only file on): auto = where the server can, require = refuse to start otherwise, off = never wait.",

@@ -36,7 +36,7 @@ class DatasetRuntime:
     tokenizer: TokenizerInfo | None = None
     weighted: Vocab | None = None  # the vocab with the frozen token counts
     # (num_sequences, num_chunks) as last read: the batch route draws from these optimistically
-    # and its fetch checks them (batching.drawn)
+    # and its fetch checks them (batching.draw_with_retry)
     seen: tuple[int, int] | None = None
     # one tokenizer load at a time per generation (it lives and goes with the cached entry)
     loading: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from .ingest import Paragraphs
+
 Record = dict[str, Any]
 _SCALE = 1 << 64
 
@@ -43,20 +45,20 @@ def read_documents(path: Path, split: str = "none") -> Iterator[Record]:
         if text.strip():
             yield {"text": text}
         return
-    para: list[str] = []
+    paragraphs = Paragraphs()
     with path.open(encoding="utf-8") as f:
         for raw in f:
             line = raw.rstrip("\n").rstrip("\r")
             if split == "line":
                 if line.strip():
                     yield {"text": line}
-            elif line.strip():
-                para.append(line)
-            elif para:
-                yield {"text": "\n".join(para)}
-                para = []
-    if para:
-        yield {"text": "\n".join(para)}
+                continue
+            para = paragraphs.add(line)
+            if para is not None:
+                yield {"text": para}
+    para = paragraphs.end()
+    if para is not None:
+        yield {"text": para}
 
 
 class Side:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import anyio
 import numpy as np
@@ -21,7 +22,11 @@ from .packing import ChunkBuilder, Packer
 from .tokenization import TokenizerInfo, encode_texts, word_starts
 
 Document = str | np.ndarray  # text, or pre-tokenized ids
-SPLITS = ("none", "line", "paragraph")
+#: how a plain-text body is cut into documents: whole, one per line, or one per blank-line-separated paragraph
+TextSplit = Literal["none", "line", "paragraph"]
+SPLITS: tuple[TextSplit, ...] = get_args(TextSplit)
+#: the media types a body of NDJSON documents may be sent as
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
 
 
 async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -152,7 +157,7 @@ async def documents(
     """Documents of a body: NDJSON lines, or plain text split as asked. On the event loop only the lines are
     found: JSON and UTF-8 are parsed by :func:`parse`, off it (a line, or a body, may be up to the body
     limit). Paragraphs are the exception: finding them needs each line's text (to tell blank lines)."""
-    if media_type in ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson"):
+    if media_type in NDJSON_TYPES:
         async for number, raw in lines(body):
             yield Unparsed(number, raw, True, vocab_size, reserved)
         return
@@ -164,16 +169,38 @@ async def documents(
         async for number, raw in lines(body):
             yield Unparsed(number, raw, False, vocab_size, reserved)
         return
-    para: list[str] = []
+    paragraphs = Paragraphs()
     async for number, raw in lines(body):
-        line = _utf8(raw, f"line {number}").rstrip("\r")
+        para = paragraphs.add(_utf8(raw, f"line {number}").rstrip("\r"))
+        if para is not None:
+            yield para
+    para = paragraphs.end()
+    if para is not None:
+        yield para
+
+
+class Paragraphs:
+    """Lines of plain text -> its paragraphs (``split=paragraph``): each run of non-blank lines, joined by
+    newlines; blank (or whitespace-only) lines separate them. The one rule for the service's ingest and for
+    files read ahead of an upload (``holdout.read_documents``)."""
+
+    def __init__(self) -> None:
+        self._lines: list[str] = []
+
+    def add(self, line: str) -> str | None:
+        """Take the next line (without its line break); returns the paragraph it ends, if any."""
         if line.strip():
-            para.append(line)
-        elif para:
-            yield "\n".join(para)
-            para = []
-    if para:
-        yield "\n".join(para)
+            self._lines.append(line)
+            return None
+        return self.end()
+
+    def end(self) -> str | None:
+        """At the end of the text: the paragraph still open, if any."""
+        if not self._lines:
+            return None
+        para = "\n".join(self._lines)
+        self._lines = []
+        return para
 
 
 @dataclass

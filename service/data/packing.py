@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import numpy as np
 
 from ..core.arrays import runs
 
-PACKING_MODES = ("complete", "doc", "none")
+#: how documents become sequences: packed across documents, one document per sequence (split when
+#: long), or one sequence per document (truncated)
+Packing = Literal["complete", "doc", "none"]
+PACKING_MODES: tuple[Packing, ...] = get_args(Packing)
 
 Sequence = tuple[np.ndarray, np.ndarray]  # (ids, word_start)
 

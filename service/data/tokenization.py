@@ -10,13 +10,16 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ..core.errors import InvalidTokenizer, TokenizerFailed
 
-ROLES = ("cls", "sep", "pad", "mask", "unk")
+#: the special tokens a dataset knows by role
+SpecialRole = Literal["cls", "sep", "pad", "mask", "unk"]
+ROLES: tuple[SpecialRole, ...] = get_args(SpecialRole)
 # Looked up in this order when the caller names no token for a role.
 _CANDIDATES: dict[str, tuple[str, ...]] = {
     "cls": ("[CLS]", "<s>", "<cls>"),
@@ -207,11 +210,13 @@ def encode_texts(info: TokenizerInfo, texts: list[str]) -> tuple[np.ndarray, np.
     return ids_arr, word_starts(info, ids_arr, lengths), lengths
 
 
-TOKENIZER_KINDS = ("bpe", "wordpiece", "unigram")
+#: the tokenizer families the service trains
+TokenizerKind = Literal["bpe", "wordpiece", "unigram"]
+TOKENIZER_KINDS: tuple[TokenizerKind, ...] = get_args(TokenizerKind)
 
 
 def train_tokenizer(
-    texts: Iterable[str], kind: str = "bpe", vocab_size: int = 8000, min_frequency: int = 2
+    texts: Iterable[str], kind: TokenizerKind = "bpe", vocab_size: int = 8000, min_frequency: int = 2
 ) -> Tokenizer:
     """Train a fresh tokenizer of one of three families on ``texts``.
 

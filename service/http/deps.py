@@ -7,6 +7,7 @@ a hop per dependency per request on the batch hot path.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from functools import lru_cache
 from typing import Annotated, Any, TypeVar, get_origin
 
@@ -17,30 +18,28 @@ from pydantic import BaseModel, ValidationError
 from ..core.config import Settings
 from ..core.errors import Unauthorized
 from ..data.catalog import Catalog
+from ..jobs.jobs import Jobs
+from ..jobs.leasing import Leasing
 from ..store.store import Store
 from .metrics import Metrics
 
 
-async def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
+def _app_state(name: str) -> Callable[[Request], Awaitable[Any]]:
+    """A dependency that answers the app's ``state.<name>`` (set up by the app's lifespan)."""
+
+    async def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    dependency.__name__ = dependency.__qualname__ = f"get_{name}"
+    return dependency
 
 
-async def get_store(request: Request) -> Store:
-    return request.app.state.store
-
-
-async def get_catalog(request: Request) -> Catalog:
-    return request.app.state.catalog
-
-
-async def get_metrics(request: Request) -> Metrics:
-    return request.app.state.metrics
-
-
-SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[Store, Depends(get_store)]
-CatalogDep = Annotated[Catalog, Depends(get_catalog)]
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+SettingsDep = Annotated[Settings, Depends(_app_state("settings"))]
+StoreDep = Annotated[Store, Depends(_app_state("store"))]
+CatalogDep = Annotated[Catalog, Depends(_app_state("catalog"))]
+MetricsDep = Annotated[Metrics, Depends(_app_state("metrics"))]
+JobsDep = Annotated[Jobs, Depends(_app_state("jobs"))]
+LeasingDep = Annotated[Leasing, Depends(_app_state("leasing"))]
 
 
 def check_token(settings: Settings, authorization: bytes) -> Unauthorized | None:

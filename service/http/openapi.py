@@ -47,7 +47,7 @@ _PARAMS: Errors = (ValidationFailed,)  # a constrained parameter or query string
 _JSON: Errors = (ValidationFailed, InvalidRequest, PayloadTooLarge, RequestTimeout)
 # anything that reaches Redis: down, or every pooled connection busy (see app.connect)
 _STORE: Errors = (StoreUnavailable, Overloaded)
-# ... and the helpers it calls: batching.open_dataset, batching.masked, the ingest stream
+# ... and the helpers it calls: batching.open_dataset, batching.prepare_batch, the ingest stream
 _OPENED: Errors = (DatasetNotFound, DatasetEmpty, Conflict)
 _MASKED: Errors = (Conflict, StaticMasksMissing)
 _STREAM: Errors = (UnsupportedMediaType, PayloadTooLarge, MalformedDocument, TokenOutOfVocabulary, RequestTimeout)

@@ -25,9 +25,12 @@ from redis.asyncio import Redis
 from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
 from ..store.durability import Confirm, Durability, confirmed
 from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
+from ..store.lua import NOW_MS
 from ..store.store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: when a job's next epoch starts: once the last batch was handed out, or once it was acked
+EpochBoundary = Literal["handout", "ack"]
 
 
 class JobConfig(BaseModel):
@@ -42,7 +45,7 @@ class JobConfig(BaseModel):
     lease_timeout_s: float = Field(
         default=60.0, ge=0.01, le=86400, description="A batch not acked by then is handed out again (10 ms or more)."
     )
-    epoch_boundary: Literal["handout", "ack"] = Field(
+    epoch_boundary: EpochBoundary = Field(
         default="handout", description="Start epoch e+1 when e is fully handed out, or only when it is fully acked."
     )
     masking: MaskingParams = Field(default_factory=MaskingParams)
@@ -155,7 +158,7 @@ def _s(v: Any) -> str:
 
 _SECRET_FIELDS = (b"mac_in", b"mac_out")
 # KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
-_JOB_CLOCK = "return redis.call('TIME')"
+_JOB_CLOCK = NOW_MS + "return now"
 _PROGRESS_PER_PIPELINE = 512  # jobs whose progress one pipeline reads (GET /v1/jobs reads them all)
 _RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
 
@@ -268,16 +271,15 @@ class Jobs:
                     p.eval(_JOB_CLOCK, 1, base[0])  # the job's node's clock (a cluster pipeline has no keyless TIME)
                 replies = await p.execute()
             for i, (dataset, job) in enumerate(part):
-                raw, leased, ackcount, workers, now = replies[5 * i : 5 * i + 5]
+                raw, leased, ackcount, workers, now_ms = replies[5 * i : 5 * i + 5]
                 st = _state(raw)
                 mine = st is not None and st["dataset"] == dataset  # not a job of the same name of another dataset
-                out.append(self._progress(dataset, job, st, leased, ackcount, workers, now) if mine else None)
+                out.append(self._progress(dataset, job, st, leased, ackcount, workers, now_ms) if mine else None)
         return out
 
     def _progress(
-        self, dataset: str, job: str, st: dict[str, Any], leased: int, ackcount: dict, workers: dict, now: list
+        self, dataset: str, job: str, st: dict[str, Any], leased: int, ackcount: dict, workers: dict, now_ms: int
     ) -> dict[str, Any]:  # fmt: skip
-        now_ms = int(now[0]) * 1000 + int(now[1]) // 1000
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():
             worker, _, counter = _s(key).rpartition(":")

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..batches.batching import Fetched, fetched
+from ..batches.batching import DatasetSnapshot, prepare_batch
 from ..batches.permute import batch_ids
 from ..core.errors import Conflict, DatasetNotFound, JobDatasetGone, JobFinished, JobNotFound
 from ..core.work import Workload
@@ -129,13 +129,13 @@ class Leasing:
         try:  # the job's own generation of the dataset, never another of the same name
             rt = await self.catalog.runtime(dataset, st["dataset_uid"])
             rt = await self.catalog.with_chunks(rt, st["num_chunks"])
-            ds = Fetched(rt, st["n"], st["num_chunks"])
+            ds = DatasetSnapshot(rt, st["n"], st["num_chunks"])
             hold(cfg, rt)
             seq_ids = await self.work.run(batch_ids, cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index,
                                           cfg.shuffle, tokens=cfg.batch_size * rt.seq_len)  # fmt: skip
             step = lease.epoch * st["bpe"] + lease.index  # bpe: the job's batches per epoch
-            compute = await fetched(self.catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch,
-                                    params=cfg.masking, spec=spec, step=step)  # fmt: skip
+            compute = await prepare_batch(self.catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch,
+                                          params=cfg.masking, spec=spec, step=step)  # fmt: skip
         except (Conflict, DatasetNotFound):
             if not await self.catalog.holds(dataset, st["dataset_uid"]):
                 raise JobDatasetGone(

@@ -20,18 +20,23 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from typing import Literal, get_args
 
 import numpy as np
 
 from . import rng
 from .rng import S40, fmix64, sample_ids, threshold24
-from .units import UNITS, Context, span_law
+from .units import UNITS, Context, MaskUnit, span_law
 
 __all__ = ["IGNORE_INDEX", "MaskSpec", "Masked", "Vocab", "mask_batch", "mask_tokens", "sample_ids", "UNITS"]
 
 IGNORE_INDEX = -100
-COUNTS = ("bernoulli", "exact")
-RANDOM_TOKENS = ("uniform", "frequency")
+#: how many units a sequence selects: each independently with p, or exactly round(p*n) tokens
+MaskCount = Literal["bernoulli", "exact"]
+#: how random replacement tokens are drawn from the ordinary vocabulary
+RandomTokens = Literal["uniform", "frequency"]
+COUNTS: tuple[MaskCount, ...] = get_args(MaskCount)
+RANDOM_TOKENS: tuple[RandomTokens, ...] = get_args(RandomTokens)
 
 
 @dataclass(frozen=True)
@@ -41,10 +46,10 @@ class MaskSpec:
     mlm_probability: float = 0.15
     mask_ratio: float = 0.8
     random_ratio: float = 0.1
-    unit: str = "token"
-    count: str = "bernoulli"
+    unit: MaskUnit = "token"
+    count: MaskCount = "bernoulli"
     max_predictions: int | None = None
-    random_tokens: str = "uniform"
+    random_tokens: RandomTokens = "uniform"
     span_p: float = 0.2
     span_max: int = 10
     keep_ratio: float = field(init=False)

@@ -7,8 +7,12 @@ from typing import Literal
 from pydantic import BaseModel, Field, model_validator
 
 from ..core.errors import ValidationFailed
-from .masking import MaskSpec
-from .schedule import rate_at
+from .masking import MaskCount, MaskSpec, RandomTokens
+from .schedule import ScheduleKind, ScheduleUnit, rate_at
+from .units import MaskUnit
+
+#: a fresh mask per epoch, or one of a fixed number of copies built ahead (the static cache)
+MaskMode = Literal["dynamic", "static"]
 
 # The widest integers the code holds, so that every integer a request carries has a bound (a 422 past it):
 # seeds are hashed as uint64; epochs, sequence ids and counts live in int64 numpy arrays and Redis integers;
@@ -27,23 +31,23 @@ class MaskingParams(BaseModel):
     mlm_probability: float = Field(default=0.15, ge=0.0, le=1.0, description="Share of candidate tokens to predict.")
     mask_ratio: float = Field(default=0.8, ge=0.0, le=1.0, description="Share of selected tokens set to the mask token.")
     random_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="Share replaced by a random ordinary token.")
-    unit: Literal["token", "whole_word", "span"] = Field(default="token", description="What is selected together.")
-    count: Literal["bernoulli", "exact"] = Field(
+    unit: MaskUnit = Field(default="token", description="What is selected together.")
+    count: MaskCount = Field(
         default="bernoulli", description="Each unit with p, or exactly round(p*n) tokens per sequence."
     )
     max_predictions: int | None = Field(
         default=None, ge=0, le=65536, description="Cap on selected tokens per sequence (exact); at most the longest L."
     )
-    random_tokens: Literal["uniform", "frequency"] = Field(
+    random_tokens: RandomTokens = Field(
         default="uniform", description="How random replacements are drawn from the ordinary vocabulary."
     )
     span_p: float = Field(default=0.2, gt=0.0, lt=1.0, description="Span lengths ~ Geometric(span_p) (span unit).")
     span_max: int = Field(default=10, ge=1, le=64, description="Longest span, in words (span unit).")
-    mode: Literal["dynamic", "static"] = Field(
+    mode: MaskMode = Field(
         default="dynamic", description="A fresh mask per epoch, or epoch mod `copies` from the static cache."
     )
     copies: int = Field(default=10, ge=1, le=1000, description="Static masks per sequence (BERT's dupe_factor).")
-    schedule: Literal["constant", "linear", "cosine"] = Field(
+    schedule: ScheduleKind = Field(
         default="constant",
         description="Mask-rate schedule: mlm_probability moves to mlm_probability_end over schedule_length "
         "epochs or steps (dynamic mode only).",
@@ -51,7 +55,7 @@ class MaskingParams(BaseModel):
     mlm_probability_end: float | None = Field(
         default=None, ge=0.0, le=1.0, description="The rate a schedule reaches at schedule_length, and keeps."
     )
-    schedule_unit: Literal["epoch", "step"] = Field(
+    schedule_unit: ScheduleUnit = Field(
         default="epoch",
         description="What a schedule counts: epochs, or steps (a stateless batch's index; a job's "
         "epoch * batches_per_epoch + index).",

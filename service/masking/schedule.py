@@ -12,9 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal, get_args
 
-SCHEDULES = ("constant", "linear", "cosine")
-SCHEDULE_UNITS = ("epoch", "step")
+#: the shape of a mask-rate schedule
+ScheduleKind = Literal["constant", "linear", "cosine"]
+#: what a mask-rate schedule counts
+ScheduleUnit = Literal["epoch", "step"]
+SCHEDULES: tuple[ScheduleKind, ...] = get_args(ScheduleKind)
+SCHEDULE_UNITS: tuple[ScheduleUnit, ...] = get_args(ScheduleUnit)
 # Rates are rounded to this many decimals: the rate is folded into the mask's config digest, and
 # a last-bit difference between two machines' cos() must not give them different masks.
 DECIMALS = 9
@@ -29,7 +34,7 @@ def _cosine(t: float) -> float:
     return (1.0 - math.cos(math.pi * t)) / 2.0
 
 
-_SHAPES: dict[str, Callable[[float], float]] = {"constant": lambda t: 0.0, "linear": _linear, "cosine": _cosine}
+_SHAPES: dict[ScheduleKind, Callable[[float], float]] = {"constant": lambda t: 0.0, "linear": _linear, "cosine": _cosine}
 
 
 def rate_at(kind: str, p0: float, p1: float, length: int, position: int) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
+from typing import Literal
 
 import numpy as np
 
@@ -285,4 +286,6 @@ def _fit_spans(
     return keep
 
 
-UNITS: dict[str, Selector] = {"token": _select_token, "whole_word": _select_whole_word, "span": _select_span}
+#: what a masking unit selects together: a token, a whole word, or a span of words
+MaskUnit = Literal["token", "whole_word", "span"]
+UNITS: dict[MaskUnit, Selector] = {"token": _select_token, "whole_word": _select_whole_word, "span": _select_span}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -29,11 +29,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import TryAgainError
 
+from ..core.config import DurableAcks
 from ..core.errors import PoolExhausted, StoreUnavailable
 
 log = logging.getLogger("maskserve")
 
-Mode = Literal["auto", "require", "off"]
+Mode = DurableAcks
 _REDIRECTS = 2  # a script answered MOVED or ASK (its slot moved) is sent again this many times
 Confirm = Callable[[], Awaitable[None]]
 

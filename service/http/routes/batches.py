@@ -11,7 +11,7 @@ from pydantic import Field
 
 from wire import CONTENT_TYPE
 
-from ...batches.batching import Fetched, drawn, fetched_rows, served
+from ...batches.batching import DatasetSnapshot, draw_with_retry, prepare_batch_rows, render_batch
 from ...batches.bodies import Piece, Pieces, hold_body
 from ...batches.params import OutputParams
 from ...batches.permute import stream_ids
@@ -93,21 +93,21 @@ async def get_batch(name: str, request: Request) -> Pieces:
     as_json = wants_json(request, q.format)
     seed = secrets.randbits(63) if q.seed is None else q.seed
 
-    async def draw(ds: Fetched, checked: bool) -> tuple[list[Piece], int]:
+    async def draw(ds: DatasetSnapshot, checked: bool) -> tuple[list[Piece], int]:
         hold_body(request, q.size, ds.rt, q, as_json)
         seq_ids, epochs = await work.run(stream_ids, seed, q.index, q.size, ds.num_sequences,
                                          tokens=q.size * ds.rt.seq_len)  # fmt: skip
         epoch = int(epochs[0]) if q.epoch is None else q.epoch
         mask_epochs = epochs if q.epoch is None else np.full_like(epochs, q.epoch)
         mask_seed = seed if q.mask_seed is None else q.mask_seed
-        compute = await fetched_rows(catalog, ds, seq_ids, mask_epochs, seed=mask_seed, params=q, spec=spec,
-                                     checked=checked, step=q.index)  # fmt: skip
+        compute = await prepare_batch_rows(catalog, ds, seq_ids, mask_epochs, seed=mask_seed, params=q, spec=spec,
+                                           checked=checked, step=q.index)  # fmt: skip
         meta = {"dataset": name, "seed": seed, "epoch": epoch, "index": q.index, "pad_id": ds.rt.vocab.pad_id,
                 "mode": q.mode}  # fmt: skip
-        body = await served(work, compute, seq_ids, q, ds.rt, meta, as_json, settings.response_piece_bytes)
+        body = await render_batch(work, compute, seq_ids, q, ds.rt, meta, as_json, settings.response_piece_bytes)
         return body, epoch
 
-    body, epoch = await drawn(catalog, name, draw)
+    body, epoch = await draw_with_retry(catalog, name, draw)
     metrics.sequences_served.labels(name).inc(q.size)
     headers = {
         "Maskserve-Dataset": name,

@@ -6,7 +6,7 @@ import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import anyio
 import numpy as np
@@ -16,9 +16,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ...core.errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ...data.catalog import DatasetRuntime, sha256
-from ...data.ingest import SPLITS, Pipeline, documents, limited, run_pipeline
-from ...data.packing import PACKING_MODES
-from ...data.tokenization import ROLES, TokenizerInfo, load_tokenizer, prepare
+from ...data.ingest import NDJSON_TYPES, SPLITS, Pipeline, TextSplit, documents, limited, run_pipeline
+from ...data.packing import PACKING_MODES, Packing
+from ...data.tokenization import ROLES, SpecialRole, TokenizerInfo, load_tokenizer, prepare
 from ...masking.params import MAX_SEQ_LEN
 from ...store.store import ChunkIdTaken, Staged, pack_tokenizer
 from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
@@ -27,7 +27,6 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 log = logging.getLogger("maskserve")
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
 
 
 class DatasetCreate(BaseModel):
@@ -35,9 +34,9 @@ class DatasetCreate(BaseModel):
     seq_len: int = Field(
         ge=8, le=MAX_SEQ_LEN, description="Sequence length L, special tokens included (at most MASKSERVE_MAX_SEQ_LEN)."
     )
-    packing: Literal["complete", "doc", "none"] = Field(default="complete", description=f"One of {PACKING_MODES}.")
+    packing: Packing = Field(default="complete", description=f"One of {PACKING_MODES}.")
     tokenizer: dict[str, Any] = Field(description="The tokenizer.json object of the 'tokenizers' library.")
-    special_tokens: dict[Literal["cls", "sep", "pad", "mask", "unk"], str] | None = Field(
+    special_tokens: dict[SpecialRole, str] | None = Field(
         default=None,
         description=f"Token string per role {ROLES}; roles left out are found by name, "
         "and a missing cls/sep/pad/mask is added to the vocabulary.",
@@ -191,7 +190,7 @@ async def ingest(
     settings: SettingsDep,
     metrics: MetricsDep,
     split: Annotated[
-        Literal["none", "line", "paragraph"],
+        TextSplit,
         Query(description=f"text/plain only: how the body splits into documents, one of {SPLITS}."),
     ] = "none",
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,

@@ -6,40 +6,28 @@ import json
 import math
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from wire import CONTENT_TYPE
 
-from ...batches.batching import open_dataset, served
+from ...batches.batching import open_dataset, render_batch
 from ...batches.bodies import Pieces, hold_body
 from ...batches.params import OutputParams
 from ...core.errors import InvalidRequest, JobConflict, LimitExceeded, StaticMasksMissing
 from ...data.catalog import DatasetRuntime
-from ...jobs.jobs import JobConfig, JobCreate, Jobs
+from ...jobs.jobs import JobConfig, JobCreate
 from ...jobs.leasing import Granted, Leasing, Waiting
 from ...masking.static import cache_id
-from ..deps import CatalogDep, SettingsDep, parse_query, query_docs
+from ..deps import CatalogDep, JobsDep, LeasingDep, SettingsDep, parse_query, query_docs
 from .batches import wants_json
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 WORKER = r"^[A-Za-z0-9._:@/-]{1,128}$"
 REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
-
-
-async def get_jobs(request: Request) -> Jobs:
-    return request.app.state.jobs
-
-
-async def get_leasing(request: Request) -> Leasing:
-    return request.app.state.leasing
-
-
-JobsDep = Annotated[Jobs, Depends(get_jobs)]
-LeasingDep = Annotated[Leasing, Depends(get_leasing)]
 
 
 class Leases(BaseModel):
@@ -202,8 +190,8 @@ async def _respond(request: Request, q: "NextQuery", granted: Granted, as_json: 
     lease, rt, cfg = granted.lease, granted.rt, granted.config
     meta = {"job": granted.job, "dataset": granted.dataset, "epoch": lease.epoch, "index": lease.index,
             "lease": lease.lease, "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
-    body = await served(state.work, granted.compute, granted.seq_ids, q, rt, meta, as_json,
-                        state.settings.response_piece_bytes)  # fmt: skip
+    body = await render_batch(state.work, granted.compute, granted.seq_ids, q, rt, meta, as_json,
+                              state.settings.response_piece_bytes)  # fmt: skip
     state.metrics.sequences_served.labels(granted.dataset).inc(len(granted.seq_ids))
     headers = {
         "Maskserve-Acks": ",".join(granted.acks),

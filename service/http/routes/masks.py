@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import Field
 
-from ...batches.batching import fetched, open_dataset
+from ...batches.batching import open_dataset, prepare_batch
 from ...core.errors import DatasetNotFound, LimitExceeded, NotFound, ValidationFailed
 from ...core.work import Workload
 from ...data.catalog import Catalog
@@ -175,8 +175,8 @@ async def report(
             runs.append(_run_words(sel, m.word_start))
 
     for epoch in range(epochs):  # one epoch's masks in memory at a time; the CPU work off the event loop
-        compute = await fetched(catalog, ds, seq_ids, seed=body.seed, epoch=epoch, params=body, spec=spec,
-                                need_words=True)  # fmt: skip
+        compute = await prepare_batch(catalog, ds, seq_ids, seed=body.seed, epoch=epoch, params=body, spec=spec,
+                                      need_words=True)  # fmt: skip
         await work.run(lambda: tally(compute()))
     distinct = np.array([len(s) for s in seen])
     sel = max(1, totals["selected"])

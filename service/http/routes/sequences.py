@@ -17,7 +17,7 @@ from pydantic import Field
 
 from wire import CONTENT_TYPE
 
-from ...batches.batching import Fetched, drawn, fetched, served
+from ...batches.batching import DatasetSnapshot, draw_with_retry, prepare_batch, render_batch
 from ...batches.bodies import Piece, Pieces, hold_body
 from ...batches.params import OutputParams
 from ...core.errors import LimitExceeded, SequenceOutOfRange
@@ -54,7 +54,7 @@ async def get_sequences(name: str, body: SequencesRequest, request: Request) -> 
     as_json = wants_json(request, body.format)
     seq_ids = np.asarray(body.ids, dtype=np.int64) if max(body.ids) < 1 << 62 and min(body.ids) >= 0 else None
 
-    async def draw(ds: Fetched, checked: bool) -> list[Piece]:
+    async def draw(ds: DatasetSnapshot, checked: bool) -> list[Piece]:
         if seq_ids is None or int(seq_ids.max()) >= ds.num_sequences:
             bad = next(i for i in body.ids if not 0 <= i < ds.num_sequences)
             raise SequenceOutOfRange(
@@ -62,13 +62,14 @@ async def get_sequences(name: str, body: SequencesRequest, request: Request) -> 
                 dataset=name, num_sequences=ds.num_sequences,
             )  # fmt: skip
         hold_body(request, len(seq_ids), ds.rt, body, as_json)
-        compute = await fetched(catalog, ds, seq_ids, seed=body.seed, epoch=body.epoch, params=body, spec=spec,
-                                checked=checked)  # fmt: skip
+        compute = await prepare_batch(catalog, ds, seq_ids, seed=body.seed, epoch=body.epoch, params=body, spec=spec,
+                                      checked=checked)  # fmt: skip
         meta = {"dataset": name, "seed": body.seed, "epoch": body.epoch, "pad_id": ds.rt.vocab.pad_id,
                 "mode": body.mode}  # fmt: skip
-        return await served(state.work, compute, seq_ids, body, ds.rt, meta, as_json, settings.response_piece_bytes)
+        return await render_batch(state.work, compute, seq_ids, body, ds.rt, meta, as_json,
+                                  settings.response_piece_bytes)  # fmt: skip
 
-    payload = await drawn(catalog, name, draw)
+    payload = await draw_with_retry(catalog, name, draw)
     state.metrics.sequences_served.labels(name).inc(len(body.ids))
     headers = {"Maskserve-Dataset": name, "Maskserve-Seed": str(body.seed), "Maskserve-Epoch": str(body.epoch)}
     return Pieces(payload, media_type="application/json" if as_json else CONTENT_TYPE, headers=headers)

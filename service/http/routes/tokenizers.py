@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from tokenizers import Tokenizer
 
 from ...core.errors import UnsupportedMediaType
-from ...data.ingest import documents, limited, parse
-from ...data.tokenization import train_tokenizer
+from ...data.ingest import TextSplit, documents, limited, parse
+from ...data.tokenization import TokenizerKind, train_tokenizer
 from ..deps import SettingsDep
 
 router = APIRouter(prefix="/v1/tokenizers", tags=["tokenizers"])
@@ -29,10 +29,10 @@ router = APIRouter(prefix="/v1/tokenizers", tags=["tokenizers"])
 async def train(
     request: Request,
     settings: SettingsDep,
-    kind: Annotated[Literal["bpe", "wordpiece", "unigram"], Query(description="Tokenizer family.")] = "bpe",
+    kind: Annotated[TokenizerKind, Query(description="Tokenizer family.")] = "bpe",
     vocab_size: Annotated[int, Query(ge=64, le=1 << 20)] = 8000,
     min_frequency: Annotated[int, Query(ge=1, le=1 << 32)] = 2,  # bounded: the trainers take it as a u64
-    split: Annotated[Literal["none", "line", "paragraph"], Query()] = "paragraph",
+    split: Annotated[TextSplit, Query()] = "paragraph",
 ) -> Response:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in ("application/x-ndjson", "application/jsonl", "text/plain"):
