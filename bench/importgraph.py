@@ -1,5 +1,6 @@
-"""The project's import graph, read with ``ast`` (nothing is imported): its modules, every import each one
-writes (at module level, in a function, under ``TYPE_CHECKING``), and the circles in a graph.
+"""The project's layer table and import graph, read with ``ast`` (nothing is imported): which unit may import
+which, the modules, every import each one writes (at module level, in a function, under ``TYPE_CHECKING``),
+and the circles in a graph.
 
 Shared by ``bench/layout.py`` (run as a script: this directory is on ``sys.path``) and
 ``tests/test_layout.py`` (which imports it as ``bench.importgraph`` from the checkout's root).
@@ -11,6 +12,27 @@ import ast
 from pathlib import Path
 
 PACKAGES = ("service", "client", "trainer", "wire", "maskserve")
+SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches", "service.jobs",
+           "service.http")  # fmt: skip
+
+# Each unit (service's sub-packages, service's root modules, each top-level package) and the units it may
+# import besides itself. Every part of service may import service's root package (its version).
+ALLOWED: dict[str, set[str]] = {
+    "service.core": set(),
+    "service.store": {"service.core"},
+    "service.masking": {"service.core"},
+    "service.data": {"service.core", "service.store", "service.masking"},
+    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
+    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
+    "service.http": {*SERVICE, "wire"},
+    "service": set(),
+    "service.app": {"service.http"},
+    "service.__main__": {"service.http"},
+    "wire": set(),
+    "client": {"wire"},
+    "trainer": {"client", "wire"},
+    "maskserve": {*SERVICE, "service", "client", "trainer", "wire"},
+}
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -21,28 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from importgraph import cycles, imports, modules, owner
-
-_SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches",
-            "service.jobs", "service.http")  # fmt: skip
-
-# unit -> the units it may import (besides itself); service's root package (its version) is open to all of service.
-ALLOWED: dict[str, set[str]] = {
-    "service.core": set(),
-    "service.store": {"service.core"},
-    "service.masking": {"service.core"},
-    "service.data": {"service.core", "service.store", "service.masking"},
-    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
-    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
-    "service.http": {*_SERVICE, "wire"},
-    "service": set(),
-    "service.__main__": {"service.http"},
-    "wire": set(),
-    "client": {"wire"},
-    "trainer": {"client", "wire"},
-    "maskserve": {*_SERVICE, "service", "client", "trainer", "wire"},
-}
-
+from importgraph import ALLOWED, cycles, imports, modules, owner
 
 # Where the modules of the flat service/ (and client/_wire.py, service/cli.py) belong in the layered one.
 FORMERLY = {

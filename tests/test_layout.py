@@ -1,6 +1,6 @@
-"""The code's layering, read with ``ast`` (nothing imported): which package may import which, no import
-circles, no reaching into another package's private modules, and a service that stands without the client,
-the trainer and the command line.
+"""The code's layering (the layer table, ALLOWED, is in bench/importgraph.py), read with ``ast`` (nothing
+imported): which package may import which, no import circles, no reaching into another package's private
+modules, and a service that stands without the client, the trainer and the command line.
 
 Every import counts, wherever it is written: at module level, inside a function, under TYPE_CHECKING.
 """
@@ -12,32 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.importgraph import PACKAGES, cycles, imports, modules, owner
+from bench.importgraph import ALLOWED, PACKAGES, SERVICE, cycles, imports, modules, owner
 
 ROOT = Path(__file__).resolve().parent.parent
-SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches", "service.jobs",
-           "service.http")  # fmt: skip
-
-# Each unit (service's sub-packages, service's root modules, each top-level package) and the units it may
-# import besides itself. Every part of service may import service's root package (its version).
-ALLOWED: dict[str, set[str]] = {
-    "service.core": set(),
-    "service.store": {"service.core"},
-    "service.masking": {"service.core"},
-    "service.data": {"service.core", "service.store", "service.masking"},
-    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
-    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
-    "service.http": {*SERVICE, "wire"},
-    "service": set(),
-    "service.app": {"service.http"},
-    "service.__main__": {"service.http"},
-    "wire": set(),
-    "client": {"wire"},
-    "trainer": {"client", "wire"},
-    "maskserve": {*SERVICE, "service", "client", "trainer", "wire"},
-}
-
-
 MODULES = modules(ROOT)
 IMPORTS = {name: imports(name, path, MODULES) for name, path in MODULES.items()}
 
