@@ -88,7 +88,7 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         elif args.action == "create":
             special = dict(kv.split("=", 1) for kv in args.special or [])
             print_json(c.create_dataset(args.name, tokenizer=Path(args.tokenizer), seq_len=args.seq_len,
-                                    packing=args.packing, special_tokens=special or None))  # fmt: skip
+                                        packing=args.packing, special_tokens=special or None))  # fmt: skip
         elif args.action == "ingest" and args.holdout:
             ingest_with_holdout(c, args)
         elif args.action == "ingest":

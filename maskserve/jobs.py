@@ -19,9 +19,9 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print_json(c.job_progress(args.name))
         elif args.action == "create":
             print_json(c.create_job(args.name, args.dataset, batch_size=args.batch_size, seed=args.seed,
-                                shuffle=not args.no_shuffle, epochs=args.epochs or None, drop_last=args.drop_last,
-                                lease_timeout_s=args.lease_timeout, epoch_boundary=args.epoch_boundary,
-                                masking={**masking(args), "mode": args.mode, "copies": args.copies}))  # fmt: skip
+                                    shuffle=not args.no_shuffle, epochs=args.epochs or None, drop_last=args.drop_last,
+                                    lease_timeout_s=args.lease_timeout, epoch_boundary=args.epoch_boundary,
+                                    masking={**masking(args), "mode": args.mode, "copies": args.copies}))  # fmt: skip
         elif args.action == "cancel":
             print_json(c.cancel_job(args.name))
         elif args.action == "delete":

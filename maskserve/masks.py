@@ -27,7 +27,7 @@ def cmd_masks(args: argparse.Namespace) -> int:
             print(f"dropped static-mask cache {args.cache} of {args.name}")
         elif args.action == "report":
             print_json(c.masking_report(args.name, seed=args.seed, sequences=args.sequences, epochs=args.epochs,
-                                    mode=args.mode, copies=args.copies, **masking(args)))  # fmt: skip
+                                        mode=args.mode, copies=args.copies, **masking(args)))  # fmt: skip
     return 0
 
 
