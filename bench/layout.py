@@ -21,63 +21,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-PACKAGES = ("service", "client", "trainer", "wire", "maskserve")
-_SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches",
-            "service.jobs", "service.http")  # fmt: skip
-
-# unit -> the units it may import (besides itself); service's root package (its version) is open to all of service.
-ALLOWED: dict[str, set[str]] = {
-    "service.core": set(),
-    "service.store": {"service.core"},
-    "service.masking": {"service.core"},
-    "service.data": {"service.core", "service.store", "service.masking"},
-    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
-    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
-    "service.http": {*_SERVICE, "wire"},
-    "service": set(),
-    "service.__main__": {"service.http"},
-    "wire": set(),
-    "client": {"wire"},
-    "trainer": {"client", "wire"},
-    "maskserve": {*_SERVICE, "service", "client", "trainer", "wire"},
-}
-
-
-def modules(root: Path) -> dict[str, Path]:
-    """Dotted module name -> file, for every module of PACKAGES under ``root``."""
-    out = {}
-    for pkg in PACKAGES:
-        for path in sorted((root / pkg).rglob("*.py")) if (root / pkg).is_dir() else []:
-            parts = list(path.relative_to(root).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    return out
-
-
-def imports(name: str, path: Path, known: dict[str, Path]) -> list[tuple[str, int]]:
-    """(imported module, line) for every import in the file: the project's modules only, and for
-    ``from X import y`` the module ``X.y`` when it is one, else ``X``. External names are kept as written."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    is_pkg = path.name == "__init__.py"
-    package = name if is_pkg else name.rpartition(".")[0]
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            out += [(a.name, node.lineno) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in known]
-            out += [(s, node.lineno) for s in subs]
-            if len(subs) < len(node.names):
-                out.append((mod, node.lineno))
-    return out
-
+from importgraph import ALLOWED, cycles, imports, modules, owner
 
 # Where the modules of the flat service/ (and client/_wire.py, service/cli.py) belong in the layered one.
 FORMERLY = {
@@ -114,56 +58,10 @@ def graph(root: Path) -> tuple[dict[str, Path], dict[str, set[str]], list[tuple[
     for name, path in known.items():
         for target, line in imports(name, path, known):
             raw.append((name, target, line))
-            # the nearest enclosing project module: ``from service.store.keys import Keys`` -> service.store.keys
-            t = target
-            while t and t not in known:
-                t = t.rpartition(".")[0]
+            t = owner(target, known)
             if t and t != name:
                 edges[name].add(t)
     return known, edges, raw
-
-
-def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """Strongly connected components of more than one node (Tarjan, iterative)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on, stack, out = set(), [], []
-    counter = 0
-    for start in sorted(edges):
-        if start in index:
-            continue
-        work = [(start, iter(sorted(edges[start])))]
-        index[start] = low[start] = counter
-        counter += 1
-        stack.append(start)
-        on.add(start)
-        while work:
-            node, it = work[-1]
-            for nxt in it:
-                if nxt not in index:
-                    index[nxt] = low[nxt] = counter
-                    counter += 1
-                    stack.append(nxt)
-                    on.add(nxt)
-                    work.append((nxt, iter(sorted(edges.get(nxt, ())))))
-                    break
-                if nxt in on:
-                    low[node] = min(low[node], index[nxt])
-            else:
-                work.pop()
-                if work:
-                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
-                if low[node] == index[node]:
-                    comp = []
-                    while True:
-                        m = stack.pop()
-                        on.discard(m)
-                        comp.append(m)
-                        if m == node:
-                            break
-                    if len(comp) > 1:
-                        out.append(sorted(comp))
-    return out
 
 
 def unit_edges(edges: dict[str, set[str]]) -> dict[str, set[str]]:

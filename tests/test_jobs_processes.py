@@ -30,7 +30,7 @@ import pytest
 
 from client import Client, ServiceUnavailableError, TransportError, decode
 from service.store.embedded import EmbeddedRedis
-from service.store.jobstore import JobKeys
+from service.store.jobkeys import JobKeys
 from service.batches.permute import batch_ids
 
 from .conftest import ROOT, ServiceProcess, free_port, service_env

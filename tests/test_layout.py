@@ -1,6 +1,6 @@
-"""The code's layering, read with ``ast`` (nothing imported): which package may import which, no import
-circles, no reaching into another package's private modules, and a service that stands without the client,
-the trainer and the command line.
+"""The code's layering (the layer table, ALLOWED, is in bench/importgraph.py), read with ``ast`` (nothing
+imported): which package may import which, no import circles, no reaching into another package's private
+modules, and a service that stands without the client, the trainer and the command line.
 
 Every import counts, wherever it is written: at module level, inside a function, under TYPE_CHECKING.
 """
@@ -12,76 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.importgraph import ALLOWED, PACKAGES, SERVICE, cycles, imports, modules, owner
+
 ROOT = Path(__file__).resolve().parent.parent
-PACKAGES = ("service", "client", "trainer", "wire", "maskserve")
-SERVICE = ("service.core", "service.store", "service.masking", "service.data", "service.batches", "service.jobs",
-           "service.http")  # fmt: skip
-
-# Each unit (service's sub-packages, service's root modules, each top-level package) and the units it may
-# import besides itself. Every part of service may import service's root package (its version).
-ALLOWED: dict[str, set[str]] = {
-    "service.core": set(),
-    "service.store": {"service.core"},
-    "service.masking": {"service.core"},
-    "service.data": {"service.core", "service.store", "service.masking"},
-    "service.batches": {"service.core", "service.store", "service.masking", "service.data", "wire"},
-    "service.jobs": {"service.core", "service.store", "service.masking", "service.data", "service.batches"},
-    "service.http": {*SERVICE, "wire"},
-    "service": set(),
-    "service.app": {"service.http"},
-    "service.__main__": {"service.http"},
-    "wire": set(),
-    "client": {"wire"},
-    "trainer": {"client", "wire"},
-    "maskserve": {*SERVICE, "service", "client", "trainer", "wire"},
-}
-
-
-def _modules() -> dict[str, Path]:
-    out = {}
-    for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts.pop()
-            out[".".join(parts)] = path
-    return out
-
-
-MODULES = _modules()
-
-
-def _imports(name: str) -> list[tuple[str, int]]:
-    """(imported name, line) of every import in module ``name``, relative ones made absolute; for
-    ``from X import y`` the module ``X.y`` when there is one, else ``X``."""
-    path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            out += [(a.name, node.lineno) for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - node.level + 1]
-                mod = ".".join(base + ([node.module] if node.module else []))
-            else:
-                mod = node.module or ""
-            subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES]
-            out += [(s, node.lineno) for s in subs]
-            if len(subs) < len(node.names):
-                out.append((mod, node.lineno))
-    return out
-
-
-IMPORTS = {name: _imports(name) for name in MODULES}
-
-
-def _own(target: str) -> str | None:
-    """The project module an imported name lies in (``service.store.keys.Keys`` -> ``service.store.keys``)."""
-    while target and target not in MODULES:
-        target = target.rpartition(".")[0]
-    return target or None
+MODULES = modules(ROOT)
+IMPORTS = {name: imports(name, path, MODULES) for name, path in MODULES.items()}
 
 
 def _unit(module: str) -> str:
@@ -89,39 +24,7 @@ def _unit(module: str) -> str:
     return parts[0] if parts[0] != "service" or len(parts) == 1 else ".".join(parts[:2])
 
 
-EDGES = {name: {t for t in (_own(i) for i, _ in found) if t and t != name} for name, found in IMPORTS.items()}
-
-
-def _circles(edges: dict[str, set[str]]) -> list[list[str]]:
-    """The strongly connected components of more than one node (Tarjan's algorithm)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    out: list[list[str]] = []
-
-    def visit(node: str) -> None:
-        index[node] = low[node] = len(index)
-        stack.append(node)
-        for nxt in sorted(edges.get(node, ())):
-            if nxt not in index:
-                visit(nxt)
-                low[node] = min(low[node], low[nxt])
-            elif nxt in stack:
-                low[node] = min(low[node], index[nxt])
-        if low[node] == index[node]:
-            comp = []
-            while True:
-                m = stack.pop()
-                comp.append(m)
-                if m == node:
-                    break
-            if len(comp) > 1:
-                out.append(sorted(comp))
-
-    for node in sorted(edges):
-        if node not in index:
-            visit(node)
-    return out
+EDGES = {name: {t for t in (owner(i, MODULES) for i, _ in found) if t and t != name} for name, found in IMPORTS.items()}
 
 
 def test_the_tree_is_read() -> None:
@@ -147,19 +50,19 @@ def test_imports_follow_the_layer_table() -> None:
 
 
 @pytest.mark.parametrize("level", ["module", "package"])
-def test_no_import_circles(level: str) -> None:
+def test_no_importcycles(level: str) -> None:
     if level == "module":
         edges = EDGES
     else:
         edges = {}
         for src, targets in EDGES.items():
             edges.setdefault(_unit(src), set()).update(_unit(t) for t in targets if _unit(t) != _unit(src))
-    assert _circles(edges) == []
+    assert cycles(edges) == []
 
 
-def test_the_circle_finder_finds_circles() -> None:
-    assert _circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert _circles({"a": {"b"}, "b": set()}) == []
+def test_the_circle_finder_findscycles() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
 
 
 def test_no_module_imports_another_packages_private_module() -> None:
@@ -167,7 +70,7 @@ def test_no_module_imports_another_packages_private_module() -> None:
     bad = []
     for src, found in sorted(IMPORTS.items()):
         for target, line in found:
-            mod = _own(target)
+            mod = owner(target, MODULES)
             if mod is None:
                 continue
             private = [i for i, part in enumerate(mod.split(".")) if part.startswith("_") and not part.startswith("__")]

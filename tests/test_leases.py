@@ -63,7 +63,7 @@ def test_lease_ids_name_their_worker_under_the_jobs_secret(raw: Raw, ds, rdb: re
     job = _job(raw, name)
     a = raw.lease(job, "worker-1")
     e, i, attempt, instance, tag = a.lease.split(":")
-    key = f"ms:job:{{{job}}}"  # the job hash (service/store/jobstore.py)
+    key = f"ms:job:{{{job}}}"  # the job hash (service/store/jobkeys.py)
     inner, outer = rdb.hmget(key, "mac_in", "mac_out")
     secret = bytes(b ^ 0x36 for b in inner).rstrip(b"\0")
     assert lease_keys(secret) == {"mac_in": inner, "mac_out": outer}

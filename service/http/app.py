@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
@@ -54,53 +54,11 @@ _PUBLIC_PREFIX = docs.ASSETS
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        tune_allocator()
-        tune_gil()
-        die_with_supervisor()
-        embedded: EmbeddedRedis | None = None
-        url = settings.redis_url
-        if url is None:
-            # Started on the event loop's own thread, on purpose: the server is tied to
-            # the thread that spawns it (PR_SET_PDEATHSIG), and worker threads come and go.
-            embedded = EmbeddedRedis(settings.data_dir).start()
-            url = embedded.url
-            log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
-        r = connect(url, settings)
-        await anyio.to_thread.run_sync(slot_tags)  # the chunk groups' tags, built once, off the event loop
-        app.state.redis_url = url
-        reader = connect(url, settings, replicas=True) if settings.redis_cluster and settings.read_from_replicas else None
-        app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
-                                chunk_groups=settings.chunk_groups, reader=reader,
-                                idempotency_ttl_s=settings.ingest_idempotency_ttl_s)
-        app.state.catalog = Catalog(app.state.store, max_entries=settings.catalog_max_datasets)
-        durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
-                                cluster=settings.redis_cluster)  # fmt: skip
-        try:
-            await durability.probe()
-        except RedisConnectionError:
-            log.warning("Redis is not reachable yet; durability is probed at the first ack")
-        app.state.durability = durability
-        app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
-                              max_workers=settings.job_max_workers, store=app.state.store)  # fmt: skip
-        app.state.leasing = Leasing(app.state.jobs, app.state.catalog, app.state.work)
-        try:
-            yield
-        finally:
-            await r.aclose()
-            if reader is not None:
-                await reader.aclose()
-            if embedded is not None:
-                embedded.stop()
-            process_exited()
-
     app = FastAPI(
         title="maskserve",
         version=__version__,
         summary="Masked-language-model batches over HTTP, from tokenized text kept in Redis.",
-        lifespan=lifespan,
+        lifespan=_lifespan(settings),
         docs_url=None,  # served by routes/docs.py, from local files
         redoc_url=None,
         swagger_ui_oauth2_redirect_url=None,
@@ -121,6 +79,58 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's life: Redis (embedded when no URL is set) and the stores on ``app.state`` while it runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        tune_allocator()
+        tune_gil()
+        die_with_supervisor()
+        embedded: EmbeddedRedis | None = None
+        url = settings.redis_url
+        if url is None:
+            # Started on the event loop's own thread, on purpose: the server is tied to
+            # the thread that spawns it (PR_SET_PDEATHSIG), and worker threads come and go.
+            embedded = EmbeddedRedis(settings.data_dir).start()
+            url = embedded.url
+            log.info("embedded Redis at %s, data in %s", url, embedded.data_dir)
+        r = connect(url, settings)
+        await anyio.to_thread.run_sync(slot_tags)  # the chunk groups' tags, built once, off the event loop
+        app.state.redis_url = url
+        reader = connect(url, settings, replicas=True) if settings.redis_cluster and settings.read_from_replicas else None
+        await _open_stores(app, settings, r, reader)
+        try:
+            yield
+        finally:
+            await r.aclose()
+            if reader is not None:
+                await reader.aclose()
+            if embedded is not None:
+                embedded.stop()
+            process_exited()
+
+    return lifespan
+
+
+async def _open_stores(app: FastAPI, settings: Settings, r: aioredis.Redis, reader: aioredis.Redis | None) -> None:
+    """The store, catalog, durability, jobs and leasing the routes use, on ``app.state``."""
+    app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
+                            chunk_groups=settings.chunk_groups, reader=reader,
+                            idempotency_ttl_s=settings.ingest_idempotency_ttl_s)
+    app.state.catalog = Catalog(app.state.store, max_entries=settings.catalog_max_datasets)
+    durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
+                            cluster=settings.redis_cluster)  # fmt: skip
+    try:
+        await durability.probe()
+    except RedisConnectionError:
+        log.warning("Redis is not reachable yet; durability is probed at the first ack")
+    app.state.durability = durability
+    app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
+                          max_workers=settings.job_max_workers, store=app.state.store)  # fmt: skip
+    app.state.leasing = Leasing(app.state.jobs, app.state.catalog, app.state.work)
 
 
 class _Pool(aioredis.BlockingConnectionPool):

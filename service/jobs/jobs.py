@@ -24,7 +24,8 @@ from redis.asyncio import Redis
 
 from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
 from ..store.durability import Confirm, Durability, confirmed
-from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT, JobKeys
+from ..store.jobkeys import JobKeys
+from ..store.jobstore import ACK, CANCEL_JOB, CREATE_JOB, EVICT, NEXT, RELEASE, UNGRANT
 from ..store.lua import NOW_MS
 from ..store.store import Store, pairs
 

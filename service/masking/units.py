@@ -200,27 +200,56 @@ def _select_span(c: Context) -> Selection:
         return nothing
     cand = c.cand.ravel()
     starts = np.flatnonzero(c.word_start.ravel())  # every row begins a word
+    cw, first = _candidate_words(cand, starts, b, n)
+    lo, hi = _lay_out_spans(c, p, np.diff(first))
+    if c.budget is None:
+        keep = hi > lo
+        group = np.broadcast_to(np.arange(1, lo.shape[1] + 1, dtype=np.uint64), keep.shape)
+    else:
+        keep = _fit_spans(c, starts, cw, first, lo, hi)
+        group = np.cumsum(keep, axis=1).astype(np.uint64)
+    spans = np.flatnonzero(keep)
+    count = (hi - lo).ravel()[spans]
+    begin = (first[:-1, None] + lo).ravel()[spans]  # the span's first word, as an index into cw
+    words = cw[runs(begin, count)]  # word numbers of the covered words, in flat order
+    tokens = _word_len(starts, words, b * n)
+    at = runs(starts[words], tokens)
+    groups = np.repeat(np.repeat(group.ravel()[spans], count), tokens)
+    ok = cand[at]
+    at, groups = at[ok], groups[ok]
+    selected = np.zeros(b * n, dtype=bool)
+    selected[at] = True
+    return Selection(selected.reshape(b, n), at, groups)
 
-    def word_len(words: np.ndarray) -> np.ndarray:
-        following = np.take(starts, words + 1, mode="clip")
-        return np.where(words + 1 < len(starts), following, b * n) - starts[words]
 
+def _word_len(starts: np.ndarray, words: np.ndarray, total: int) -> np.ndarray:
+    """Token counts of the given words (``starts``: every word's first flat position; ``total``: B * L)."""
+    following = np.take(starts, words + 1, mode="clip")
+    return np.where(words + 1 < len(starts), following, total) - starts[words]
+
+
+def _candidate_words(cand: np.ndarray, starts: np.ndarray, b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The word numbers of the candidate words, in flat order, and (B + 1,) each row's first
+    one as an index into them (the last entry: their count)."""
     # A word is a candidate when any of its tokens is (an unknown piece inside a word
     # is never selected, but the rest of the word can be): usually its first token
     # says so; the few words that begin with a special piece are checked in full.
     cand_word = cand[starts]
     odd = np.flatnonzero(~cand_word)
-    odd = odd[word_len(odd) > 1]
+    odd = odd[_word_len(starts, odd, b * n) > 1]
     if len(odd):
-        lengths = word_len(odd)
+        lengths = _word_len(starts, odd, b * n)
         inside = cand[runs(starts[odd], lengths)].astype(np.int32)
         cand_word[odd] = np.add.reduceat(inside, np.cumsum(lengths) - lengths) > 0
-    cw = np.flatnonzero(cand_word)  # word numbers of candidate words, in flat order
-    # each row's first candidate word (an index into cw); the rows' candidate word counts
-    first = np.searchsorted(cw, np.searchsorted(starts, np.arange(b + 1) * n))
-    words_in_row = np.diff(first)
+    cw = np.flatnonzero(cand_word)
+    return cw, np.searchsorted(cw, np.searchsorted(starts, np.arange(b + 1) * n))
 
-    cdf, mean_len = span_law(c.span_p, c.span_max)
+
+def _lay_out_spans(c: Context, p: float, words_in_row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The renewal process at rate ``p``: (B, pairs) spans as [lo, hi) ranges of candidate-word
+    ranks, cut at each row's first and last candidate words (empty where wholly outside)."""
+    n = c.cand.shape[1]
+    _, mean_len = span_law(c.span_p, c.span_max)
     # The process starts ``burn`` ranks before the row (spans cut by the row's start
     # are cut like those at its end), so that its first words are masked at the same
     # rate as the rest: a process started at the row's first word would never cover it.
@@ -236,28 +265,8 @@ def _select_span(c: Context) -> Selection:
         u = rng.uniform01(fmix64(c.rows[:, None] ^ (j + np.uint64(rng.SPAN_GAP))))
         gaps = 1 + np.floor(np.log(u) / np.log1p(-1.0 / (1.0 + extra))).astype(np.int64)
     ends = np.cumsum(gaps + lengths, axis=1) - burn
-    # spans over candidate-word ranks, cut at the row's first and last candidate words
     last = words_in_row[:, None]
-    lo = np.minimum(np.maximum(ends - lengths, 0), last)
-    hi = np.minimum(np.maximum(ends, 0), last)
-    if c.budget is None:
-        keep = hi > lo
-        group = np.broadcast_to(np.arange(1, n_pairs + 1, dtype=np.uint64), keep.shape)
-    else:
-        keep = _fit_spans(c, starts, cw, first, lo, hi)
-        group = np.cumsum(keep, axis=1).astype(np.uint64)
-    spans = np.flatnonzero(keep)
-    count = (hi - lo).ravel()[spans]
-    begin = (first[:-1, None] + lo).ravel()[spans]  # the span's first word, as an index into cw
-    words = cw[runs(begin, count)]  # word numbers of the covered words, in flat order
-    tokens = word_len(words)
-    at = runs(starts[words], tokens)
-    groups = np.repeat(np.repeat(group.ravel()[spans], count), tokens)
-    ok = cand[at]
-    at, groups = at[ok], groups[ok]
-    selected = np.zeros(b * n, dtype=bool)
-    selected[at] = True
-    return Selection(selected.reshape(b, n), at, groups)
+    return np.minimum(np.maximum(ends - lengths, 0), last), np.minimum(np.maximum(ends, 0), last)
 
 
 def _fit_spans(

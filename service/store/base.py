@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import redis.asyncio as aioredis
 
-from .jobstore import JobKeys
+from .jobkeys import JobKeys
 from .keys import Keys
 
 

@@ -31,7 +31,7 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
                                                staged chunk ids, jobs)
     P:c:{T}:<uid>:<id>                  STRING chunk <id> of dataset generation <uid> (layout in packing.py)
     P:c:{T}:<uid>:<id>:sm:<cache>       STRING static masks of that chunk (layout in static.py)
-    P:job:{J}...                        the job's keys (jobstore.py has their layout)
+    P:job:{J}...                        the job's keys (jobkeys.py has their layout)
 
 **Chunk ids.** Chunk j of an ingest gets id ``nonce << 24 | j``, the nonce a
 random 39-bit number per ingest (a staged chunk is written only if its id is

@@ -33,7 +33,7 @@ from .base import (
 )  # fmt: skip
 from .chunks import ChunkReads
 from .datasets import DatasetKeys
-from .jobstore import JobKeys
+from .jobkeys import JobKeys
 from .keys import Keys
 from .masks import MaskCaches
 from .staging import IngestStaging

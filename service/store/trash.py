@@ -48,7 +48,6 @@ def _split(raw: bytes | None) -> list[str]:
     return [x for x in (raw or b"").decode().split(",") if x]
 
 
-from .jobstore import DELETE_JOB
 class Trash(StoreBase):
     """Delete datasets, empty their trash, and list a dataset's jobs."""
 

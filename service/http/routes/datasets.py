@@ -16,11 +16,11 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ...core.errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ...data.catalog import DatasetRuntime, sha256
-from ...data.ingest import NDJSON_TYPES, SPLITS, Pipeline, TextSplit, documents, limited, run_pipeline
+from ...data.ingest import NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_pipeline
 from ...data.packing import PACKING_MODES, Packing
 from ...data.tokenization import ROLES, SpecialRole, TokenizerInfo, load_tokenizer, prepare
 from ...masking.params import MAX_SEQ_LEN
-from ...store.store import ChunkIdTaken, Staged, pack_tokenizer
+from ...store.store import ChunkIdTaken, Staged, Store, pack_tokenizer
 from ..deps import CatalogDep, MetricsDep, SettingsDep, StoreDep
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
@@ -195,12 +195,7 @@ async def ingest(
     ] = "none",
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> IngestResult:
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in (*NDJSON_TYPES, "text/plain"):
-        raise UnsupportedMediaType(
-            f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line) or text/plain, "
-            f"not {media_type or 'no content type'!r}"
-        )
+    media_type = _ingest_media_type(request)
     rt = await catalog.current(name)
     info = await catalog.tokenizer(rt)
     pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
@@ -222,16 +217,7 @@ async def ingest(
             pipeline, documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt)), settings.ingest_batch_bytes,
             stage, settings.ingest_batch_docs, request.app.state.work.limiter,
         )
-        result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
-                  "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip
-        status, payload = await store.commit_ingest(
-            name, rt.uid, idempotency_key or "", staged, stats.chunk_counts,
-            stats.sequences, stats.tokens, stats.documents, stats.bytes, result, pipeline.token_counts,
-        )  # fmt: skip
-        if status == -1:
-            raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
-        if status == -2:
-            raise Conflict(f"staged data expired before commit ({payload}); retry the ingest")
+        status, payload = await _commit(store, name, rt, idempotency_key or "", staged, stats, pipeline)
     except BaseException:
         with anyio.CancelScope(shield=True):
             try:
@@ -244,6 +230,35 @@ async def ingest(
         metrics.tokens_ingested.labels(name).inc(stats.tokens)
         metrics.documents_ingested.labels(name).inc(stats.documents)
     return out
+
+
+def _ingest_media_type(request: Request) -> str:
+    """The ingest body's media type: NDJSON or plain text, else 415."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type not in (*NDJSON_TYPES, "text/plain"):
+        raise UnsupportedMediaType(
+            f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line) or text/plain, "
+            f"not {media_type or 'no content type'!r}"
+        )
+    return media_type
+
+
+async def _commit(
+    store: Store, name: str, rt: DatasetRuntime, idempotency_key: str, staged: list[Staged], stats: IngestStats,
+    pipeline: Pipeline,
+) -> tuple[int, str]:
+    """Commit the staged chunks: (0 committed or 1 a duplicate of the key's earlier ingest, its stored result)."""
+    result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
+              "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip
+    status, payload = await store.commit_ingest(
+        name, rt.uid, idempotency_key, staged, stats.chunk_counts,
+        stats.sequences, stats.tokens, stats.documents, stats.bytes, result, pipeline.token_counts,
+    )  # fmt: skip
+    if status == -1:
+        raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
+    if status == -2:
+        raise Conflict(f"staged data expired before commit ({payload}); retry the ingest")
+    return status, payload
 
 
 def _reserved(rt: DatasetRuntime) -> np.ndarray:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any
 
-import anyio
 import numpy as np
 from fastapi import APIRouter, Path, Request, Response
 from pydantic import Field
@@ -15,7 +14,7 @@ from ...core.errors import DatasetNotFound, LimitExceeded, NotFound, ValidationF
 from ...core.work import Workload
 from ...data.catalog import Catalog
 from ...data.packing import assemble, split_chunk
-from ...masking.masking import Masked, MaskSpec, mask_batch
+from ...masking.masking import Masked, MaskSpec, Vocab, mask_batch
 from ...masking.params import MAX_INT64, MAX_SEED, MaskingParams
 from ...masking.static import cache_id, encode_chunk
 from ...store.store import CachesFull
@@ -139,24 +138,48 @@ async def report(
     work: Workload = request.app.state.work
     spec = body.spec()
     ds = await open_dataset(catalog, name)
-    epochs = body.epochs or (2 * body.copies if body.mode == "static" else 20)
-    sequences = min(body.sequences, ds.num_sequences)
-    tokens = sequences * epochs * ds.rt.seq_len
-    if tokens > settings.max_report_tokens:
-        raise LimitExceeded(
-            f"a report of {sequences} sequences x {epochs} epochs x L={ds.rt.seq_len} masks {tokens} tokens, over the "
-            f"limit of {settings.max_report_tokens}: ask for fewer sequences or epochs",
-            limit=settings.max_report_tokens,
-        )  # fmt: skip
+    epochs, sequences = _report_size(body, ds.rt.seq_len, ds.num_sequences, settings.max_report_tokens)
     if spec.random_tokens == "frequency":
         await catalog.weighted_vocab(ds.rt)
     seq_ids = np.unique(np.linspace(0, ds.num_sequences - 1, sequences).astype(np.int64))
-    vocab = ds.rt.vocab
-    totals = dict.fromkeys(("candidates", "selected", "masked", "random", "kept", "selected_words",
-                            "special_selected", "special_drawn"), 0)  # fmt: skip
-    seen: list[set[bytes]] = [set() for _ in seq_ids]
-    runs: list[np.ndarray] = []
-    def tally(m: Masked) -> None:
+    tally = _Tally(ds.rt.vocab, len(seq_ids), spans=spec.unit == "span")
+    for epoch in range(epochs):  # one epoch's masks in memory at a time; the CPU work off the event loop
+        compute = await prepare_batch(catalog, ds, seq_ids, seed=body.seed, epoch=epoch, params=body, spec=spec,
+                                      need_words=True)  # fmt: skip
+        await work.run(lambda: tally(compute()))
+    return {
+        "dataset": name, "mode": body.mode, "masking": body.model_dump(exclude={"seed", "sequences", "epochs"}),
+        "seed": body.seed, "sequences": len(seq_ids), "epochs": epochs, **tally.summary(),
+    }  # fmt: skip
+
+
+def _report_size(body: ReportRequest, seq_len: int, num_sequences: int, max_tokens: int) -> tuple[int, int]:
+    """The report's epochs and sequences, within the ``max_report_tokens`` setting (``max_tokens``)."""
+    epochs = body.epochs or (2 * body.copies if body.mode == "static" else 20)
+    sequences = min(body.sequences, num_sequences)
+    tokens = sequences * epochs * seq_len
+    if tokens > max_tokens:
+        raise LimitExceeded(
+            f"a report of {sequences} sequences x {epochs} epochs x L={seq_len} masks {tokens} tokens, over the "
+            f"limit of {max_tokens}: ask for fewer sequences or epochs",
+            limit=max_tokens,
+        )  # fmt: skip
+    return epochs, sequences
+
+
+class _Tally:
+    """The masking report's counts, one epoch's masks at a time (called off the event loop)."""
+
+    def __init__(self, vocab: Vocab, rows: int, *, spans: bool) -> None:
+        self.vocab = vocab
+        self.spans = spans
+        self.totals = dict.fromkeys(("candidates", "selected", "masked", "random", "kept", "selected_words",
+                                     "special_selected", "special_drawn"), 0)  # fmt: skip
+        self.seen: list[set[bytes]] = [set() for _ in range(rows)]
+        self.runs: list[np.ndarray] = []
+
+    def __call__(self, m: Masked) -> None:
+        totals, vocab = self.totals, self.vocab
         sel = m.selected
         orig = np.where(sel, m.labels, 0)
         totals["candidates"] += int((~m.special_tokens_mask).sum())
@@ -170,32 +193,29 @@ async def report(
         if m.word_start is not None:
             totals["selected_words"] += int((sel & (m.word_start | m.special_tokens_mask)).sum())
         for i, row in enumerate(np.packbits(sel, axis=1)):
-            seen[i].add(row.tobytes())
-        if spec.unit == "span" and m.word_start is not None:
-            runs.append(_run_words(sel, m.word_start))
+            self.seen[i].add(row.tobytes())
+        if self.spans and m.word_start is not None:
+            self.runs.append(_run_words(sel, m.word_start))
 
-    for epoch in range(epochs):  # one epoch's masks in memory at a time; the CPU work off the event loop
-        compute = await prepare_batch(catalog, ds, seq_ids, seed=body.seed, epoch=epoch, params=body, spec=spec,
-                                      need_words=True)  # fmt: skip
-        await work.run(lambda: tally(compute()))
-    distinct = np.array([len(s) for s in seen])
-    sel = max(1, totals["selected"])
-    out: dict[str, Any] = {
-        "dataset": name, "mode": body.mode, "masking": body.model_dump(exclude={"seed", "sequences", "epochs"}),
-        "seed": body.seed, "sequences": len(seq_ids), "epochs": epochs,
-        "selection_rate": totals["selected"] / max(1, totals["candidates"]),
-        "split": {"mask": totals["masked"] / sel, "random": totals["random"] / sel, "keep": totals["kept"] / sel},
-        "tokens_per_selected_word": totals["selected"] / max(1, totals["selected_words"]),
-        "special_or_pad_selected": totals["special_selected"],
-        "special_drawn_as_replacement": totals["special_drawn"],
-        "distinct_masks_per_sequence": {"max": int(distinct.max()), "mean": float(distinct.mean())},
-        **totals,
-    }  # fmt: skip
-    if runs:
-        lengths = np.concatenate(runs)
-        out["span_length_words"] = {"mean": float(lengths.mean()) if len(lengths) else 0.0,
-                                    "histogram": np.bincount(lengths).tolist()}  # fmt: skip
-    return out
+    def summary(self) -> dict[str, Any]:
+        """The rates, split and leakage measured, then the raw counts."""
+        totals = self.totals
+        distinct = np.array([len(s) for s in self.seen])
+        sel = max(1, totals["selected"])
+        out: dict[str, Any] = {
+            "selection_rate": totals["selected"] / max(1, totals["candidates"]),
+            "split": {"mask": totals["masked"] / sel, "random": totals["random"] / sel, "keep": totals["kept"] / sel},
+            "tokens_per_selected_word": totals["selected"] / max(1, totals["selected_words"]),
+            "special_or_pad_selected": totals["special_selected"],
+            "special_drawn_as_replacement": totals["special_drawn"],
+            "distinct_masks_per_sequence": {"max": int(distinct.max()), "mean": float(distinct.mean())},
+            **totals,
+        }  # fmt: skip
+        if self.runs:
+            lengths = np.concatenate(self.runs)
+            out["span_length_words"] = {"mean": float(lengths.mean()) if len(lengths) else 0.0,
+                                        "histogram": np.bincount(lengths).tolist()}  # fmt: skip
+        return out
 
 
 def _run_words(selected: np.ndarray, word_start: np.ndarray) -> np.ndarray:
