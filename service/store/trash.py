@@ -44,6 +44,7 @@ _FIXED = ("tokenizer", "chunks", "ingests", "idem", "idem:due", "freq", "freq:fr
 
 _RETIRE_TRIES = 16
 
+
 def _split(raw: bytes | None) -> list[str]:
     return [x for x in (raw or b"").decode().split(",") if x]
 
