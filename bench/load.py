@@ -49,7 +49,9 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 
@@ -211,9 +213,11 @@ def _load_part(url: str, name: str, run: Run, seconds: float, warmup: float, nic
     out.put(run)
 
 
-def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, procs: int, nice: int) -> Run:
-    """The load from ``procs`` processes (one event loop cannot drive hundreds of clients alone), the
-    health probe from another; their figures merged into ``run``."""
+def _drive(svc: Service, run: Run | Storm, procs: int, loader: Callable[..., mp.Process],
+           merge: Callable[[Any], None], wait_s: float) -> float:
+    """The health probe and the RSS sampler, then ``run.clients`` split over ``procs`` loader processes
+    (``loader(ctx, i, n, parts)`` makes the i-th, for ``n`` clients, reporting to ``parts``), each report
+    merged by ``merge``; the probe's figures and the peak RSS go into ``run``. Returns the seconds it took."""
     ctx = mp.get_context("spawn")
     stop, out, parts = ctx.Event(), ctx.Queue(), ctx.Queue()
     prober = ctx.Process(target=_probe, args=(svc.url, stop, out))
@@ -221,25 +225,39 @@ def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, pr
     sampler = RssSampler(svc.pid)
     sampler.start()
     shares = [run.clients // procs + (i < run.clients % procs) for i in range(procs)]
-    loaders = [ctx.Process(target=_load_part, args=(svc.url, name, Run(run.workers, run.batch, run.seq_len, n),
-                                                    seconds, warmup, nice, parts))  # fmt: skip
-               for n in shares if n]
+    loaders = [loader(ctx, i, n, parts) for i, n in enumerate(shares) if n]
+    t0 = time.monotonic()
     try:
         for p in loaders:
             p.start()
         for _ in loaders:
-            part = parts.get(timeout=seconds + warmup + 600)
-            run.served += part.served
-            run.latencies += part.latencies
-            run.errors += part.errors
+            merge(parts.get(timeout=wait_s))
         for p in loaders:
             p.join()
-        run.seconds = seconds
     finally:
+        elapsed = time.monotonic() - t0
         stop.set()
         run.health = out.get(timeout=60)
         prober.join()
         run.peak_rss = sampler.stop()
+    return elapsed
+
+
+def measure(svc: Service, name: str, run: Run, seconds: float, warmup: float, procs: int, nice: int) -> Run:
+    """The load from ``procs`` processes (one event loop cannot drive hundreds of clients alone), the
+    health probe from another; their figures merged into ``run``."""
+
+    def loader(ctx: Any, i: int, n: int, parts: Any) -> mp.Process:
+        part = Run(run.workers, run.batch, run.seq_len, n)
+        return ctx.Process(target=_load_part, args=(svc.url, name, part, seconds, warmup, nice, parts))
+
+    def merge(part: Run) -> None:
+        run.served += part.served
+        run.latencies += part.latencies
+        run.errors += part.errors
+
+    _drive(svc, run, procs, loader, merge, seconds + warmup + 600)
+    run.seconds = seconds
     return run
 
 
@@ -300,32 +318,16 @@ def _storm_proc(url: str, name: str, storm: Storm, rate: float, first_seed: int,
 
 def storm(svc: Service, name: str, run: Storm, rate: float, procs: int, nice: int) -> Storm:
     """``run.clients`` requests at once, from ``procs`` processes; the probe and the RSS sampler meanwhile."""
-    ctx = mp.get_context("spawn")
-    stop, out, parts = ctx.Event(), ctx.Queue(), ctx.Queue()
-    prober = ctx.Process(target=_probe, args=(svc.url, stop, out))
-    prober.start()
-    sampler = RssSampler(svc.pid)
-    sampler.start()
-    shares = [run.clients // procs + (i < run.clients % procs) for i in range(procs)]
-    loaders = [ctx.Process(target=_storm_proc, args=(svc.url, name, Storm(run.workers, run.batch, run.seq_len, n,
-                                                                        run.fmt), rate, 1000 * i, nice, parts))
-               for i, n in enumerate(shares) if n]  # fmt: skip
-    t0 = time.monotonic()
-    try:
-        for p in loaders:
-            p.start()
-        for _ in loaders:
-            part = parts.get(timeout=900)
-            run.served += part.served
-            run.answers += part.answers
-        for p in loaders:
-            p.join()
-    finally:
-        run.seconds = time.monotonic() - t0
-        stop.set()
-        run.health = out.get(timeout=60)
-        prober.join()
-        run.peak_rss = sampler.stop()
+
+    def loader(ctx: Any, i: int, n: int, parts: Any) -> mp.Process:
+        part = Storm(run.workers, run.batch, run.seq_len, n, run.fmt)
+        return ctx.Process(target=_storm_proc, args=(svc.url, name, part, rate, 1000 * i, nice, parts))
+
+    def merge(part: Storm) -> None:
+        run.served += part.served
+        run.answers += part.answers
+
+    run.seconds = _drive(svc, run, procs, loader, merge, 900)
     return run
 
 
