@@ -756,7 +756,8 @@ def test_the_readme_jobs_walkthrough_runs_as_written(service: ServiceProcess, tm
     assert 16 < n <= 192  # a few batches an epoch: a short run of a small model on the CPU
     env = {**service_env(), "MASKSERVE_URL": service.url, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
            "OMP_NUM_THREADS": "1"}  # fmt: skip
-    argv = [sys.executable, "-m", "maskserve"]
+    cli = Path(sys.executable).with_name("maskserve")  # the console script, as the README runs it
+    argv = [str(cli)] if cli.exists() else [sys.executable, "-m", "maskserve"]
     made = subprocess.run([*argv, *create.split()[1:]], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stdout + made.stderr
     procs = {}
