@@ -1,0 +1,67 @@
+"""A request body read by code that pulls: decompressors and the Arrow reader.
+
+Those readers want a blocking file and do CPU work between reads, so they run
+in a worker thread. :class:`BlockingBody` is that file: each time its buffer
+runs dry it runs one step of the async body on the event loop and waits for
+the piece. Only the bytes of one body piece are held; whatever the reader
+keeps on top of that is bounded by what it is asked to return per call.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+
+T = TypeVar("T")
+
+
+class BlockingBody(io.RawIOBase):
+    """An async byte stream as a blocking, read-only raw file, for worker threads started by
+    :func:`anyio.to_thread.run_sync` (it calls back into the event loop with :func:`anyio.from_thread.run`)."""
+
+    def __init__(self, body: AsyncIterator[bytes]) -> None:
+        super().__init__()
+        self._body = body.__aiter__()
+        self._piece = memoryview(b"")
+        self._eof = False
+        self.consumed = 0  # bytes of the body read so far
+
+    async def _next(self) -> bytes | None:
+        try:
+            return await self._body.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:  # noqa: ANN001 - any writable buffer
+        while not self._piece and not self._eof:
+            piece = anyio.from_thread.run(self._next)
+            if piece is None:
+                self._eof = True
+            else:
+                self._piece = memoryview(piece)
+        n = min(len(buf), len(self._piece))
+        buf[:n] = self._piece[:n]
+        self._piece = self._piece[n:]
+        self.consumed += n
+        return n
+
+
+async def pulled(step: Callable[[], T | None], limiter: anyio.CapacityLimiter | None = None) -> AsyncIterator[T]:
+    """Call ``step`` in a worker thread until it returns None (or an empty value), yielding each result.
+
+    ``step`` reads a :class:`BlockingBody`, so while it waits for the network the thread holds a token of
+    ``limiter`` (default: anyio's shared thread pool, not the CPU pool, so a slow upload never holds a CPU
+    thread)."""
+    while True:
+        out = await anyio.to_thread.run_sync(step, limiter=limiter)
+        if out is None or (hasattr(out, "__len__") and len(out) == 0):  # type: ignore[arg-type]
+            return
+        yield out
