@@ -15,10 +15,14 @@ import httpx
 from wire import CONTENT_TYPE, WireFormatError, decode
 
 from ._batch import Batch, BatchStream
-from ._errors import APIError, ProtocolError, ServiceUnavailableError, TransportError
+from ._errors import APIError, CorpusError, ProtocolError, ServiceUnavailableError, TransportError
 from ._jobs import JobStream
 from ._transport import Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
+from ._tables import (
+    ARROW_STREAM, ARROW_SUFFIXES, PARQUET_SUFFIXES, Column, arrow_body, dataset_batches, hf_files, parquet_units,
+    unit_batches, Unit,
+)
 from ._uploads import Document, Replayable, as_record, file_chunks, ndjson
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -203,17 +207,83 @@ class Client:
 
     def ingest_file(
         self, name: str, path: str | Path, *, split: TextSplit = "none", idempotency_key: str | None = None,
-        on_bytes: Callable[[int], None] | None = None,
+        on_bytes: Callable[[int], None] | None = None, text_column: str | None = None,
+        ids_column: str | None = None, commit: bool = True,
     ) -> dict[str, Any]:  # fmt: skip
-        """Stream a file: ``.jsonl``/``.ndjson`` as NDJSON, anything else as plain text."""
+        """Stream a file: ``.jsonl``/``.ndjson`` as NDJSON, Parquet (``.parquet``) and Arrow (``.arrow``,
+        ``.feather``) by column (``text_column``, default ``text``, or ``ids_column``), a directory as a saved
+        Hugging Face dataset (its ``split``, default train), anything else as plain text (``split``:
+        document boundaries). ``commit=False`` stages it under ``idempotency_key`` (see :meth:`commit_ingest`)."""
         path = Path(path)
+        if path.is_dir() or path.suffix in (*PARQUET_SUFFIXES, *ARROW_SUFFIXES):
+            files = hf_files(path, None if split == "none" else split) if path.is_dir() else [path]
+            units = [u for f in files for u in _units(f)]
+            column = Column.of(text_column, ids_column)
+            return self._ingest_arrow(name, lambda: (b for u in units for b in unit_batches(u, column)), column,
+                                      idempotency_key=idempotency_key, commit=commit)  # fmt: skip
+        if text_column is not None or ids_column is not None:
+            raise CorpusError(f"{path}: text_column and ids_column apply to Parquet, Arrow and dataset files")
         ctype = NDJSON if path.suffix in (".jsonl", ".ndjson") else PLAIN_TEXT
-        params = {} if ctype != PLAIN_TEXT else {"split": split}
+        params: dict[str, Any] = {} if ctype != PLAIN_TEXT else {"split": split}
+        if not commit:
+            params["commit"] = "false"
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
             content=Replayable(lambda: file_chunks(path, on_bytes)),
             headers={"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
         )  # fmt: skip
+
+    def ingest_dataset(
+        self, name: str, dataset: Any, *, text_column: str | None = "text", ids_column: str | None = None,
+        idempotency_key: str | None = None, on_rows: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Stream a Hugging Face ``datasets.Dataset`` (its Arrow data, record batch by record batch) or
+        ``IterableDataset``: one column, of texts (``text_column``) or of token id lists (``ids_column``).
+        Atomic, and retried under one Idempotency-Key (a dataset can be iterated again)."""
+        column = Column.of(None if ids_column is not None else text_column, ids_column)
+        return self._ingest_arrow(name, lambda: dataset_batches(dataset, column), column,
+                                  idempotency_key=idempotency_key, on_rows=on_rows)  # fmt: skip
+
+    def ingest_table(
+        self, name: str, batches: Callable[[], Iterable[Any]], *, text_column: str | None = None,
+        ids_column: str | None = None, idempotency_key: str | None = None, commit: bool = True,
+        on_rows: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        """Stream ``pyarrow`` record batches (``batches()`` returns them; called again on a retry) holding
+        the column named by ``text_column`` (default ``text``) or ``ids_column``."""
+        column = Column.of(text_column, ids_column)
+        return self._ingest_arrow(name, batches, column, idempotency_key=idempotency_key, commit=commit,
+                                  on_rows=on_rows)  # fmt: skip
+
+    def _ingest_arrow(
+        self, name: str, batches: Callable[[], Iterable[Any]], column: Column, *, idempotency_key: str | None,
+        commit: bool = True, on_rows: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:  # fmt: skip
+        params: dict[str, Any] = column.params()
+        if not commit:
+            params["commit"] = "false"
+        return self._json(
+            "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
+            content=Replayable(lambda: arrow_body(batches(), on_rows)),
+            headers={"Content-Type": ARROW_STREAM, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+        )  # fmt: skip
+
+    def ingest_state(self, name: str, key: str) -> dict[str, Any] | None:
+        """Where the ingest under Idempotency-Key ``key`` stands: ``{"state": "staged"|"committed", "result":
+        ...}``, or None when nothing is staged or committed under it."""
+        from ._errors import NotFoundError
+
+        try:
+            return self._json("GET", f"/v1/datasets/{name}/ingests/{key}")
+        except NotFoundError as exc:
+            if exc.type.endswith("ingest-not-found"):
+                return None
+            raise
+
+    def commit_ingest(self, name: str, key: str) -> dict[str, Any]:
+        """Commit an ingest staged with ``commit=False``: its sequences take the next ids. Committing again is
+        harmless (``duplicate`` is then true), so this call is retried."""
+        return self._json("POST", f"/v1/datasets/{name}/ingests/{key}/commit")
 
     # ---- batches -----------------------------------------------------------
 
@@ -385,6 +455,10 @@ class Client:
             return self.batch(name, batch_size, seed=seed, index=k, **masking)
 
         return BatchStream(fetch, start, steps, prefetch)
+
+
+def _units(path: Path) -> list[Unit]:
+    return parquet_units(path) if path.suffix in PARQUET_SUFFIXES else [Unit(path, "arrow")]
 
 
 def _param(value: Any) -> Any:

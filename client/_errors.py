@@ -3,6 +3,7 @@
 ::
 
     MaskserveError
+     ├── CorpusError                 a local corpus file that cannot be read as asked (nothing was sent)
      ├── TransportError              the service could not be reached, or timed out
      ├── ProtocolError               a response the client cannot understand
      └── APIError                    the service answered with a problem (RFC 9457)
@@ -39,6 +40,11 @@ from typing import Any
 
 class MaskserveError(Exception):
     """Base class of every error the client raises."""
+
+
+class CorpusError(MaskserveError, ValueError):
+    """A local corpus the client cannot read as asked (no such column, a column of the wrong type, an
+    unreadable file): raised before anything is sent."""
 
 
 class TransportError(MaskserveError):

@@ -92,11 +92,9 @@ def cmd_dataset(args: argparse.Namespace) -> int:
         elif args.action == "ingest" and args.holdout:
             ingest_with_holdout(c, args)
         elif args.action == "ingest":
-            for f in args.files:
-                path = Path(f)
-                with progress(path.stat().st_size, path.name) as bar:
-                    res = c.ingest_file(args.name, path, split=args.split, on_bytes=bar.update)
-                print(f"{path}: {res['documents']} documents, {res['sequences']} sequences, {res['tokens']:,} tokens")
+            from .ingest import cmd_ingest
+
+            cmd_ingest(c, args)
     return 0
 
 
@@ -192,10 +190,31 @@ def dataset_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
     cr.add_argument("--seq-len", type=int, required=True)
     cr.add_argument("--packing", default="complete", choices=["complete", "doc", "none"])
     cr.add_argument("--special", nargs="*", metavar="ROLE=TOKEN", help="e.g. mask=<mask> pad=<pad>")
-    ing = dsub.add_parser("ingest", parents=[conn], help="stream files (.jsonl/.ndjson as NDJSON, else plain text)")
+    ing = dsub.add_parser(
+        "ingest", parents=[conn], help="stream corpus files into a dataset (in parallel, resumable)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Stream corpus files into dataset NAME.\n\n"
+        "Formats, by extension: .jsonl/.ndjson (NDJSON: {\"text\": ...} or {\"ids\": [...]} per line), "
+        ".parquet/.pq and\n.arrow/.feather (one column: --text-column or --ids-column), anything else plain "
+        "text (--split);\n--hf DIR reads a Hugging Face dataset saved with save_to_disk (or its cached Arrow "
+        "files).\n\n"
+        "Order: sequence ids follow the files in the order given (a Parquet file: its row groups in order),\n"
+        "whatever --jobs is, so a re-run or another cluster builds the same dataset.\n\n"
+        "Resumable: each file (or run of row groups) is committed under a key made of its path, size and\n"
+        "content hash; running the same command again after a crash or Ctrl-C skips what was committed.",
+    )  # fmt: skip
     ing.add_argument("name")
-    ing.add_argument("files", nargs="+")
-    ing.add_argument("--split", default="none", choices=["none", "line", "paragraph"], help="plain text: document boundaries")
+    ing.add_argument("files", nargs="*", metavar="FILE")
+    ing.add_argument("--hf", metavar="DIR", help="a Hugging Face dataset directory (save_to_disk, or cached Arrow files)")
+    ing.add_argument("--split", default="none", metavar="SPLIT",
+                     help="plain text: document boundaries, none|line|paragraph [default: none]; with --hf: the "
+                     "dataset split [default: train]")  # fmt: skip
+    ing.add_argument("--text-column", default=None, metavar="COLUMN",
+                     help="Parquet/Arrow/--hf: the column of texts [default: text]")
+    ing.add_argument("--ids-column", default=None, metavar="COLUMN",
+                     help="Parquet/Arrow/--hf: a column of pre-tokenized token id lists, instead of text")
+    ing.add_argument("-j", "--jobs", type=int, default=1, metavar="N",
+                     help="files (or row-group runs) uploaded at once; commits stay in order [default: 1]")
     ing.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
                      help="send this share of the documents (chosen by a hash of each document) to --holdout-dataset")
     ing.add_argument("--holdout-dataset", default=None, metavar="NAME",

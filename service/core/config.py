@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     ingest_batch_docs: int = Field(
         default=8192, ge=1, le=1 << 20, description="Most documents handed to the tokenizer per call."
     )
+    ingest_max_record_batch_bytes: int = Field(
+        default=256 << 20, ge=1024,
+        description="Largest record batch of an Arrow stream ingest (its buffers, decoded); larger is a 413.",
+    )  # fmt: skip
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")

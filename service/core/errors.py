@@ -106,6 +106,10 @@ class JobNotFound(NotFound):
     type, title = "job-not-found", "Job not found"
 
 
+class IngestNotFound(NotFound):
+    type, title = "ingest-not-found", "No staged or committed ingest under this key"
+
+
 class JobConflict(ServiceError):
     type, title, status = "job-conflict", "Job exists with another config", 409
 

@@ -9,6 +9,7 @@ request commits them all at once at the end (see store.py).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ import numpy as np
 
 from ..core.errors import MalformedDocument, PayloadTooLarge, TokenOutOfVocabulary
 from .packing import ChunkBuilder, Packer
+from .streams import pulled
+from .tables import ArrowDocuments, IdsRows
 from .tokenization import TokenizerInfo, encode_texts, word_starts
 
 Document = str | np.ndarray  # text, or pre-tokenized ids
@@ -245,8 +248,23 @@ class Pipeline:
         self.stats.documents += len(docs)
         if not parts_ids:
             return []
-        all_ids = np.concatenate(parts_ids)
-        doc_lengths = np.array(lengths, np.int64)
+        return self.feed_ids(np.concatenate(parts_ids), np.array(lengths, np.int64), count=False)
+
+    def feed_texts(self, texts: list[str]) -> list[bytes]:
+        """A batch of text documents, already parsed (a text column); returns the chunk blobs completed."""
+        self.stats.documents += len(texts)
+        if not texts:
+            return []
+        ids, _, lengths = encode_texts(self.info, texts)
+        return self.feed_ids(ids, lengths, count=False)
+
+    def feed_ids(self, all_ids: np.ndarray, doc_lengths: np.ndarray, *, count: bool = True) -> list[bytes]:
+        """Documents as their ids, concatenated, and each one's length (checked by the caller); returns the
+        chunk blobs completed."""
+        if count:
+            self.stats.documents += len(doc_lengths)
+        if not len(doc_lengths):
+            return []
         self.token_counts += np.bincount(all_ids, minlength=len(self.token_counts))
         seqs = self.packer.feed(all_ids, word_starts(self.info, all_ids, doc_lengths), doc_lengths)
         return self._add(seqs)
@@ -295,6 +313,40 @@ async def run_pipeline(
     if batch:
         for blob in await anyio.to_thread.run_sync(pipeline.feed, batch, limiter=limiter):
             await stage(blob)
+    for blob in await anyio.to_thread.run_sync(pipeline.finish, limiter=limiter):
+        await stage(blob)
+    return pipeline.stats
+
+
+def _text_slices(texts: list[str], batch_bytes: int, batch_docs: int) -> list[list[str]]:
+    """A record batch's texts in tokenizer-sized slices (as :func:`run_pipeline` batches NDJSON)."""
+    out, start, size = [], 0, 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= batch_bytes or i + 1 - start >= batch_docs:
+            out.append(texts[start : i + 1])
+            start, size = i + 1, 0
+    if start < len(texts):
+        out.append(texts[start:])
+    return out
+
+
+async def run_arrow(
+    pipeline: Pipeline, reader: ArrowDocuments, batch_bytes: int, stage, batch_docs: int = 8192,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> IngestStats:
+    """Drive an Arrow stream's record batches through ``pipeline``; ``stage(blob)`` stores each chunk.
+
+    Reading a record batch waits for the network, so it runs on anyio's shared threads; tokenizing and
+    packing run on ``limiter`` (the CPU pool), a text batch in slices of ``batch_bytes``/``batch_docs``."""
+    async for docs in pulled(reader.next):
+        if isinstance(docs, IdsRows):
+            parts = [functools.partial(pipeline.feed_ids, docs.ids, docs.lengths)]
+        else:
+            parts = [functools.partial(pipeline.feed_texts, s) for s in _text_slices(docs, batch_bytes, batch_docs)]
+        for part in parts:
+            for blob in await anyio.to_thread.run_sync(part, limiter=limiter):
+                await stage(blob)
     for blob in await anyio.to_thread.run_sync(pipeline.finish, limiter=limiter):
         await stage(blob)
     return pipeline.stats

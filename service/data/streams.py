@@ -40,6 +40,21 @@ class BlockingBody(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def read(self, size: int = -1) -> bytes:
+        """Exactly ``size`` bytes, fewer only at the end of the body (readers such as Arrow's take a short read
+        for the end), or all the rest when ``size`` is negative."""
+        if size is None or size < 0:
+            return self.readall()
+        out = bytearray(size)
+        view, got = memoryview(out), 0
+        while got < size:
+            n = self.readinto(view[got:])
+            if n == 0:
+                break
+            got += n
+        del view
+        return bytes(out[:got]) if got < size else bytes(out)
+
     def readinto(self, buf) -> int:  # noqa: ANN001 - any writable buffer
         while not self._piece and not self._eof:
             piece = anyio.from_thread.run(self._next)

@@ -22,6 +22,9 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
                                                expire with their newest record
     P:ds:{D}:ingests                    HASH   the records of earlier versions (read only, expiring)
     P:ds:{D}:staging                    ZSET   chunk id -> deadline (ms): chunks staged by ingests in flight
+    P:ds:{D}:pending:<key>              STRING JSON: an ingest staged under idempotency key <key>, not yet
+                                               committed (its chunk ids, counts, token counts); expires
+                                               with its staged chunks
     P:ds:{D}:freq / :freq:frozen        STRING token counts (BITFIELD u32) / the copy frozen at first use
     P:ds:{D}:sm                         SET    ids of the static-mask caches
     P:ds:{D}:sm:<cache>:meta            HASH   a cache's config, seed, copies, chunks built, bytes

@@ -98,6 +98,14 @@ end
 return out
 """
 
+# KEYS[1]: idempotency records, KEYS[2]: their deadlines, KEYS[3]: the ingests hash of earlier versions
+# ARGV[1]: idempotency key; returns the committed ingest's result JSON, or false
+COMMITTED = NOW_MS + """
+local rec = redis.call('HGET', KEYS[1], ARGV[1])
+if rec and tonumber(redis.call('ZSCORE', KEYS[2], ARGV[1]) or '0') > now then return rec end
+return redis.call('HGET', KEYS[3], ARGV[1])
+"""
+
 _STAGE_TRIES = 4  # ids a chunk tries (each of a fresh 39-bit nonce) before its ingest fails
 
 
@@ -107,6 +115,7 @@ class IngestStaging(StoreBase):
     def _register_staging(self, r: aioredis.Redis) -> None:
         self._reserve = r.register_script(RESERVE_CHUNK)
         self._commit = r.register_script(COMMIT_INGEST)
+        self._committed = r.register_script(COMMITTED)
 
     def new_ingest_id(self) -> int:
         """A random nonce: chunk j of the ingest gets id ``nonce << 24 | j`` (see keys.py), below 2^63."""
@@ -138,12 +147,33 @@ class IngestStaging(StoreBase):
             await self.unlink([s.key for s in staged])
             await self.r.zrem(self.keys.ds(name, "staging"), *(s.id for s in staged))
 
+    async def committed(self, name: str, idem_key: str) -> str | None:
+        """The stored result of the ingest committed under ``idem_key`` (within the records' lifetime), or None."""
+        k = self.keys
+        raw = await self._committed(keys=[k.ds(name, "idem"), k.ds(name, "idem:due"), k.ds(name, "ingests")],
+                                    args=[idem_key])  # fmt: skip
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def save_pending(self, name: str, idem_key: str, record: dict[str, Any], ttl: int) -> None:
+        """Keep what committing a staged ingest needs, for as long as its chunks stay staged."""
+        await self.r.set(self.keys.ds(name, f"pending:{idem_key}"), json.dumps(record), ex=ttl)
+
+    async def pending(self, name: str, idem_key: str) -> dict[str, Any] | None:
+        raw = await self.r.get(self.keys.ds(name, f"pending:{idem_key}"))
+        return None if raw is None else json.loads(raw)
+
+    async def drop_pending(self, name: str, idem_key: str) -> None:
+        await self.r.unlink(self.keys.ds(name, f"pending:{idem_key}"))
+
     async def commit_ingest(
         self, name: str, uid: str, idem_key: str, staged: list[Staged], chunk_counts: list[int],
         sequences: int, tokens: int, documents: int, nbytes: int, result: dict[str, Any],
-        token_counts: np.ndarray,
+        token_counts: np.ndarray, *, own_chunks: bool = True,
     ) -> tuple[int, str]:  # fmt: skip
-        """Make the staged chunks permanent, then visible (one script in the dataset's slot)."""
+        """Make the staged chunks permanent, then visible (one script in the dataset's slot).
+
+        ``own_chunks``: the staged chunks are this call's alone, so a duplicate drops them; a commit of a
+        pending (staged) ingest shares them with any other commit of the same key, and never drops them."""
         k = self.keys
         if staged:
             async with self.r.pipeline(transaction=False) as p:
@@ -165,7 +195,7 @@ class IngestStaging(StoreBase):
         if expired:  # chunks of requests that never committed in time: no longer staged, so unlinked
             groups = int(await self.r.hget(k.ds(name, "meta"), "chunk_groups") or self.chunk_groups)
             await self.unlink([k.chunk(uid, groups, int(i)) for i in expired])
-        if int(status) == 1:  # a repeat of a committed request: its own chunks were never needed
+        if int(status) == 1 and own_chunks:  # a repeat of a committed request: its own chunks were never needed
             await self.drop_staged(name, staged)
         if int(status) == 0:
             await self.r.sadd(k.index, name)  # heals a listing an interrupted create or delete left behind

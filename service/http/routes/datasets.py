@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anyio
 import numpy as np
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from ...core.errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
+from ...core.errors import Conflict, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ...data.catalog import DatasetRuntime, sha256
-from ...data.ingest import NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_pipeline
+from ...data.ingest import (
+    NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_arrow, run_pipeline,
+)
+from ...data.streams import BlockingBody
+from ...data.tables import ARROW_STREAM, ArrowDocuments
 from ...data.packing import PACKING_MODES, Packing
 from ...data.tokenization import ROLES, SpecialRole, TokenizerInfo, load_tokenizer, prepare
 from ...masking.params import MAX_SEQ_LEN
@@ -67,8 +72,23 @@ class IngestResult(BaseModel):
     sequences: int
     tokens: int
     bytes: int
-    first_sequence_id: int
+    first_sequence_id: int | None = Field(
+        description="The id of the ingest's first sequence (its sequences are consecutive); null while staged."
+    )
     duplicate: bool = Field(default=False, description="True when this Idempotency-Key was committed before.")
+    committed: bool = Field(
+        default=True, description="False for an ingest staged with commit=false: POST .../ingests/{key}/commit."
+    )
+
+
+class IngestState(BaseModel):
+    dataset: str
+    key: str
+    state: Literal["staged", "committed"] = Field(
+        description="staged: stored, waiting for its commit (until MASKSERVE_STAGE_TTL_S); committed: part of "
+        "the dataset (remembered for MASKSERVE_INGEST_IDEMPOTENCY_TTL_S)."
+    )
+    result: IngestResult
 
 
 def _prepare_create(raw: bytes, max_seq_len: int) -> tuple[DatasetCreate, TokenizerInfo, bytes, str]:
@@ -171,12 +191,14 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
 @router.post(
     "/{name}/documents",
     response_model=IngestResult,
-    summary="Ingest documents (NDJSON or plain text), atomically",
+    summary="Ingest documents (NDJSON, plain text or an Arrow stream), atomically",
+    responses={202: {"model": IngestResult, "description": "Staged (commit=false): commit it by its key."}},
     openapi_extra={
         "requestBody": {
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
                 "text/plain": {"schema": {"type": "string"}},
+                ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
             },
             "required": True,
         }
@@ -185,6 +207,7 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
 async def ingest(
     name: str,
     request: Request,
+    response: Response,
     store: StoreDep,
     catalog: CatalogDep,
     settings: SettingsDep,
@@ -193,9 +216,25 @@ async def ingest(
         TextSplit,
         Query(description=f"text/plain only: how the body splits into documents, one of {SPLITS}."),
     ] = "none",
+    text_column: Annotated[
+        str | None, Query(max_length=256, description=f"{ARROW_STREAM} only: the column of texts (default: text).")
+    ] = None,
+    ids_column: Annotated[
+        str | None, Query(max_length=256, description=f"{ARROW_STREAM} only: a column of pre-tokenized id lists.")
+    ] = None,
+    commit: Annotated[
+        bool, Query(description="false: stage only, under the Idempotency-Key (required), and commit later with "
+                    "POST /v1/datasets/{name}/ingests/{key}/commit; commits in the order wanted fix the ids.")
+    ] = True,
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> IngestResult:
     media_type = _ingest_media_type(request)
+    if not commit and not idempotency_key:
+        raise InvalidRequest("commit=false stages the ingest under its Idempotency-Key: send one")
+    if text_column is not None and ids_column is not None:
+        raise InvalidRequest("name either text_column or ids_column, not both")
+    if media_type != ARROW_STREAM and (text_column is not None or ids_column is not None):
+        raise InvalidRequest(f"text_column and ids_column name a column of an {ARROW_STREAM} body")
     rt = await catalog.current(name)
     info = await catalog.tokenizer(rt)
     pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
@@ -212,12 +251,23 @@ async def ingest(
         staged.append(chunk)
 
     body = limited(request.stream(), settings.max_body_bytes)
+    limiter = request.app.state.work.limiter
     try:
-        stats = await run_pipeline(
-            pipeline, documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt)), settings.ingest_batch_bytes,
-            stage, settings.ingest_batch_docs, request.app.state.work.limiter,
-        )
-        status, payload = await _commit(store, name, rt, idempotency_key or "", staged, stats, pipeline)
+        if media_type == ARROW_STREAM:
+            column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
+            reader = ArrowDocuments(BlockingBody(body), column, kind, rt.meta["vocab_size"], _reserved(rt),
+                                    settings.ingest_max_record_batch_bytes)  # fmt: skip
+            stats = await run_arrow(pipeline, reader, settings.ingest_batch_bytes, stage,
+                                    settings.ingest_batch_docs, limiter)  # fmt: skip
+        else:
+            docs = documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt))
+            stats = await run_pipeline(pipeline, docs, settings.ingest_batch_bytes, stage,
+                                       settings.ingest_batch_docs, limiter)  # fmt: skip
+        if commit:
+            status, payload = await _commit(store, name, rt, idempotency_key or "", staged, stats, pipeline)
+        else:
+            status, payload = await _stage_only(store, name, rt, idempotency_key or "", staged, stats, pipeline,
+                                                settings.stage_ttl_s)  # fmt: skip
     except BaseException:
         with anyio.CancelScope(shield=True):
             try:
@@ -225,6 +275,9 @@ async def ingest(
             except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
                 log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
         raise
+    if status == 2:
+        response.status_code = 202
+        return IngestResult(**json.loads(payload), first_sequence_id=None, committed=False)
     out = IngestResult(**json.loads(payload), duplicate=status == 1)
     if status == 0:
         metrics.tokens_ingested.labels(name).inc(stats.tokens)
@@ -232,12 +285,60 @@ async def ingest(
     return out
 
 
+@router.get("/{name}/ingests/{key}", response_model=IngestState, summary="Whether an ingest is staged or committed")
+async def ingest_state(name: str, key: Annotated[str, Path(max_length=128)], store: StoreDep) -> IngestState:
+    done = await store.committed(name, key)
+    if done is not None:
+        return IngestState(dataset=name, key=key, state="committed", result=IngestResult(**json.loads(done)))
+    record = await store.pending(name, key)
+    meta = await store.meta(name)
+    if record is None or meta is None or record["uid"] != meta.get("uid"):
+        if meta is None:
+            raise DatasetNotFound(f"no dataset named {name!r}", dataset=name)
+        raise IngestNotFound(f"nothing staged or committed in {name!r} under key {key!r}", dataset=name, key=key)
+    result = IngestResult(**record["result"], first_sequence_id=None, committed=False)
+    return IngestState(dataset=name, key=key, state="staged", result=result)
+
+
+@router.post("/{name}/ingests/{key}/commit", response_model=IngestResult, summary="Commit a staged ingest")
+async def commit_staged(
+    name: str, key: Annotated[str, Path(max_length=128)], store: StoreDep, catalog: CatalogDep,
+    metrics: MetricsDep,
+) -> IngestResult:  # fmt: skip
+    """Make an ingest staged with commit=false part of the dataset: its sequences get the next ids. Committing
+    a committed key again answers its result with duplicate=true."""
+    record = await store.pending(name, key)
+    rt = await catalog.current(name)
+    if record is None or record["uid"] != rt.uid:
+        done = await store.committed(name, key)
+        if done is not None:
+            return IngestResult(**json.loads(done), duplicate=True)
+        raise IngestNotFound(f"nothing staged in {name!r} under key {key!r} (never staged, or its staged data "
+                             "expired: ingest it again)", dataset=name, key=key)  # fmt: skip
+    staged = [Staged(int(i), k) for i, k in zip(record["ids"], record["keys"])]
+    counts = np.zeros(rt.meta["vocab_size"], np.int64)
+    pairs = np.frombuffer(base64.b64decode(record["freq"]), "<i8").reshape(-1, 2)
+    counts[pairs[:, 0]] = pairs[:, 1]
+    s = record["result"]
+    status, payload = await store.commit_ingest(
+        name, rt.uid, key, staged, record["counts"], s["sequences"], s["tokens"], s["documents"], s["bytes"],
+        s, counts, own_chunks=False,
+    )  # fmt: skip
+    _refuse_failed_commit(name, status, payload)
+    await store.drop_pending(name, key)
+    if status == 0:
+        metrics.tokens_ingested.labels(name).inc(s["tokens"])
+        metrics.documents_ingested.labels(name).inc(s["documents"])
+    return IngestResult(**json.loads(payload), duplicate=status == 1)
+
+
 def _ingest_media_type(request: Request) -> str:
     """The ingest body's media type: NDJSON or plain text, else 415."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in (*NDJSON_TYPES, "text/plain"):
+    if media_type not in (*NDJSON_TYPES, "text/plain", ARROW_STREAM):
         raise UnsupportedMediaType(
-            f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line) or text/plain, "
+            f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line), text/plain or "
+            f"{ARROW_STREAM} (a text or ids column), "
             f"not {media_type or 'no content type'!r}"
         )
     return media_type
@@ -254,11 +355,35 @@ async def _commit(
         name, rt.uid, idempotency_key, staged, stats.chunk_counts,
         stats.sequences, stats.tokens, stats.documents, stats.bytes, result, pipeline.token_counts,
     )  # fmt: skip
+    _refuse_failed_commit(name, status, payload)
+    return status, payload
+
+
+def _refuse_failed_commit(name: str, status: int, payload: str) -> None:
     if status == -1:
         raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
     if status == -2:
         raise Conflict(f"staged data expired before commit ({payload}); retry the ingest")
-    return status, payload
+
+
+async def _stage_only(
+    store: Store, name: str, rt: DatasetRuntime, idempotency_key: str, staged: list[Staged], stats: IngestStats,
+    pipeline: Pipeline, ttl: int,
+) -> tuple[int, str]:
+    """Keep a staged ingest for a later commit: (2 staged, its result so far), or (1, the stored result) when
+    the key was committed before (the chunks just staged are dropped)."""
+    done = await store.committed(name, idempotency_key)
+    if done is not None:
+        await store.drop_staged(name, staged)
+        return 1, done
+    result = {"dataset": name, "documents": stats.documents, "sequences": stats.sequences,
+              "tokens": stats.tokens, "bytes": stats.bytes}  # fmt: skip
+    nz = np.flatnonzero(pipeline.token_counts)
+    freq = np.stack([nz, pipeline.token_counts[nz]], axis=1).astype("<i8").tobytes()
+    record = {"uid": rt.uid, "ids": [s.id for s in staged], "keys": [s.key for s in staged],
+              "counts": stats.chunk_counts, "result": result, "freq": base64.b64encode(freq).decode()}  # fmt: skip
+    await store.save_pending(name, idempotency_key, record, ttl)
+    return 2, json.dumps(result)
 
 
 def _reserved(rt: DatasetRuntime) -> np.ndarray:
