@@ -143,14 +143,18 @@ class Ingest:
                 key, state, res = fut.result()
                 if state == "staged":
                     res = self.c.commit_ingest(self.name, key)
-                self._count(res, skipped=state == "committed" or res.get("duplicate", False))
+                self._count(w, res, skipped=state == "committed" or res.get("duplicate", False))
                 nxt = next(todo, None)
                 if nxt is not None:
                     pending.append((nxt, pool.submit(self.stage, nxt)))
         return self.totals
 
-    def _count(self, res: dict[str, Any], skipped: bool) -> None:
+    def _count(self, w: Work, res: dict[str, Any], skipped: bool) -> None:
         t = self.totals
+        how = "committed before" if skipped else f"sequences from {res['first_sequence_id']:,}"
+        self.bar.write(f"{w.describe()}: {res['documents']:,} documents, {res['sequences']:,} sequences, "
+                       f"{res['tokens']:,} tokens ({how})", file=sys.stdout)  # fmt: skip
+        sys.stdout.flush()
         if skipped:
             t["skipped"] += 1
         else:
