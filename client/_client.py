@@ -19,7 +19,7 @@ from ._errors import APIError, CorpusError, ProtocolError, ServiceUnavailableErr
 from ._jobs import JobStream
 from ._transport import Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
-from ._tables import (
+from .corpora import (
     ARROW_STREAM, ARROW_SUFFIXES, PARQUET_SUFFIXES, Column, arrow_body, dataset_batches, hf_files, parquet_units,
     unit_batches, Unit,
 )
