@@ -28,6 +28,7 @@ from ._errors import (
     OverloadedError,
     RequestTooLargeError,
     ServiceUnavailableError,
+    TokenizerDirectoryError,
     TransportError,
     UnsupportedMediaTypeError,
 )
@@ -55,6 +56,7 @@ __all__ = [
     "OverloadedError",
     "RequestTooLargeError",
     "ServiceUnavailableError",
+    "TokenizerDirectoryError",
     "TransportError",
     "UnsupportedMediaTypeError",
     "WireFormatError",
