@@ -6,6 +6,7 @@
      ├── CorpusError                 a local corpus file that cannot be read as asked (nothing was sent)
      ├── TransportError              the service could not be reached, or timed out
      ├── ProtocolError               a response the client cannot understand
+     ├── TokenizerDirectoryError     a transformers tokenizer directory the client cannot use (also a ValueError)
      └── APIError                    the service answered with a problem (RFC 9457)
           ├── BadRequestError        400 / 422: the request itself is wrong
           ├── AuthenticationError    401 / 403
@@ -53,6 +54,10 @@ class TransportError(MaskserveError):
 
 class ProtocolError(MaskserveError):
     """The service answered with something the client cannot parse."""
+
+
+class TokenizerDirectoryError(MaskserveError, ValueError):
+    """A tokenizer directory (``save_pretrained``'s) holds no usable tokenizer files; nothing was sent."""
 
 
 class APIError(MaskserveError):
