@@ -3,10 +3,10 @@
 ::
 
     MaskserveError
-     ├── CorpusError                 a local corpus file that cannot be read as asked (nothing was sent)
+     ├── CorpusError                 a local corpus the client cannot read as asked (a ValueError; nothing sent)
+     │    └── TokenizerDirectoryError   a transformers tokenizer directory it cannot use
      ├── TransportError              the service could not be reached, or timed out
      ├── ProtocolError               a response the client cannot understand
-     ├── TokenizerDirectoryError     a transformers tokenizer directory the client cannot use (also a ValueError)
      └── APIError                    the service answered with a problem (RFC 9457)
           ├── BadRequestError        400 / 422: the request itself is wrong
           ├── AuthenticationError    401 / 403
@@ -56,7 +56,7 @@ class ProtocolError(MaskserveError):
     """The service answered with something the client cannot parse."""
 
 
-class TokenizerDirectoryError(MaskserveError, ValueError):
+class TokenizerDirectoryError(CorpusError):
     """A tokenizer directory (``save_pretrained``'s) holds no usable tokenizer files; nothing was sent."""
 
 
