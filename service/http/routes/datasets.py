@@ -255,8 +255,8 @@ async def ingest(
     try:
         if media_type == ARROW_STREAM:
             column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
-            reader = ArrowDocuments(BlockingBody(body), column, kind, rt.meta["vocab_size"], _reserved(rt),
-                                    settings.ingest_max_record_batch_bytes)  # fmt: skip
+            limit = settings.ingest_max_record_batch_bytes
+            reader = ArrowDocuments(BlockingBody(body, limit), column, kind, rt.meta["vocab_size"], _reserved(rt), limit)
             stats = await run_arrow(pipeline, reader, settings.ingest_batch_bytes, stage,
                                     settings.ingest_batch_docs, limiter)  # fmt: skip
         else:
