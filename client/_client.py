@@ -19,7 +19,7 @@ from ._errors import APIError, ProtocolError, ServiceUnavailableError, Transport
 from ._jobs import JobStream
 from ._transport import Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
-from ._uploads import Document, Replayable, as_record, file_chunks, ndjson
+from ._uploads import Document, FileUpload, Replayable, as_record, ndjson
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -205,14 +205,21 @@ class Client:
         self, name: str, path: str | Path, *, split: TextSplit = "none", idempotency_key: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:  # fmt: skip
-        """Stream a file: ``.jsonl``/``.ndjson`` as NDJSON, anything else as plain text."""
-        path = Path(path)
-        ctype = NDJSON if path.suffix in (".jsonl", ".ndjson") else PLAIN_TEXT
+        """Stream a file: ``.jsonl``/``.ndjson``/``.json`` as NDJSON, anything else as plain text.
+
+        Compressed files go by their inner suffix (``docs.jsonl.gz``, ``c4.json.gz``, ``notes.txt.xz``):
+        ``.gz`` and ``.zst`` are sent as they are, for the service to decode (``Content-Encoding``);
+        ``.bz2`` and ``.xz`` are decoded here as they are sent. ``on_bytes(n)`` counts the file's bytes read.
+        """
+        upload = FileUpload.of(Path(path))
+        ctype = NDJSON if upload.ndjson else PLAIN_TEXT
         params = {} if ctype != PLAIN_TEXT else {"split": split}
+        headers = {"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        if upload.encoding:
+            headers["Content-Encoding"] = upload.encoding
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
-            content=Replayable(lambda: file_chunks(path, on_bytes)),
-            headers={"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+            content=Replayable(lambda: upload.chunks(on_bytes)), headers=headers,
         )  # fmt: skip
 
     # ---- batches -----------------------------------------------------------

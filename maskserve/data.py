@@ -192,9 +192,12 @@ def dataset_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
     cr.add_argument("--seq-len", type=int, required=True)
     cr.add_argument("--packing", default="complete", choices=["complete", "doc", "none"])
     cr.add_argument("--special", nargs="*", metavar="ROLE=TOKEN", help="e.g. mask=<mask> pad=<pad>")
-    ing = dsub.add_parser("ingest", parents=[conn], help="stream files (.jsonl/.ndjson as NDJSON, else plain text)")
+    about = ("stream files (.jsonl/.ndjson/.json as NDJSON, else plain text; .gz/.zst sent compressed, "
+             ".bz2/.xz decoded on the way)")  # fmt: skip
+    ing = dsub.add_parser("ingest", parents=[conn], help=about, description=about[0].upper() + about[1:] + ".")
     ing.add_argument("name")
-    ing.add_argument("files", nargs="+")
+    ing.add_argument("files", nargs="+", help="the inner suffix decides NDJSON or text: docs.jsonl.gz, c4.json.gz, "
+                     "notes.txt.zst")  # fmt: skip
     ing.add_argument("--split", default="none", choices=["none", "line", "paragraph"], help="plain text: document boundaries")
     ing.add_argument("--holdout", type=float, default=0.0, metavar="FRACTION",
                      help="send this share of the documents (chosen by a hash of each document) to --holdout-dataset")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ...core.errors import Conflict, DatasetExists, DatasetNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
 from ...data.catalog import DatasetRuntime, sha256
+from ...data.encodings import ALIASES, ENCODINGS, decoded
 from ...data.ingest import NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_pipeline
 from ...data.packing import PACKING_MODES, Packing
 from ...data.tokenization import ROLES, SpecialRole, TokenizerInfo, load_tokenizer, prepare
@@ -171,15 +172,27 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
 @router.post(
     "/{name}/documents",
     response_model=IngestResult,
-    summary="Ingest documents (NDJSON or plain text), atomically",
+    summary="Ingest documents (NDJSON or plain text, optionally gzip or zstd compressed), atomically",
     openapi_extra={
+        "parameters": [
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": list(ENCODINGS), "default": "identity"},
+                "description": "The body's compression, decoded as it arrives: gzip (every member of a "
+                "multi-member file) or zstd (every frame). MASKSERVE_MAX_BODY_BYTES bounds the decoded "
+                "bytes as well as those sent; a body that does not decode is 400 corrupt-body, another "
+                "encoding (or a list of several) 415.",
+            }
+        ],
         "requestBody": {
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
                 "text/plain": {"schema": {"type": "string"}},
             },
             "required": True,
-        }
+        },
     },
 )
 async def ingest(
@@ -196,6 +209,7 @@ async def ingest(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> IngestResult:
     media_type = _ingest_media_type(request)
+    encoding = _content_encoding(request)
     rt = await catalog.current(name)
     info = await catalog.tokenizer(rt)
     pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
@@ -212,6 +226,8 @@ async def ingest(
         staged.append(chunk)
 
     body = limited(request.stream(), settings.max_body_bytes)
+    if encoding != "identity":  # the decoded bytes count against the limit too: a small bomb must not pass
+        body = limited(decoded(body, encoding), settings.max_body_bytes, "decoded request body")
     try:
         stats = await run_pipeline(
             pipeline, documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt)), settings.ingest_batch_bytes,
@@ -241,6 +257,19 @@ def _ingest_media_type(request: Request) -> str:
             f"not {media_type or 'no content type'!r}"
         )
     return media_type
+
+
+def _content_encoding(request: Request) -> str:
+    """The ingest body's Content-Encoding: one of ``ENCODINGS`` (none given: identity), else 415."""
+    values = [v.strip().lower() for h in request.headers.getlist("content-encoding") for v in h.split(",")]
+    values = [ALIASES.get(v, v) for v in values if v]
+    if not values:
+        return "identity"
+    if len(values) == 1 and values[0] in ENCODINGS:
+        return values[0]
+    raise UnsupportedMediaType(
+        f"send the body as it is or with one Content-Encoding of {', '.join(ENCODINGS)}, not {', '.join(values)!r}"
+    )
 
 
 async def _commit(
