@@ -107,6 +107,10 @@ def ingest_with_holdout(c, args: argparse.Namespace) -> None:  # noqa: ANN001 - 
 
     if not 0 < args.holdout < 1:
         raise SystemExit("maskserve dataset ingest: --holdout takes a fraction in (0, 1)")
+    if args.hf or args.text_column or args.ids_column or any(
+        Path(f).suffix in (".parquet", ".pq", ".arrow", ".feather", ".gz", ".zst", ".bz2", ".xz") for f in args.files
+    ):
+        raise SystemExit("maskserve dataset ingest: --holdout splits uncompressed NDJSON and text files")
     held_name = args.holdout_dataset or f"{args.name}-heldout"
     info = c.dataset(args.name)
     try:

@@ -97,10 +97,15 @@ def plan(args: argparse.Namespace) -> list[Work]:
 
 
 class Ingest:
-    """Runs a plan: uploads on ``jobs`` threads, commits in order on the calling thread."""
+    """Runs a plan: uploads on ``jobs`` threads, commits in order on the calling thread.
 
-    def __init__(self, c, name: str, works: list[Work], jobs: int, bar) -> None:  # noqa: ANN001
+    ``uploaders``: clients the uploads take in turn, each trying the service's replicas from another one
+    first, so the streams spread over the replicas (each still fails over to the others)."""
+
+    def __init__(self, c, name: str, works: list[Work], jobs: int, bar, uploaders: list | None = None) -> None:  # noqa: ANN001
         self.c, self.name, self.works, self.jobs, self.bar = c, name, works, jobs, bar
+        self.uploaders = uploaders or [c]
+        self._index = {id(w): i for i, w in enumerate(works)}
         self.totals = {"documents": 0, "sequences": 0, "tokens": 0, "skipped": 0, "new_tokens": 0}
         self._lock = threading.Lock()
 
@@ -108,20 +113,21 @@ class Ingest:
         """Upload one unit, staged (or find it staged or committed already): (key, state, result)."""
         from client.corpora import Column, Unit, unit_batches
 
+        c = self.uploaders[self._index[id(w)] % len(self.uploaders)]
         key = w.key()
-        known = self.c.ingest_state(self.name, key)
+        known = c.ingest_state(self.name, key)
         if known is not None:
             self._progress(w.size)
             return key, known["state"], known["result"]
         if w.columnar:
             column = Column.of(w.options["text_column"], w.options["ids_column"])
             unit = Unit(w.path, "parquet" if w.path.suffix in (".parquet", ".pq") else "arrow", w.row_groups)
-            res = self.c.ingest_table(self.name, lambda: unit_batches(unit, column), text_column=None if column.ids
+            res = c.ingest_table(self.name, lambda: unit_batches(unit, column), text_column=None if column.ids
                                       else column.name, ids_column=column.name if column.ids else None,
                                       idempotency_key=key, commit=False)  # fmt: skip
             self._progress(w.size)
         else:
-            res = self.c.ingest_file(self.name, w.path, split=w.options["split"], idempotency_key=key,
+            res = c.ingest_file(self.name, w.path, split=w.options["split"], idempotency_key=key,
                                      commit=False, on_bytes=self._progress)  # fmt: skip
         return key, "committed" if res.get("committed", True) else "staged", res
 
@@ -170,17 +176,24 @@ def cmd_ingest(c, args: argparse.Namespace) -> None:  # noqa: ANN001 - the clien
 
     if args.jobs < 1:
         raise SystemExit("maskserve dataset ingest: --jobs takes a positive number")
+    from client import Client
+
     works = plan(args)
+    urls = c.transport.base_urls
+    uploaders = [Client(urls[i:] + urls[:i], token=args.token) for i in range(min(args.jobs, len(urls)))]
     t0 = time.perf_counter()
     with progress(sum(w.size for w in works), f"ingest {args.name}") as bar:
         try:
-            totals = Ingest(c, args.name, works, args.jobs, bar).run()
+            totals = Ingest(c, args.name, works, args.jobs, bar, uploaders).run()
         except KeyboardInterrupt:
             bar.close()
             print("\ninterrupted: what was committed stays; run the same command again to ingest the rest",
                   file=sys.stderr)  # fmt: skip
             sys.stderr.flush()
             os._exit(130)  # upload threads would otherwise run on to their end
+        finally:
+            for u in uploaders:
+                u.close()
     dt = time.perf_counter() - t0
     skipped = f" ({totals['skipped']} of {len(works)} units committed before: skipped)" if totals["skipped"] else ""
     print(f"{args.name}: {totals['documents']:,} documents, {totals['sequences']:,} sequences, "

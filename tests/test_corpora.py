@@ -308,3 +308,25 @@ def test_a_blocking_body_reads_exactly_and_refuses_reads_over_its_bound():
         assert body.consumed == 10
 
     anyio.run(main)
+
+
+def _documents_posts(url: str) -> float:
+    """Ingest requests a replica answered 202 (staged), from its Prometheus text."""
+    text = httpx.get(f"{url}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("maskserve_requests_total{") and "/documents" in line and 'status="202"' in line)
+
+
+def test_parallel_uploads_spread_over_the_replicas(client, service_url, redis_url, spawn_service, bpe_tokenizer,
+                                                   corpus_files):  # fmt: skip
+    other = spawn_service(service_env(REDIS_URL=redis_url))
+    _dataset(client, "ref4", bpe_tokenizer)
+    for f in corpus_files:
+        client.ingest_file("ref4", f, split="paragraph")
+    _dataset(client, "spread", bpe_tokenizer)
+    before = [_documents_posts(u) for u in (service_url, other.url)]
+    out = _cli(f"{service_url},{other.url}", "spread", *map(str, corpus_files), "--split", "paragraph", "--jobs", "2")
+    assert out.returncode == 0, out.stderr
+    after = [_documents_posts(u) for u in (service_url, other.url)]
+    assert [a - b for a, b in zip(after, before)] == [4, 4]  # units take the replicas in turn
+    assert np.array_equal(served(client, "spread"), served(client, "ref4"))
