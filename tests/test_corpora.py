@@ -224,15 +224,21 @@ def corpus_files(corpus: list[str], tmp_path: Path) -> list[Path]:
     return files
 
 
+def one_by_one(client: Client, tokenizer: str, files: list[Path]) -> np.ndarray:
+    """The files ingested one request after another, in order, into dataset ``one-by-one``: what the CLI must
+    build from them, however it uploads them."""
+    _dataset(client, "one-by-one", tokenizer)
+    for f in files:
+        client.ingest_file("one-by-one", f, split="paragraph")
+    return served(client, "one-by-one")
+
+
 def test_parallel_ingest_keeps_the_order_given(client, service_url, bpe_tokenizer, corpus_files):
-    _dataset(client, "seq", bpe_tokenizer)
-    for f in corpus_files:
-        client.ingest_file("seq", f, split="paragraph")
-    want = served(client, "seq")
+    want = one_by_one(client, bpe_tokenizer, corpus_files)
     _dataset(client, "par", bpe_tokenizer)
     out = _cli(service_url, "par", *map(str, corpus_files), "--split", "paragraph", "--jobs", "4")
     assert out.returncode == 0, out.stderr
-    assert f"{client.dataset('seq')['num_documents']} documents" in out.stdout.splitlines()[-1]
+    assert f"{client.dataset('one-by-one')['num_documents']} documents" in out.stdout.splitlines()[-1]
     assert np.array_equal(served(client, "par"), want)
     # the same command again: everything was committed, nothing is stored twice
     again = _cli(service_url, "par", *map(str, corpus_files), "--split", "paragraph", "--jobs", "2")
@@ -241,10 +247,7 @@ def test_parallel_ingest_keeps_the_order_given(client, service_url, bpe_tokenize
 
 
 def test_a_rerun_commits_what_was_staged_and_ingests_the_rest(client, service_url, bpe_tokenizer, corpus_files):
-    _dataset(client, "ref2", bpe_tokenizer)
-    for f in corpus_files:
-        client.ingest_file("ref2", f, split="paragraph")
-    want = served(client, "ref2")
+    want = one_by_one(client, bpe_tokenizer, corpus_files)
     _dataset(client, "resume", bpe_tokenizer)
     # as a run that died: the first two files committed, the third staged (uploaded, never committed)
     assert _cli(service_url, "resume", *map(str, corpus_files[:2]), "--split", "paragraph").returncode == 0
@@ -258,10 +261,7 @@ def test_a_rerun_commits_what_was_staged_and_ingests_the_rest(client, service_ur
 
 
 def test_a_killed_ingest_resumes_without_loss_or_repeats(client, service_url, bpe_tokenizer, corpus_files):
-    _dataset(client, "ref3", bpe_tokenizer)
-    for f in corpus_files:
-        client.ingest_file("ref3", f, split="paragraph")
-    want = served(client, "ref3")
+    want = one_by_one(client, bpe_tokenizer, corpus_files)
     _dataset(client, "killed", bpe_tokenizer)
     cmd = [sys.executable, "-m", "maskserve", "dataset", "ingest", "--url", service_url, "killed",
            *map(str, corpus_files), "--split", "paragraph", "--jobs", "2"]  # fmt: skip
@@ -320,13 +320,11 @@ def _documents_posts(url: str) -> float:
 def test_parallel_uploads_spread_over_the_replicas(client, service_url, redis_url, spawn_service, bpe_tokenizer,
                                                    corpus_files):  # fmt: skip
     other = spawn_service(service_env(REDIS_URL=redis_url))
-    _dataset(client, "ref4", bpe_tokenizer)
-    for f in corpus_files:
-        client.ingest_file("ref4", f, split="paragraph")
+    want = one_by_one(client, bpe_tokenizer, corpus_files)
     _dataset(client, "spread", bpe_tokenizer)
     before = [_documents_posts(u) for u in (service_url, other.url)]
     out = _cli(f"{service_url},{other.url}", "spread", *map(str, corpus_files), "--split", "paragraph", "--jobs", "2")
     assert out.returncode == 0, out.stderr
     after = [_documents_posts(u) for u in (service_url, other.url)]
     assert [a - b for a, b in zip(after, before)] == [4, 4]  # units take the replicas in turn
-    assert np.array_equal(served(client, "spread"), served(client, "ref4"))
+    assert np.array_equal(served(client, "spread"), want)
