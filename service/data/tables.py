@@ -37,7 +37,8 @@ class IdsRows:
 
 
 def _is_text(t: pa.DataType) -> bool:
-    return pa.types.is_string(t) or pa.types.is_large_string(t) or getattr(pa.types, "is_string_view", bool)(t)
+    view = getattr(pa.types, "is_string_view", None)  # pyarrow >= 16
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or (view is not None and view(t))
 
 
 def _is_ids(t: pa.DataType) -> bool:
