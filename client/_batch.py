@@ -36,7 +36,9 @@ class Batch:
 
     ``input_ids`` int32 (B, L), ``attention_mask`` uint8 (B, L), ``labels``
     int32 (B, L) with -100 where no prediction is wanted, ``sequence_ids``
-    int64 (B,): which stored sequences these are.
+    int64 (B,): which stored sequences these are. A mixture job's batch also
+    has ``source_ids`` int32 (B,), indexes into ``metadata["sources"]``
+    (comma-separated dataset names; :attr:`sources` gives each row's).
     """
 
     arrays: dict[str, np.ndarray]
@@ -54,6 +56,15 @@ class Batch:
     @property
     def index(self) -> int:
         return int(self.metadata.get("index", 0))
+
+    @property
+    def sources(self) -> list[str] | None:
+        """A mixture job's batch: each row's source dataset (None for one dataset's batch)."""
+        names = self.metadata.get("sources")
+        if names is None or "source_ids" not in self.arrays:
+            return None
+        table = names.split(",")
+        return [table[i] for i in self.arrays["source_ids"]]
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.arrays[name]

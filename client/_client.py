@@ -18,7 +18,7 @@ from ._batch import Batch, BatchStream
 from ._errors import APIError, CorpusError, ProtocolError, ServiceUnavailableError, TransportError
 from ._jobs import JobStream
 from ._transport import Transport
-from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
+from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, Sources, TextSplit, TokenizerKind
 from .corpora import (
     ARROW_STREAM, ARROW_SUFFIXES, PARQUET_SUFFIXES, Column, arrow_body, dataset_batches, hf_files, parquet_units,
     unit_batches, Unit,
@@ -366,19 +366,33 @@ class Client:
     # ---- jobs --------------------------------------------------------------------
 
     def create_job(
-        self, name: str, dataset: str, *, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
+        self, name: str, dataset: str | None = None, *, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
         epochs: int | None = 1, drop_last: bool = False, lease_timeout_s: float = 60.0,
         epoch_boundary: EpochBoundary = "handout", masking: Mapping[str, Any] | None = None, mask_seed: int | None = None,
+        sources: Sources | None = None, num_samples: int | None = None, until: str | None = None,
+        curriculum: Sequence[Mapping[str, Any]] | None = None, interpolation: str = "linear",
+        mixture_block: int | None = None,
     ) -> dict[str, Any]:  # fmt: skip
         """Create a job, or attach to the existing one with the same config (a different one is a ConflictError).
 
         ``mask_seed`` seeds the masks (and names a static job's cache) apart from the data order's ``seed``.
+        ``sources`` makes a mixture of datasets instead of one: ``{"wiki": 3, "books": 1}``, or a list of
+        ``{"dataset", "weight", "repeat"}``; it ends after ``num_samples`` sequences, or when source ``until``
+        has served ``epochs`` epochs, or when every non-repeating source ran out. ``curriculum``: weights that change,
+        ``[{"step": batch, "weights": {"wiki": 9, "books": 1}}, ...]`` (``interpolation`` linear or step).
         """
-        body = {"name": name, "dataset": dataset, "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
-                "epochs": epochs, "drop_last": drop_last, "lease_timeout_s": lease_timeout_s,
-                "epoch_boundary": epoch_boundary, "masking": dict(masking or {})}  # fmt: skip
+        body: dict[str, Any] = {"name": name, "batch_size": batch_size, "seed": seed, "shuffle": shuffle,
+                                "epochs": epochs, "drop_last": drop_last, "lease_timeout_s": lease_timeout_s,
+                                "epoch_boundary": epoch_boundary, "masking": dict(masking or {})}  # fmt: skip
+        if dataset is not None:
+            body["dataset"] = dataset
         if mask_seed is not None:
             body["mask_seed"] = mask_seed
+        if sources is not None:
+            body.update(sources=_sources(sources), interpolation=interpolation)
+            extra = {"num_samples": num_samples, "until": until, "mixture_block": mixture_block,
+                     "curriculum": [dict(p) for p in curriculum] if curriculum is not None else None}  # fmt: skip
+            body.update({k: v for k, v in extra.items() if v is not None})
         return self._json("POST", "/v1/jobs", idempotent=True, json=body)
 
     def jobs(self) -> list[dict[str, Any]]:
@@ -475,6 +489,13 @@ class Client:
             return self.batch(name, batch_size, seed=seed, index=k, **masking)
 
         return BatchStream(fetch, start, steps, prefetch)
+
+
+def _sources(sources: Sources) -> list[dict[str, Any]]:
+    """A mixture's sources as the service takes them: ``{"dataset", "weight", "repeat"}`` each."""
+    if isinstance(sources, Mapping):
+        return [{"dataset": str(d), "weight": float(w)} for d, w in sources.items()]
+    return [dict(s) for s in sources]
 
 
 def _units(path: Path) -> list[Unit]:

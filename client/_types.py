@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, get_args
 
 TokenizerKind = Literal["bpe", "wordpiece", "unigram"]
 Packing = Literal["complete", "doc", "none"]
@@ -20,3 +21,5 @@ SCHEDULE_KINDS: tuple[ScheduleKind, ...] = get_args(ScheduleKind)
 SCHEDULE_UNITS: tuple[ScheduleUnit, ...] = get_args(ScheduleUnit)
 NDJSON: DocumentType = "application/x-ndjson"
 PLAIN_TEXT: DocumentType = "text/plain"
+#: a mixture job's sources: dataset -> weight, or ``{"dataset", "weight", "repeat"}`` each
+Sources = Mapping[str, float] | Sequence[Mapping[str, Any]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 from .common import add_actions, add_masking_args, connect, masking, print_json
 
@@ -21,7 +22,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             print_json(c.create_job(args.name, args.dataset, batch_size=args.batch_size, seed=args.seed,
                                     shuffle=not args.no_shuffle, epochs=args.epochs or None, drop_last=args.drop_last,
                                     lease_timeout_s=args.lease_timeout, epoch_boundary=args.epoch_boundary,
-                                    masking={**masking(args), "mode": args.mode, "copies": args.copies}))  # fmt: skip
+                                    masking={**masking(args), "mode": args.mode, "copies": args.copies},
+                                    **mixture_args(args)))  # fmt: skip
         elif args.action == "cancel":
             print_json(c.cancel_job(args.name))
         elif args.action == "delete":
@@ -31,6 +33,49 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             n = c.evict_worker(args.name, args.worker)
             print(f"job {args.name}: {n} batches of worker {args.worker} are handed out again")
     return 0
+
+
+def parse_source(text: str) -> dict:
+    """``NAME=WEIGHT`` or ``NAME=WEIGHT:repeat`` (``--source``)."""
+    name, sep, rest = text.partition("=")
+    weight, _, flag = rest.partition(":")
+    try:
+        value = float(weight) if sep else 1.0
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--source {text!r}: NAME=WEIGHT, e.g. wiki=3 or books=1:repeat") from None
+    if flag not in ("", "repeat") or not name or not value > 0:
+        raise argparse.ArgumentTypeError(f"--source {text!r}: NAME=WEIGHT with a weight > 0, optionally :repeat")
+    return {"dataset": name, "weight": value, "repeat": flag == "repeat"}
+
+
+def mixture_args(args: argparse.Namespace) -> dict:
+    """The mixture keywords of ``create_job`` from the command line (none without ``--source``)."""
+    if not args.source:
+        if args.dataset is None:
+            raise SystemExit("maskserve jobs create: give --dataset, or --source once per dataset of a mixture")
+        return {}
+    curriculum = None
+    if args.curriculum:
+        with open(args.curriculum, encoding="utf-8") as f:
+            curriculum = json.load(f)
+    return {"sources": args.source, "num_samples": args.num_samples, "until": args.until, "curriculum": curriculum,
+            "interpolation": args.interpolation, "mixture_block": args.mixture_block}  # fmt: skip
+
+
+def add_mixture_args(p: argparse.ArgumentParser) -> None:
+    """``--source`` and what goes with it: a job over a weighted mixture of datasets."""
+    g = p.add_argument_group("mixtures", "a job over several datasets, each drawn by weight (instead of --dataset)")
+    g.add_argument("--source", action="append", type=parse_source, metavar="NAME=WEIGHT[:repeat]",
+                   help="a dataset of the mixture and its weight, once per dataset; :repeat starts its next epoch "
+                   "when it runs out (else it drops out)")  # fmt: skip
+    g.add_argument("--num-samples", type=int, default=None, metavar="N", help="end after N sequences")
+    g.add_argument("--until", default=None, metavar="NAME", help="end when source NAME has served --epochs epochs")
+    g.add_argument("--curriculum", default=None, metavar="FILE",
+                   help='weights that change over the run: JSON [{"step": BATCH, "weights": {"wiki": 9, "books": 1}}, '
+                   "...]")  # fmt: skip
+    g.add_argument("--interpolation", default="linear", choices=["linear", "step"], help="between curriculum points")
+    g.add_argument("--mixture-block", type=int, default=None, metavar="M",
+                   help="positions per stratified block (each holds every share to within one) [service: 256]")
 
 
 def jobs_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
@@ -43,7 +88,7 @@ def jobs_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) 
     )  # fmt: skip
     jc = jsub.add_parser("create", parents=[conn], help="create a job (attaching when it exists with this config)")
     jc.add_argument("name")
-    jc.add_argument("--dataset", required=True)
+    jc.add_argument("--dataset", default=None, help="the dataset the job reads (or --source, once per dataset)")
     jc.add_argument("--batch-size", type=int, default=32)
     jc.add_argument("--epochs", type=int, default=1, help="0 runs until cancelled")
     jc.add_argument("--no-shuffle", action="store_true")
@@ -52,4 +97,5 @@ def jobs_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) 
     jc.add_argument("--epoch-boundary", default="handout", choices=["handout", "ack"])
     jc.add_argument("--mode", default="dynamic", choices=["dynamic", "static"])
     add_masking_args(jc)
+    add_mixture_args(jc)
     jb.set_defaults(func=cmd_jobs)

@@ -158,10 +158,10 @@ async def prepare_batch_rows(
         part = await prepare_batch(catalog, ds, seq_ids[rows], seed=seed, epoch=int(epoch), params=params, spec=spec,
                                    checked=checked, step=step)  # fmt: skip
         parts.append((rows, part))
-    return lambda: _stitch([(rows, compute()) for rows, compute in parts], len(seq_ids))
+    return lambda: stitch([(rows, compute()) for rows, compute in parts], len(seq_ids))
 
 
-def _stitch(parts: list[tuple[np.ndarray, Masked]], b: int) -> Masked:
+def stitch(parts: list[tuple[np.ndarray, Masked]], b: int) -> Masked:
     """One ``Masked`` of ``b`` rows from parts that each cover the rows listed with them.
 
     Every per-row array is joined, the special-token mask among them: a part computes its own
@@ -212,10 +212,12 @@ def outputs(m: Masked, seq_ids: np.ndarray, out: OutputParams, pad_id: int) -> d
 
 async def render_batch(
     work: Workload, compute: Callable[[], Masked], seq_ids: np.ndarray, out: OutputParams, rt: DatasetRuntime,
-    meta: dict[str, object], as_json: bool, piece_bytes: int,
+    meta: dict[str, object], as_json: bool, piece_bytes: int, extra: dict[str, np.ndarray] | None = None,
 ) -> list[Piece]:  # fmt: skip
     """Render a batch into its response body: its masking (``compute``, from :func:`prepare_batch`), the
     output options and the encoding into pieces of at most ``piece_bytes`` (see ``bodies``), as one piece
-    of CPU work (on the pool unless the batch is small)."""
-    return await work.run(lambda: render(outputs(compute(), seq_ids, out, rt.vocab.pad_id), meta, as_json, piece_bytes),
-                          tokens=len(seq_ids) * rt.seq_len)  # fmt: skip
+    of CPU work (on the pool unless the batch is small). ``extra``: more per-row arrays to send."""
+    def body() -> list[Piece]:
+        return render({**outputs(compute(), seq_ids, out, rt.vocab.pad_id), **(extra or {})}, meta, as_json, piece_bytes)
+
+    return await work.run(body, tokens=len(seq_ids) * rt.seq_len)

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     ingest_batch_docs: int = Field(
         default=8192, ge=1, le=1 << 20, description="Most documents handed to the tokenizer per call."
     )
+    mixture_max_positions: int = Field(
+        default=1 << 34, ge=1, le=1 << 50,
+        description="Most positions (sequences) a mixture job's stream may hold; its acks take a bit each.",
+    )  # fmt: skip
     ingest_max_record_batch_bytes: int = Field(
         default=256 << 20, ge=1024,
         description="Largest record batch of an Arrow stream ingest (its buffers, decoded); larger is a 413.",

@@ -112,6 +112,12 @@ class JobNotFound(NotFound):
     type, title = "job-not-found", "Job not found"
 
 
+class SourcesMismatch(ServiceError):
+    """The datasets of a mixture disagree on what a model sees: ``mismatches`` names each field of each source."""
+
+    type, title, status = "sources-mismatch", "The mixture's datasets disagree", 422
+
+
 class IngestNotFound(NotFound):
     type, title = "ingest-not-found", "No staged or committed ingest under this key"
 

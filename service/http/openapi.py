@@ -31,7 +31,7 @@ from ..core.config import Settings
 from ..core.errors import (
     PROBLEM_JSON, TYPE_BASE, Conflict, CorruptBody, DatasetEmpty, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest,
     InvalidTokenizer, JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument,
-    NotAcceptable, NotFound, Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError,
+    NotAcceptable, NotFound, Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, SourcesMismatch,
     StaticMasksMissing, StoreUnavailable, TokenizerFailed, TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType,
     ValidationFailed,
 )  # fmt: skip
@@ -81,7 +81,9 @@ ERRORS: dict[str, Errors] = {
     "POST /v1/datasets/{name}/masking-report": (*_JSON, LimitExceeded, *_OPENED, *_MASKED, *_STORE),
     "POST /v1/tokenizers/train": (*_PARAMS, *_STREAM, TokenizerFailed),
     "GET /v1/jobs": _STORE,
-    "POST /v1/jobs": (*_JSON, LimitExceeded, *_OPENED, StaticMasksMissing, JobConflict, JobNotFound, *_STORE),
+    "POST /v1/jobs": (
+        *_JSON, LimitExceeded, *_OPENED, StaticMasksMissing, SourcesMismatch, JobConflict, JobNotFound, *_STORE
+    ),
     "GET /v1/jobs/{name}": (JobNotFound, *_STORE),
     "DELETE /v1/jobs/{name}": (JobNotFound, *_STORE),
     "POST /v1/jobs/{name}/next": (

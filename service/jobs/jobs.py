@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 from redis.asyncio import Redis
 
 from ..masking.params import MAX_BATCH, MAX_SEED, MaskingParams
@@ -30,12 +30,58 @@ from ..store.lua import NOW_MS
 from ..store.store import Store, pairs
 
 JOB_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+MAX_SOURCES = 64
+MAX_CURRICULUM_POINTS = 1024
+Interpolation = Literal["linear", "step"]
+#: the fields only a mixture job sets: a one-dataset job's digest leaves them out (so it is what it was)
+MIXTURE_FIELDS = frozenset({"sources", "num_samples", "until", "curriculum", "interpolation", "mixture_block"})
 #: when a job's next epoch starts: once the last batch was handed out, or once it was acked
 EpochBoundary = Literal["handout", "ack"]
 
 
+class Source(BaseModel):
+    """One dataset of a mixture job."""
+
+    dataset: str = Field(pattern=JOB_NAME, description="A dataset the job reads.")
+    weight: float = Field(default=1.0, gt=0, le=1e9, description="Its share of the stream, relative to the others.")
+    repeat: bool = Field(
+        default=False,
+        description="Start its next epoch when it runs out (upsampling); false: it drops out after one epoch and "
+        "the others' weights are renormalised.",
+    )  # fmt: skip
+
+
+class CurriculumPoint(BaseModel):
+    """A curriculum point: from batch ``step`` on, these weights (interpolated between points)."""
+
+    step: int = Field(ge=0, le=1 << 40, description="The job's batch index where these weights hold.")
+    weights: dict[str, float] = Field(description="Weight per source dataset (each >= 0; a source left out: 0).")
+
+
 class JobConfig(BaseModel):
-    dataset: str = Field(description="The dataset the job reads.")
+    dataset: str | None = Field(
+        default=None, description="The dataset the job reads (with `sources`: the first source's, or left out)."
+    )
+    sources: list[Source] | None = Field(
+        default=None, min_length=1, max_length=MAX_SOURCES,
+        description="A weighted mixture of datasets instead of one (docs/jobs.md, Mixtures). Position k of the "
+        "job's stream draws from a source chosen by (seed, k) and the weights; each source keeps its own epochs.",
+    )  # fmt: skip
+    num_samples: int | None = Field(
+        default=None, ge=1, le=1 << 50, description="Mixtures: the job ends after this many sequences (positions)."
+    )
+    until: str | None = Field(
+        default=None, description="Mixtures: the job ends when this source has served `epochs` epochs."
+    )
+    curriculum: list[CurriculumPoint] | None = Field(
+        default=None, max_length=MAX_CURRICULUM_POINTS,
+        description="Mixtures: a curriculum, weights that change over the run (steps in batches, increasing).",
+    )  # fmt: skip
+    interpolation: Interpolation = Field(default="linear", description="Between curriculum points: linear or step.")
+    mixture_block: int = Field(
+        default=256, ge=1, le=1 << 16,
+        description="Mixtures: positions per stratified block; each holds every source's share to within one.",
+    )  # fmt: skip
     batch_size: int = Field(
         default=32, ge=1, le=MAX_BATCH, description="Sequences per batch (at most MASKSERVE_MAX_BATCH_SIZE)."
     )
@@ -55,6 +101,36 @@ class JobConfig(BaseModel):
         description="Seeds the masks (and names the static cache) apart from the order; default `seed`.",
     )  # fmt: skip
 
+    @model_validator(mode="after")
+    def _one_dataset_or_sources(self) -> "JobConfig":
+        if self.sources is None:
+            if self.dataset is None:
+                raise ValueError("name a dataset, or sources")
+            if any(getattr(self, f) is not None for f in ("num_samples", "until", "curriculum")):
+                raise ValueError("num_samples, until and curriculum apply to mixtures (sources)")
+            return self
+        names = [s.dataset for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"sources name a dataset more than once: {names}")
+        if self.dataset is not None and self.dataset != names[0]:
+            raise ValueError("with sources, dataset is the first source's (or left out)")
+        self.dataset = names[0]
+        if self.until is not None and self.until not in names:
+            raise ValueError(f"until names {self.until!r}, not one of the sources {names}")
+        for point in self.curriculum or []:
+            unknown = set(point.weights) - set(names)
+            if unknown or any(w < 0 for w in point.weights.values()) or not sum(point.weights.values()) > 0:
+                raise ValueError(f"curriculum point at step {point.step}: weights per source {names}, each >= 0, "
+                                 "not all 0" + (f" (unknown: {sorted(unknown)})" if unknown else ""))  # fmt: skip
+        steps = [p.step for p in self.curriculum or []]
+        if steps != sorted(set(steps)):
+            raise ValueError("curriculum steps must increase")
+        return self
+
+    @property
+    def mixture(self) -> bool:
+        return self.sources is not None
+
     @property
     def masks_seed(self) -> int:
         """The seed the masks are drawn with."""
@@ -67,6 +143,8 @@ class JobConfig(BaseModel):
 
     def _compared(self) -> dict:
         exclude: dict = {"mask_seed": True} if self.mask_seed is None else {}
+        if self.sources is None:
+            exclude.update(dict.fromkeys(MIXTURE_FIELDS, True))
         if self.masking.schedule == "constant":
             exclude["masking"] = {"schedule", "mlm_probability_end", "schedule_unit", "schedule_length"}
         return exclude
@@ -142,6 +220,18 @@ def _state(raw: dict[bytes, bytes]) -> dict[str, Any] | None:
         st[f] = int(st.get(f, 0))
     st["config"] = json.loads(st["config"])
     return st
+
+
+def _mixture_progress(st: dict[str, Any]) -> dict[str, Any]:
+    """A mixture job's ``sources``: each one's epoch and share of the positions handed out so far."""
+    if "mixture" not in st:
+        return {}
+    from .mixjobs import decode, mixture_of, source_progress  # (mixjobs builds on this module)
+
+    cfg = JobConfig(**st["config"])
+    states = decode(st["mixture"])
+    served = st["n"] if st["epoch"] >= 1 else min(st["next"] * st["batch_size"], st["n"])
+    return {"sources": source_progress(cfg, mixture_of(cfg, tuple(s.n for s in states)), states, served)}
 
 
 def _conflicts(requested: JobConfig, dataset: str, stored: str) -> list[dict[str, Any]]:
@@ -222,10 +312,12 @@ class Jobs:
         return self._datasets[job]
 
     async def create(
-        self, name: str, cfg: JobConfig, dataset_uid: str, n: int, bpe: int, num_chunks: int
-    ) -> tuple[str, list[dict[str, Any]]]:
+        self, name: str, cfg: JobConfig, dataset_uid: str, n: int, bpe: int, num_chunks: int,
+        sources: list[tuple[str, str]] | None = None, mixture: str | None = None,
+    ) -> tuple[str, list[dict[str, Any]]]:  # fmt: skip
         """Create job ``name``: returns ('created' | 'exists' | 'no-dataset', []) or ('conflict', the fields
-        where the existing job's config differs from ``cfg``, each with both values)."""
+        where the existing job's config differs from ``cfg``, each with both values). A mixture job passes its
+        ``sources`` (dataset, uid) and their state (``mixture``), and is one epoch of ``n`` positions."""
         k = self.keys
         fields = {
             "name": name, "config": cfg.model_dump_json(), "config_hash": cfg.digest(), "dataset": cfg.dataset,
@@ -236,6 +328,8 @@ class Jobs:
             "num_chunks": num_chunks, "created_at": time.time(), "instance": secrets.token_hex(8),
             **lease_keys(secrets.token_bytes(32)),
         }  # fmt: skip
+        if mixture is not None:
+            fields.update(epochs=1, mixture=mixture)
         # the job in its slot, then listed with its dataset (which checks that the dataset still exists):
         # a dataset deleted meanwhile either lists the job in its trash, or refuses it and it is deleted again
         out = await self.durability.run(
@@ -244,10 +338,11 @@ class Jobs:
         state = _s(out[0])
         if state == "conflict":
             return state, _conflicts(cfg, _s(out[1]), _s(out[2]))
-        if not await self.store.add_job(cfg.dataset, dataset_uid, name):
-            if state == "created":
-                await self.store.delete_job(name, dataset_uid)
-            return "no-dataset", []
+        for dataset, uid in sources or [(cfg.dataset, dataset_uid)]:  # listed with each (a delete of any ends it)
+            if not await self.store.add_job(dataset, uid, name):
+                if state == "created":
+                    await self.store.delete_job(name, dataset_uid)
+                return "no-dataset", []
         return state, []
 
     async def state(self, dataset: str, job: str) -> dict[str, Any] | None:
@@ -304,6 +399,7 @@ class Jobs:
             "workers": per_worker, "created_at": created,
             "retired_workers": {f.removeprefix("retired_"): st[f] for f in _RETIRED},
             **self.durability.describe(),
+            **_mixture_progress(st),
         }  # fmt: skip
 
     async def next(

@@ -17,13 +17,14 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..batches.batching import DatasetSnapshot, prepare_batch
+from ..batches.batching import DatasetSnapshot, stitch, prepare_batch
 from ..batches.permute import batch_ids
 from ..core.errors import Conflict, DatasetNotFound, JobDatasetGone, JobFinished, JobNotFound
 from ..core.work import Workload
 from ..data.catalog import Catalog, DatasetRuntime
 from ..masking.masking import Masked, MaskSpec
 from .jobs import JobConfig, Jobs, Lease, NextResult
+from .mixjobs import decode, draws, mixture_of
 
 log = logging.getLogger("maskserve")
 
@@ -42,6 +43,8 @@ class Granted:
     seq_ids: np.ndarray
     compute: Callable[[], Masked]
     acks: list[str]
+    sources: np.ndarray | None = None  # a mixture's batch: each row's source (an index into ``source_names``)
+    source_names: list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,8 @@ class Leasing:
         lease = res.lease
         assert lease is not None
         cfg, spec, st = await self._config(dataset, name, res.instance)
+        if cfg.mixture:
+            return await self._build_mixture(name, dataset, res, hold, cfg, spec, st)
         try:  # the job's own generation of the dataset, never another of the same name
             rt = await self.catalog.runtime(dataset, st["dataset_uid"])
             rt = await self.catalog.with_chunks(rt, st["num_chunks"])
@@ -145,6 +150,48 @@ class Leasing:
                 ) from None  # fmt: skip
             raise
         return Granted(name, dataset, lease, cfg, rt, seq_ids, compute, res.acks or [])
+
+    async def _build_mixture(
+        self, name: str, dataset: str, res: NextResult, hold: Callable[[JobConfig, DatasetRuntime], None],
+        cfg: JobConfig, spec: MaskSpec, st: dict[str, Any],
+    ) -> Granted:  # fmt: skip
+        """A mixture job's batch: its positions resolved to (source, source epoch, sequence), each source epoch's
+        rows read and masked as a one-dataset job of that source would, joined in position order."""
+        lease = res.lease
+        assert lease is not None
+        states = decode(st["mixture"])
+        sizes = tuple(s.n for s in states)
+        start = lease.index * cfg.batch_size
+        stop = min(start + cfg.batch_size, st["n"])
+        d = await self.work.run(lambda: draws(cfg, mixture_of(cfg, sizes), sizes, start, stop),
+                                tokens=cfg.batch_size * 8)  # fmt: skip
+        parts = []
+        first_rt: DatasetRuntime | None = None
+        for source, epoch, rows in d.groups():
+            src = states[source]
+            try:
+                rt = await self.catalog.runtime(src.dataset, src.uid)
+                rt = await self.catalog.with_chunks(rt, src.num_chunks)
+                if first_rt is None:
+                    first_rt = rt
+                    hold(cfg, rt)
+                part = await prepare_batch(self.catalog, DatasetSnapshot(rt, src.n, src.num_chunks), d.seq_ids[rows],
+                                           seed=cfg.masks_seed, epoch=epoch, params=cfg.masking, spec=spec,
+                                           step=lease.index)  # fmt: skip
+            except (Conflict, DatasetNotFound):
+                if not await self.catalog.holds(src.dataset, src.uid):
+                    raise JobDatasetGone(
+                        f"job {name!r} reads a generation of dataset {src.dataset!r} that was deleted (the name may "
+                        "hold a new one): delete the job, and create it again to read the dataset as it is now",
+                        job=name, dataset=src.dataset,
+                    ) from None  # fmt: skip
+                raise
+            parts.append((rows, part))
+        assert first_rt is not None
+        n_rows = len(d.seq_ids)
+        compute = (lambda: stitch([(rows, part()) for rows, part in parts], n_rows)) if len(parts) > 1 else parts[0][1]
+        names = [s.dataset for s in states]
+        return Granted(name, dataset, lease, cfg, first_rt, d.seq_ids, compute, res.acks or [], d.source, names)
 
     async def _config(self, dataset: str, name: str, instance: str) -> tuple[JobConfig, MaskSpec, dict[str, Any]]:
         """The job's config, parsed once per process, keyed by the job's instance id (new for every created job)."""

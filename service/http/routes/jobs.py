@@ -6,6 +6,7 @@ import json
 import math
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -13,13 +14,14 @@ from pydantic import BaseModel, Field, ValidationError
 
 from wire import CONTENT_TYPE
 
-from ...batches.batching import open_dataset, render_batch
+from ...batches.batching import DatasetSnapshot, open_dataset, render_batch
 from ...batches.bodies import Pieces, hold_body
 from ...batches.params import OutputParams
 from ...core.errors import InvalidRequest, JobConflict, LimitExceeded, StaticMasksMissing
 from ...data.catalog import DatasetRuntime
 from ...jobs.jobs import JobConfig, JobCreate
 from ...jobs.leasing import Granted, Leasing, Waiting
+from ...jobs.mixjobs import SourceState, check_compatible, encode, mixture_of, stream_length
 from ...masking.static import cache_id
 from ..deps import CatalogDep, JobsDep, LeasingDep, SettingsDep, parse_query, query_docs
 from .batches import wants_json
@@ -45,14 +47,17 @@ async def create_job(
         raise LimitExceeded(
             f"batch_size {cfg.batch_size} exceeds the limit of {settings.max_batch_size}", limit=settings.max_batch_size
         )
-    ds = await open_dataset(catalog, cfg.dataset)
-    n = ds.num_sequences
-    if cfg.masking.mode == "static":
-        await _check_static_cache(catalog, cfg, ds.num_chunks)
+    if cfg.mixture:
+        ds, n, sources, mixture = await _open_mixture(catalog, cfg, settings.mixture_max_positions)
+    else:
+        ds = await open_dataset(catalog, cfg.dataset)
+        n, sources, mixture = ds.num_sequences, None, None
+        if cfg.masking.mode == "static":
+            await _check_static_cache(catalog, cfg, cfg.dataset, ds.num_chunks)
     bpe = cfg.batches_per_epoch(n)
     if bpe == 0:
         raise InvalidRequest(f"batch_size {cfg.batch_size} with drop_last leaves no batch of {n} sequences")
-    state, conflicts = await jobs.create(body.name, cfg, ds.rt.uid, n, bpe, ds.num_chunks)
+    state, conflicts = await jobs.create(body.name, cfg, ds.rt.uid, n, bpe, ds.num_chunks, sources, mixture)
     if state == "no-dataset":
         raise JobConflict(f"dataset {cfg.dataset!r} changed while the job was created; retry", job=body.name,
                           conflicts=[])  # fmt: skip
@@ -68,17 +73,39 @@ async def create_job(
     return await _progress(leasing, body.name)
 
 
-async def _check_static_cache(catalog: Any, cfg: JobConfig, num_chunks: int) -> None:
+async def _open_mixture(
+    catalog: Any, cfg: JobConfig, max_positions: int
+) -> tuple[DatasetSnapshot, int, list[tuple[str, str]], str]:
+    """A mixture job's sources as they are now (checked to agree), and its stream's length: (the first source,
+    positions, each source's (dataset, uid), the sources' state to store)."""
+    assert cfg.sources is not None
+    snaps = [await open_dataset(catalog, s.dataset) for s in cfg.sources]
+    check_compatible(snaps)
+    if cfg.masking.mode == "static":
+        for ds in snaps:
+            await _check_static_cache(catalog, cfg, ds.rt.name, ds.num_chunks)
+    states = [SourceState.of(ds) for ds in snaps]
+    try:
+        n = stream_length(cfg, mixture_of(cfg, tuple(st.n for st in states)))
+    except ValueError as exc:
+        raise InvalidRequest(f"the mixture never ends: {exc}") from None
+    if n > max_positions:
+        raise LimitExceeded(f"the mixture's stream of {n} positions exceeds the limit of {max_positions} "
+                            "(MASKSERVE_MIXTURE_MAX_POSITIONS)", limit=max_positions)  # fmt: skip
+    return snaps[0], n, [(st.dataset, st.uid) for st in states], encode(states)
+
+
+async def _check_static_cache(catalog: Any, cfg: JobConfig, dataset: str, num_chunks: int) -> None:
     """A static job serves from a cache built beforehand: refuse to create one whose cache is not complete."""
     m = cfg.masking
     cache = cache_id(m.spec(), cfg.masks_seed, m.copies)
-    meta = await catalog.store.mask_cache(cfg.dataset, cache)
+    meta = await catalog.store.mask_cache(dataset, cache)
     if meta is None or int(meta["built"]) < num_chunks:
         built = 0 if meta is None else int(meta["built"])
         raise StaticMasksMissing(
-            f"static masks (cache {cache}) of dataset {cfg.dataset!r} cover {built} of {num_chunks} chunks: "
-            f"build them first (POST /v1/datasets/{cfg.dataset}/static-masks with the job's masking config, "
-            f"seed {cfg.masks_seed} and copies {m.copies})", dataset=cfg.dataset, cache=cache,
+            f"static masks (cache {cache}) of dataset {dataset!r} cover {built} of {num_chunks} chunks: "
+            f"build them first (POST /v1/datasets/{dataset}/static-masks with the job's masking config, "
+            f"seed {cfg.masks_seed} and copies {m.copies})", dataset=dataset, cache=cache,
         )  # fmt: skip
 
 
@@ -190,9 +217,20 @@ async def _respond(request: Request, q: "NextQuery", granted: Granted, as_json: 
     lease, rt, cfg = granted.lease, granted.rt, granted.config
     meta = {"job": granted.job, "dataset": granted.dataset, "epoch": lease.epoch, "index": lease.index,
             "lease": lease.lease, "seed": cfg.seed, "pad_id": rt.vocab.pad_id}  # fmt: skip
+    extra = None
+    names: list[str] = []
+    if granted.sources is not None and granted.source_names is not None:  # a mixture: each row's source
+        names = granted.source_names
+        meta["sources"] = ",".join(names)  # dataset names hold no comma
+        extra = {"source_ids": granted.sources.astype(np.int32)}
     body = await render_batch(state.work, granted.compute, granted.seq_ids, q, rt, meta, as_json,
-                              state.settings.response_piece_bytes)  # fmt: skip
-    state.metrics.sequences_served.labels(granted.dataset).inc(len(granted.seq_ids))
+                              state.settings.response_piece_bytes, extra)  # fmt: skip
+    if extra is None:
+        state.metrics.sequences_served.labels(granted.dataset).inc(len(granted.seq_ids))
+    else:
+        for i, n in enumerate(np.bincount(extra["source_ids"], minlength=len(names))):
+            if n:
+                state.metrics.sequences_served.labels(names[i]).inc(int(n))
     headers = {
         "Maskserve-Acks": ",".join(granted.acks),
         "Maskserve-Job": granted.job,
