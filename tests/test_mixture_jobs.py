@@ -47,8 +47,8 @@ def run(client: Client, job: str, workers: int = 1) -> dict[int, dict]:
                 row = {"sources": b.sources, "ids": b["sequence_ids"].tolist(),
                        "input_ids": b["input_ids"].copy(), "labels": b["labels"].copy()}  # fmt: skip
                 with lock:
-                    assert b.metadata["index"] not in got, "a batch handed out twice"
-                    got[b.metadata["index"]] = row
+                    assert b.index not in got, "a batch handed out twice"
+                    got[b.index] = row
 
     threads = [threading.Thread(target=work, args=(w,)) for w in range(workers)]
     for t in threads:
@@ -140,8 +140,10 @@ def test_mixture_configs_that_cannot_run_are_refused(client, service_url, two):
         "a weight of 0": ({"sources": [{"dataset": a, "weight": 0}], "num_samples": 10}, 422),
         "curriculum of another dataset": (
             {"sources": [{"dataset": a}], "num_samples": 10, "curriculum": [{"step": 0, "weights": {b: 1}}]}, 422),
+        "curriculum leaving a source out": ({"sources": [{"dataset": a}, {"dataset": b}], "num_samples": 10,
+                                             "curriculum": [{"step": 0, "weights": {a: 1}}]}, 422),
         "curriculum steps falling": ({"sources": [{"dataset": a}, {"dataset": b}], "num_samples": 10, "curriculum": [
-            {"step": 5, "weights": {a: 1}}, {"step": 2, "weights": {b: 1}}]}, 422),
+            {"step": 5, "weights": {a: 1, b: 1}}, {"step": 2, "weights": {a: 1, b: 2}}]}, 422),
         "num_samples without sources": ({"dataset": a, "num_samples": 10}, 422),
         "no dataset at all": ({"batch_size": 4}, 422),
     }  # fmt: skip

@@ -82,6 +82,11 @@ class Settings(BaseSettings):
         default=1 << 34, ge=1, le=1 << 50,
         description="Most positions (sequences) a mixture job's stream may hold; its acks take a bit each.",
     )  # fmt: skip
+    mixture_max_curriculum_blocks: int = Field(
+        default=1 << 20, ge=1, le=1 << 26,
+        description="Blocks a mixture's linear curriculum may span in all (its quotas are worked out block by "
+        "block when a process first serves the job: about 0.4 s per 2^20 blocks of two sources).",
+    )  # fmt: skip
     ingest_max_record_batch_bytes: int = Field(
         default=256 << 20, ge=1024,
         description="Largest record batch of an Arrow stream ingest (its buffers, decoded); larger is a 413.",

@@ -68,22 +68,27 @@ def decode(raw: str) -> list[SourceState]:
     return [SourceState(**s) for s in json.loads(raw)]
 
 
-def mixture_of(cfg: JobConfig, sizes: tuple[int, ...]) -> Mixture:
-    """The job's mixture (cached per config and sizes: one per job and process)."""
-    return _mixture(cfg.model_dump_json(), sizes)
+def mixture_of(cfg: JobConfig, sizes: tuple[int, ...], max_curriculum_blocks: int | None = None) -> Mixture:
+    """The job's mixture (cached per config and sizes: one per job and process). Building one may take a
+    while (a long linear curriculum): call it off the event loop. ``max_curriculum_blocks`` bounds a linear
+    curriculum when a job is created (MASKSERVE_MIXTURE_MAX_CURRICULUM_BLOCKS); a job that exists passed it."""
+    return _mixture(cfg.model_dump_json(), sizes, max_curriculum_blocks or 1 << 62)
 
 
 @lru_cache(maxsize=256)
-def _mixture(config_json: str, sizes: tuple[int, ...]) -> Mixture:
+def _mixture(config_json: str, sizes: tuple[int, ...], max_blocks: int) -> Mixture:
     cfg = JobConfig.model_validate_json(config_json)
     assert cfg.sources is not None
     names = [s.dataset for s in cfg.sources]
     schedule = None
     if cfg.curriculum:
         schedule = [(p.step, [float(p.weights.get(n, 0.0)) for n in names]) for p in cfg.curriculum]
-    return Mixture(list(sizes), [s.weight for s in cfg.sources], [s.repeat for s in cfg.sources],
+    # the job ends with ``until``'s last draw, so that source never runs out before: it has no exhaustion block
+    # (whose renormalised quotas would crowd the others into the job's last positions)
+    repeat = [s.repeat or s.dataset == cfg.until for s in cfg.sources]
+    return Mixture(list(sizes), [s.weight for s in cfg.sources], repeat,
                    block=cfg.mixture_block, seed=cfg.seed, schedule=schedule, interpolation=cfg.interpolation,
-                   batch_size=cfg.batch_size)  # fmt: skip
+                   batch_size=cfg.batch_size, max_table_blocks=max_blocks)  # fmt: skip
 
 
 def stream_length(cfg: JobConfig, mixture: Mixture) -> int:

@@ -6,6 +6,8 @@ import json
 import math
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
@@ -17,6 +19,7 @@ from wire import CONTENT_TYPE
 from ...batches.batching import DatasetSnapshot, open_dataset, render_batch
 from ...batches.bodies import Pieces, hold_body
 from ...batches.params import OutputParams
+from ...core.config import Settings
 from ...core.errors import InvalidRequest, JobConflict, LimitExceeded, StaticMasksMissing
 from ...data.catalog import DatasetRuntime
 from ...jobs.jobs import JobConfig, JobCreate
@@ -48,7 +51,7 @@ async def create_job(
             f"batch_size {cfg.batch_size} exceeds the limit of {settings.max_batch_size}", limit=settings.max_batch_size
         )
     if cfg.mixture:
-        ds, n, sources, mixture = await _open_mixture(catalog, cfg, settings.mixture_max_positions)
+        ds, n, sources, mixture = await _open_mixture(catalog, cfg, settings)
     else:
         ds = await open_dataset(catalog, cfg.dataset)
         n, sources, mixture = ds.num_sequences, None, None
@@ -74,7 +77,7 @@ async def create_job(
 
 
 async def _open_mixture(
-    catalog: Any, cfg: JobConfig, max_positions: int
+    catalog: Any, cfg: JobConfig, settings: Settings
 ) -> tuple[DatasetSnapshot, int, list[tuple[str, str]], str]:
     """A mixture job's sources as they are now (checked to agree), and its stream's length: (the first source,
     positions, each source's (dataset, uid), the sources' state to store)."""
@@ -85,13 +88,17 @@ async def _open_mixture(
         for ds in snaps:
             await _check_static_cache(catalog, cfg, ds.rt.name, ds.num_chunks)
     states = [SourceState.of(ds) for ds in snaps]
+    sizes = tuple(st.n for st in states)
     try:
-        n = stream_length(cfg, mixture_of(cfg, tuple(st.n for st in states)))
+        n = await anyio.to_thread.run_sync(
+            lambda: stream_length(cfg, mixture_of(cfg, sizes, settings.mixture_max_curriculum_blocks))
+        )
     except ValueError as exc:
-        raise InvalidRequest(f"the mixture never ends: {exc}") from None
-    if n > max_positions:
-        raise LimitExceeded(f"the mixture's stream of {n} positions exceeds the limit of {max_positions} "
-                            "(MASKSERVE_MIXTURE_MAX_POSITIONS)", limit=max_positions)  # fmt: skip
+        raise InvalidRequest(f"the mixture cannot run: {exc}") from None
+    if n > settings.mixture_max_positions:
+        raise LimitExceeded(f"the mixture's stream of {n} positions exceeds the limit of "
+                            f"{settings.mixture_max_positions} (MASKSERVE_MIXTURE_MAX_POSITIONS)",
+                            limit=settings.mixture_max_positions)  # fmt: skip
     return snaps[0], n, [(st.dataset, st.uid) for st in states], encode(states)
 
 
