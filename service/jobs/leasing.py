@@ -23,7 +23,8 @@ from ..core.errors import Conflict, DatasetNotFound, JobDatasetGone, JobFinished
 from ..core.work import Workload
 from ..data.catalog import Catalog, DatasetRuntime
 from ..masking.masking import Masked, MaskSpec
-from .jobs import JobConfig, Jobs, Lease, NextResult
+from .config import JobConfig
+from .jobs import Jobs, Lease, NextResult
 from .mixjobs import decode, draws, mixture_of
 
 log = logging.getLogger("maskserve")

@@ -24,7 +24,7 @@ import numpy as np
 from ..batches.batching import DatasetSnapshot
 from ..batches.permute import permute
 from ..core.errors import SourcesMismatch
-from .jobs import JobConfig
+from .config import JobConfig
 from .mixture import Mixture
 
 #: what every source must share: what a model fed the stream sees

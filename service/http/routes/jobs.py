@@ -22,7 +22,7 @@ from ...batches.params import OutputParams
 from ...core.config import Settings
 from ...core.errors import InvalidRequest, JobConflict, LimitExceeded, StaticMasksMissing
 from ...data.catalog import DatasetRuntime
-from ...jobs.jobs import JobConfig, JobCreate
+from ...jobs.config import JobConfig, JobCreate
 from ...jobs.leasing import Granted, Leasing, Waiting
 from ...jobs.mixjobs import SourceState, check_compatible, encode, mixture_of, stream_length
 from ...masking.static import cache_id
