@@ -155,6 +155,8 @@ class Operation:
         kw: dict[str, Any] = {"params": params, "headers": {k: str(v) for k, v in headers.items()}}
         if self.body_schema is not None:
             body = minimal(self.doc, self.body_schema, self.given)
+            if self.key == "POST /v1/jobs":  # a job names a dataset or sources: one of two, which no member says
+                body["dataset"] = self.given["dataset"]
             kw["json"] = put(body, field, value) if where == "body" else body
         elif self.text_body:
             kw["content"] = b"a few words of text to train on\n\nand a second paragraph of them\n"
