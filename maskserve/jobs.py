@@ -13,7 +13,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         if args.action == "list":
             for j in c.jobs():
                 epochs = j["epochs"] if j["epochs"] is not None else "inf"
-                print(f"{j['name']:20} {j['dataset']:16} {j['status']:9} epoch {j['epoch']}/{epochs} "
+                reads = "+".join(s["dataset"] for s in j["sources"]) if j.get("sources") else j["dataset"]
+                print(f"{j['name']:20} {reads:16} {j['status']:9} epoch {j['epoch']}/{epochs} "
                       f"next {j['next_batch']}/{j['batches_per_epoch']} acked {j['acked']} leased {j['leased']} "
                       f"redelivered {j['redelivered']} workers {len(j['workers'])} {j['sequences_per_s']:.0f} seq/s")  # fmt: skip
         elif args.action == "show":

@@ -177,3 +177,24 @@ def test_cli_creates_a_mixture_job(client, service_url, two, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "maskserve", "jobs", "create", uid("cli"), "--url", service_url,
                           "--source", f"{a}=x"], capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode != 0 and "NAME=WEIGHT" in bad.stderr
+
+
+def test_a_static_mixture_serves_each_sources_own_cache(client, two):
+    (a, _), (b, nb) = two
+    job = uid("static")
+    masking = {"mode": "static", "copies": 3}
+    with pytest.raises(Exception) as missing:  # b's cache is not built: refused, naming b
+        client.build_static_masks(a, seed=4, copies=3)
+        client.create_job(job, sources={a: 1, b: 1}, num_samples=2 * nb, batch_size=16, seed=4, masking=masking)
+    assert getattr(missing.value, "type", "").endswith("static-masks-missing") and b in str(missing.value)
+    client.build_static_masks(b, seed=4, copies=3)
+    client.create_job(job, sources={a: 1, b: 1}, num_samples=2 * nb, batch_size=16, seed=4, masking=masking)
+    draws: Counter = Counter()
+    for bt in run(client, job).values():
+        for r, (s, i) in enumerate(zip(bt["sources"], bt["ids"])):
+            epoch = draws[(s, i)]
+            draws[(s, i)] += 1
+            alone = client.sequences(s, [i], seed=4, epoch=epoch, mode="static", copies=3)  # copy epoch mod 3
+            assert np.array_equal(alone["input_ids"][0], bt["input_ids"][r]), (s, i, epoch)
+            assert np.array_equal(alone["labels"][0], bt["labels"][r])
+    assert max(draws[(s, i)] for s, i in draws if s == b) == 1  # b served once per epoch: 2*nb positions, half b
