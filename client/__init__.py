@@ -29,6 +29,7 @@ from ._errors import (
     OverloadedError,
     RequestTooLargeError,
     ServiceUnavailableError,
+    TokenizerDirectoryError,
     TransportError,
     UnsupportedMediaTypeError,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "OverloadedError",
     "RequestTooLargeError",
     "ServiceUnavailableError",
+    "TokenizerDirectoryError",
     "TransportError",
     "UnsupportedMediaTypeError",
     "WireFormatError",

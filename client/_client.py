@@ -19,7 +19,7 @@ from ._errors import APIError, CorpusError, ProtocolError, ServiceUnavailableErr
 from ._jobs import JobStream
 from ._transport import Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, TextSplit, TokenizerKind
-from ._tables import (
+from .corpora import (
     ARROW_STREAM, ARROW_SUFFIXES, PARQUET_SUFFIXES, Column, arrow_body, dataset_batches, hf_files, parquet_units,
     unit_batches, Unit,
 )
@@ -154,14 +154,26 @@ class Client:
         packing: Packing = "complete",
         special_tokens: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
-        """Create a dataset. ``tokenizer``: a tokenizer.json dict, its text, or a path to one."""
+        """Create a dataset.
+
+        ``tokenizer``: a tokenizer.json dict, its text, a path to one, or a directory saved by
+        ``transformers``' ``save_pretrained`` (its tokenizer.json, else its vocabulary converted, and its
+        special tokens; see docs/datasets.md). ``special_tokens`` (``{role: token}``) override the directory's.
+        """
+        special = dict(special_tokens or {})
         if isinstance(tokenizer, Path) or (isinstance(tokenizer, str) and not tokenizer.lstrip().startswith("{")):
-            tokenizer = Path(tokenizer).read_text()
+            if Path(tokenizer).is_dir():
+                from ._tokenizer_dir import read_tokenizer_dir
+
+                tokenizer, found = read_tokenizer_dir(tokenizer)
+                special = {**found, **special}
+            else:
+                tokenizer = Path(tokenizer).read_text()
         if isinstance(tokenizer, str):
             tokenizer = json.loads(tokenizer)
         body = {"name": name, "seq_len": seq_len, "packing": packing, "tokenizer": tokenizer}
-        if special_tokens:
-            body["special_tokens"] = dict(special_tokens)
+        if special:
+            body["special_tokens"] = special
         return self._json("POST", "/v1/datasets", idempotent=False, json=body)
 
     def datasets(self) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 ::
 
     MaskserveError
-     ├── CorpusError                 a local corpus file that cannot be read as asked (nothing was sent)
+     ├── CorpusError                 a local corpus the client cannot read as asked (a ValueError; nothing sent)
+     │    └── TokenizerDirectoryError   a transformers tokenizer directory it cannot use
      ├── TransportError              the service could not be reached, or timed out
      ├── ProtocolError               a response the client cannot understand
      └── APIError                    the service answered with a problem (RFC 9457)
@@ -53,6 +54,10 @@ class TransportError(MaskserveError):
 
 class ProtocolError(MaskserveError):
     """The service answered with something the client cannot parse."""
+
+
+class TokenizerDirectoryError(CorpusError):
+    """A tokenizer directory (``save_pretrained``'s) holds no usable tokenizer files; nothing was sent."""
 
 
 class APIError(MaskserveError):

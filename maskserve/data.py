@@ -186,10 +186,13 @@ def dataset_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
                 ("delete", "delete a dataset and all its keys", ("name",)))  # fmt: skip
     cr = dsub.add_parser("create", parents=[conn], help="create a dataset")
     cr.add_argument("name")
-    cr.add_argument("--tokenizer", required=True, help="path to a tokenizer.json")
+    cr.add_argument("--tokenizer", required=True, metavar="PATH",
+                    help="a tokenizer.json, or a directory saved by transformers' save_pretrained (its tokenizer.json, "
+                         "else vocab.txt, else vocab.json + merges.txt; special tokens from its config)")
     cr.add_argument("--seq-len", type=int, required=True)
     cr.add_argument("--packing", default="complete", choices=["complete", "doc", "none"])
-    cr.add_argument("--special", nargs="*", metavar="ROLE=TOKEN", help="e.g. mask=<mask> pad=<pad>")
+    cr.add_argument("--special", nargs="*", metavar="ROLE=TOKEN",
+                    help="e.g. mask=<mask> pad=<pad> (these win over a directory's own)")
     ing = dsub.add_parser(
         "ingest", parents=[conn], help="stream corpus files into a dataset (in parallel, resumable)",
         formatter_class=argparse.RawDescriptionHelpFormatter,

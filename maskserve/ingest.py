@@ -1,6 +1,6 @@
 """``maskserve dataset ingest``: files in parallel, committed in the order given, resumable.
 
-Each file (a Parquet file: each run of its row groups, see ``client._tables``)
+Each file (a Parquet file: each run of its row groups, see ``client.corpora``)
 is a *unit*. Up to ``--jobs`` units are uploaded at once, each *staged* under
 its own key (``commit=false``); the units are then committed one by one in the
 order given, so unit i's sequences always follow unit i-1's and the dataset
@@ -60,7 +60,7 @@ class Work:
 
 def plan(args: argparse.Namespace) -> list[Work]:
     """The command's units, in the order their sequences will take."""
-    from client._tables import ARROW_SUFFIXES, PARQUET_SUFFIXES, hf_files, parquet_units
+    from client.corpora import ARROW_SUFFIXES, PARQUET_SUFFIXES, hf_files, parquet_units
 
     if args.hf:
         if args.files:
@@ -106,7 +106,7 @@ class Ingest:
 
     def stage(self, w: Work) -> tuple[str, str, dict[str, Any]]:
         """Upload one unit, staged (or find it staged or committed already): (key, state, result)."""
-        from client._tables import Column, Unit, unit_batches
+        from client.corpora import Column, Unit, unit_batches
 
         key = w.key()
         known = self.c.ingest_state(self.name, key)

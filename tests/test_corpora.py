@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from client import BadRequestError, Client, CorpusError, NotFoundError
-from client._tables import arrow_body
+from client.corpora import arrow_body
 from maskserve.ingest import Work
 
 from .conftest import service_env

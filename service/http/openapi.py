@@ -29,7 +29,7 @@ from wire import CONTENT_TYPE
 
 from ..core.config import Settings
 from ..core.errors import (
-    PROBLEM_JSON, TYPE_BASE, Conflict, DatasetEmpty, DatasetExists, DatasetNotFound, InvalidRequest, InvalidTokenizer,
+    PROBLEM_JSON, TYPE_BASE, Conflict, DatasetEmpty, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, InvalidTokenizer,
     JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound,
     Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable,
     TokenizerFailed, TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
@@ -64,8 +64,12 @@ ERRORS: dict[str, Errors] = {
     "DELETE /v1/datasets/{name}": (DatasetNotFound, *_STORE),
     "GET /v1/datasets/{name}/tokenizer": (DatasetNotFound, *_STORE),
     "POST /v1/datasets/{name}/documents": (
-        *_PARAMS, *_STREAM, DatasetNotFound, Conflict, InvalidTokenizer, TokenizerFailed, *_STORE
+        *_PARAMS, *_STREAM, InvalidRequest, DatasetNotFound, Conflict, InvalidTokenizer, TokenizerFailed, *_STORE
     ),  # invalid-tokenizer: the stored tokenizer.json no longer loads (another version of the library)
+    "GET /v1/datasets/{name}/ingests/{key}": (*_PARAMS, DatasetNotFound, IngestNotFound, *_STORE),
+    "POST /v1/datasets/{name}/ingests/{key}/commit": (
+        *_PARAMS, DatasetNotFound, IngestNotFound, Conflict, *_STORE
+    ),  # conflict: the staged data expired just before the commit
     "GET /v1/datasets/{name}/batch": (*_PARAMS, LimitExceeded, NotAcceptable, *_OPENED, *_MASKED, *_STORE),
     "POST /v1/datasets/{name}/static-masks": (*_JSON, LimitExceeded, *_OPENED, *_STORE),
     "POST /v1/datasets/{name}/sequences": (

@@ -1,4 +1,4 @@
-"""Columnar corpora: Parquet, Arrow and saved Hugging Face datasets, read in record batches.
+"""Columnar corpora for ingest: Parquet, Arrow and saved Hugging Face datasets, read in record batches.
 
 Only the one column that matters is read, a record batch at a time (never a
 whole file in memory), and sent as an Arrow IPC stream, the body the service
