@@ -467,30 +467,41 @@ def _write_parquet_ids(ids: list[list[int]], min_tokens: int, path: Path) -> tup
     return len(lengths), len(values)
 
 
-def write_uploads(args: argparse.Namespace, cp: Corpus, tmp: Path) -> dict[str, Upload]:
-    out = {}
-    ndjson = _ndjson_bytes(cp.texts)
-    for fmt in args.formats:
-        path = tmp / {"ndjson": "corpus.jsonl", "jsonl-zst": "corpus.jsonl.zst", "parquet-text": "corpus.parquet",
-                      "parquet-ids": "ids.parquet"}[fmt]  # fmt: skip
-        if fmt == "parquet-ids":
-            rows, tokens = _write_parquet_ids(cp.ids, int(args.ids_min_tokens), path)
-            out[fmt] = Upload(fmt, path, {"ids_column": "ids"}, rows, tokens, 0)
-            continue
-        if fmt == "ndjson":
-            path.write_bytes(ndjson)
-        elif fmt == "jsonl-zst":
-            import zstandard
+_FILE_NAMES = {"ndjson": "corpus.jsonl", "jsonl-zst": "corpus.jsonl.zst", "parquet-text": "corpus.parquet",
+               "parquet-ids": "ids.parquet"}  # fmt: skip
 
-            path.write_bytes(zstandard.ZstdCompressor(level=3).compress(ndjson))
-        else:
-            _write_parquet_text(cp.texts, path)
-        kwargs = {"text_column": "text"} if fmt == "parquet-text" else {}
-        out[fmt] = Upload(fmt, path, kwargs, len(cp.texts), cp.tokens, cp.nbytes)
+
+def _write_format(fmt: str, texts: list[str], ids: list[list[int]], path: Path, min_tokens: int = 0) -> tuple[int, int]:
+    """``texts`` (or, for ids, their ``ids`` repeated up to ``min_tokens``) as a file; returns (documents, tokens)."""
+    if fmt == "parquet-ids":
+        return _write_parquet_ids(ids, min_tokens, path)
+    if fmt == "ndjson":
+        path.write_bytes(_ndjson_bytes(texts))
+    elif fmt == "jsonl-zst":
+        import zstandard
+
+        path.write_bytes(zstandard.ZstdCompressor(level=3).compress(_ndjson_bytes(texts)))
+    else:
+        _write_parquet_text(texts, path)
+    return len(texts), sum(map(len, ids))
+
+
+def write_uploads(args: argparse.Namespace, cp: Corpus, tmp: Path) -> tuple[dict[str, Upload], dict[str, Upload]]:
+    """Each format's file, and a small one of the same format to warm the service's path up with."""
+    out, warm = {}, {}
+    for fmt in args.formats:
+        kwargs = {"ids_column": "ids"} if fmt == "parquet-ids" else {"text_column": "text"} if fmt == "parquet-text" else {}
+        nbytes = 0 if fmt == "parquet-ids" else cp.nbytes
+        path = tmp / _FILE_NAMES[fmt]
+        docs, tokens = _write_format(fmt, cp.texts, cp.ids, path, int(args.ids_min_tokens))
+        out[fmt] = Upload(fmt, path, kwargs, docs, tokens, nbytes)
+        path = tmp / f"warm-{_FILE_NAMES[fmt]}"
+        docs, tokens = _write_format(fmt, cp.texts[:20], cp.ids[:20], path)
+        warm[fmt] = Upload(fmt, path, kwargs, docs, tokens, nbytes)
     for u in out.values():
         print(f"  {FORMAT_LABELS[u.fmt]:<40} {u.path.name:<18} {u.size / 1e6:8.2f} MB, {u.documents:,} documents, "
               f"{u.tokens:,} tokens")  # fmt: skip
-    return out
+    return out, warm
 
 
 def zst_unavailable(c, cp: Corpus, tmp: Path, seq_len: int) -> str | None:  # noqa: ANN001
@@ -515,20 +526,20 @@ def zst_unavailable(c, cp: Corpus, tmp: Path, seq_len: int) -> str | None:  # no
 
 def formats_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
     print("files (one request each, Client.ingest_file):")
-    uploads = write_uploads(args, cp, tmp)
+    uploads, warm = write_uploads(args, cp, tmp)
     pin = Pinning(args.pin)
     runs: dict[str, list[dict[str, float]]] = {fmt: [] for fmt in uploads}
     bare: list[dict[str, float]] = []
     with BenchRedis(args), start_service(args) as svc:
         try:
-            skipped = _formats_runs(args, cp, tmp, svc, uploads, pin, runs, bare)
+            skipped = _formats_runs(args, cp, tmp, svc, uploads, warm, pin, runs, bare)
         finally:
             pin.undo()
     _formats_report(cp, uploads, runs, bare, skipped, pin)
 
 
 def _formats_runs(args: argparse.Namespace, cp: Corpus, tmp: Path, svc, uploads: dict[str, Upload],  # noqa: ANN001
-                  pin: Pinning, runs: dict, bare: list[dict[str, float]]) -> dict[str, str]:  # fmt: skip
+                  warm: dict[str, Upload], pin: Pinning, runs: dict, bare: list[dict[str, float]]) -> dict[str, str]:  # fmt: skip
     from client import Client
 
     pids = service_pids(svc.pid)
@@ -541,7 +552,8 @@ def _formats_runs(args: argparse.Namespace, cp: Corpus, tmp: Path, svc, uploads:
         for fmt in uploads:
             c.delete_dataset(f"bench-fmt-{fmt}", missing_ok=True)
             c.create_dataset(f"bench-fmt-{fmt}", tokenizer=cp.tok_json, seq_len=args.seq_len, packing=args.packing[0])
-            c.ingest(f"bench-fmt-{fmt}", cp.docs[:20])  # loads the tokenizer into the service's cache
+            if fmt not in skipped:  # the tokenizer loaded, and the format's path (e.g. pyarrow's pools) warm
+                c.ingest_file(f"bench-fmt-{fmt}", warm[fmt].path, **warm[fmt].kwargs)
         for rep in range(args.repeats):
             print(f"  repeat {rep + 1}/{args.repeats} ...", flush=True)
             pin.apply(pids)
@@ -660,7 +672,9 @@ def jobs_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
     with BenchRedis(args), start_service(args, env) as svc, Client(svc.url, timeout=600) as c:
         print(f"service {svc.url} pid {svc.pid} ({args.workers} uvicorn worker(s)), Redis {svc.redis_url}; not pinned")
         c.create_dataset("bench-jobs-warm", tokenizer=cp.tok_json, seq_len=args.seq_len, packing=args.packing[0])
-        c.ingest("bench-jobs-warm", cp.docs[:20])
+        warm = tmp / ("warm.parquet" if args.job_format == "parquet" else "warm.jsonl")
+        _write_format("parquet-text" if args.job_format == "parquet" else "ndjson", cp.docs[:20], [], warm)
+        c.ingest_file("bench-jobs-warm", warm, **({"text_column": "text"} if args.job_format == "parquet" else {}))
         c.delete_dataset("bench-jobs-warm")
         for rep in range(args.repeats):
             print(f"  repeat {rep + 1}/{args.repeats} ...", flush=True)
@@ -712,7 +726,9 @@ def rss_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
         print(f"service {svc.url} pid {svc.pid} (1 uvicorn worker, default limits), Redis {svc.redis_url}")
         name = "bench-rss"
         c.create_dataset(name, tokenizer=cp.tok_json, seq_len=args.seq_len, packing=args.packing[0])
-        c.ingest(name, cp.docs[:20])  # the tokenizer loaded, the pools started: the RSS "before" is warm
+        warm = tmp / "warm-big.parquet"
+        _write_parquet_text(cp.docs[:20], warm)
+        c.ingest_file(name, warm, text_column="text")  # the tokenizer loaded, pyarrow's pools up: a warm "before"
         pids = service_pids(svc.pid)
         others = [p for p in process_tree(svc.pid) if p not in pids]
         redis0 = Sampler(others).rss() if others else 0
