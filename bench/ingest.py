@@ -104,7 +104,8 @@ def parse_args() -> argparse.Namespace:
                    help="RAYON_NUM_THREADS for this process (the bare reference) and the service: the tokenizer's "
                         "threads; 0 leaves it unset (the library's default: all cores) (default %(default)s)")
     g = p.add_argument_group("formats section")
-    g.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS, help="formats to measure (default all)")
+    g.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
+                   help="formats to measure (default all)")
     g.add_argument("--ids-min-tokens", type=float, default=10e6,
                    help="the ids file repeats the corpus's token ids up to this many tokens (default %(default).0f)")
     g.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
@@ -113,12 +114,16 @@ def parse_args() -> argparse.Namespace:
     g.add_argument("--jobs", nargs="+", type=int, default=[1, 2], metavar="N",
                    help="`maskserve dataset ingest --jobs N` values to run, e.g. 1 4 8 16 (default 1 2)")
     g.add_argument("--job-files", type=int, default=8, help="files the corpus is split into (default %(default)s)")
-    g.add_argument("--job-format", default="parquet", choices=["parquet", "ndjson"], help="their format (default %(default)s)")
-    g.add_argument("--jobs-mb", type=float, default=None, help="MB of text in all the files together (default: --target-mb)")
+    g.add_argument("--job-format", default="parquet", choices=["parquet", "ndjson"],
+                   help="their format (default %(default)s)")
+    g.add_argument("--jobs-mb", type=float, default=None,
+                   help="MB of text in all the files together (default: --target-mb)")
     g.add_argument("--workers", type=int, default=1,
-                   help="uvicorn worker processes of the jobs section's service (MASKSERVE_WORKERS; default %(default)s)")
+                   help="uvicorn worker processes of the jobs section's service (MASKSERVE_WORKERS; "
+                        "default %(default)s)")
     g = p.add_argument_group("rss section")
-    g.add_argument("--rss-mb", type=float, default=64.0, help="MB of text in the Parquet file ingested in one request (default %(default)s)")
+    g.add_argument("--rss-mb", type=float, default=64.0,
+                   help="MB of text in the Parquet file ingested in one request (default %(default)s)")
     add_service_args(p)
     args = p.parse_args()
     if "all" in args.packing:
@@ -407,7 +412,8 @@ class Pinning:
     def describe(self) -> str:
         if not self.enabled:
             return "not pinned (--no-pin, or fewer than 2 usable CPUs)"
-        return f"service pinned to CPU {min(self.service)}, this process (client + bare reference) to CPU {min(self.mine)}"
+        return (f"service pinned to CPU {min(self.service)}, "
+                f"this process (client + bare reference) to CPU {min(self.mine)}")
 
     def apply(self, pids: list[int]) -> None:
         if self.enabled:
@@ -490,7 +496,7 @@ def write_uploads(args: argparse.Namespace, cp: Corpus, tmp: Path) -> tuple[dict
     """Each format's file, and a small one of the same format to warm the service's path up with."""
     out, warm = {}, {}
     for fmt in args.formats:
-        kwargs = {"ids_column": "ids"} if fmt == "parquet-ids" else {"text_column": "text"} if fmt == "parquet-text" else {}
+        kwargs = {"parquet-ids": {"ids_column": "ids"}, "parquet-text": {"text_column": "text"}}.get(fmt, {})
         nbytes = 0 if fmt == "parquet-ids" else cp.nbytes
         path = tmp / _FILE_NAMES[fmt]
         docs, tokens = _write_format(fmt, cp.texts, cp.ids, path, int(args.ids_min_tokens))
@@ -539,7 +545,8 @@ def formats_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
 
 
 def _formats_runs(args: argparse.Namespace, cp: Corpus, tmp: Path, svc, uploads: dict[str, Upload],  # noqa: ANN001
-                  warm: dict[str, Upload], pin: Pinning, runs: dict, bare: list[dict[str, float]]) -> dict[str, str]:  # fmt: skip
+                  warm: dict[str, Upload], pin: Pinning, runs: dict,
+                  bare: list[dict[str, float]]) -> dict[str, str]:  # fmt: skip
     from client import Client
 
     pids = service_pids(svc.pid)
@@ -589,7 +596,8 @@ def _formats_report(cp: Corpus, uploads: dict[str, Upload], runs: dict, bare_run
     print(f"\nresults, one stream per format ({pin.describe()}; RAYON_NUM_THREADS={rayon} on both sides):")
     bare = [x["s"] for x in bare_runs]
     bare_rate, bare_cpu = cp.tokens / min(bare), statistics.fmean(x["cpu"] for x in bare_runs)
-    print(f"  {'bare encode_batch, all texts in one call':<44} best {min(bare):7.3f}s  median {statistics.median(bare):7.3f}s  "
+    print(f"  {'bare encode_batch, all texts in one call':<44} best {min(bare):7.3f}s  "
+          f"median {statistics.median(bare):7.3f}s  "
           f"{bare_rate / 1e6:6.3f} M tokens/s  {cp.nbytes / min(bare) / 1e6:6.2f} MB/s of text")  # fmt: skip
     print(f"      CPU per run {bare_cpu:.2f}s ({cp.tokens / bare_cpu / 1e6:.3f} M tokens per CPU-second)")
     verdicts = []
@@ -607,7 +615,8 @@ def _formats_report(cp: Corpus, uploads: dict[str, Upload], runs: dict, bare_run
               f"{u.size / best / 1e6:6.2f} MB/s of file")  # fmt: skip
         print(f"      service CPU per run {cpu:.2f}s ({u.tokens / cpu / 1e6:.3f} M tokens per CPU-second, "
               f"{cpu / statistics.fmean(ts):.2f} cores busy), up to {max(x['threads'] for x in runs[fmt])} threads; "
-              f"Redis CPU {statistics.fmean(x['redis'] for x in runs[fmt]):.2f}s; stored {runs[fmt][-1]['stored']:,} tokens per run")  # fmt: skip
+              f"Redis CPU {statistics.fmean(x['redis'] for x in runs[fmt]):.2f}s; "
+              f"stored {runs[fmt][-1]['stored']:,} tokens per run")  # fmt: skip
         if u.text_bytes:
             paired = statistics.median(b / s for b, s in zip(bare, ts))
             ratio = rate / bare_rate
@@ -665,7 +674,8 @@ def jobs_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
     (tmp / "jobs").mkdir(exist_ok=True)
     files, documents, tokens, nbytes = write_job_files(args, cp, tmp / "jobs")
     size = sum(f.stat().st_size for f in files)
-    print(f"{len(files)} {args.job_format} files, {size / 1e6:.2f} MB: {documents:,} documents, {tokens:,} text tokens, "
+    print(f"{len(files)} {args.job_format} files, {size / 1e6:.2f} MB: {documents:,} documents, "
+          f"{tokens:,} text tokens, "
           f"{nbytes / 1e6:.2f} MB of text")  # fmt: skip
     env = {**service_env(args), "MASKSERVE_WORKERS": str(args.workers)}
     runs: dict[int, list[dict[str, float]]] = {n: [] for n in args.jobs}
@@ -685,7 +695,8 @@ def jobs_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
                 cpu0 = tree_cpu(pids)
                 with Sampler(pids, 0.05) as smp:
                     wall, own, cli_cpu, last = _cli_ingest(svc.url, name, files, n)
-                runs[n].append({"s": wall, "own": own, "cli_cpu": cli_cpu, "cpu": tree_cpu(service_pids(svc.pid)) - cpu0,
+                cpu = tree_cpu(service_pids(svc.pid)) - cpu0
+                runs[n].append({"s": wall, "own": own, "cli_cpu": cli_cpu, "cpu": cpu,
                                 "threads": smp.peak_threads})  # fmt: skip
                 if f"{documents:,} documents" not in last:
                     print(f"  !! --jobs {n}: {last!r}, expected {documents:,} documents")
@@ -703,9 +714,12 @@ def _jobs_report(args: argparse.Namespace, runs: dict[int, list[dict[str, float]
         base = base or rate
         k = len(rs)
         print(f"  --jobs {n:<3} wall best {best['s']:7.3f}s median {statistics.median(x['s'] for x in rs):7.3f}s "
-              f"(own {best['own']:.1f}s)  {rate / 1e6:6.3f} M tokens/s  speed-up {rate / base:5.2f}x vs --jobs {args.jobs[0]}")
-        print(f"      CPU per run: CLI {sum(x['cli_cpu'] for x in rs) / k:.2f}s, service {sum(x['cpu'] for x in rs) / k:.2f}s "
-              f"({sum(x['cpu'] / x['s'] for x in rs) / k:.2f} cores busy), up to {max(x['threads'] for x in rs)} threads")
+              f"(own {best['own']:.1f}s)  {rate / 1e6:6.3f} M tokens/s  "
+              f"speed-up {rate / base:5.2f}x vs --jobs {args.jobs[0]}")  # fmt: skip
+        print(f"      CPU per run: CLI {sum(x['cli_cpu'] for x in rs) / k:.2f}s, "
+              f"service {sum(x['cpu'] for x in rs) / k:.2f}s "
+              f"({sum(x['cpu'] / x['s'] for x in rs) / k:.2f} cores busy), "
+              f"up to {max(x['threads'] for x in rs)} threads")  # fmt: skip
 
 
 # ---- rss: a Parquet file larger than memory should ever need, in one request ---------------------
@@ -742,8 +756,9 @@ def rss_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
     mb = 1 << 20
     print(f"\nresults: {res['documents']:,} documents, {res['tokens']:,} tokens stored in {dt:.1f}s "
           f"({tokens / dt / 1e6:.3f} M text tokens/s)")  # fmt: skip
-    print(f"  service RSS (its {len(pids)} Python process(es), sampled every 20 ms): before {smp.first_rss / mb:.1f} MiB, "
-          f"peak {smp.peak_rss / mb:.1f} MiB (+{(smp.peak_rss - smp.first_rss) / mb:.1f} MiB), after {after / mb:.1f} MiB")
+    print(f"  service RSS (its {len(pids)} Python process(es), sampled every 20 ms): "
+          f"before {smp.first_rss / mb:.1f} MiB, peak {smp.peak_rss / mb:.1f} MiB "
+          f"(+{(smp.peak_rss - smp.first_rss) / mb:.1f} MiB), after {after / mb:.1f} MiB")  # fmt: skip
     print(f"  vs the file {size / mb:.1f} MiB and its text {nbytes / mb:.1f} MiB: peak growth is "
           f"{(smp.peak_rss - smp.first_rss) / nbytes:.1%} of the text")  # fmt: skip
     if others:
