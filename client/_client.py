@@ -23,7 +23,7 @@ from .corpora import (
     ARROW_STREAM, ARROW_SUFFIXES, PARQUET_SUFFIXES, Column, arrow_body, dataset_batches, hf_files, parquet_units,
     unit_batches, Unit,
 )
-from ._uploads import Document, Replayable, as_record, file_chunks, ndjson
+from ._uploads import Document, FileUpload, Replayable, as_record, ndjson
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -222,10 +222,15 @@ class Client:
         on_bytes: Callable[[int], None] | None = None, text_column: str | None = None,
         ids_column: str | None = None, commit: bool = True,
     ) -> dict[str, Any]:  # fmt: skip
-        """Stream a file: ``.jsonl``/``.ndjson`` as NDJSON, Parquet (``.parquet``) and Arrow (``.arrow``,
-        ``.feather``) by column (``text_column``, default ``text``, or ``ids_column``), a directory as a saved
-        Hugging Face dataset (its ``split``, default train), anything else as plain text (``split``:
-        document boundaries). ``commit=False`` stages it under ``idempotency_key`` (see :meth:`commit_ingest`)."""
+        """Stream a file: ``.jsonl``/``.ndjson``/``.json`` as NDJSON, Parquet (``.parquet``) and Arrow
+        (``.arrow``, ``.feather``) by column (``text_column``, default ``text``, or ``ids_column``), a directory
+        as a saved Hugging Face dataset (its ``split``, default train), anything else as plain text (``split``:
+        document boundaries). ``commit=False`` stages it under ``idempotency_key`` (see :meth:`commit_ingest`).
+
+        Compressed files go by their inner suffix (``docs.jsonl.gz``, ``c4.json.gz``, ``notes.txt.xz``):
+        ``.gz`` and ``.zst`` are sent as they are, for the service to decode (``Content-Encoding``);
+        ``.bz2`` and ``.xz`` are decoded here as they are sent. ``on_bytes(n)`` counts the file's bytes read.
+        """
         path = Path(path)
         if path.is_dir() or path.suffix in (*PARQUET_SUFFIXES, *ARROW_SUFFIXES):
             files = hf_files(path, None if split == "none" else split) if path.is_dir() else [path]
@@ -235,14 +240,17 @@ class Client:
                                       idempotency_key=idempotency_key, commit=commit)  # fmt: skip
         if text_column is not None or ids_column is not None:
             raise CorpusError(f"{path}: text_column and ids_column apply to Parquet, Arrow and dataset files")
-        ctype = NDJSON if path.suffix in (".jsonl", ".ndjson") else PLAIN_TEXT
+        upload = FileUpload.of(path)
+        ctype = NDJSON if upload.ndjson else PLAIN_TEXT
         params: dict[str, Any] = {} if ctype != PLAIN_TEXT else {"split": split}
         if not commit:
             params["commit"] = "false"
+        headers = {"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
+        if upload.encoding:
+            headers["Content-Encoding"] = upload.encoding
         return self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
-            content=Replayable(lambda: file_chunks(path, on_bytes)),
-            headers={"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
+            content=Replayable(lambda: upload.chunks(on_bytes)), headers=headers,
         )  # fmt: skip
 
     def ingest_dataset(

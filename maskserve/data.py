@@ -197,10 +197,11 @@ def dataset_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
         "ingest", parents=[conn], help="stream corpus files into a dataset (in parallel, resumable)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Stream corpus files into dataset NAME.\n\n"
-        "Formats, by extension: .jsonl/.ndjson (NDJSON: {\"text\": ...} or {\"ids\": [...]} per line), "
-        ".parquet/.pq and\n.arrow/.feather (one column: --text-column or --ids-column), anything else plain "
-        "text (--split);\n--hf DIR reads a Hugging Face dataset saved with save_to_disk (or its cached Arrow "
-        "files).\n\n"
+        "Formats, by extension: .jsonl/.ndjson/.json (NDJSON: {\"text\": ...} or {\"ids\": [...]} per line),\n"
+        ".parquet/.pq and .arrow/.feather (one column: --text-column or --ids-column), anything else plain\n"
+        "text (--split). Compressed files go by their inner suffix (docs.jsonl.gz, c4.json.gz, notes.txt.zst):\n"
+        ".gz/.zst are sent compressed, .bz2/.xz decoded on the way. --hf DIR reads a Hugging Face dataset\n"
+        "saved with save_to_disk (or its cached Arrow files).\n\n"
         "Order: sequence ids follow the files in the order given (a Parquet file: its row groups in order),\n"
         "whatever --jobs is, so a re-run or another cluster builds the same dataset.\n\n"
         "Resumable: each file (or run of row groups) is committed under a key made of its path, size and\n"

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import datasets
 import httpx
 import numpy as np
@@ -287,3 +288,23 @@ def test_cli_refuses_what_it_cannot_read(service_url, client, bpe_tokenizer, tmp
     out = _cli(service_url, "clibad")
     assert out.returncode != 0 and "give one or more files" in out.stderr
     assert client.dataset("clibad")["num_sequences"] == 0
+
+
+def test_a_blocking_body_reads_exactly_and_refuses_reads_over_its_bound():
+    from service.core.errors import PayloadTooLarge
+    from service.data.streams import BlockingBody
+
+    async def pieces():
+        for p in (b"abc", b"", b"defgh", b"ij"):
+            yield p
+
+    async def main() -> None:
+        body = BlockingBody(pieces(), max_read=6)
+        assert await anyio.to_thread.run_sync(body.read, 5) == b"abcde"  # across pieces, exactly
+        with pytest.raises(PayloadTooLarge):  # asked for more than one read may take: nothing is allocated
+            await anyio.to_thread.run_sync(body.read, 7)
+        assert await anyio.to_thread.run_sync(body.read, 6) == b"fghij"  # short only at the end
+        assert await anyio.to_thread.run_sync(body.read, 6) == b""
+        assert body.consumed == 10
+
+    anyio.run(main)

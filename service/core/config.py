@@ -59,7 +59,7 @@ class Settings(BaseSettings):
 
     max_batch_size: int = Field(default=4096, ge=1, le=1 << 20, description="Largest B a batch request may ask for.")
     max_seq_len: int = Field(default=8192, ge=8, le=65536, description="Largest sequence length L of a dataset.")
-    max_body_bytes: int = Field(default=1 << 30, ge=1024, description="Largest ingest request body.")
+    max_body_bytes: int = Field(default=1 << 30, ge=1024, description="Largest ingest request body, sent or decoded.")
     max_tokenizer_bytes: int = Field(default=64 << 20, ge=1024, description="Largest tokenizer.json upload.")
     max_json_bytes: int = Field(
         default=1 << 20, ge=1024, description="Largest JSON body of every other route (acks, jobs, masks, reports)."

@@ -58,6 +58,12 @@ class MalformedDocument(ServiceError):
     type, title, status = "malformed-document", "Malformed document", 400
 
 
+class CorruptBody(ServiceError):
+    """A compressed request body that does not decode: cut short, damaged, or not of its Content-Encoding."""
+
+    type, title, status = "corrupt-body", "Request body does not decode", 400
+
+
 class TokenOutOfVocabulary(ServiceError):
     type, title, status = "token-out-of-vocabulary", "Token id outside the vocabulary", 400
 

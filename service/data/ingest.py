@@ -32,13 +32,14 @@ SPLITS: tuple[TextSplit, ...] = get_args(TextSplit)
 NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
 
 
-async def limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
-    """Pass body chunks through, failing once more than ``limit`` bytes came."""
+async def limited(stream: AsyncIterator[bytes], limit: int, what: str = "request body") -> AsyncIterator[bytes]:
+    """Pass body chunks through, failing once more than ``limit`` bytes came (``what``: the bytes counted,
+    for the message: the body on the wire, or decoded)."""
     seen = 0
     async for piece in stream:
         seen += len(piece)
         if seen > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit", limit=limit)
+            raise PayloadTooLarge(f"{what} exceeds the {limit}-byte limit", limit=limit)
         yield piece
 
 

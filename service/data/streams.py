@@ -17,6 +17,8 @@ import anyio
 import anyio.from_thread
 import anyio.to_thread
 
+from ..core.errors import PayloadTooLarge
+
 T = TypeVar("T")
 
 
@@ -24,8 +26,9 @@ class BlockingBody(io.RawIOBase):
     """An async byte stream as a blocking, read-only raw file, for worker threads started by
     :func:`anyio.to_thread.run_sync` (it calls back into the event loop with :func:`anyio.from_thread.run`)."""
 
-    def __init__(self, body: AsyncIterator[bytes]) -> None:
+    def __init__(self, body: AsyncIterator[bytes], max_read: int = 1 << 62) -> None:
         super().__init__()
+        self.max_read = max_read  # the most one read() may ask for
         self._body = body.__aiter__()
         self._piece = memoryview(b"")
         self._eof = False
@@ -42,26 +45,37 @@ class BlockingBody(io.RawIOBase):
 
     def read(self, size: int = -1) -> bytes:
         """Exactly ``size`` bytes, fewer only at the end of the body (readers such as Arrow's take a short read
-        for the end), or all the rest when ``size`` is negative."""
+        for the end), or all the rest when ``size`` is negative. Memory grows with the bytes that came, not
+        with the size asked for (a reader may ask for whatever length a malformed header claims)."""
         if size is None or size < 0:
             return self.readall()
-        out = bytearray(size)
-        view, got = memoryview(out), 0
+        if size > self.max_read:
+            raise PayloadTooLarge(f"the body asks for a read of {size} bytes at once, over the {self.max_read}-byte "
+                                  "limit", limit=self.max_read)  # fmt: skip
+        parts: list[bytes] = []
+        got = 0
         while got < size:
-            n = self.readinto(view[got:])
-            if n == 0:
+            if not self._piece and not self._refill():
                 break
+            n = min(size - got, len(self._piece))
+            parts.append(bytes(self._piece[:n]))
+            self._piece = self._piece[n:]
             got += n
-        del view
-        return bytes(out[:got]) if got < size else bytes(out)
+        self.consumed += got
+        return b"".join(parts)
 
-    def readinto(self, buf) -> int:  # noqa: ANN001 - any writable buffer
+    def _refill(self) -> bool:
+        """Wait for the next piece of the body; False at its end."""
         while not self._piece and not self._eof:
             piece = anyio.from_thread.run(self._next)
             if piece is None:
                 self._eof = True
             else:
                 self._piece = memoryview(piece)
+        return bool(self._piece)
+
+    def readinto(self, buf) -> int:  # noqa: ANN001 - any writable buffer
+        self._refill()
         n = min(len(buf), len(self._piece))
         buf[:n] = self._piece[:n]
         self._piece = self._piece[n:]

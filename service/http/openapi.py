@@ -29,10 +29,11 @@ from wire import CONTENT_TYPE
 
 from ..core.config import Settings
 from ..core.errors import (
-    PROBLEM_JSON, TYPE_BASE, Conflict, DatasetEmpty, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, InvalidTokenizer,
-    JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument, NotAcceptable, NotFound,
-    Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError, StaticMasksMissing, StoreUnavailable,
-    TokenizerFailed, TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType, ValidationFailed,
+    PROBLEM_JSON, TYPE_BASE, Conflict, CorruptBody, DatasetEmpty, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest,
+    InvalidTokenizer, JobConflict, JobDatasetGone, JobFinished, JobNotFound, LimitExceeded, MalformedDocument,
+    NotAcceptable, NotFound, Overloaded, PayloadTooLarge, RequestTimeout, SequenceOutOfRange, ServiceError,
+    StaticMasksMissing, StoreUnavailable, TokenizerFailed, TokenOutOfVocabulary, Unauthorized, UnsupportedMediaType,
+    ValidationFailed,
 )  # fmt: skip
 from ..core.work import is_heavy
 
@@ -64,7 +65,7 @@ ERRORS: dict[str, Errors] = {
     "DELETE /v1/datasets/{name}": (DatasetNotFound, *_STORE),
     "GET /v1/datasets/{name}/tokenizer": (DatasetNotFound, *_STORE),
     "POST /v1/datasets/{name}/documents": (
-        *_PARAMS, *_STREAM, InvalidRequest, DatasetNotFound, Conflict, InvalidTokenizer, TokenizerFailed, *_STORE
+        *_PARAMS, *_STREAM, CorruptBody, InvalidRequest, DatasetNotFound, Conflict, InvalidTokenizer, TokenizerFailed, *_STORE
     ),  # invalid-tokenizer: the stored tokenizer.json no longer loads (another version of the library)
     "GET /v1/datasets/{name}/ingests/{key}": (*_PARAMS, DatasetNotFound, IngestNotFound, *_STORE),
     "POST /v1/datasets/{name}/ingests/{key}/commit": (

@@ -15,8 +15,11 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from ...core.errors import Conflict, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType
+from ...core.errors import (
+    Conflict, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType,
+)
 from ...data.catalog import DatasetRuntime, sha256
+from ...data.encodings import ALIASES, ENCODINGS, decoded
 from ...data.ingest import (
     NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_arrow, run_pipeline,
 )
@@ -191,9 +194,21 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
 @router.post(
     "/{name}/documents",
     response_model=IngestResult,
-    summary="Ingest documents (NDJSON, plain text or an Arrow stream), atomically",
+    summary="Ingest documents (NDJSON, plain text or an Arrow stream; optionally gzip or zstd compressed), atomically",
     responses={202: {"model": IngestResult, "description": "Staged (commit=false): commit it by its key."}},
     openapi_extra={
+        "parameters": [
+            {
+                "name": "Content-Encoding",
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "enum": list(ENCODINGS), "default": "identity"},
+                "description": "The body's compression, decoded as it arrives: gzip (every member of a "
+                "multi-member file) or zstd (every frame). MASKSERVE_MAX_BODY_BYTES bounds the decoded "
+                "bytes as well as those sent; a body that does not decode is 400 corrupt-body, another "
+                "encoding (or a list of several) 415.",
+            }
+        ],
         "requestBody": {
             "content": {
                 "application/x-ndjson": {"schema": {"type": "string"}},
@@ -201,7 +216,7 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
                 ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
             },
             "required": True,
-        }
+        },
     },
 )
 async def ingest(
@@ -229,6 +244,7 @@ async def ingest(
     idempotency_key: Annotated[str | None, Header(max_length=128)] = None,
 ) -> IngestResult:
     media_type = _ingest_media_type(request)
+    encoding = _content_encoding(request)
     if not commit and not idempotency_key:
         raise InvalidRequest("commit=false stages the ingest under its Idempotency-Key: send one")
     if text_column is not None and ids_column is not None:
@@ -252,11 +268,13 @@ async def ingest(
 
     body = limited(request.stream(), settings.max_body_bytes)
     limiter = request.app.state.work.limiter
+    if encoding != "identity":  # the decoded bytes count against the limit too: a small bomb must not pass
+        body = limited(decoded(body, encoding), settings.max_body_bytes, "decoded request body")
     try:
         if media_type == ARROW_STREAM:
             column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
-            reader = ArrowDocuments(BlockingBody(body), column, kind, rt.meta["vocab_size"], _reserved(rt),
-                                    settings.ingest_max_record_batch_bytes)  # fmt: skip
+            limit = settings.ingest_max_record_batch_bytes
+            reader = ArrowDocuments(BlockingBody(body, limit), column, kind, rt.meta["vocab_size"], _reserved(rt), limit)
             stats = await run_arrow(pipeline, reader, settings.ingest_batch_bytes, stage,
                                     settings.ingest_batch_docs, limiter)  # fmt: skip
         else:
@@ -342,6 +360,19 @@ def _ingest_media_type(request: Request) -> str:
             f"not {media_type or 'no content type'!r}"
         )
     return media_type
+
+
+def _content_encoding(request: Request) -> str:
+    """The ingest body's Content-Encoding: one of ``ENCODINGS`` (none given: identity), else 415."""
+    values = [v.strip().lower() for h in request.headers.getlist("content-encoding") for v in h.split(",")]
+    values = [ALIASES.get(v, v) for v in values if v]
+    if not values:
+        return "identity"
+    if len(values) == 1 and values[0] in ENCODINGS:
+        return values[0]
+    raise UnsupportedMediaType(
+        f"send the body as it is or with one Content-Encoding of {', '.join(ENCODINGS)}, not {', '.join(values)!r}"
+    )
 
 
 async def _commit(
