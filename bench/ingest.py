@@ -725,44 +725,50 @@ def _jobs_report(args: argparse.Namespace, runs: dict[int, list[dict[str, float]
 # ---- rss: a Parquet file larger than memory should ever need, in one request ---------------------
 
 
+def _rss_file(cp: Corpus, mb: float, path: Path) -> tuple[int, int, int]:
+    """A Parquet text file of ``mb`` MB of text; returns (file bytes, text bytes, text tokens)."""
+    texts = repeat_to(cp.docs, min_bytes=int(mb * 1e6))
+    _write_parquet_text(texts, path)
+    return path.stat().st_size, text_bytes(texts), cp.copy_tokens() * (len(texts) // len(cp.docs))
+
+
 def rss_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
+    """One service, warmed up; then a file of ``--rss-mb / 8`` and one of ``--rss-mb`` of text, each in one
+    request: if the body were held (or its documents piled up), the peak would grow with the file."""
     from client import Client
 
-    texts = repeat_to(cp.docs, min_bytes=int(args.rss_mb * 1e6))
-    tokens = cp.copy_tokens() * (len(texts) // len(cp.docs))
-    nbytes = text_bytes(texts)
-    path = tmp / "big.parquet"
-    _write_parquet_text(texts, path)
-    del texts
-    size = path.stat().st_size
-    print(f"Parquet file {size / 1e6:.1f} MB: {nbytes / 1e6:.1f} MB of text, {tokens:,} tokens; one request")
+    files = {mb: (tmp / f"rss-{mb:g}.parquet", *_rss_file(cp, mb, tmp / f"rss-{mb:g}.parquet"))
+             for mb in (args.rss_mb / 8, args.rss_mb)}  # fmt: skip
     with BenchRedis(args), start_service(args, service_env(args)) as svc, Client(svc.url, timeout=3600) as c:
         print(f"service {svc.url} pid {svc.pid} (1 uvicorn worker, default limits), Redis {svc.redis_url}")
         name = "bench-rss"
         c.create_dataset(name, tokenizer=cp.tok_json, seq_len=args.seq_len, packing=args.packing[0])
-        warm = tmp / "warm-big.parquet"
+        warm = tmp / "warm-rss.parquet"
         _write_parquet_text(cp.docs[:20], warm)
         c.ingest_file(name, warm, text_column="text")  # the tokenizer loaded, pyarrow's pools up: a warm "before"
         pids = service_pids(svc.pid)
         others = [p for p in process_tree(svc.pid) if p not in pids]
-        redis0 = Sampler(others).rss() if others else 0
-        with Sampler(pids, 0.02) as smp:
-            t0 = time.perf_counter()
-            res = c.ingest_file(name, path, text_column="text")
-            dt = time.perf_counter() - t0
-        after = smp.rss()
-        redis1 = Sampler(others).rss() if others else 0
+        before = Sampler(pids).rss()
+        print(f"service RSS (its {len(pids)} Python process(es), sampled every 20 ms) before: "
+              f"{before / (1 << 20):.1f} MiB" + (f"; the embedded Redis apart: {Sampler(others).rss() / (1 << 20):.1f} MiB" if others else ""))
+        for path, size, nbytes, tokens in files.values():
+            with Sampler(pids, 0.02) as smp:
+                t0 = time.perf_counter()
+                res = c.ingest_file(name, path, text_column="text")
+                dt = time.perf_counter() - t0
+            _rss_row(path, size, nbytes, tokens, res, dt, before, smp, Sampler(others).rss() if others else 0)
         c.delete_dataset(name)
+
+
+def _rss_row(path: Path, size: int, nbytes: int, tokens: int, res: dict, dt: float, before: int, smp: Sampler,
+             redis_rss: int) -> None:  # fmt: skip
     mb = 1 << 20
-    print(f"\nresults: {res['documents']:,} documents, {res['tokens']:,} tokens stored in {dt:.1f}s "
-          f"({tokens / dt / 1e6:.3f} M text tokens/s)")  # fmt: skip
-    print(f"  service RSS (its {len(pids)} Python process(es), sampled every 20 ms): "
-          f"before {smp.first_rss / mb:.1f} MiB, peak {smp.peak_rss / mb:.1f} MiB "
-          f"(+{(smp.peak_rss - smp.first_rss) / mb:.1f} MiB), after {after / mb:.1f} MiB")  # fmt: skip
-    print(f"  vs the file {size / mb:.1f} MiB and its text {nbytes / mb:.1f} MiB: peak growth is "
-          f"{(smp.peak_rss - smp.first_rss) / nbytes:.1%} of the text")  # fmt: skip
-    if others:
-        print(f"  (the embedded Redis, which stores the chunks, apart: {redis0 / mb:.1f} -> {redis1 / mb:.1f} MiB)")
+    grow = smp.peak_rss - before
+    print(f"  {path.name}: file {size / mb:.1f} MiB, text {nbytes / mb:.1f} MiB; {res['documents']:,} documents, "
+          f"{tokens:,} text tokens in {dt:.1f}s ({tokens / dt / 1e6:.3f} M text tokens/s)")  # fmt: skip
+    print(f"      peak RSS {smp.peak_rss / mb:.1f} MiB: +{grow / mb:.1f} MiB over before "
+          f"({grow / size:.2f}x the file, {grow / nbytes:.2f}x its text); after {smp.rss() / mb:.1f} MiB"
+          + (f"; embedded Redis (the stored chunks) {redis_rss / mb:.1f} MiB" if redis_rss else ""))
 
 
 if __name__ == "__main__":
