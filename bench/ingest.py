@@ -14,7 +14,8 @@ Sections (``--sections``, default all):
 ``formats``  One stream per format (one ``Client.ingest_file`` request): text NDJSON,
              a Parquet text column, a Parquet ids column (pre-tokenized), ``.jsonl.zst``;
              next to the bare encode of the same texts. The tokenizer runs on one
-             thread on both sides (``RAYON_NUM_THREADS``, ``--rayon-threads``), and
+             thread on both sides (``--tokenizer-threads``: by default
+             ``TOKENIZERS_PARALLELISM=false``, encode_batch on the calling thread), and
              with ``--pin`` (the default on 2+ CPUs) the service is pinned to one CPU
              and this process (the client, and the bare reference) to another.
             Targets: text formats >= 0.70 of bare, ids >= 5 M tokens/s per stream.
@@ -31,7 +32,7 @@ sep tokens, shown as "stored tokens". For pre-tokenized ids, the ids sent.
 
     .venv/bin/python bench/ingest.py                       # all sections, packing complete, 8 MB
     .venv/bin/python bench/ingest.py --sections formats --target-mb 4
-    .venv/bin/python bench/ingest.py --sections jobs --jobs 1 4 8 16 --workers 8 --rayon-threads 1
+    .venv/bin/python bench/ingest.py --sections jobs --jobs 1 4 8 16 --workers 8
     .venv/bin/python bench/ingest.py --packing complete doc none --sections packing
     .venv/bin/python bench/ingest.py --embedded --target-mb 4
 """
@@ -100,9 +101,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8000, help="BPE vocabulary size (default %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs of each measurement; best and median are shown (default %(default)s)")
     p.add_argument("--ingest-batch-mb", type=float, default=1.0, help="text per encode_batch call in the batched reference; the service's default ingest_batch_bytes is 1 MiB (default %(default)s)")
-    p.add_argument("--rayon-threads", type=int, default=1,
-                   help="RAYON_NUM_THREADS for this process (the bare reference) and the service: the tokenizer's "
-                        "threads; 0 leaves it unset (the library's default: all cores) (default %(default)s)")
+    p.add_argument("--tokenizer-threads", default="serial", metavar="serial|N|all",
+                   help="the tokenizer's threads in this process (the bare reference) and the services: serial "
+                        "(TOKENIZERS_PARALLELISM=false: encode_batch works on the calling thread, so one stream is "
+                        "one thread and concurrent streams tokenize in parallel), N (RAYON_NUM_THREADS=N: one pool "
+                        "of N threads per process, shared by its streams) or all (the library's default: a pool "
+                        "of all cores) (default %(default)s)")
     g = p.add_argument_group("formats section")
     g.add_argument("--formats", nargs="+", default=list(FORMATS), choices=FORMATS,
                    help="formats to measure (default all)")
@@ -198,18 +202,32 @@ def load_corpus(args: argparse.Namespace) -> Corpus:
     return Corpus(docs, texts, nbytes, ids, tokens, tok, tok_json)
 
 
+def tokenizer_threads(mode: str | None) -> str:
+    """Set the tokenizer's threading for this process and the services it starts (they inherit the environment;
+    before the tokenizer's pool starts: it reads this once), and say what it is (``mode`` None: only say)."""
+    if mode == "serial":
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    elif mode is not None and mode != "all":
+        if not mode.isdigit() or int(mode) < 1:
+            raise SystemExit(f"--tokenizer-threads: serial, a positive number or all, not {mode!r}")
+        os.environ["RAYON_NUM_THREADS"] = mode
+    if os.environ.get("TOKENIZERS_PARALLELISM", "").lower() in ("false", "0", "off", "no"):
+        return "TOKENIZERS_PARALLELISM=false (encode_batch on the calling thread: 1 per stream)"
+    if os.environ.get("RAYON_NUM_THREADS"):
+        return f"RAYON_NUM_THREADS={os.environ['RAYON_NUM_THREADS']} (one pool per process, shared by its streams)"
+    return "the library's default (a pool of all cores per process)"
+
+
 def main() -> int:
     args = parse_args()
-    if args.rayon_threads > 0:  # before the tokenizer's thread pool starts (it reads this once)
-        os.environ["RAYON_NUM_THREADS"] = str(args.rayon_threads)
-    rayon = os.environ.get("RAYON_NUM_THREADS", "unset (all cores)")
+    threads = tokenizer_threads(args.tokenizer_threads)
     header(
         "maskserve ingest throughput",
         [
             "service: a `python -m service serve` subprocess (tokenize + pack + chunk + stage in Redis + commit),",
             "         wall time of the request(s) as the client sees it",
             "bare:    Tokenizer.encode_batch(texts, add_special_tokens=False) in this process, same texts",
-            f"tokenizer threads: RAYON_NUM_THREADS={rayon} in this process and in the service",
+            f"tokenizer threads: {threads}, in this process and in the services",
             "rates in text tokens/s (tokens the tokenizer yields for the documents); MB/s of UTF-8 text",
         ],
         {"sections": " ".join(args.sections), "target_mb": args.target_mb, "packing": " ".join(args.packing),
@@ -592,8 +610,8 @@ def _verdict(ok: bool) -> str:
 
 def _formats_report(cp: Corpus, uploads: dict[str, Upload], runs: dict, bare_runs: list[dict[str, float]],
                     skipped: dict[str, str], pin: Pinning) -> None:  # fmt: skip
-    rayon = os.environ.get("RAYON_NUM_THREADS", "unset")
-    print(f"\nresults, one stream per format ({pin.describe()}; RAYON_NUM_THREADS={rayon} on both sides):")
+    threads = tokenizer_threads(None)
+    print(f"\nresults, one stream per format ({pin.describe()}; tokenizer: {threads} on both sides):")
     bare = [x["s"] for x in bare_runs]
     bare_rate, bare_cpu = cp.tokens / min(bare), statistics.fmean(x["cpu"] for x in bare_runs)
     print(f"  {'bare encode_batch, all texts in one call':<44} best {min(bare):7.3f}s  "
@@ -749,8 +767,9 @@ def rss_section(args: argparse.Namespace, cp: Corpus, tmp: Path) -> None:
         pids = service_pids(svc.pid)
         others = [p for p in process_tree(svc.pid) if p not in pids]
         before = Sampler(pids).rss()
+        apart = f"; the embedded Redis apart: {Sampler(others).rss() / (1 << 20):.1f} MiB" if others else ""
         print(f"service RSS (its {len(pids)} Python process(es), sampled every 20 ms) before: "
-              f"{before / (1 << 20):.1f} MiB" + (f"; the embedded Redis apart: {Sampler(others).rss() / (1 << 20):.1f} MiB" if others else ""))
+              f"{before / (1 << 20):.1f} MiB{apart}")
         for path, size, nbytes, tokens in files.values():
             with Sampler(pids, 0.02) as smp:
                 t0 = time.perf_counter()
