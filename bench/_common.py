@@ -235,7 +235,7 @@ class Service:
                     raise RuntimeError(f"service not ready after {timeout}s:\n{self.log_tail()}")
                 time.sleep(0.1)
         if self.embedded:
-            m = re.search(r"embedded Redis at (redis://\S+)", self.log_path.read_text(errors="replace"))
+            m = re.search(r"embedded Redis at (redis://[^\s,]+)", self.log_path.read_text(errors="replace"))
             if m is None:
                 raise RuntimeError(f"could not find the embedded server's URL in the log:\n{self.log_tail()}")
             self.redis_url = m.group(1)
@@ -311,6 +311,55 @@ def proc_cpu(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / _TICK
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (Linux; just ``[pid]`` elsewhere): a service started with
+    ``--workers N`` is a manager process and its workers, and the embedded Redis server a child."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children") as f:
+                    todo.extend(int(c) for c in f.read().split())
+        except OSError:
+            pass
+    return out
+
+
+def proc_status(pid: int, field: str) -> int:
+    """An integer field of /proc/PID/status (``VmRSS`` in kB, ``Threads``); 0 when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def proc_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def set_affinity(pid: int, cpus: set[int]) -> None:
+    """Pin every thread of process ``pid`` (threads it starts later inherit their creator's CPUs)."""
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except OSError:  # a thread that ended meanwhile
+            pass
 
 
 def redis_cpu(r) -> float:  # noqa: ANN001

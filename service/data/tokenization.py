@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import chain
 from typing import Literal, get_args
 
 import numpy as np
@@ -201,13 +202,11 @@ def encode_texts(info: TokenizerInfo, texts: list[str]) -> tuple[np.ndarray, np.
     """
     with tokenizer_guard("encoding documents"):
         encodings = info.tokenizer.encode_batch(texts, add_special_tokens=False)
-    ids: list[int] = []
-    lengths = np.empty(len(encodings), dtype=np.int64)
-    for k, enc in enumerate(encodings):
-        ids.extend(enc.ids)
-        lengths[k] = len(enc.ids)
-    ids_arr = np.array(ids, dtype=np.int64)
-    return ids_arr, word_starts(info, ids_arr, lengths), lengths
+    lengths = np.fromiter(map(len, encodings), dtype=np.int64, count=len(encodings))
+    # Straight into the array: no list of every id as Python ints on the way (twice the time, and about
+    # 40 bytes per token held at once).
+    ids = np.fromiter(chain.from_iterable(enc.ids for enc in encodings), dtype=np.int64, count=int(lengths.sum()))
+    return ids, word_starts(info, ids, lengths), lengths
 
 
 #: the tokenizer families the service trains
