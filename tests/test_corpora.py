@@ -130,8 +130,30 @@ def test_bad_columnar_bodies_are_refused_and_store_nothing(client, service_url, 
         assert r.status_code == 400 and "Arrow" in r.json()["detail"], (what, r.text)
     r = httpx.post(f"{service_url}/v1/datasets/bad/documents", params={"text_column": "text"},
                    content=b'{"text": "x"}\n', headers={"content-type": "application/x-ndjson"})  # fmt: skip
-    assert r.status_code == 400 and "arrow.stream body" in r.json()["detail"]
+    assert r.status_code == 400 and "name a column of an" in r.json()["detail"]
     unchanged(client, "bad", before)
+
+
+def test_a_parquet_body_is_read_as_the_client_reads_the_file(client, service_url, bpe_tokenizer, texts, tmp_path):
+    path = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"n": np.arange(len(texts)), "text": texts}), path, row_group_size=40)
+    _dataset(client, "pq-client", bpe_tokenizer)
+    client.ingest_file("pq-client", path)
+    _dataset(client, "pq-http", bpe_tokenizer)
+    r = httpx.post(f"{service_url}/v1/datasets/pq-http/documents", content=path.read_bytes(),
+                   headers={"content-type": "application/vnd.apache.parquet"})  # fmt: skip
+    assert r.status_code == 200 and r.json()["documents"] == len(texts), r.text
+    assert np.array_equal(served(client, "pq-http"), served(client, "pq-client"))
+    before = client.dataset("pq-http")
+    for what, body, params, detail in [
+        ("cut short", path.read_bytes()[:-100], {}, "not a readable Parquet file"),
+        ("no such column", path.read_bytes(), {"text_column": "body"}, "no column 'body'"),
+        ("ints for text", path.read_bytes(), {"text_column": "n"}, "not strings"),
+    ]:
+        r = httpx.post(f"{service_url}/v1/datasets/pq-http/documents", content=body, params=params,
+                       headers={"content-type": "application/vnd.apache.parquet"})  # fmt: skip
+        assert r.status_code == 400 and detail in r.json()["detail"], (what, r.text)
+    unchanged(client, "pq-http", before)
 
 
 def test_a_local_corpus_the_client_cannot_read_is_refused_before_sending(client, bpe_tokenizer, tmp_path):

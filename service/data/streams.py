@@ -9,7 +9,9 @@ keeps on top of that is bounded by what it is asked to return per call.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from typing import TypeVar
 
@@ -81,6 +83,18 @@ class BlockingBody(io.RawIOBase):
         self._piece = self._piece[n:]
         self.consumed += n
         return n
+
+
+@contextlib.asynccontextmanager
+async def spooled(body: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    """The body written to a temporary file (in the system's temporary directory, removed afterwards), for
+    readers that need to seek (Parquet's footer is at its end); yields the file's path. Bounded by the body's
+    own limit; each write runs in a worker thread."""
+    with tempfile.NamedTemporaryFile(prefix="maskserve-ingest-", suffix=".parquet") as f:
+        async for piece in body:
+            await anyio.to_thread.run_sync(f.write, piece)
+        await anyio.to_thread.run_sync(f.flush)
+        yield f.name
 
 
 async def pulled(step: Callable[[], T | None], limiter: anyio.CapacityLimiter | None = None) -> AsyncIterator[T]:

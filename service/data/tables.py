@@ -7,7 +7,9 @@ as it arrives. Here each record batch is read in a worker thread (the reader
 pulls the body through :class:`~.streams.BlockingBody`), its column checked and
 turned into documents: a list of strings (a text column) or the flat ids and
 lengths of its rows (an ids column, checked and packed without a Python object
-per token).
+per token). A Parquet file sent as it is (``application/vnd.apache.parquet``)
+is spooled to a temporary file first (its footer, at the end, says where the
+rows are), then read the same way, a record batch at a time.
 
 Nulls are refused, as ``{"text": null}`` is in NDJSON: a corpus with holes is
 filtered by its owner, not silently shortened.
@@ -20,11 +22,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.ipc
+import pyarrow.parquet as pq
 
 from ..core.errors import MalformedDocument, PayloadTooLarge, TokenOutOfVocabulary
 from .streams import BlockingBody
 
 ARROW_STREAM = "application/vnd.apache.arrow.stream"
+PARQUET = "application/vnd.apache.parquet"
 ColumnKind = str  # "text" or "ids"
 
 
@@ -66,7 +70,7 @@ def check_schema(schema: pa.Schema, column: str, kind: ColumnKind) -> None:
 class ArrowDocuments:
     """Record batches of an Arrow IPC stream body -> documents; :meth:`next` runs in a worker thread."""
 
-    def __init__(self, body: BlockingBody, column: str, kind: ColumnKind, vocab_size: int,
+    def __init__(self, body: BlockingBody | None, column: str, kind: ColumnKind, vocab_size: int,
                  reserved: np.ndarray | None, max_batch_bytes: int) -> None:  # fmt: skip
         self._body = body
         self._column, self._kind = column, kind
@@ -75,17 +79,22 @@ class ArrowDocuments:
         self._reader: pa.ipc.RecordBatchStreamReader | None = None
         self.rows = 0  # rows read so far (a row's number in errors is 0-based over the whole stream)
 
-    def next(self) -> list[str] | IdsRows | None:
-        """The next record batch's documents; None at the end of the stream."""
+    def _next_batch(self) -> pa.RecordBatch | None:
         try:
             if self._reader is None:
                 self._reader = pa.ipc.open_stream(self._body)
                 check_schema(self._reader.schema, self._column, self._kind)
-            batch = self._reader.read_next_batch()
+            return self._reader.read_next_batch()
         except StopIteration:
             return None
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError) as exc:
             raise MalformedDocument(f"not a readable Arrow IPC stream after {self._body.consumed} bytes: {exc}") from None
+
+    def next(self) -> list[str] | IdsRows | None:
+        """The next record batch's documents; None at the end of the stream."""
+        batch = self._next_batch()
+        if batch is None:
+            return None
         if batch.nbytes > self._max_batch_bytes:
             raise PayloadTooLarge(
                 f"a record batch of {batch.nbytes} bytes exceeds the {self._max_batch_bytes}-byte limit per batch; "
@@ -132,3 +141,26 @@ class ArrowDocuments:
             f"row {row}: id {bad} is a special token; pre-tokenized ids are the document's own tokens "
             "(the service adds cls/sep itself, and pad/mask would be taken for padding or masks)", row=row, id=bad,
         )  # fmt: skip
+
+
+class ParquetDocuments(ArrowDocuments):
+    """A Parquet file's column -> documents, a record batch of ``rows`` rows at a time (:meth:`next` runs in a
+    worker thread). A Parquet body is spooled to a file first: its footer, at the end, says where the rows are."""
+
+    def __init__(self, path: str, column: str, kind: ColumnKind, vocab_size: int, reserved: np.ndarray | None,
+                 max_batch_bytes: int, rows: int = 4096) -> None:  # fmt: skip
+        super().__init__(None, column, kind, vocab_size, reserved, max_batch_bytes)
+        self._path, self._rows = path, rows
+        self._batches = None
+
+    def _next_batch(self) -> pa.RecordBatch | None:
+        try:
+            if self._batches is None:
+                pf = pq.ParquetFile(self._path)
+                check_schema(pf.schema_arrow, self._column, self._kind)
+                self._batches = pf.iter_batches(batch_size=self._rows, columns=[self._column])
+            return next(self._batches)
+        except StopIteration:
+            return None
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError, OSError) as exc:
+            raise MalformedDocument(f"not a readable Parquet file: {exc}") from None

@@ -23,8 +23,8 @@ from ...data.encodings import ALIASES, ENCODINGS, decoded
 from ...data.ingest import (
     NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_arrow, run_pipeline,
 )
-from ...data.streams import BlockingBody
-from ...data.tables import ARROW_STREAM, ArrowDocuments
+from ...data.streams import BlockingBody, spooled
+from ...data.tables import ARROW_STREAM, PARQUET, ArrowDocuments, ParquetDocuments
 from ...data.packing import PACKING_MODES, Packing
 from ...data.tokenization import ROLES, SpecialRole, TokenizerInfo, load_tokenizer, prepare
 from ...masking.params import MAX_SEQ_LEN
@@ -194,7 +194,7 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
 @router.post(
     "/{name}/documents",
     response_model=IngestResult,
-    summary="Ingest documents (NDJSON, plain text or an Arrow stream; optionally gzip or zstd compressed), atomically",
+    summary="Ingest documents (NDJSON, plain text, an Arrow stream or Parquet; optionally compressed), atomically",
     responses={202: {"model": IngestResult, "description": "Staged (commit=false): commit it by its key."}},
     openapi_extra={
         "parameters": [
@@ -214,6 +214,7 @@ async def delete_dataset(name: str, store: StoreDep, catalog: CatalogDep, reques
                 "application/x-ndjson": {"schema": {"type": "string"}},
                 "text/plain": {"schema": {"type": "string"}},
                 ARROW_STREAM: {"schema": {"type": "string", "format": "binary"}},
+                PARQUET: {"schema": {"type": "string", "format": "binary"}},
             },
             "required": True,
         },
@@ -232,10 +233,10 @@ async def ingest(
         Query(description=f"text/plain only: how the body splits into documents, one of {SPLITS}."),
     ] = "none",
     text_column: Annotated[
-        str | None, Query(max_length=256, description=f"{ARROW_STREAM} only: the column of texts (default: text).")
+        str | None, Query(max_length=256, description="Arrow and Parquet bodies: the column of texts (default: text).")
     ] = None,
     ids_column: Annotated[
-        str | None, Query(max_length=256, description=f"{ARROW_STREAM} only: a column of pre-tokenized id lists.")
+        str | None, Query(max_length=256, description="Arrow and Parquet bodies: a column of pre-tokenized id lists.")
     ] = None,
     commit: Annotated[
         bool, Query(description="false: stage only, under the Idempotency-Key (required), and commit later with "
@@ -249,8 +250,8 @@ async def ingest(
         raise InvalidRequest("commit=false stages the ingest under its Idempotency-Key: send one")
     if text_column is not None and ids_column is not None:
         raise InvalidRequest("name either text_column or ids_column, not both")
-    if media_type != ARROW_STREAM and (text_column is not None or ids_column is not None):
-        raise InvalidRequest(f"text_column and ids_column name a column of an {ARROW_STREAM} body")
+    if media_type not in (ARROW_STREAM, PARQUET) and (text_column is not None or ids_column is not None):
+        raise InvalidRequest(f"text_column and ids_column name a column of an {ARROW_STREAM} or {PARQUET} body")
     rt = await catalog.current(name)
     info = await catalog.tokenizer(rt)
     pipeline = Pipeline(info, rt.meta["packing"], rt.seq_len, settings.chunk_bytes, settings.chunk_max_sequences)
@@ -271,12 +272,17 @@ async def ingest(
     if encoding != "identity":  # the decoded bytes count against the limit too: a small bomb must not pass
         body = limited(decoded(body, encoding), settings.max_body_bytes, "decoded request body")
     try:
-        if media_type == ARROW_STREAM:
+        if media_type in (ARROW_STREAM, PARQUET):
             column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
             limit = settings.ingest_max_record_batch_bytes
-            reader = ArrowDocuments(BlockingBody(body, limit), column, kind, rt.meta["vocab_size"], _reserved(rt), limit)
-            stats = await run_arrow(pipeline, reader, settings.ingest_batch_bytes, stage,
-                                    settings.ingest_batch_docs, limiter)  # fmt: skip
+            args = (column, kind, rt.meta["vocab_size"], _reserved(rt), limit)
+            if media_type == ARROW_STREAM:
+                stats = await run_arrow(pipeline, ArrowDocuments(BlockingBody(body, limit), *args),
+                                        settings.ingest_batch_bytes, stage, settings.ingest_batch_docs, limiter)  # fmt: skip
+            else:
+                async with spooled(body) as path:
+                    stats = await run_arrow(pipeline, ParquetDocuments(path, *args), settings.ingest_batch_bytes,
+                                            stage, settings.ingest_batch_docs, limiter)  # fmt: skip
         else:
             docs = documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt))
             stats = await run_pipeline(pipeline, docs, settings.ingest_batch_bytes, stage,
@@ -353,10 +359,10 @@ async def commit_staged(
 def _ingest_media_type(request: Request) -> str:
     """The ingest body's media type: NDJSON or plain text, else 415."""
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in (*NDJSON_TYPES, "text/plain", ARROW_STREAM):
+    if media_type not in (*NDJSON_TYPES, "text/plain", ARROW_STREAM, PARQUET):
         raise UnsupportedMediaType(
             f"send application/x-ndjson ({{\"text\": ...}} or {{\"ids\": [...]}} per line), text/plain or "
-            f"{ARROW_STREAM} (a text or ids column), "
+            f"{ARROW_STREAM} or {PARQUET} (a text or ids column), "
             f"not {media_type or 'no content type'!r}"
         )
     return media_type
