@@ -3,6 +3,7 @@ bit-exact resume, the held-out split at ingest, and the static-vs-dynamic experi
 
 from __future__ import annotations
 
+import csv
 import json
 import uuid
 
@@ -365,3 +366,41 @@ def test_a_worker_attaches_to_a_cli_mixture_job_with_no_flags_and_is_told_a_diff
     assert train[0][f"share:{a}"] > 0.5 > train[-1][f"share:{a}"]
     progress = client.job_progress(job)
     assert progress["status"] == "done" and progress["redelivered"] == 0
+
+
+def _docs_missing() -> str:
+    from maskserve.experiment import CORPORA
+
+    missing = [f"{package} ({path})" for package, path in CORPORA.values() if not path.is_dir()]
+    return f"the mixture experiment's corpora are not installed: {', '.join(missing)}" if missing else ""
+
+
+@pytest.mark.skipif(bool(_docs_missing()), reason=_docs_missing() or "installed")
+def test_experiment_mixture_end_to_end(service_url, tmp_path):
+    """Tiny settings over a small slice of each corpus: the three files, a column per source, the curriculum
+    moving from python to linux while the fixed mixture stays even."""
+    out = tmp_path / "mix"
+    prefix = f"mx{uuid.uuid4().hex[:6]}"
+    assert maskserve(["experiment", "mixture", "--url", service_url, "--prefix", prefix, "--max-mb", "0.1",
+                      "--vocab-size", "500", "--seq-len", "64", "--steps", "8", "--eval-every", "4",
+                      "--batch-size", "8", "--eval-sequences", "8", "--d-model", "16", "--layers", "1", "--heads",
+                      "2", "--d-ff", "32", "--out", str(out)]) == 0  # fmt: skip
+    with open(out / "curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("python_heldout_loss", "linux_heldout_loss", "python_share", "linux_share"):
+        assert column in rows[0], column
+    assert [(r["variant"], r["step"]) for r in rows] == [(v, s) for v in ("fixed-50-50", "curriculum")
+                                                         for s in ("0", "4", "8")]  # fmt: skip
+    at = {(r["variant"], r["step"]): r for r in rows}
+    assert at[("fixed-50-50", "4")]["python_share"] == at[("fixed-50-50", "8")]["python_share"] == "0.50000"
+    assert float(at[("curriculum", "4")]["python_share"]) > 0.5 > float(at[("curriculum", "8")]["python_share"])
+    assert all(r["python_heldout_loss"] and r["linux_heldout_loss"] for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "## Per run (final)" in summary and "Final held-out losses, curriculum − fixed-50-50: python" in summary
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_mixture_names_the_missing_package(service_url, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="install Debian's linux-doc-6.1"):
+        maskserve(["experiment", "mixture", "--url", service_url, "--linux-docs", str(tmp_path / "none"),
+                   "--out", str(tmp_path / "o")])  # fmt: skip
