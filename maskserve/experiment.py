@@ -39,6 +39,13 @@ def cmd_mixture(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"maskserve experiment: needs the trainer extra (torch) and matplotlib: {exc}", file=sys.stderr)
         return 1
+    try:
+        weights = [float(w) for w in str(args.start).split("/")]
+    except ValueError:
+        weights = []
+    if len(weights) != 2 or min(weights) <= 0 or args.steps < 1 or args.eval_every < 1:
+        raise SystemExit("maskserve experiment mixture: --start takes PY/LINUX weights > 0 (e.g. 90/10); --steps "
+                         "and --eval-every a number of steps > 0")  # fmt: skip
     dirs = {"python": Path(args.python_docs), "linux": Path(args.linux_docs)}
     for name, path in dirs.items():
         if not path.is_dir():
@@ -183,6 +190,7 @@ def experiment_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentPa
         "corpus. Then, per seed, two runs of the same model, steps and data seed on mixture jobs: a fixed 50/50 "
         "mixture, and a curriculum moving linearly from 90/10 (python/linux) to 10/90 over the run; each "
         "evaluated on both held-out sets along the way. Writes curves.csv, curves.png and summary.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )  # fmt: skip
     _mixture_args(mx)
     ex.set_defaults(func=cmd_experiment)

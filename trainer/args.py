@@ -84,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=_HelpFormatter)
     _service_args(p)
     add_mixture_args(p, interpolation_default=None,
-                     intro="with --job: a job over several datasets, each drawn by weight (instead of --dataset). "
-                           "The model is sized from the first source's dataset (every source shares L and the "
-                           "vocabulary); each row's source is counted, and the share of each is logged")
+                     intro="with --job: a job over several datasets, each drawn by weight (instead of --dataset).\n"
+                           "The model is sized from the first source's dataset (every source shares L and the\n"
+                           "vocabulary); each row's source is counted, and each one's share is logged.")
     _masking_args(p)
     _evaluation_args(p)
     _model_args(p)
