@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from client.mixtures import add_mixture_args, mixture_request
 
 from .common import add_actions, add_masking_args, connect, masking, print_json
 
@@ -36,47 +37,16 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_source(text: str) -> dict:
-    """``NAME=WEIGHT`` or ``NAME=WEIGHT:repeat`` (``--source``)."""
-    name, sep, rest = text.partition("=")
-    weight, _, flag = rest.partition(":")
-    try:
-        value = float(weight) if sep else 1.0
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--source {text!r}: NAME=WEIGHT, e.g. wiki=3 or books=1:repeat") from None
-    if flag not in ("", "repeat") or not name or not value > 0:
-        raise argparse.ArgumentTypeError(f"--source {text!r}: NAME=WEIGHT with a weight > 0, optionally :repeat")
-    return {"dataset": name, "weight": value, "repeat": flag == "repeat"}
-
-
 def mixture_args(args: argparse.Namespace) -> dict:
     """The mixture keywords of ``create_job`` from the command line (none without ``--source``)."""
     if not args.source:
         if args.dataset is None:
             raise SystemExit("maskserve jobs create: give --dataset, or --source once per dataset of a mixture")
         return {}
-    curriculum = None
-    if args.curriculum:
-        with open(args.curriculum, encoding="utf-8") as f:
-            curriculum = json.load(f)
-    return {"sources": args.source, "num_samples": args.num_samples, "until": args.until, "curriculum": curriculum,
-            "interpolation": args.interpolation, "mixture_block": args.mixture_block}  # fmt: skip
-
-
-def add_mixture_args(p: argparse.ArgumentParser) -> None:
-    """``--source`` and what goes with it: a job over a weighted mixture of datasets."""
-    g = p.add_argument_group("mixtures", "a job over several datasets, each drawn by weight (instead of --dataset)")
-    g.add_argument("--source", action="append", type=parse_source, metavar="NAME=WEIGHT[:repeat]",
-                   help="a dataset of the mixture and its weight, once per dataset; :repeat starts its next epoch "
-                   "when it runs out (else it drops out)")  # fmt: skip
-    g.add_argument("--num-samples", type=int, default=None, metavar="N", help="end after N sequences")
-    g.add_argument("--until", default=None, metavar="NAME", help="end when source NAME has served --epochs epochs")
-    g.add_argument("--curriculum", default=None, metavar="FILE",
-                   help='weights that change over the run: JSON [{"step": BATCH, "weights": {"wiki": 9, "books": 1}}, '
-                   "...]")  # fmt: skip
-    g.add_argument("--interpolation", default="linear", choices=["linear", "step"], help="between curriculum points")
-    g.add_argument("--mixture-block", type=int, default=None, metavar="M",
-                   help="positions per stratified block (each holds every share to within one) [service: 256]")
+    try:
+        return {"interpolation": args.interpolation, **mixture_request(args)}
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"maskserve jobs create: --curriculum: {exc}") from None
 
 
 def jobs_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:

@@ -3,6 +3,7 @@ bit-exact resume, the held-out split at ingest, and the static-vs-dynamic experi
 
 from __future__ import annotations
 
+import csv
 import json
 import uuid
 
@@ -306,3 +307,100 @@ def test_a_worker_whose_flags_differ_from_the_job_is_told_each_field(service_url
     assert "--epochs" not in err and "--unit" not in err, err
     progress = client.job_progress(job)
     assert progress["handed_out"] == 0 and progress["config"]["batch_size"] == 8  # nothing changed
+
+
+def test_a_mixture_job_made_by_the_trainer_logs_each_sources_share_and_a_heldout_loss_each(
+        service_url, client, data, tmp_path, capsys):  # fmt: skip
+    """``--source`` twice: the trainer creates the mixture job (sized from the first source), trains until it ends,
+    counts each row's source (the shares match the job's own), and evaluates one held-out set per
+    ``--eval-dataset``, each under its dataset's name. Another worker attaches with no data flags."""
+    a, b = data["train"]["name"], data["held"]["name"]
+    job = f"mix-{uuid.uuid4().hex[:8]}"
+    metrics = tmp_path / "mix.csv"
+    assert trainer(["--url", service_url, "--job", job, "--source", f"{a}=3:repeat", "--source", f"{b}=1:repeat",
+                    "--num-samples", "320", "--batch-size", "16", "--eval-dataset", b, "--eval-dataset", a,
+                    "--eval-sequences", "8", "--eval-every", "10", "--metrics-out", str(metrics), *TINY]) == 0
+    out = capsys.readouterr().out
+    progress = client.job_progress(job)
+    assert progress["status"] == "done" and progress["acked"] == 20
+    assert f"mixture of {a}, {b}: 320 positions" in out and "steps 0 -> 20" in out
+    assert f"| rows {a} " in out and "(so far " in out
+    rows = read_metrics(metrics)
+    train = [r for r in rows if r["split"] == "train"]
+    assert len(train) == 20
+    for r in train:
+        assert r[f"share:{a}"] + r[f"share:{b}"] == pytest.approx(1.0)
+    shares = {s["dataset"]: s["share"] for s in progress["sources"]}
+    assert train[-1][f"total_share:{a}"] == pytest.approx(shares[a], abs=1e-6)
+    assert 0.70 <= shares[a] <= 0.80  # 3:1
+    held = {r["split"] for r in rows if r["split"] != "train"}
+    assert held == {f"heldout:{a}", f"heldout:{b}"}
+    assert [r["step"] for r in rows if r["split"] == f"heldout:{b}"] == [0, 10, 20]
+    # the job is finished: a worker with no data flags attaches to it, finds nothing left, and says so
+    assert trainer(["--url", service_url, "--job", job, *TINY]) == 0
+    assert "has no batches left" in capsys.readouterr().out
+
+
+def test_a_worker_attaches_to_a_cli_mixture_job_with_no_flags_and_is_told_a_differing_source(
+        service_url, client, data, tmp_path, capsys):  # fmt: skip
+    a, b = data["train"]["name"], data["held"]["name"]
+    job = f"mixcli-{uuid.uuid4().hex[:8]}"
+    curriculum = tmp_path / "curriculum.json"
+    curriculum.write_text(json.dumps([{"step": 0, "weights": {a: 9, b: 1}}, {"step": 4, "weights": {a: 1, b: 9}}]))
+    assert maskserve(["jobs", "create", job, "--url", service_url, "--source", f"{a}=1:repeat", "--source",
+                      f"{b}=1:repeat", "--num-samples", "64", "--batch-size", "8", "--curriculum", str(curriculum),
+                      "--mixture-block", "8"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert trainer(["--url", service_url, "--job", job, "--source", f"{a}=1:repeat", "--source", f"{b}=2:repeat",
+                    *TINY]) == 1  # fmt: skip
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"--source {a}=1:repeat {b}=2:repeat (the job's: {a}=1:repeat {b}=1:repeat)" in err, err
+    assert trainer(["--url", service_url, "--job", job, "--interpolation", "step", *TINY]) == 1
+    assert "--interpolation step (the job's: linear)" in " ".join(capsys.readouterr().err.split())
+    metrics = tmp_path / "m.csv"
+    assert trainer(["--url", service_url, "--job", job, "--metrics-out", str(metrics), *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "steps 0 -> 8" in out and "is finished" in out
+    train = [r for r in read_metrics(metrics) if r["split"] == "train"]
+    # the curriculum: mostly a at first, mostly b at the end
+    assert train[0][f"share:{a}"] > 0.5 > train[-1][f"share:{a}"]
+    progress = client.job_progress(job)
+    assert progress["status"] == "done" and progress["redelivered"] == 0
+
+
+def _docs_missing() -> str:
+    from maskserve.experiment import CORPORA
+
+    missing = [f"{package} ({path})" for package, path in CORPORA.values() if not path.is_dir()]
+    return f"the mixture experiment's corpora are not installed: {', '.join(missing)}" if missing else ""
+
+
+@pytest.mark.skipif(bool(_docs_missing()), reason=_docs_missing() or "installed")
+def test_experiment_mixture_end_to_end(service_url, tmp_path):
+    """Tiny settings over a small slice of each corpus: the three files, a column per source, the curriculum
+    moving from python to linux while the fixed mixture stays even."""
+    out = tmp_path / "mix"
+    prefix = f"mx{uuid.uuid4().hex[:6]}"
+    assert maskserve(["experiment", "mixture", "--url", service_url, "--prefix", prefix, "--max-mb", "0.1",
+                      "--vocab-size", "500", "--seq-len", "64", "--steps", "8", "--eval-every", "4",
+                      "--batch-size", "8", "--eval-sequences", "8", "--d-model", "16", "--layers", "1", "--heads",
+                      "2", "--d-ff", "32", "--out", str(out)]) == 0  # fmt: skip
+    with open(out / "curves.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("python_heldout_loss", "linux_heldout_loss", "python_share", "linux_share"):
+        assert column in rows[0], column
+    assert [(r["variant"], r["step"]) for r in rows] == [(v, s) for v in ("fixed-50-50", "curriculum")
+                                                         for s in ("0", "4", "8")]  # fmt: skip
+    at = {(r["variant"], r["step"]): r for r in rows}
+    assert at[("fixed-50-50", "4")]["python_share"] == at[("fixed-50-50", "8")]["python_share"] == "0.50000"
+    assert float(at[("curriculum", "4")]["python_share"]) > 0.5 > float(at[("curriculum", "8")]["python_share"])
+    assert all(r["python_heldout_loss"] and r["linux_heldout_loss"] for r in rows)
+    summary = (out / "summary.md").read_text()
+    assert "## Per run (final)" in summary and "Final held-out losses, curriculum − fixed-50-50: python" in summary
+    assert (out / "curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_experiment_mixture_names_the_missing_package(service_url, tmp_path, capsys):
+    with pytest.raises(SystemExit, match="install Debian's linux-doc-6.1"):
+        maskserve(["experiment", "mixture", "--url", service_url, "--linux-docs", str(tmp_path / "none"),
+                   "--out", str(tmp_path / "o")])  # fmt: skip

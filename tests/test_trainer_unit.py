@@ -417,3 +417,81 @@ def test_every_masking_option_of_the_service_is_a_flag():
     sent = masking_options(_masking(args, {}))
     assert (sent["unit"], sent["span_p"], sent["span_max"]) == ("span", 0.3, 5)
     assert "span_p" not in masking_options(_masking(parser.parse_args(["--dataset", "d"]), {}))  # the service's default
+
+
+# ---- mixtures: the flags, attaching, the shares, several held-out sets ----------------------------------
+
+
+def test_mixture_flags_parse_and_are_checked():
+    from trainer.args import build_parser, data_flags
+
+    parser = build_parser()
+    args = parser.parse_args(["--job", "j", "--source", "wiki=3", "--source", "books=1:repeat", "--until", "wiki",
+                              "--eval-dataset", "wiki-heldout", "--eval-dataset", "books-heldout"])  # fmt: skip
+    assert args.source == [{"dataset": "wiki", "weight": 3.0, "repeat": False},
+                           {"dataset": "books", "weight": 1.0, "repeat": True}]  # fmt: skip
+    assert args.eval_dataset == ["wiki-heldout", "books-heldout"] and args.dataset is None
+    assert args.interpolation is None  # left out: an existing job's own is kept
+    assert data_flags(args) is None
+    assert data_flags(parser.parse_args(["--job", "j"])) is None  # an existing job names its data
+    assert parser.parse_args(["--dataset", "d", "--eval-dataset", "h"]).eval_dataset == ["h"]
+    wrong = {
+        ("--source", "a=1"): "--job",
+        ("--dataset", "d", "--num-samples", "5"): "--num-samples",
+        ("--job", "j", "--dataset", "b", "--source", "a=1"): "first --source",
+        ("--steps", "5"): "--dataset",
+    }
+    for argv, said in wrong.items():
+        assert said in data_flags(parser.parse_args(list(argv))), argv
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--job", "j", "--source", "a=0"])
+
+
+def test_attaching_compares_only_the_mixture_flags_given():
+    from trainer.args import build_parser
+    from trainer.attach import describe_conflicts, requested
+
+    config = {"dataset": "wiki", "sources": [{"dataset": "wiki", "weight": 3.0, "repeat": False},
+                                             {"dataset": "books", "weight": 1.0, "repeat": True}],
+              "num_samples": None, "until": "wiki", "curriculum": None, "interpolation": "step", "mixture_block": 256,
+              "batch_size": 16, "seed": 4, "epochs": 2, "masking": {"mlm_probability": 0.15}}  # fmt: skip
+    parser = build_parser()
+    assert requested(config, parser.parse_args(["--job", "j"])) == config  # no flags: the job's own config
+    asked = requested(config, parser.parse_args(["--job", "j", "--source", "books=1", "--source", "wiki=1",
+                                                 "--interpolation", "linear", "--batch-size", "8"]))  # fmt: skip
+    assert asked["dataset"] == "books" and [s["dataset"] for s in asked["sources"]] == ["books", "wiki"]
+    assert asked["interpolation"] == "linear" and asked["batch_size"] == 8 and asked["until"] == "wiki"
+    told = describe_conflicts("j", [{"field": "sources", "job": config["sources"], "requested": asked["sources"]},
+                                    {"field": "interpolation", "job": "step", "requested": "linear"}])  # fmt: skip
+    assert "--source books=1 wiki=1 (the job's: wiki=3 books=1:repeat)" in told
+    assert "--interpolation linear (the job's: step)" in told
+
+
+def test_source_shares_per_interval_and_over_the_run():
+    from trainer.runlog import SourceShares
+
+    shares = SourceShares(["wiki", "books"], rows={"wiki": 6, "books": 2})  # a resumed run's counts
+    assert shares.fields == ["share:wiki", "share:books", "total_share:wiki", "total_share:books"]
+    step = shares.add(["wiki", "books", "books", "books"])
+    assert step == {"share:wiki": 0.25, "share:books": 0.75, "total_share:wiki": round(7 / 12, 6),
+                    "total_share:books": round(5 / 12, 6)}  # fmt: skip
+    shares.add(["books"] * 4)
+    assert shares.note() == " | rows wiki 12.5% (so far 43.8%), books 87.5% (so far 56.2%)"
+    shares.add(["wiki"] * 2)
+    assert shares.note().startswith(" | rows wiki 100.0% (so far 50.0%)")  # a new interval after each note
+    assert shares.add(None)["share:wiki"] == 0  # a batch without sources counts nothing
+
+
+def test_metrics_keep_extra_columns_through_a_resume(tmp_path):
+    from trainer.evaluate import FIELDS, MetricsWriter, read_metrics
+
+    path = tmp_path / "m.csv"
+    fields = [*FIELDS, "share:wiki"]
+    w = MetricsWriter(path, fields=fields)
+    w.write([{"step": s, "epoch": 0, "split": "train", "loss": 1.0, "accuracy": 0.5, "tokens": 10, "lr": 0.1,
+              "share:wiki": s / 10} for s in (1, 2, 3)])  # fmt: skip
+    w.write([{"step": 3, "epoch": 0, "split": "heldout:wiki-heldout", "loss": 2.0, "accuracy": 0.1, "tokens": 9}])
+    w.close()
+    MetricsWriter(path, resume_step=2, fields=fields).close()
+    rows = read_metrics(path)
+    assert [(r["step"], r["split"], r["share:wiki"]) for r in rows] == [(1, "train", 0.1), (2, "train", 0.2)]

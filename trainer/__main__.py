@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from .args import build_parser, pick
+from .args import build_parser, data_flags, pick
 from .args import masking as _masking
 from .run import EXIT_CANCELLED, Failed, fail, run
 
@@ -59,9 +59,11 @@ def _resumed(args: argparse.Namespace) -> tuple[dict | None, dict, dict]:
     except Exception as exc:
         raise Failed(f"cannot read checkpoint {args.resume}: {exc}") from None
     saved_data, saved_train = ckpt.get("data") or {}, ckpt.get("train_config") or {}
-    if saved_data.get("dataset") not in (None, args.dataset):
+    if args.dataset is not None and saved_data.get("dataset") not in (None, args.dataset):
         raise Failed(f"checkpoint {args.resume} was trained on dataset "
                      f"{saved_data['dataset']!r}, not {args.dataset!r}")  # fmt: skip
+    if args.dataset is None and not args.source:  # the checkpoint names what it trained on
+        args.dataset = saved_data.get("dataset")
     for name in ("seed", "batch_size", "mask_seed", "epochs"):
         given, saved = getattr(args, name), saved_data.get(name)
         if given is not None and saved is not None and given != saved:
@@ -71,10 +73,15 @@ def _resumed(args: argparse.Namespace) -> tuple[dict | None, dict, dict]:
 
 
 def _checked(args: argparse.Namespace, saved_data: dict) -> dict:
-    """The run's masking; refuses a resumed run's changed masking, the evaluation's mask seed, a bad
-    --eval-every."""
+    """The run's masking; refuses flags that do not name the data, a resumed run's changed masking, the
+    evaluation's mask seed, a bad --eval-every."""
     from .evaluate import EVAL_SEED
 
+    wrong = data_flags(args)
+    if wrong:
+        raise Failed(wrong)
+    if args.eval_dataset and len(set(args.eval_dataset)) != len(args.eval_dataset):
+        raise Failed(f"--eval-dataset names a dataset more than once: {args.eval_dataset}")
     try:
         masking = _masking(args, saved_data)
     except ValueError as exc:

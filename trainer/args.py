@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from client.mixtures import add_mixture_args
+
 DESCRIPTION = """\
 Train a small RoBERTa-style encoder with the masked-language-model loss on
 batches pulled over HTTP from a maskserve service.
@@ -49,6 +51,18 @@ examples:
   python -m trainer --dataset wikitext --epochs 40 --mode static --copies 10 \\
       --eval-dataset wikitext-heldout --unseen-eval 256 --metrics-out run.csv
 
+  # a mixture job: 3 parts wiki to 1 part books (books upsampled), until wiki's 2nd epoch ends, with a
+  # held-out loss per source and each source's share of the rows trained in the log and the metrics
+  python -m trainer --job mix --source wiki=3 --source books=1:repeat --until wiki --epochs 2 \\
+      --eval-dataset wiki-heldout --eval-dataset books-heldout --metrics-out mix.csv
+
+  # weights that move over the run (JSON [{"step": 0, "weights": {"wiki": 9, "books": 1}}, ...])
+  python -m trainer --job mix2 --source wiki=1:repeat --source books=1:repeat --num-samples 64000 \\
+      --curriculum curriculum.json --interpolation linear
+
+  # another worker of an existing job (one dataset or a mixture): no data flags, the job's own config
+  python -m trainer --job mix
+
 exit status: 0 done (or the job finished), 1 error, 2 bad arguments, 3 the job was cancelled, 130 interrupted
 """
 
@@ -69,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m trainer", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=_HelpFormatter)
     _service_args(p)
+    add_mixture_args(p, interpolation_default=None,
+                     intro="with --job: a job over several datasets, each drawn by weight (instead of --dataset).\n"
+                           "The model is sized from the first source's dataset (every source shares L and the\n"
+                           "vocabulary); each row's source is counted, and each one's share is logged.")
     _masking_args(p)
     _evaluation_args(p)
     _model_args(p)
@@ -84,7 +102,9 @@ def _service_args(p: argparse.ArgumentParser) -> None:
                    help="base URL of the service, or several replicas separated by commas (env MASKSERVE_URL)")
     g.add_argument("--token", default=None,  # read from the environment in main, never shown in --help
                    help="bearer token, if the service requires one (env MASKSERVE_TOKEN)")
-    g.add_argument("--dataset", required=True, help="name of the dataset on the service")
+    g.add_argument("--dataset", default=None,
+                   help="name of the dataset on the service (optional with --source: the first source's; and with "
+                        "--job: an existing job's own)")
     g.add_argument("--batch-size", type=int, default=None, help="sequences per batch [default: 32]")
     g.add_argument("--seed", type=int, default=None,
                    help="seed of the batch stream and of the model init [default: 0]")
@@ -98,7 +118,8 @@ def _service_args(p: argparse.ArgumentParser) -> None:
                         "flags given explicitly must match it. A missing job is created from the flags")
     g.add_argument("--epochs", type=int, default=None,
                    help="train on every sequence exactly this many times (the run's steps follow from it); "
-                        "with --job: epochs of a job this worker creates [default: 1]")
+                        "with --job: epochs of a job this worker creates (of a mixture: with --until, the epochs of "
+                        "that source) [default: 1]")
     g.add_argument("--worker", default=None, help="with --job: this worker's name [default: host:pid:random]")
     g.add_argument("--lease-timeout", type=float, default=None,
                    help="with --job: lease timeout (s) of a job this worker creates: a batch not acked by then "
@@ -138,8 +159,10 @@ def _masking_args(p: argparse.ArgumentParser) -> None:
 def _evaluation_args(p: argparse.ArgumentParser) -> None:
     """Fixed evaluation sets and the metrics file."""
     g = p.add_argument_group("evaluation (fixed mask sets: the same tokens to predict in every run)")
-    g.add_argument("--eval-dataset", metavar="NAME", default=None,
-                   help="held-out dataset (e.g. made by `maskserve dataset ingest --holdout`)")
+    g.add_argument("--eval-dataset", metavar="NAME", action="append", default=None,
+                   help="held-out dataset (e.g. made by `maskserve dataset ingest --holdout`); repeat it for one "
+                        "held-out loss per dataset (e.g. one per source of a mixture), each its own split "
+                        "'heldout:NAME' in the metrics (one alone: 'heldout')")
     g.add_argument("--eval-sequences", type=int, default=512, help="held-out sequences evaluated")
     g.add_argument("--eval-mlm-probability", type=float, default=None,
                    help="share of tokens predicted in the evaluation sets (the same for runs that train at "
@@ -191,6 +214,24 @@ def _checkpoint_args(p: argparse.ArgumentParser) -> None:
                    help="also save every N steps (0: only at the end)")
     g.add_argument("--resume", metavar="PATH", default=None,
                    help="load model, optimizer and step from a checkpoint and continue its data stream")
+
+
+def data_flags(args: argparse.Namespace) -> str | None:
+    """What is wrong with the flags that name the data (None: nothing). A mixture is a job's (--job); without
+    a job the dataset must be named; the mixture's other flags go with --source or an existing mixture job."""
+    mixture = [f for f, v in (("--num-samples", args.num_samples), ("--until", args.until),
+                              ("--curriculum", args.curriculum), ("--interpolation", args.interpolation),
+                              ("--mixture-block", args.mixture_block)) if v is not None]  # fmt: skip
+    if args.source and not args.job:
+        return "--source trains on a mixture job: pass --job NAME (created from the flags when it does not exist)"
+    if mixture and not args.job:
+        return f"{', '.join(mixture)} describe a mixture job: pass --job NAME and --source once per dataset"
+    if args.source and args.dataset is not None and args.dataset != args.source[0]["dataset"]:
+        return (f"--dataset {args.dataset} is not the first --source ({args.source[0]['dataset']}): with --source "
+                "leave --dataset out")
+    if args.dataset is None and not args.source and not args.job:
+        return "name the data: --dataset NAME, or --job NAME (an existing job, or --source once per dataset)"
+    return None
 
 
 def pick(explicit, saved, default):  # noqa: ANN001, ANN201 - any value

@@ -18,7 +18,9 @@ from .data import MASKING_DEFAULTS, MASKING_KEYS, SCHEDULE_KEYS
 
 # the job's config fields the trainer sets, by the flag that sets them (a masking option X: --X, dashed)
 FLAGS = {"dataset": "--dataset", "batch_size": "--batch-size", "seed": "--seed", "epochs": "--epochs",
-         "lease_timeout_s": "--lease-timeout", "mask_seed": "--mask-seed"}  # fmt: skip
+         "lease_timeout_s": "--lease-timeout", "mask_seed": "--mask-seed", "sources": "--source",
+         "num_samples": "--num-samples", "until": "--until", "curriculum": "--curriculum",
+         "interpolation": "--interpolation", "mixture_block": "--mixture-block"}  # fmt: skip
 _ARGS = {"batch_size": "batch_size", "seed": "seed", "epochs": "epochs", "lease_timeout_s": "lease_timeout"}
 
 
@@ -33,6 +35,9 @@ class Joined:
     masking: dict[str, Any]
     batches_per_epoch: int
     acked: int  # batches acked when this worker attached
+    dataset: str = ""  # the job's dataset (a mixture's: its first source's)
+    sources: list[str] | None = None  # a mixture job's datasets, in order
+    sequences_per_epoch: int = 0  # a mixture's: the positions of its stream
 
     @property
     def batches_left(self) -> int | None:
@@ -52,6 +57,10 @@ def describe_conflicts(job: str, conflicts: list[Mapping[str, Any]]) -> str:
 
 
 def _shown(value: Any) -> str:
+    from client.mixtures import format_sources
+
+    if isinstance(value, list) and value and isinstance(value[0], Mapping) and "dataset" in value[0]:
+        return format_sources(value)
     return "none" if value is None else str(value)
 
 
@@ -66,7 +75,32 @@ def attach(client: Any, args: argparse.Namespace) -> Joined | None:
     except NotFoundError:
         return None
     config = dict(progress["config"])
-    request = {**config, "dataset": args.dataset}
+    client.create_job(args.job, **requested(config, args))  # the service compares: the same config attaches,
+    # another is a conflict
+    masks_seed = config["seed"] if config.get("mask_seed") is None else config["mask_seed"]
+    sources = [s["dataset"] for s in config["sources"]] if config.get("sources") else None
+    # a mixture is one epoch of its stream's positions to the leasing (its `epochs` count its until source's)
+    epochs = progress.get("epochs") if sources else config.get("epochs")
+    return Joined(batch_size=int(config["batch_size"]), seed=int(config["seed"]), mask_seed=int(masks_seed),
+                  epochs=epochs, masking=_trainer_masking(dict(config.get("masking") or {})),
+                  batches_per_epoch=int(progress["batches_per_epoch"]), acked=int(progress["acked"]),
+                  dataset=str(config.get("dataset") or (sources or [""])[0]), sources=sources,
+                  sequences_per_epoch=int(progress.get("sequences_per_epoch") or 0))  # fmt: skip
+
+
+def requested(config: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """What attaching asks for: the job's config with the flags given explicitly in its place. A mixture's
+    flags (``--source`` and the rest) are compared like the others; ``--source`` names the first source the
+    job's dataset."""
+    from client.mixtures import mixture_request
+
+    request = {**config}
+    mixture = mixture_request(args)
+    if "sources" in mixture:
+        request["dataset"] = mixture["sources"][0]["dataset"]
+    elif args.dataset is not None:
+        request["dataset"] = args.dataset
+    request.update(mixture)
     for field, name in _ARGS.items():
         if getattr(args, name) is not None:
             request[field] = getattr(args, name)
@@ -75,10 +109,7 @@ def attach(client: Any, args: argparse.Namespace) -> Joined | None:
         request["mask_seed"] = args.mask_seed
     masking = dict(config.get("masking") or {})
     request["masking"] = {**masking, **{k: getattr(args, k) for k in MASKING_KEYS if getattr(args, k) is not None}}
-    client.create_job(args.job, **request)  # the service compares: the same config attaches, another is a conflict
-    return Joined(batch_size=int(config["batch_size"]), seed=int(config["seed"]), mask_seed=int(masks_seed),
-                  epochs=config.get("epochs"), masking=_trainer_masking(masking),
-                  batches_per_epoch=int(progress["batches_per_epoch"]), acked=int(progress["acked"]))  # fmt: skip
+    return request
 
 
 def _trainer_masking(job_masking: Mapping[str, Any]) -> dict[str, Any]:
@@ -115,4 +146,4 @@ class JobHorizon:
         return step + round(max(0, self.total - self.last - 1) * share)
 
 
-__all__ = ["FLAGS", "JobHorizon", "Joined", "attach", "describe_conflicts"]
+__all__ = ["FLAGS", "JobHorizon", "Joined", "attach", "describe_conflicts", "requested"]

@@ -87,27 +87,30 @@ FIELDS = ("step", "epoch", "split", "loss", "accuracy", "tokens", "lr")
 
 
 class MetricsWriter:
-    """Rows of ``FIELDS`` to a CSV file, or JSON lines when the path ends in ``.jsonl``.
+    """Rows of ``fields`` (``FIELDS``, then any a run adds: a mixture's ``share:NAME`` and
+    ``total_share:NAME``) to a CSV file, or JSON lines when the path ends in ``.jsonl``.
 
     Resuming at step s keeps the rows of steps <= s and drops the rest: the
     file then reads as if the run had never stopped.
     """
 
-    def __init__(self, path: str | os.PathLike, resume_step: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, resume_step: int | None = None,
+                 fields: Sequence[str] = FIELDS) -> None:  # fmt: skip
         self.path = os.fspath(path)
+        self.fields = tuple(fields)
         self.jsonl = self.path.endswith((".jsonl", ".ndjson"))
         kept = read_metrics(self.path) if resume_step is not None and os.path.exists(self.path) else []
         kept = [r for r in kept if int(r["step"]) <= (resume_step or 0)]
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._f = open(self.path, "w", newline="", encoding="utf-8")
-        self._csv = None if self.jsonl else csv.DictWriter(self._f, fieldnames=FIELDS)
+        self._csv = None if self.jsonl else csv.DictWriter(self._f, fieldnames=self.fields)
         if self._csv is not None:
             self._csv.writeheader()
         self.write(kept)
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> None:
         for row in rows:
-            clean = {k: row.get(k, "") for k in FIELDS}
+            clean = {k: row.get(k, "") for k in self.fields}
             if self._csv is not None:
                 self._csv.writerow(clean)
             else:
@@ -119,7 +122,7 @@ class MetricsWriter:
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The rows of a metrics file (CSV or JSON lines), numbers parsed."""
+    """The rows of a metrics file (CSV or JSON lines), numbers parsed (the columns past ``FIELDS`` too)."""
     path = os.fspath(path)
     with open(path, encoding="utf-8") as f:
         if path.endswith((".jsonl", ".ndjson")):
@@ -133,6 +136,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
             parsed[k] = int(float(r[k])) if r.get(k) not in (None, "") else None
         for k in ("epoch", "loss", "accuracy", "lr"):
             parsed[k] = float(r[k]) if r.get(k) not in (None, "") else None
+        for k in r.keys() - set(FIELDS):
+            parsed[k] = float(r[k]) if r[k] not in (None, "") else None
         out.append(parsed)
     return out
 

@@ -171,8 +171,9 @@ def train(
     started at step 0 reproduces.
     on_step: called after each step as ``on_step(steps_done, info)`` with
     ``info`` = {"loss", "correct" (0-d tensors, not synced), "tokens", "lr",
-    "batch", "metadata" (a client batch's), "model"}, before that step's checkpoint; evaluation may run in it (the
-    model is put back in training mode).
+    "batch", "metadata" (a client batch's), "model", "sources" (a mixture batch's source of each row, else
+    None)}, before that step's checkpoint; evaluation may run in it (the model is put back in training mode).
+    A string it returns is appended to that step's log line, when the step logs one.
     horizon: called after each trained step as ``horizon(steps_done, metadata)``; a number it returns
     becomes cfg.steps, the step the lr schedule ends at (under DDP the ranks agree on the largest).
     """
@@ -366,14 +367,16 @@ class _Loop:
         self.window.add(loss, batch)
         self.total_seqs += batch["input_ids"].shape[0]
         self.result.final_step = step
+        note = None
         if on_step is not None:
             labels = batch["labels"]
             targets = labels[labels != -100]
             correct = (logits.detach().argmax(dim=-1) == targets).sum()
-            on_step(step, {"loss": loss.detach(), "correct": correct, "tokens": targets.numel(), "lr": lr,
-                           "batch": batch, "metadata": metadata, "model": self.model})  # fmt: skip
+            note = on_step(step, {"loss": loss.detach(), "correct": correct, "tokens": targets.numel(), "lr": lr,
+                                  "batch": batch, "metadata": metadata, "model": self.model,
+                                  "sources": getattr(raw, "sources", None)})  # fmt: skip
         if (cfg.log_every and step % cfg.log_every == 0) or step == cfg.steps:
-            self.log(self.window.line(step, cfg.steps, lr, self.result))
+            self.log(self.window.line(step, cfg.steps, lr, self.result) + (note if isinstance(note, str) else ""))
         if cfg.checkpoint and cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
             self.checkpoint(step)
 

@@ -33,7 +33,7 @@ def fail(msg: str) -> int:
 class Data:
     """What the run trains on: the stream's seeds, batch size, epochs and masking (a joined job's own)."""
 
-    dataset: str
+    dataset: str | None  # a mixture's: its first source (None until the job names it)
     seed: int
     mask_seed: int
     batch_size: int
@@ -41,10 +41,16 @@ class Data:
     masking: dict
     num_sequences: int = 0
     joined: Any = None  # the job attached to (trainer.attach.Joined); None when there is none, or it is created
+    sources: list[str] | None = None  # a mixture job's datasets
+
+    @property
+    def datasets(self) -> list[str]:
+        """What the run trains on: the mixture's sources, or the one dataset."""
+        return list(self.sources) if self.sources else [str(self.dataset)]
 
     def state(self, job: str | None, step: int) -> dict:
         """Where the stream is after ``step`` steps, as checkpoints store it."""
-        return {"dataset": self.dataset, "seed": self.seed, "step": step, "job": job,
+        return {"dataset": self.dataset, "sources": self.sources, "seed": self.seed, "step": step, "job": job,
                 "batch_size": self.batch_size, "mlm_probability": self.masking["mlm_probability"],
                 "mask_seed": self.mask_seed, "masking": self.masking, "epochs": self.epochs}  # fmt: skip
 
@@ -105,7 +111,8 @@ def run(args: argparse.Namespace, group, device, ckpt, saved_data: dict, saved_t
 def _data(args: argparse.Namespace, saved_data: dict, masking: dict) -> Data:
     """The stream the flags ask for: the command line, else the checkpoint's, else the defaults."""
     seed = pick(args.seed, saved_data.get("seed"), 0)
-    return Data(args.dataset, seed=seed, mask_seed=pick(args.mask_seed, saved_data.get("mask_seed"), seed),
+    first = args.source[0]["dataset"] if args.source else None
+    return Data(args.dataset or first, seed=seed, mask_seed=pick(args.mask_seed, saved_data.get("mask_seed"), seed),
                 batch_size=pick(args.batch_size, saved_data.get("batch_size"), 32),
                 epochs=pick(args.epochs, saved_data.get("epochs"), None), masking=masking)  # fmt: skip
 
@@ -116,8 +123,8 @@ def _set_up(client: Any, args: argparse.Namespace, group, device, ckpt, data: Da
     from . import distributed
     from .model import describe
 
-    info = _dataset(client, args, data)
     _join(client, args, data)
+    info = _dataset(client, args, data)
     eval_every = args.eval_every or ("epoch" if data.epochs else None)
     steps, until_end, horizon = _schedule(args, data.joined, group, start_step, saved_train, epochs=data.epochs,
                                           num_sequences=data.num_sequences, batch_size=data.batch_size)  # fmt: skip
@@ -130,21 +137,27 @@ def _set_up(client: Any, args: argparse.Namespace, group, device, ckpt, data: Da
         cfg.steps, cfg.warmup_steps = distributed.largest([cfg.steps, cfg.warmup_steps], device)
     print(_banner(args, info, data, steps, start_step, resumed=bool(ckpt)))
     print(describe(model))
-    runlog = _prepare(client, args, data, device, steps, eval_every, start_step)
+    saved_rows = (ckpt.get("data") or {}).get("source_rows") if ckpt else None
+    runlog = _prepare(client, args, data, device, steps, eval_every, start_step, saved_rows)
     return Run(args, group, device, ckpt, start_step, data, steps, until_end, horizon, model, cfg, runlog)
 
 
 def _dataset(client: Any, args: argparse.Namespace, data: Data) -> dict:
-    """The dataset's info (its size goes to ``data``)."""
+    """The dataset's info, which sizes the model (a mixture's first source: every source shares L and the
+    vocabulary); its size goes to ``data`` (a mixture's: its stream's positions)."""
     from client import MaskserveError
 
+    if data.dataset is None:
+        raise Failed(f"job {args.job!r} does not exist: name its data with --dataset, or --source once per dataset")
     try:
-        info = client.dataset(args.dataset)
+        info = client.dataset(data.dataset)
     except MaskserveError as exc:
-        raise Failed(f"dataset {args.dataset!r} at {args.url}: {exc}") from None
+        raise Failed(f"dataset {data.dataset!r} at {args.url}: {exc}") from None
     data.num_sequences = int(info.get("num_sequences") or 0)
+    if data.sources and data.joined is not None:
+        data.num_sequences = data.joined.sequences_per_epoch
     if data.num_sequences <= 0:
-        raise Failed(f"dataset {args.dataset!r} has no sequences")
+        raise Failed(f"dataset {data.dataset!r} has no sequences")
     return info
 
 
@@ -156,17 +169,35 @@ def _join(client: Any, args: argparse.Namespace, data: Data) -> None:
 
     try:
         joined = attach(client, args) if args.job else None
+        if joined is None and args.source:  # a mixture job is created here: its stream's length sets the schedule
+            client.create_job(args.job, **create_request(args, data))
+            joined = attach(client, args)
     except JobConflict as exc:
         raise Failed(describe_conflicts(args.job, exc.conflicts) if exc.conflicts else str(exc)) from None
-    except MaskserveError as exc:
+    except (MaskserveError, OSError, ValueError) as exc:
         raise Failed(f"attaching to job {args.job!r} at {args.url} failed: {exc}") from None
     if joined is not None:
+        data.dataset, data.sources = joined.dataset, joined.sources
         data.seed, data.mask_seed, data.batch_size, data.epochs = (joined.seed, joined.mask_seed,
                                                                    joined.batch_size, joined.epochs)  # fmt: skip
         data.masking = joined.masking
         data.joined = joined
     elif args.job:
         data.epochs = data.epochs or 1  # of the job this worker creates
+
+
+def create_request(args: argparse.Namespace, data: Data) -> dict:
+    """The config of a job this worker creates: the flags, their defaults where none is given."""
+    from client.mixtures import mixture_request
+
+    from .data import masking_options
+
+    request = {"dataset": data.dataset, "batch_size": data.batch_size, "seed": data.seed, "epochs": data.epochs,
+               "lease_timeout_s": pick(args.lease_timeout, None, 60.0), "masking": masking_options(data.masking),
+               **({"mask_seed": data.mask_seed} if data.mask_seed != data.seed else {})}  # fmt: skip
+    if args.source:
+        request.update(dataset=None, epochs=data.epochs or 1, **mixture_request(args))
+    return request
 
 
 def _schedule(args: argparse.Namespace, joined, group, start_step: int, saved_train: dict, *, epochs: int | None,
@@ -238,8 +269,9 @@ def _train_config(args: argparse.Namespace, saved_train: dict, steps: int, until
 def _banner(args: argparse.Namespace, info: dict, data: Data, steps: int, start_step: int, *, resumed: bool) -> str:
     """The run's first line: the dataset, the stream, the masking, and the job or the checkpoint."""
     seed, mask_seed, epochs, masking = data.seed, data.mask_seed, data.epochs, data.masking
-    return (f"dataset {info.get('name', args.dataset)!r}: {data.num_sequences} sequences "
-            f"of {info['seq_len']} tokens, vocab {info['vocab_size']} | batch {data.batch_size}, seed {seed}"
+    what = (f"mixture of {', '.join(data.sources)}: {data.num_sequences} positions" if data.sources
+            else f"dataset {info.get('name', data.dataset)!r}: {data.num_sequences} sequences")  # fmt: skip
+    return (f"{what} of {info['seq_len']} tokens, vocab {info['vocab_size']} | batch {data.batch_size}, seed {seed}"
             + (f", mask seed {mask_seed}" if mask_seed != seed else "")
             + f" | masking {masking['mode']}"
             + (f" ({masking['copies']} copies)" if masking["mode"] == "static" else "")
@@ -250,7 +282,7 @@ def _banner(args: argparse.Namespace, info: dict, data: Data, steps: int, start_
 
 
 def _prepare(client: Any, args: argparse.Namespace, data: Data, device, steps: int, eval_every: str | None,
-             start_step: int) -> Any:  # noqa: ANN001
+             start_step: int, saved_rows: dict | None = None) -> Any:  # noqa: ANN001
     """Build the static masks a static run reads (when missing), fetch the evaluation sets, open the metrics."""
     from client import MaskserveError
 
@@ -259,10 +291,13 @@ def _prepare(client: Any, args: argparse.Namespace, data: Data, device, steps: i
 
     try:
         if data.masking["mode"] == "static":
-            status = ensure_static_cache(client, args.dataset, seed=data.mask_seed, masking=data.masking)
-            print(f"static masks: cache {status['cache']}, {status['copies']} copies, complete")
+            for name in data.datasets:  # a mixture's rows are masked from each source's own cache
+                status = ensure_static_cache(client, name, seed=data.mask_seed, masking=data.masking)
+                print(f"static masks{f' of {name}' if data.sources else ''}: cache {status['cache']}, "
+                      f"{status['copies']} copies, complete")
         return RunLog.open(client, args, masking=data.masking, device=device, num_sequences=data.num_sequences,
-                           batch_size=data.batch_size, steps=steps, eval_every=eval_every, start_step=start_step)
+                           batch_size=data.batch_size, steps=steps, eval_every=eval_every, start_step=start_step,
+                           datasets=data.datasets, sources=data.sources, source_rows=saved_rows)
     except MaskserveError as exc:
         raise Failed(f"preparing the run at {args.url} failed: {exc}") from None
 
@@ -277,10 +312,7 @@ def _open_stream(client: Any, run: Run) -> Any:
 
     args, data = run.args, run.data
     if args.job:
-        create = None if data.joined else {
-            "dataset": args.dataset, "batch_size": data.batch_size, "seed": data.seed, "epochs": data.epochs,
-            "lease_timeout_s": pick(args.lease_timeout, None, 60.0), "masking": masking_options(data.masking),
-            **({"mask_seed": data.mask_seed} if data.mask_seed != data.seed else {})}  # fmt: skip
+        create = None if data.joined else create_request(args, data)
         stream = client.job(args.job, create=create, worker=args.worker, prefetch=args.prefetch,
                             max_outage=args.max_outage, ack_every=args.ack_every)  # fmt: skip
         run.runlog.batches_per_epoch = client.job_progress(args.job)["batches_per_epoch"]
@@ -288,7 +320,7 @@ def _open_stream(client: Any, run: Run) -> Any:
     options = masking_options(data.masking)
     if data.mask_seed != data.seed:
         options["mask_seed"] = data.mask_seed
-    stream = client.batches(args.dataset, batch_size=data.batch_size, seed=data.seed, start=run.start_step,
+    stream = client.batches(str(data.dataset), batch_size=data.batch_size, seed=data.seed, start=run.start_step,
                             steps=run.steps - run.start_step, prefetch=args.prefetch, **options)  # fmt: skip
     if data.epochs:
         stream = EpochCap(stream, run.start_step, data.batch_size, data.epochs * data.num_sequences)
@@ -313,7 +345,7 @@ def _train(client: Any, run: Run) -> Any:
         stream = _open_stream(client, run)
         result = train(run.model, stream, run.cfg, start_step=run.start_step,
                        optimizer_state=ckpt["optimizer"] if ckpt else None,
-                       data_state=lambda step: run.data.state(args.job, step),
+                       data_state=lambda step: {**run.data.state(args.job, step), **run.runlog.data_state()},
                        rng=ckpt.get("rng") if ckpt and run.rank == 0 else None, on_step=run.runlog.on_step,
                        log=print if run.rank == 0 else None, horizon=run.horizon)  # fmt: skip
         _finish(run, result)
