@@ -10,7 +10,10 @@ by side in one run:
   WAITAOF) with 1 and with N workers, and their ratio (the target: job >= 80%
   of stateless); once per ``--ack-every`` value (acks sent in groups of N:
   one fsync per group),
-* the job with N workers spread over 1 and over 2 service processes.
+* the job with N workers spread over 1 and over 2 service processes,
+* a mixture job over ``--sources`` datasets (the same text split in parts, equal
+  weights, each repeating) against a one-source job over the whole, with 1 and
+  with N workers, and their ratio (the target: mixture >= 90% of one source).
 
 Run: ``python bench/jobs.py`` (``--help`` for the knobs).
 """
@@ -86,6 +89,8 @@ def main() -> None:
     p.add_argument("--prefetch", type=int, default=2, help="requests in flight per worker, on both paths")
     p.add_argument("--ack-every", type=int, nargs="+", default=[1, 8],
                    help="job streams' ack grouping (acks sent with every N-th lease request); one job row each")
+    p.add_argument("--sources", type=int, default=3, help="datasets in the mixture job (0: skip the mixture rows)")
+    p.add_argument("--only-mixture", action="store_true", help="run only the mixture rows")
     add_service_args(p)
     args = p.parse_args()
     header("job batches vs stateless batches", ["sequences/s summed over worker processes"],
@@ -109,6 +114,11 @@ def main() -> None:
                 name = f"bench-{tag}"
                 c.create_job(name, "bench", batch_size=args.batch_size, epochs=None, lease_timeout_s=30)
                 return name
+
+            if args.sources:
+                mixture_rows(c, svc.url, args, docs, tok)
+            if args.only_mixture:
+                return
 
             rows = []
             for n in (1, args.workers):
@@ -136,6 +146,32 @@ def main() -> None:
                   f"(x{two / one:.2f}); redelivered {progress['redelivered']}, late acks {progress['late_acks']}")  # fmt: skip
             print("(2 CPU cores are shared by the service processes, Redis and the workers: the scaling figure is "
                   "bounded by the cores, not by shared state)")
+
+
+def mixture_rows(c, url: str, args: argparse.Namespace, docs: list[str], tok: str) -> None:  # noqa: ANN001
+    """A mixture job over ``args.sources`` parts of the corpus against a one-source job over all of it."""
+    parts = []
+    for i in range(args.sources):
+        name = f"bench-part{i}"
+        c.create_dataset(name, tokenizer=tok, seq_len=args.seq_len, packing="complete")
+        c.ingest(name, docs[i :: args.sources])
+        parts.append(name)
+    sizes = [c.dataset(name)["num_sequences"] for name in parts]
+    print(f"\nmixture: {args.sources} sources of {', '.join(map(str, sizes))} sequences, equal weights, repeating")
+    rows = []
+    for n in (1, args.workers):
+        single, mixed = f"bench-single-w{n}", f"bench-mix-w{n}"
+        c.create_job(single, "bench", batch_size=args.batch_size, epochs=None, lease_timeout_s=30)
+        c.create_job(mixed, sources=[{"dataset": name, "weight": 1, "repeat": True} for name in parts],
+                     num_samples=10**10, batch_size=args.batch_size, lease_timeout_s=30)  # fmt: skip
+        one = run_workers(_job, lambda w: (url, single, args.seconds, args.prefetch, 1), n)
+        mix = run_workers(_job, lambda w: (url, mixed, args.seconds, args.prefetch, 1), n)
+        shares = ", ".join(f"{s['dataset']} {s['share']:.3f}" for s in c.job_progress(mixed)["sources"])
+        rows.append((n, one, mix, shares))
+    print(f"{'workers':>8} {'one source seq/s':>17} {'mixture seq/s':>14} {'mixture/one':>12}")
+    for n, one, mix, shares in rows:
+        verdict = "PASS" if mix >= 0.9 * one else "MISS"
+        print(f"{n:>8} {one:>17,.0f} {mix:>14,.0f} {mix / one:>11.0%}  {verdict} (target >= 90%)  shares: {shares}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ in the workers' logs: each sequence acked exactly once per epoch.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -38,7 +39,7 @@ from .conftest import ROOT, ServiceProcess, free_port, service_env
 SEQ_LEN = 64
 
 WORKER = r'''
-import json, logging, sys, time
+import hashlib, json, logging, sys, time
 from pathlib import Path
 
 import httpx
@@ -113,7 +114,8 @@ with Client(urls, retries=2, backoff=0.05, timeout=10) as c:
             if time.monotonic() > deadline:
                 sys.exit("timed out")
             rec = {"worker": name, "epoch": batch.epoch, "index": batch.index, "lease": batch.metadata["lease"],
-                   "ids": batch["sequence_ids"].tolist()}
+                   "ids": batch["sequence_ids"].tolist(), "sources": batch.sources,
+                   "digest": hashlib.sha256(batch["input_ids"].tobytes() + batch["labels"].tobytes()).hexdigest()}
             if pause_at is not None and steps == pause_at:  # hold this batch until told to go on
                 marker(cfg["marker"], {"epoch": batch.epoch, "index": batch.index})
                 while not Path(cfg["resume"]).exists():
@@ -612,6 +614,88 @@ def test_fleet_trains_each_sequence_once_through_kills_restarts_and_pauses(
             assert len(counted_here) <= acked <= len(counted_here) + len(lost_answers), w.name
         assert sum(ws[w].summary()["reconnects"] for w in ("w0", "w1")) >= 1
         assert p["redelivered"] >= 2
+
+
+# ---- a mixture under the same faults ----------------------------------------------------------
+
+
+def _uninterrupted(c: Client, create: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """One worker's run of a fresh job of config ``create``, with no faults: each batch's sources, ids and bytes."""
+    got = {}
+    with c.job(uid("ref"), create=create, prefetch=1) as stream:
+        for bt in stream:
+            digest = hashlib.sha256(bt["input_ids"].tobytes() + bt["labels"].tobytes()).hexdigest()
+            got[bt.index] = {"sources": bt.sources, "ids": bt["sequence_ids"].tolist(), "digest": digest}
+    return got
+
+
+@pytest.mark.slow
+def test_a_mixture_fleet_trains_each_source_epoch_once_through_kills_and_a_replica_restart(
+    spawn_service, redis_url, rdb, workers, bpe_tokenizer, corpus
+):
+    """The fleet's faults on a two-source mixture (3:1, the second source repeating, until the first has run two
+    epochs): four workers on two replicas, one SIGKILLed holding leases, one SIGSTOPped holding a batch while a
+    replica is SIGKILLed and restarted on its port. Every position of the job's stream is acked once; each
+    completed epoch of each source is that source exactly once; and every batch any worker trained is
+    byte-identical (sources, ids, input ids, labels) to a single worker's uninterrupted run of the same config."""
+    env = service_env(REDIS_URL=redis_url)
+    a, b = spawn_service(env), spawn_service(env)
+    with Client(b.url) as c:
+        (wiki, nw), (books, nb) = make_dataset(c, bpe_tokenizer, corpus), make_dataset(c, bpe_tokenizer, corpus[100:], 40)
+        create = {"sources": [{"dataset": wiki, "weight": 3}, {"dataset": books, "weight": 1, "repeat": True}],
+                  "until": wiki, "epochs": 2, "batch_size": 16, "seed": 11, "lease_timeout_s": 60}  # fmt: skip
+        ref = _uninterrupted(c, create)
+        assert list(ref) == list(range(len(ref)))
+        job = uid("mix")
+        c.create_job(job, **create)
+        urls = {"w0": [a.url, b.url], "w1": [a.url, b.url], "sleeper": [a.url, b.url], "victim": [b.url, a.url]}
+        ws = {w.name: w for w in workers(
+            list(urls), job, urls, mode="explicit", step_s=0.02, prefetch=2,
+            per_worker={"victim": {"stall_after": 3}, "sleeper": {"pause_at": 4}},
+        )}  # fmt: skip
+        poll(lambda: ws["victim"].marker.exists(), 60, "the victim to hold a batch")
+        ws["victim"].proc.send_signal(signal.SIGKILL)
+        ws["victim"].proc.wait()
+        assert evict(b.url, job, "victim") >= 1
+        sleeper = ws["sleeper"]
+        held = json.loads(poll(lambda: sleeper.marker.exists() and sleeper.marker.read_text(), 60, "the sleeper"))
+        sleeper.proc.send_signal(signal.SIGSTOP)
+        a.stop(signal.SIGKILL)
+        poll(lambda: any("outage" in r for w in ("w0", "w1") for r in ws[w].records()), 60,
+             "a worker to run into the dead replica")  # fmt: skip
+        assert c.job_progress(job)["status"] == "active"
+        spawn_service(env, port=a.port)
+        assert evict(b.url, job, "sleeper") >= 1
+        poll(lambda: c.job_progress(job)["status"] == "done", 90, "the others to finish the job")
+        sleeper.resume.touch()
+        sleeper.proc.send_signal(signal.SIGCONT)
+        for w in ws.values():
+            if w.name != "victim":
+                assert w.wait(90) == 0, w.output()
+
+        records = [r for w in ws.values() for r in w.batches()]
+        for r in records:  # whoever trained it, whenever, on either replica: the very batch of the quiet run
+            assert {k: r[k] for k in ("sources", "ids", "digest")} == ref[r["index"]], r["index"]
+        per_index = Counter(r["index"] for r in counted(records))
+        assert max(per_index.values()) == 1
+        for k in set(ref) - set(per_index):  # an ack whose answer was lost: its retry said 'duplicate'
+            assert any(r["index"] == k and r.get("retried") for r in records), f"batch {k} never acked"
+        p = check_progress(c, job, bpe=len(ref), epochs=1)
+        woke = [r for r in sleeper.batches() if r["index"] == held["index"]]
+        assert [r["result"] for r in woke] == ["duplicate"]
+        assert p["redelivered"] >= 2
+
+        rows = [(s, i) for k in sorted(ref) for s, i in zip(ref[k]["sources"], ref[k]["ids"])]
+        for src, n in ((wiki, nw), (books, nb)):
+            ids = [i for s, i in rows if s == src]
+            full, rest = divmod(len(ids), n)
+            for e in range(full):  # each completed epoch of a source: that source exactly once
+                assert sorted(ids[e * n : (e + 1) * n]) == list(range(n)), (src, e)
+            assert len(set(ids[full * n :])) == rest  # the epoch under way: no sequence twice
+            mine = next(x for x in p["sources"] if x["dataset"] == src)
+            assert (mine["served"], mine["epoch"]) == (len(ids), full)
+        assert len([i for s, i in rows if s == wiki]) == 2 * nw
+        assert abs(sum(s == books for s, _ in rows) / len(rows) - 0.25) < 0.02
 
 
 @pytest.mark.slow
