@@ -401,6 +401,8 @@ def test_experiment_mixture_end_to_end(service_url, tmp_path):
 
 
 def test_experiment_mixture_names_the_missing_package(service_url, tmp_path, capsys):
+    python_docs = tmp_path / "python"  # present (whether or not the machine has the package): only the kernel's miss
+    python_docs.mkdir()
     with pytest.raises(SystemExit, match="install Debian's linux-doc-6.1"):
-        maskserve(["experiment", "mixture", "--url", service_url, "--linux-docs", str(tmp_path / "none"),
-                   "--out", str(tmp_path / "o")])  # fmt: skip
+        maskserve(["experiment", "mixture", "--url", service_url, "--python-docs", str(python_docs),
+                   "--linux-docs", str(tmp_path / "none"), "--out", str(tmp_path / "o")])  # fmt: skip
