@@ -7,6 +7,7 @@ Redis round trip as the data and applied, never recomputed.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -18,9 +19,10 @@ from ..core.errors import Conflict, DatasetEmpty, DatasetNotFound, StaticMasksMi
 from ..core.work import Workload
 from ..data.catalog import Catalog, Chunks, DatasetRuntime
 from ..data.packing import assemble
-from ..masking.masking import Masked, MaskSpec, mask_batch
+from ..masking.masking import Masked, MaskSpec, Vocab, mask_batch
 from ..masking.params import MaskingParams
 from ..masking.static import apply, cache_id
+from ..store.chunks import RowsRead
 from ..store.store import StaleCounters
 from .bodies import Piece, render
 from .params import OutputParams
@@ -83,6 +85,37 @@ async def draw_with_retry(catalog: Catalog, name: str, draw: Callable[[DatasetSn
     return await draw(await open_dataset(catalog, name, current), False)
 
 
+@dataclass
+class Read:
+    """A dataset's rows of a batch as read from Redis (with their static masks), before masking."""
+
+    rt: DatasetRuntime
+    seq_ids: np.ndarray
+    lengths: np.ndarray
+    joined: bytes | memoryview
+    words: bool
+    seed: int
+    epoch: int
+    spec: MaskSpec
+    vocab: Vocab
+    static: tuple[np.ndarray, bytes | memoryview] | None  # the rows' mask entries and records
+
+    def assemble(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """``(ids (B, L) int32, word starts or None, lengths)``."""
+        return assemble(self.lengths, self.joined, self.rt.id_dtype, self.rt.seq_len, words=self.words)
+
+    def compute(self) -> Masked:
+        """The rows masked for their epoch (CPU work)."""
+        ids, ws, n = self.assemble()
+        if self.static is not None:
+            out = apply(ids, n, self.static[0], self.static[1], self.rt.id_dtype, self.rt.vocab.pad_id,
+                        self.rt.vocab.is_special)  # fmt: skip
+            out.word_start = ws
+            return out
+        return mask_batch(ids, n, self.seq_ids, seed=self.seed, epoch=self.epoch, spec=self.spec, vocab=self.vocab,
+                          word_start=ws)  # fmt: skip
+
+
 async def prepare_batch(
     catalog: Catalog, ds: DatasetSnapshot, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
     spec: MaskSpec, need_words: bool = False, checked: bool = False, step: int | None = None,
@@ -93,6 +126,39 @@ async def prepare_batch(
     (see ``draw_with_retry``).
     ``step``: where the batch sits for a mask-rate schedule counted in steps (callers without steps
     count one per epoch)."""
+    read = await read_batch(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=params, spec=spec,
+                            need_words=need_words, checked=checked, step=step)  # fmt: skip
+    return read.compute
+
+
+async def read_batch(
+    catalog: Catalog, ds: DatasetSnapshot, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
+    spec: MaskSpec, need_words: bool = False, checked: bool = False, step: int | None = None,
+) -> Read:  # fmt: skip
+    """``prepare_batch``'s read: the rows and what masking them takes, not yet masked."""
+    plan = await _plan(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=params, spec=spec, need_words=need_words,
+                       step=step)  # fmt: skip
+    expect = (ds.rt.uid, ds.num_sequences, ds.num_chunks) if checked else None
+    try:
+        joined, records = await catalog.store.fetch_rows(plan.rows, expect)
+    except ResponseError as exc:
+        raise _read_failed(catalog, plan, exc) from None
+    return plan.read(joined, records)
+
+
+@dataclass
+class _Plan:
+    """What reading a dataset's rows takes: where they lie (and their static masks), how to mask them."""
+
+    rows: RowsRead
+    rt: DatasetRuntime
+    read: Callable[[bytes | memoryview, bytes | None], Read]  # the rows as fetched -> a Read
+
+
+async def _plan(
+    catalog: Catalog, ds: DatasetSnapshot, seq_ids: np.ndarray, *, seed: int, epoch: int, params: MaskingParams,
+    spec: MaskSpec, need_words: bool, step: int | None,
+) -> _Plan:  # fmt: skip
     if params.schedule != "constant":
         spec = params.spec_at(epoch, epoch if step is None else step)
     rt = ds.rt
@@ -114,32 +180,91 @@ async def prepare_batch(
                 dataset=rt.name, cache=cache,
             )  # fmt: skip
         masks = (cache, mask_entries)
-    try:
-        joined, mask_records = await catalog.store.fetch(
-            rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks=masks, word_starts=need_words,
-            expect=(rt.uid, ds.num_sequences, ds.num_chunks) if checked else None,
-        )
-    except ResponseError as exc:
-        if masks is not None and "missing masks" in str(exc):
-            catalog.table_cache.drop(rt.uid, masks[0])
-            raise StaticMasksMissing(
-                f"static masks (cache {masks[0]}) of dataset {rt.name!r} were dropped; build them again",
-                dataset=rt.name, cache=masks[0],
-            ) from None  # fmt: skip
-        raise Conflict(f"dataset {rt.name!r} changed while the batch was read; retry ({exc})") from None
     vocab = rt.vocab
     if masks is None and spec.random_tokens == "frequency":
         vocab = await catalog.weighted_vocab(rt)
+    rows = RowsRead(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize, masks, need_words)
+
+    def read(joined: bytes | memoryview, records: bytes | None) -> Read:
+        static_part = None if masks is None else (masks[1][:, 1], records)
+        return Read(rt, seq_ids, entries[:, 1], joined, need_words, seed, epoch, spec, vocab, static_part)
+
+    return _Plan(rows, rt, read)
+
+
+def _read_failed(catalog: Catalog, plan: _Plan, exc: ResponseError) -> Exception:
+    """The error to raise for a fetch that failed: static masks dropped, or the dataset changed under it."""
+    rt, masks = plan.rt, plan.rows.masks
+    name = rt.name
+    if masks is not None and "missing masks" in str(exc):
+        catalog.table_cache.drop(rt.uid, masks[0])
+        return StaticMasksMissing(f"static masks (cache {masks[0]}) of dataset {name!r} were dropped; build them again",
+                                  dataset=name, cache=masks[0])  # fmt: skip
+    return Conflict(f"dataset {name!r} changed while the batch was read; retry ({exc})")
+
+
+async def prepare_parts(
+    catalog: Catalog, parts: list[tuple[DatasetSnapshot, np.ndarray, np.ndarray, int]], b: int, *, seed: int,
+    params: MaskingParams, spec: MaskSpec, checked: bool = False, step: int | None = None,
+) -> Callable[[], Masked]:  # fmt: skip
+    """A batch of ``b`` rows from several datasets or epochs: ``parts`` lists, per (dataset, epoch), the rows it
+    fills and their sequence ids (``(ds, rows, seq_ids, epoch)``, rows in ``range(b)``). Every part is read in
+    one round trip (one script call on one server); each row is masked exactly as in a batch of its own dataset
+    and epoch. Dynamic parts that mask alike (one spec, one vocabulary) are masked in one pass over the joined
+    rows. With ``checked``, each part's counters are checked as ``prepare_batch`` checks them."""
+    rows = [p[1] for p in parts]
+    if checked:
+        reads = list(await asyncio.gather(*(
+            read_batch(catalog, ds, ids, seed=seed, epoch=epoch, params=params, spec=spec, checked=True, step=step)
+            for ds, _, ids, epoch in parts)))  # fmt: skip
+    else:
+        plans = [await _plan(catalog, ds, ids, seed=seed, epoch=epoch, params=params, spec=spec, need_words=False,
+                             step=step) for ds, _, ids, epoch in parts]  # fmt: skip
+        try:
+            fetched = await catalog.store.fetch_many([plan.rows for plan in plans])
+        except ResponseError:  # one part's chunk or masks gone: each part read alone says which, as it would alone
+            fetched = []
+            for plan in plans:
+                try:
+                    fetched.append(await catalog.store.fetch_rows(plan.rows))
+                except ResponseError as exc:
+                    raise _read_failed(catalog, plan, exc) from None
+        reads = [plan.read(joined, records) for plan, (joined, records) in zip(plans, fetched)]
+    if len(reads) == 1:
+        return reads[0].compute
+    if not _mask_alike(reads):
+        return lambda: stitch([(r, read.compute()) for r, read in zip(rows, reads)], b)
 
     def compute() -> Masked:
-        ids, ws, n = assemble(entries[:, 1], joined, rt.id_dtype, rt.seq_len, words=need_words)
-        if masks is not None:
-            out = apply(ids, n, masks[1][:, 1], mask_records, rt.id_dtype, rt.vocab.pad_id, rt.vocab.is_special)
-            out.word_start = ws
-            return out
-        return mask_batch(ids, n, seq_ids, seed=seed, epoch=epoch, spec=spec, vocab=vocab, word_start=ws)
+        first = reads[0]
+        ids = np.empty((b, first.rt.seq_len), dtype=np.int32)
+        lengths = np.empty(b, dtype=np.int64)
+        ws = np.empty((b, first.rt.seq_len), dtype=bool) if first.words else None
+        seq_ids = np.empty(b, dtype=np.int64)
+        epochs = np.empty(b, dtype=np.int64)
+        for r, read in zip(rows, reads):
+            ids[r], w, lengths[r] = read.assemble()
+            if ws is not None:
+                ws[r] = w
+            seq_ids[r], epochs[r] = read.seq_ids, read.epoch
+        return mask_batch(ids, lengths, seq_ids, seed=seed, epoch=epochs, spec=first.spec, vocab=first.vocab,
+                          word_start=ws)  # fmt: skip
 
     return compute
+
+
+def _mask_alike(reads: list[Read]) -> bool:
+    """Whether one ``mask_batch`` call masks every read's rows as its own would: dynamic, one spec and seed, and a
+    vocabulary that draws alike (frequency-weighted replacements are each dataset's own)."""
+    first = reads[0]
+    v = first.vocab
+    return all(
+        r.static is None and r.spec == first.spec and r.seed == first.seed and r.words == first.words
+        and r.rt.seq_len == first.rt.seq_len and r.spec.random_tokens != "frequency"
+        and (r.vocab is v or (r.vocab.mask_id == v.mask_id and r.vocab.pad_id == v.pad_id
+                              and np.array_equal(r.vocab.is_special, v.is_special)))
+        for r in reads
+    )  # fmt: skip
 
 
 async def prepare_batch_rows(
@@ -152,13 +277,9 @@ async def prepare_batch_rows(
     if len(distinct) == 1:
         return await prepare_batch(catalog, ds, seq_ids, seed=seed, epoch=int(distinct[0]), params=params, spec=spec,
                                    checked=checked, step=step)  # fmt: skip
-    parts = []
-    for epoch in distinct:
-        rows = np.flatnonzero(epochs == epoch)
-        part = await prepare_batch(catalog, ds, seq_ids[rows], seed=seed, epoch=int(epoch), params=params, spec=spec,
-                                   checked=checked, step=step)  # fmt: skip
-        parts.append((rows, part))
-    return lambda: stitch([(rows, compute()) for rows, compute in parts], len(seq_ids))
+    parts = [(ds, rows, seq_ids[rows], int(epoch)) for epoch in distinct for rows in [np.flatnonzero(epochs == epoch)]]
+    return await prepare_parts(catalog, parts, len(seq_ids), seed=seed, params=params, spec=spec, checked=checked,
+                               step=step)  # fmt: skip
 
 
 def stitch(parts: list[tuple[np.ndarray, Masked]], b: int) -> Masked:

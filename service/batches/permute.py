@@ -75,7 +75,7 @@ def batch_ids(seed: int, epoch: int, n: int, batch_size: int, index: int, shuffl
     stop = min(start + batch_size, n)
     if not shuffle:
         return np.arange(start, stop, dtype=np.int64)
-    return _slice(seed, epoch, n, start, stop)
+    return epoch_slice(seed, epoch, n, start, stop)
 
 
 def stream_ids(seed: int, index: int, batch_size: int, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -97,11 +97,11 @@ def stream_ids(seed: int, index: int, batch_size: int, n: int) -> tuple[np.ndarr
     for epoch in np.unique(epochs):
         rows = epochs == epoch
         first = int(positions[rows][0] - epoch * n)
-        ids[rows] = _slice(seed, int(epoch), n, first, first + int(rows.sum()))
+        ids[rows] = epoch_slice(seed, int(epoch), n, first, first + int(rows.sum()))
     return ids, epochs
 
 
-def _slice(seed: int, epoch: int, n: int, start: int, stop: int) -> np.ndarray:
+def epoch_slice(seed: int, epoch: int, n: int, start: int, stop: int) -> np.ndarray:
     """Elements ``start .. stop-1`` of the (seed, epoch) permutation, through the block cache."""
     first, last = start // BLOCK, max(start, stop - 1) // BLOCK
     if last - first > 1:  # a slice wider than a block: evaluate it directly

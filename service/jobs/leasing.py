@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from ..batches.batching import DatasetSnapshot, stitch, prepare_batch
+from ..batches.batching import DatasetSnapshot, prepare_batch, prepare_parts
 from ..batches.permute import batch_ids
 from ..core.errors import Conflict, DatasetNotFound, JobDatasetGone, JobFinished, JobNotFound
 from ..core.work import Workload
@@ -26,6 +26,7 @@ from ..masking.masking import Masked, MaskSpec
 from .config import JobConfig
 from .jobs import Jobs, Lease, NextResult
 from .mixjobs import decode, draws, mixture_of
+from .mixture import Mixture
 
 log = logging.getLogger("maskserve")
 
@@ -66,6 +67,7 @@ class Leasing:
         # job -> (instance id, (config, its masking spec at the start, the job's state)): parsed once per
         # process and job instance (a re-created job gets a new instance id)
         self._configs: dict[str, tuple[str, tuple[JobConfig, MaskSpec, dict[str, Any]]]] = {}
+        self._mixtures: dict[str, Mixture] = {}  # a mixture job's instance id -> its mixture
 
     async def lease(
         self, name: str, worker: str, acks: list[str], request_id: str, seq: int, *,
@@ -164,33 +166,36 @@ class Leasing:
         sizes = tuple(s.n for s in states)
         start = lease.index * cfg.batch_size
         stop = min(start + cfg.batch_size, st["n"])
-        d = await self.work.run(lambda: draws(cfg, mixture_of(cfg, sizes), sizes, start, stop),
-                                tokens=cfg.batch_size * 8)  # fmt: skip
-        parts = []
-        first_rt: DatasetRuntime | None = None
-        for source, epoch, rows in d.groups():
-            src = states[source]
-            try:
+        mixture = self._mixtures.get(res.instance)
+        if mixture is None:  # built once per process and job (a long curriculum takes a while: off the loop)
+            mixture = await self.work.run(lambda: mixture_of(cfg, sizes), tokens=cfg.batch_size * 8)
+            live = {instance for instance, _ in self._configs.values()}
+            for gone in [i for i in self._mixtures if i not in live]:
+                del self._mixtures[gone]
+            self._mixtures[res.instance] = mixture
+        d = draws(cfg, mixture, sizes, start, stop)  # a few numpy calls over B rows: less than a hop to a thread
+        groups = d.groups()
+        try:
+            snaps = {}
+            for source in dict.fromkeys(g[0] for g in groups):  # each source's runtime at the job's generation
+                src = states[source]
                 rt = await self.catalog.runtime(src.dataset, src.uid)
-                rt = await self.catalog.with_chunks(rt, src.num_chunks)
-                if first_rt is None:
-                    first_rt = rt
-                    hold(cfg, rt)
-                part = await prepare_batch(self.catalog, DatasetSnapshot(rt, src.n, src.num_chunks), d.seq_ids[rows],
-                                           seed=cfg.masks_seed, epoch=epoch, params=cfg.masking, spec=spec,
-                                           step=lease.index)  # fmt: skip
-            except (Conflict, DatasetNotFound):
+                snaps[source] = DatasetSnapshot(await self.catalog.with_chunks(rt, src.num_chunks), src.n,
+                                                src.num_chunks)  # fmt: skip
+            first_rt = snaps[groups[0][0]].rt
+            hold(cfg, first_rt)
+            compute = await prepare_parts(
+                self.catalog, [(snaps[source], rows, d.seq_ids[rows], epoch) for source, epoch, rows in groups],
+                len(d.seq_ids), seed=cfg.masks_seed, params=cfg.masking, spec=spec, step=lease.index)  # fmt: skip
+        except (Conflict, DatasetNotFound):
+            for src in states:
                 if not await self.catalog.holds(src.dataset, src.uid):
                     raise JobDatasetGone(
                         f"job {name!r} reads a generation of dataset {src.dataset!r} that was deleted (the name may "
                         "hold a new one): delete the job, and create it again to read the dataset as it is now",
                         job=name, dataset=src.dataset,
                     ) from None  # fmt: skip
-                raise
-            parts.append((rows, part))
-        assert first_rt is not None
-        n_rows = len(d.seq_ids)
-        compute = (lambda: stitch([(rows, part()) for rows, part in parts], n_rows)) if len(parts) > 1 else parts[0][1]
+            raise
         names = [s.dataset for s in states]
         return Granted(name, dataset, lease, cfg, first_rt, d.seq_ids, compute, res.acks or [], d.source, names)
 

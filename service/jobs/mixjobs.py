@@ -22,7 +22,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..batches.batching import DatasetSnapshot
-from ..batches.permute import permute
+from ..batches.permute import epoch_slice
 from ..core.errors import SourcesMismatch
 from .config import JobConfig
 from .mixture import Mixture
@@ -108,26 +108,37 @@ class Draws:
     seq_ids: np.ndarray
 
     def groups(self) -> list[tuple[int, int, np.ndarray]]:
-        """(source, epoch, rows) of each distinct source epoch in the batch."""
-        out = []
-        for s in np.unique(self.source):
-            rows_s = np.flatnonzero(self.source == s)
-            for e in np.unique(self.epoch[rows_s]):
-                out.append((int(s), int(e), rows_s[self.epoch[rows_s] == e]))
-        return out
+        """(source, epoch, rows) of each distinct source epoch in the batch, rows in position order."""
+        return [(s, e, rows) for s, e, rows, _ in _groups(self.source, self.epoch)]
+
+
+def _groups(source: np.ndarray, epoch: np.ndarray) -> list[tuple[int, int, np.ndarray, slice]]:
+    """(source, epoch, rows, where) of each source epoch among a batch's rows; ``where`` slices that source's rows."""
+    out = []
+    for s in np.unique(source):
+        rows_s = np.flatnonzero(source == s)
+        ep = epoch[rows_s]
+        cuts = [0, *(np.flatnonzero(ep[1:] != ep[:-1]) + 1).tolist(), len(rows_s)]  # a source's epochs only rise
+        for a, b in zip(cuts, cuts[1:]):
+            out.append((int(s), int(ep[a]), rows_s[a:b], slice(a, b)))
+    return out
 
 
 def draws(cfg: JobConfig, mixture: Mixture, sizes: tuple[int, ...], start: int, stop: int) -> Draws:
-    """Positions ``[start, stop)``: which source each draws, in which of its epochs, which sequence (CPU work)."""
+    """Positions ``[start, stop)``: which source each draws, in which of its epochs, which sequence (CPU work).
+
+    A source's draws among consecutive positions are consecutive, so each source epoch of the batch is one
+    contiguous slice of that epoch's order: read through the block cache one-dataset jobs use."""
     source, count = mixture.locate(start, stop)
     n = np.asarray(sizes, dtype=np.int64)[source]
     epoch, element = np.divmod(count, n)
     seq_ids = element.copy()
     if cfg.shuffle:
-        for s, e in {(int(a), int(b)) for a, b in zip(source, epoch)}:
-            rows = (source == s) & (epoch == e)
-            seq_ids[rows] = permute(cfg.seed, e, sizes[s], element[rows].astype(np.uint64))
-    return Draws(source.astype(np.int64), epoch.astype(np.int64), seq_ids.astype(np.int64))
+        for s, e, rows, _ in _groups(source, epoch):
+            first, last = int(element[rows[0]]), int(element[rows[-1]])
+            assert last - first + 1 == len(rows), "a source's draws in a batch are consecutive"
+            seq_ids[rows] = epoch_slice(cfg.seed, e, sizes[s], first, last + 1)
+    return Draws(source, epoch, seq_ids)
 
 
 def source_progress(cfg: JobConfig, mixture: Mixture, states: list[SourceState], served: int) -> list[dict]:

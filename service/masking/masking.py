@@ -178,18 +178,24 @@ def mask_batch(
     seq_ids: np.ndarray,
     *,
     seed: int,
-    epoch: int,
+    epoch: int | np.ndarray,
     spec: MaskSpec,
     vocab: Vocab,
     word_start: np.ndarray | None = None,
 ) -> Masked:
-    """Mask a padded batch: ``ids`` int32 (B, L), anything beyond ``lengths``."""
+    """Mask a padded batch: ``ids`` int32 (B, L), anything beyond ``lengths``. ``epoch``: the batch's, or
+    one per row (rows of several epochs, each masked as in a batch of its own epoch)."""
     b, n = ids.shape
     real = np.arange(n)[None, :] < lengths[:, None]
     input_ids = padded(ids, real, vocab.pad_id)
     special = np.take(vocab.is_special, input_ids) | ~real  # np.take: a third of fancy indexing's time
     cand = ~special
-    rows = fmix64(rng.key64(seed, epoch, spec.key(), rng.MASK) ^ rng.u64(seq_ids))
+    if np.ndim(epoch) == 0:
+        row_keys = rng.key64(seed, int(epoch), spec.key(), rng.MASK)
+    else:
+        epochs, which = np.unique(np.asarray(epoch), return_inverse=True)
+        row_keys = np.concatenate([rng.key64(seed, int(e), spec.key(), rng.MASK) for e in epochs])[which]
+    rows = fmix64(row_keys ^ rng.u64(seq_ids))
     if spec.unit != "token":
         if word_start is None:
             raise ValueError(f"unit {spec.unit!r} needs word_start")
