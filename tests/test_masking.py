@@ -259,6 +259,25 @@ def test_different_epoch_gives_independent_masks(big):
     assert within(both, p * p, n), f"overlap {both:.5f} vs p^2={p * p:.5f}"
 
 
+@pytest.mark.parametrize("spec", [MaskSpec(mlm_probability=0.3), MaskSpec(mlm_probability=0.3, unit="span")],
+                         ids=["token", "span"])  # fmt: skip
+def test_an_epoch_per_row_masks_each_row_as_its_own_epochs_batch(spec):
+    ids, lengths, seq_ids = make_batch(48, 64, seed=5)
+    epochs = np.repeat(np.array([2, 0, 7]), 16)
+    np.random.default_rng(1).shuffle(epochs)  # rows of three epochs, interleaved
+    ws = np.random.default_rng(2).random(ids.shape) < 0.3 if spec.unit != "token" else None
+    joined = mask_batch(ids, lengths, seq_ids, seed=9, epoch=epochs, spec=spec, vocab=VOCAB, word_start=ws)
+    for e in (0, 2, 7):
+        rows = np.flatnonzero(epochs == e)
+        alone = mask_batch(ids[rows], lengths[rows], seq_ids[rows], seed=9, epoch=e, spec=spec, vocab=VOCAB,
+                           word_start=None if ws is None else ws[rows])  # fmt: skip
+        assert np.array_equal(joined.input_ids[rows], alone.input_ids)
+        assert np.array_equal(joined.labels[rows], alone.labels)
+    same = mask_batch(ids, lengths, seq_ids, seed=9, epoch=np.full(48, 7), spec=spec, vocab=VOCAB, word_start=ws)
+    assert np.array_equal(same.labels, mask_batch(ids, lengths, seq_ids, seed=9, epoch=7, spec=spec, vocab=VOCAB,
+                                                  word_start=ws).labels)  # fmt: skip
+
+
 def test_different_seed_gives_different_masks(big):
     ids, lengths, seq_ids, _ = big
     a = run(ids, lengths, seq_ids, seed=0)[1]

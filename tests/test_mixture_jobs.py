@@ -179,7 +179,7 @@ def test_cli_creates_a_mixture_job(client, service_url, two, tmp_path):
     assert bad.returncode != 0 and "NAME=WEIGHT" in bad.stderr
 
 
-def test_a_static_mixture_serves_each_sources_own_cache(client, two):
+def test_a_static_mixture_serves_each_sources_own_cache(client, service_url, two):
     (a, _), (b, nb) = two
     job = uid("static")
     masking = {"mode": "static", "copies": 3}
@@ -198,3 +198,15 @@ def test_a_static_mixture_serves_each_sources_own_cache(client, two):
             assert np.array_equal(alone["input_ids"][0], bt["input_ids"][r]), (s, i, epoch)
             assert np.array_equal(alone["labels"][0], bt["labels"][r])
     assert max(draws[(s, i)] for s, i in draws if s == b) == 1  # b served once per epoch: 2*nb positions, half b
+
+    again = uid("static")  # one source's cache dropped under a running job: refused, naming that source
+    client.create_job(again, sources={a: 1, b: 1}, num_samples=2 * nb, batch_size=16, seed=4, masking=masking)
+    ask = lambda: httpx.post(f"{service_url}/v1/jobs/{again}/next", params={"worker": "w"})  # noqa: E731
+    assert ask().status_code == 200  # both sources' mask tables are now known to this process
+    for cache in client.static_masks(b):
+        client.drop_static_masks(b, cache["cache"])
+    dropped = ask()
+    problem = dropped.json()
+    assert dropped.status_code == 409 and problem["type"].endswith("static-masks-missing"), problem
+    assert b in problem["detail"] and a not in problem["detail"]
+    assert client.job_progress(again)["handed_out"] == 1  # the refused grant was taken back
