@@ -94,5 +94,11 @@ def in_sync(model: torch.nn.Module, device: torch.device) -> bool:
 
 
 def finish() -> None:
+    """Leave the process group together: a rank that tears its group down while a peer still talks to it can
+    have the peer's communication threads abort the peer at exit."""
     if active():
+        try:
+            dist.barrier()
+        except Exception:  # noqa: BLE001 - a peer already gone: nothing to wait for
+            pass
         dist.destroy_process_group()
