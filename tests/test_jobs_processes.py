@@ -551,6 +551,46 @@ def test_two_trainers_share_a_job(service: ServiceProcess, tmp_path: Path, bpe_t
 # ---- everything at once: a fleet under faults ------------------------------------------------
 
 
+def _fleet_under_faults(c: Client, job: str, a: ServiceProcess, b: ServiceProcess, env: dict[str, str],
+                        spawn_service, workers) -> tuple[dict[str, Worker], dict[str, Any]]:  # fmt: skip
+    """Run ``job`` on four explicit-ack workers over replicas ``a`` and ``b`` through the fleet's faults (see
+    ``test_fleet_trains_each_sequence_once_through_kills_restarts_and_pauses``) until every worker but the
+    killed one has finished; returns the workers by name and the batch the sleeper held."""
+    urls = {"w0": [a.url, b.url], "w1": [a.url, b.url], "sleeper": [a.url, b.url], "victim": [b.url, a.url]}
+    ws = {w.name: w for w in workers(
+        list(urls), job, urls, mode="explicit", step_s=0.02, prefetch=2,
+        per_worker={"victim": {"stall_after": 3}, "sleeper": {"pause_at": 4}},
+    )}  # fmt: skip
+
+    # a worker dies holding leases
+    poll(lambda: ws["victim"].marker.exists(), 60, "the victim to hold a batch")
+    ws["victim"].proc.send_signal(signal.SIGKILL)
+    ws["victim"].proc.wait()
+    assert evict(b.url, job, "victim") >= 1
+
+    # a worker stops mid-step, holding its batch
+    sleeper = ws["sleeper"]
+    held = json.loads(poll(lambda: sleeper.marker.exists() and sleeper.marker.read_text(), 60, "the sleeper"))
+    sleeper.proc.send_signal(signal.SIGSTOP)
+
+    # a replica dies and comes back on its port, while the job cannot finish (the sleeper holds a batch)
+    a.stop(signal.SIGKILL)
+    poll(lambda: any("outage" in r for w in ("w0", "w1") for r in ws[w].records()), 60,
+         "a worker to run into the dead replica")  # fmt: skip
+    assert c.job_progress(job)["status"] == "active"
+    spawn_service(env, port=a.port)
+
+    assert evict(b.url, job, "sleeper") >= 1  # known gone: its batches go to the others
+    poll(lambda: c.job_progress(job)["status"] == "done", 90, "the others to finish the job")
+    sleeper.resume.touch()
+    sleeper.proc.send_signal(signal.SIGCONT)  # it wakes up, trains what it held, acks it: too late to count
+
+    for w in ws.values():
+        if w.name != "victim":
+            assert w.wait(90) == 0, w.output()
+    return ws, held
+
+
 @pytest.mark.slow
 def test_fleet_trains_each_sequence_once_through_kills_restarts_and_pauses(
     spawn_service, redis_url, rdb, workers, bpe_tokenizer, corpus
@@ -568,38 +608,8 @@ def test_fleet_trains_each_sequence_once_through_kills_restarts_and_pauses(
         job, size, seed, epochs = uid("job"), 16, 11, 2
         bpe = -(-n // size)
         c.create_job(job, name, batch_size=size, seed=seed, epochs=epochs, lease_timeout_s=60)
-        urls = {"w0": [a.url, b.url], "w1": [a.url, b.url], "sleeper": [a.url, b.url], "victim": [b.url, a.url]}
-        ws = {w.name: w for w in workers(
-            list(urls), job, urls, mode="explicit", step_s=0.02, prefetch=2,
-            per_worker={"victim": {"stall_after": 3}, "sleeper": {"pause_at": 4}},
-        )}  # fmt: skip
-
-        # a worker dies holding leases
-        poll(lambda: ws["victim"].marker.exists(), 60, "the victim to hold a batch")
-        ws["victim"].proc.send_signal(signal.SIGKILL)
-        ws["victim"].proc.wait()
-        assert evict(b.url, job, "victim") >= 1
-
-        # a worker stops mid-step, holding its batch
+        ws, held = _fleet_under_faults(c, job, a, b, env, spawn_service, workers)
         sleeper = ws["sleeper"]
-        held = json.loads(poll(lambda: sleeper.marker.exists() and sleeper.marker.read_text(), 60, "the sleeper"))
-        sleeper.proc.send_signal(signal.SIGSTOP)
-
-        # a replica dies and comes back on its port, while the job cannot finish (the sleeper holds a batch)
-        a.stop(signal.SIGKILL)
-        poll(lambda: any("outage" in r for w in ("w0", "w1") for r in ws[w].records()), 60,
-             "a worker to run into the dead replica")  # fmt: skip
-        assert c.job_progress(job)["status"] == "active"
-        spawn_service(env, port=a.port)
-
-        assert evict(b.url, job, "sleeper") >= 1  # known gone: its batches go to the others
-        poll(lambda: c.job_progress(job)["status"] == "done", 90, "the others to finish the job")
-        sleeper.resume.touch()
-        sleeper.proc.send_signal(signal.SIGCONT)  # it wakes up, trains what it held, acks it: too late to count
-
-        for w in ws.values():
-            if w.name != "victim":
-                assert w.wait(90) == 0, w.output()
         records = [r for w in ws.values() for r in w.batches()]
         check_exactly_once(records, n=n, b=size, epochs=epochs, seed=seed)
         p = check_progress(c, job, bpe=bpe, epochs=epochs)
@@ -641,37 +651,16 @@ def test_a_mixture_fleet_trains_each_source_epoch_once_through_kills_and_a_repli
     env = service_env(REDIS_URL=redis_url)
     a, b = spawn_service(env), spawn_service(env)
     with Client(b.url) as c:
-        (wiki, nw), (books, nb) = make_dataset(c, bpe_tokenizer, corpus), make_dataset(c, bpe_tokenizer, corpus[100:], 40)
+        wiki, nw = make_dataset(c, bpe_tokenizer, corpus)
+        books, nb = make_dataset(c, bpe_tokenizer, corpus[100:], docs=40)
         create = {"sources": [{"dataset": wiki, "weight": 3}, {"dataset": books, "weight": 1, "repeat": True}],
                   "until": wiki, "epochs": 2, "batch_size": 16, "seed": 11, "lease_timeout_s": 60}  # fmt: skip
         ref = _uninterrupted(c, create)
         assert list(ref) == list(range(len(ref)))
         job = uid("mix")
         c.create_job(job, **create)
-        urls = {"w0": [a.url, b.url], "w1": [a.url, b.url], "sleeper": [a.url, b.url], "victim": [b.url, a.url]}
-        ws = {w.name: w for w in workers(
-            list(urls), job, urls, mode="explicit", step_s=0.02, prefetch=2,
-            per_worker={"victim": {"stall_after": 3}, "sleeper": {"pause_at": 4}},
-        )}  # fmt: skip
-        poll(lambda: ws["victim"].marker.exists(), 60, "the victim to hold a batch")
-        ws["victim"].proc.send_signal(signal.SIGKILL)
-        ws["victim"].proc.wait()
-        assert evict(b.url, job, "victim") >= 1
+        ws, held = _fleet_under_faults(c, job, a, b, env, spawn_service, workers)
         sleeper = ws["sleeper"]
-        held = json.loads(poll(lambda: sleeper.marker.exists() and sleeper.marker.read_text(), 60, "the sleeper"))
-        sleeper.proc.send_signal(signal.SIGSTOP)
-        a.stop(signal.SIGKILL)
-        poll(lambda: any("outage" in r for w in ("w0", "w1") for r in ws[w].records()), 60,
-             "a worker to run into the dead replica")  # fmt: skip
-        assert c.job_progress(job)["status"] == "active"
-        spawn_service(env, port=a.port)
-        assert evict(b.url, job, "sleeper") >= 1
-        poll(lambda: c.job_progress(job)["status"] == "done", 90, "the others to finish the job")
-        sleeper.resume.touch()
-        sleeper.proc.send_signal(signal.SIGCONT)
-        for w in ws.values():
-            if w.name != "victim":
-                assert w.wait(90) == 0, w.output()
 
         records = [r for w in ws.values() for r in w.batches()]
         for r in records:  # whoever trained it, whenever, on either replica: the very batch of the quiet run

@@ -182,9 +182,10 @@ def collect(runs: Path, variants: list[str], seeds: list[int], epochs: int) -> l
     return rows
 
 
-def write_curves(path: Path, curves: list[dict[str, Any]]) -> None:
+def write_curves(path: Path, curves: list[dict[str, Any]], fields: tuple[str, ...] | None = None) -> None:
+    """``curves`` as CSV, floats to 5 decimals; columns ``fields`` (default: this experiment's)."""
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
+        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS if fields is None else fields)
         w.writeheader()
         for row in curves:
             w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -19,14 +19,13 @@ curriculum), ``curves.csv`` (one row per run and evaluation), ``curves.png``,
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from .evaluate import read_metrics
-from .experiment import COLORS, Plan, _fmt, _mean, run_name
+from .experiment import COLORS, Plan, _fmt, _mean, run_name, write_curves
 
 SOURCES = ("python", "linux")
 CURVE_FIELDS = ("variant", "seed", "step", "train_loss", "python_share", "linux_share", "python_heldout_loss",
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace, infos: dict[str, dict[str, Any]]) -> int:
                 return rc
             done.write_text(f"{time.perf_counter() - t0:.1f}\n")
     curves = collect(runs, list(p.variants), seeds, args.prefix)
-    write_curves(out / "curves.csv", curves)
+    write_curves(out / "curves.csv", curves, CURVE_FIELDS)
     plot(out / "curves.png", curves, p)
     (out / "summary.md").write_text(summarize(p, curves, args, infos))
     print(f"wrote {out / 'curves.csv'}, {out / 'curves.png'}, {out / 'summary.md'}")
@@ -143,14 +142,6 @@ def collect(runs: Path, variants: list[str], seeds: list[int], prefix: str) -> l
                 rows.append(row)
                 last = step
     return rows
-
-
-def write_curves(path: Path, curves: list[dict[str, Any]]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CURVE_FIELDS)
-        w.writeheader()
-        for row in curves:
-            w.writerow({k: (f"{v:.5f}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 def plot(path: Path, curves: list[dict[str, Any]], p: Plan) -> None:
