@@ -235,18 +235,24 @@ async def prepare_parts(
     if not _mask_alike(reads):
         return lambda: stitch([(r, read.compute()) for r, read in zip(rows, reads)], b)
 
-    def compute() -> Masked:
+    def compute() -> Masked:  # the parts' rows assembled as one, put in batch order, masked in one pass
         first = reads[0]
-        ids = np.empty((b, first.rt.seq_len), dtype=np.int32)
-        lengths = np.empty(b, dtype=np.int64)
-        ws = np.empty((b, first.rt.seq_len), dtype=bool) if first.words else None
+        joined_ids, joined_ws, joined_n = assemble(np.concatenate([r.lengths for r in reads]),
+                                                   b"".join(r.joined for r in reads), first.rt.id_dtype,
+                                                   first.rt.seq_len, words=first.words)  # fmt: skip
+        order = np.concatenate(rows)  # each assembled row's place in the batch
+        ids = np.empty_like(joined_ids)
+        ids[order] = joined_ids
+        lengths = np.empty_like(joined_n)
+        lengths[order] = joined_n
+        ws = None
+        if joined_ws is not None:
+            ws = np.empty_like(joined_ws)
+            ws[order] = joined_ws
         seq_ids = np.empty(b, dtype=np.int64)
+        seq_ids[order] = np.concatenate([r.seq_ids for r in reads])
         epochs = np.empty(b, dtype=np.int64)
-        for r, read in zip(rows, reads):
-            ids[r], w, lengths[r] = read.assemble()
-            if ws is not None:
-                ws[r] = w
-            seq_ids[r], epochs[r] = read.seq_ids, read.epoch
+        epochs[order] = np.repeat([r.epoch for r in reads], [len(r.seq_ids) for r in reads])
         return mask_batch(ids, lengths, seq_ids, seed=seed, epoch=epochs, spec=first.spec, vocab=first.vocab,
                           word_start=ws)  # fmt: skip
 
@@ -260,7 +266,8 @@ def _mask_alike(reads: list[Read]) -> bool:
     v = first.vocab
     return all(
         r.static is None and r.spec == first.spec and r.seed == first.seed and r.words == first.words
-        and r.rt.seq_len == first.rt.seq_len and r.spec.random_tokens != "frequency"
+        and r.rt.seq_len == first.rt.seq_len and r.rt.id_dtype == first.rt.id_dtype
+        and r.spec.random_tokens != "frequency"
         and (r.vocab is v or (r.vocab.mask_id == v.mask_id and r.vocab.pad_id == v.pad_id
                               and np.array_equal(r.vocab.is_special, v.is_special)))
         for r in reads

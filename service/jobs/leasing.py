@@ -25,7 +25,7 @@ from ..data.catalog import Catalog, DatasetRuntime
 from ..masking.masking import Masked, MaskSpec
 from .config import JobConfig
 from .jobs import Jobs, Lease, NextResult
-from .mixjobs import decode, draws, mixture_of
+from .mixjobs import SourceState, decode, draws, mixture_of
 from .mixture import Mixture
 
 log = logging.getLogger("maskserve")
@@ -67,7 +67,8 @@ class Leasing:
         # job -> (instance id, (config, its masking spec at the start, the job's state)): parsed once per
         # process and job instance (a re-created job gets a new instance id)
         self._configs: dict[str, tuple[str, tuple[JobConfig, MaskSpec, dict[str, Any]]]] = {}
-        self._mixtures: dict[str, Mixture] = {}  # a mixture job's instance id -> its mixture
+        # a mixture job's instance id -> its sources as the job fixed them, their sizes, its mixture
+        self._mixtures: dict[str, tuple[list[SourceState], tuple[int, ...], Mixture]] = {}
 
     async def lease(
         self, name: str, worker: str, acks: list[str], request_id: str, seq: int, *,
@@ -162,19 +163,20 @@ class Leasing:
         rows read and masked as a one-dataset job of that source would, joined in position order."""
         lease = res.lease
         assert lease is not None
-        states = decode(st["mixture"])
-        sizes = tuple(s.n for s in states)
         start = lease.index * cfg.batch_size
         stop = min(start + cfg.batch_size, st["n"])
-        mixture = self._mixtures.get(res.instance)
-        if mixture is None:  # built once per process and job (a long curriculum takes a while: off the loop)
-            mixture = await self.work.run(lambda: mixture_of(cfg, sizes), tokens=cfg.batch_size * 8)
+        known = self._mixtures.get(res.instance)
+        if known is None:  # once per process and job (a long curriculum takes a while to lay out: off the loop)
+            states = decode(st["mixture"])
+            sizes = tuple(s.n for s in states)
+            known = (states, sizes, await self.work.run(lambda: mixture_of(cfg, sizes), tokens=cfg.batch_size * 8))
             live = {instance for instance, _ in self._configs.values()}
             for gone in [i for i in self._mixtures if i not in live]:
                 del self._mixtures[gone]
-            self._mixtures[res.instance] = mixture
+            self._mixtures[res.instance] = known
+        states, sizes, mixture = known
         d = draws(cfg, mixture, sizes, start, stop)  # a few numpy calls over B rows: less than a hop to a thread
-        groups = d.groups()
+        groups = d.groups
         try:
             snaps = {}
             for source in dict.fromkeys(g[0] for g in groups):  # each source's runtime at the job's generation

@@ -106,21 +106,20 @@ class Draws:
     source: np.ndarray
     epoch: np.ndarray
     seq_ids: np.ndarray
-
-    def groups(self) -> list[tuple[int, int, np.ndarray]]:
-        """(source, epoch, rows) of each distinct source epoch in the batch, rows in position order."""
-        return [(s, e, rows) for s, e, rows, _ in _groups(self.source, self.epoch)]
+    groups: list[tuple[int, int, np.ndarray]]  # (source, epoch, rows) of each source epoch, rows in position order
 
 
-def _groups(source: np.ndarray, epoch: np.ndarray) -> list[tuple[int, int, np.ndarray, slice]]:
-    """(source, epoch, rows, where) of each source epoch among a batch's rows; ``where`` slices that source's rows."""
+def _groups(source: np.ndarray, epoch: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """(source, epoch, rows) of each source epoch among a batch's rows."""
     out = []
-    for s in np.unique(source):
+    for s in np.unique(source).tolist():
         rows_s = np.flatnonzero(source == s)
         ep = epoch[rows_s]
-        cuts = [0, *(np.flatnonzero(ep[1:] != ep[:-1]) + 1).tolist(), len(rows_s)]  # a source's epochs only rise
-        for a, b in zip(cuts, cuts[1:]):
-            out.append((int(s), int(ep[a]), rows_s[a:b], slice(a, b)))
+        if ep[0] == ep[-1]:  # a source's epochs only rise: one epoch of it in this batch
+            out.append((s, int(ep[0]), rows_s))
+            continue
+        cuts = [0, *(np.flatnonzero(ep[1:] != ep[:-1]) + 1).tolist(), len(rows_s)]
+        out.extend((s, int(ep[a]), rows_s[a:b]) for a, b in zip(cuts, cuts[1:]))
     return out
 
 
@@ -133,12 +132,13 @@ def draws(cfg: JobConfig, mixture: Mixture, sizes: tuple[int, ...], start: int, 
     n = np.asarray(sizes, dtype=np.int64)[source]
     epoch, element = np.divmod(count, n)
     seq_ids = element.copy()
+    groups = _groups(source, epoch)
     if cfg.shuffle:
-        for s, e, rows, _ in _groups(source, epoch):
+        for s, e, rows in groups:
             first, last = int(element[rows[0]]), int(element[rows[-1]])
             assert last - first + 1 == len(rows), "a source's draws in a batch are consecutive"
             seq_ids[rows] = epoch_slice(cfg.seed, e, sizes[s], first, last + 1)
-    return Draws(source, epoch, seq_ids)
+    return Draws(source, epoch, seq_ids, groups)
 
 
 def source_progress(cfg: JobConfig, mixture: Mixture, states: list[SourceState], served: int) -> list[dict]:
