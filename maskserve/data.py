@@ -144,13 +144,26 @@ def cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    options = {"mlm_probability": args.mlm_probability, "mask_ratio": args.mask_ratio,
+               "random_ratio": args.random_ratio, "unit": args.unit, "count": args.count, "mode": args.mode,
+               "copies": args.copies if args.mode == "static" else None}  # fmt: skip
     with connect(args) as c:
-        b = c.batch(args.name, args.size, seed=args.seed, index=args.index, mlm_probability=args.mlm_probability)
+        b = c.batch(args.name, args.size, seed=args.seed, index=args.index, **options)
+        info = c.dataset(args.name)
+        tokenizer = c.tokenizer(args.name)
     ids, labels = b["input_ids"], b["labels"]
     print(f"batch {tuple(ids.shape)} seed={b.seed} epoch={b.epoch} index={b.index}; "
           f"{int((labels != -100).sum())} of {int(b['attention_mask'].sum())} real tokens to predict")  # fmt: skip
+    from .showbatch import Inspector
+
+    colour = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
+    view = Inspector(tokenizer, info["special_tokens"].get("mask"), colour=colour)
+    print(view.legend())
     for row in range(min(len(ids), args.show)):
-        print(f"  seq {int(b['sequence_ids'][row])}: {ids[row, :16].tolist()} ...")
+        length = int(b["attention_mask"][row].sum())
+        shown = length if args.width <= 0 else min(length, args.width)
+        more = f" ... (+{length - shown} tokens)" if shown < length else ""
+        print(f"seq {int(b['sequence_ids'][row])}: {view.row(ids[row, :shown], labels[row, :shown])}{more}")
     return 0
 
 
@@ -231,11 +244,28 @@ def dataset_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
 
 
 def batch_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
-    bt = sub.add_parser("batch", parents=[conn], help="fetch one masked batch and summarize it")
-    bt.add_argument("name")
-    bt.add_argument("--size", type=int, default=4)
-    bt.add_argument("--seed", type=int, default=None)
-    bt.add_argument("--index", type=int, default=0)
-    bt.add_argument("--mlm-probability", type=float, default=0.15)
-    bt.add_argument("--show", type=int, default=4, help="rows to print")
+    bt = sub.add_parser(
+        "batch", parents=[conn], help="fetch one masked batch and show it decoded, masked positions marked",
+        description="Fetch one masked batch and print its rows as tokens, each selected position marked: "
+        "[orig>MASK] masked, [orig>new] replaced by a random token, [=orig] selected but kept (coloured on a "
+        "terminal). A random token that happens to be the original shows as kept, as the model sees it.",
+    )  # fmt: skip
+    bt.add_argument("name", help="the dataset")
+    bt.add_argument("--size", type=int, default=4, help="sequences in the batch [default: 4]")
+    bt.add_argument("--seed", type=int, default=None, help="the stream's seed [default: the service's]")
+    bt.add_argument("--index", type=int, default=0, help="which batch of the stream [default: 0]")
+    g = bt.add_argument_group("masking")
+    g.add_argument("--mlm-probability", type=float, default=0.15)
+    g.add_argument("--mask-ratio", type=float, default=None, help="share of selected tokens masked [default: 0.8]")
+    g.add_argument("--random-ratio", type=float, default=None,
+                   help="share of selected tokens replaced by a random one [default: 0.1]")
+    g.add_argument("--unit", default=None, choices=["token", "whole_word", "span"], help="[default: token]")
+    g.add_argument("--count", default=None, choices=["bernoulli", "exact"], help="[default: bernoulli]")
+    g.add_argument("--mode", default=None, choices=["dynamic", "static"], help="[default: dynamic]")
+    g.add_argument("--copies", type=int, default=10, help="static masks per sequence, with --mode static")
+    o = bt.add_argument_group("output")
+    o.add_argument("--show", type=int, default=4, help="rows to print [default: 4]")
+    o.add_argument("--width", type=int, default=48, help="tokens per row to print, 0 for all [default: 48]")
+    o.add_argument("--color", default="auto", choices=["auto", "always", "never"],
+                   help="ANSI colours: on a terminal (auto), always, or plain markers only [default: auto]")
     bt.set_defaults(func=cmd_batch)

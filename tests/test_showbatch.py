@@ -1,0 +1,63 @@
+"""``maskserve batch``: a masked batch printed token by token, each selected position marked by what the model
+sees, checked against the batch's own arrays."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import numpy as np
+import pytest
+
+from maskserve.cli import main as maskserve
+from maskserve.showbatch import Inspector
+
+MARK = re.compile(r"\[(=[^\]]*|[^\]>]*>[^\]]*)\]")
+
+
+@pytest.fixture
+def dataset(client, wordpiece_tokenizer, corpus) -> str:
+    name = f"show-{uuid.uuid4().hex[:8]}"
+    client.create_dataset(name, tokenizer=wordpiece_tokenizer, seq_len=64)
+    client.ingest(name, corpus[:30])
+    return name
+
+
+def test_each_selected_position_is_marked_by_what_the_model_sees(client, dataset, service_url, capsys):
+    rc = maskserve(["batch", dataset, "--url", service_url, "--size", "3", "--seed", "4", "--show", "3",
+                    "--width", "0", "--mlm-probability", "0.4", "--color", "never"])  # fmt: skip
+    assert rc == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line for line in lines if line.startswith("seq ")]
+    assert len(rows) == 3 and "[orig>MASK] masked" in lines[1]
+    b = client.batch(dataset, 3, seed=4, mlm_probability=0.4)  # the same batch: (seed, index) fix it
+    mask_id = client.dataset(dataset)["special_tokens"]["mask"]
+    for r, line in enumerate(rows):
+        assert line.startswith(f"seq {int(b['sequence_ids'][r])}: ")
+        n = int(b["attention_mask"][r].sum())
+        ids, labels = b["input_ids"][r, :n], b["labels"][r, :n]
+        selected = labels != -100
+        marks = MARK.findall(line)
+        kinds = ["kept" if m.startswith("=") else "masked" if m.endswith(">MASK") else "replaced" for m in marks]
+        want = ["masked" if i == mask_id else "kept" if i == lab else "replaced" for i, lab in
+                zip(ids[selected], labels[selected])]  # fmt: skip
+        assert kinds == want and len(marks) == int(selected.sum()) > 0
+
+
+def test_colour_goes_where_asked_and_the_row_width_is_kept(client, dataset, service_url, capsys):
+    maskserve(["batch", dataset, "--url", service_url, "--size", "2", "--show", "1", "--width", "8",
+               "--mlm-probability", "0.5", "--color", "always"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "\x1b[" in out and "(+" in out  # coloured, and the row was cut at 8 tokens
+    maskserve(["batch", dataset, "--url", service_url, "--size", "2", "--show", "1", "--color", "auto"])
+    assert "\x1b[" not in capsys.readouterr().out  # not a terminal: plain markers
+
+
+def test_the_inspector_reads_tokens_as_the_tokenizer_decodes_them(client, dataset):
+    tok = client.tokenizer(dataset)
+    view = Inspector(tok, mask_id=7)
+    served = np.array([5, 7, 9, 11])
+    labels = np.array([-100, 12, 13, 11])
+    row = view.row(served, labels)
+    assert row.startswith(view.text(5)) and f"[{view.text(12).strip()}>MASK]" in row
+    assert f"[{view.text(13).strip()}>{view.text(9).strip()}]" in row and f"[={view.text(11).strip()}]" in row
