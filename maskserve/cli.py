@@ -18,6 +18,7 @@ from .demo import demo_parser
 from .experiment import experiment_parser
 from .jobs import jobs_parser
 from .masks import masks_parser
+from .top import top_parser
 
 EPILOG = """examples:
   maskserve demo                                  # service + embedded Redis + ingest + short training run
@@ -34,6 +35,7 @@ EPILOG = """examples:
   maskserve jobs create pretrain --dataset wiki --batch-size 64 --epochs 10
   python -m trainer --dataset wiki --job pretrain             # run on each worker machine
   maskserve jobs show pretrain                                 # progress per worker
+  maskserve top                                                # jobs and workers, live
   maskserve dataset ingest docs notes.txt --split paragraph --holdout 0.05 --holdout-dataset docs-heldout
   maskserve experiment static-vs-dynamic --dataset docs --eval-dataset docs-heldout --out runs/svd
   maskserve experiment mask-rate --dataset docs --eval-dataset docs-heldout --out runs/rate
@@ -69,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_parser(sub, conn)
     experiment_parser(sub, conn)
     batch_parser(sub, conn)
+    top_parser(sub, conn)
     return p
 
 

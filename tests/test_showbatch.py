@@ -61,3 +61,40 @@ def test_the_inspector_reads_tokens_as_the_tokenizer_decodes_them(client, datase
     row = view.row(served, labels)
     assert row.startswith(view.text(5)) and f"[{view.text(12).strip()}>MASK]" in row
     assert f"[{view.text(13).strip()}>{view.text(9).strip()}]" in row and f"[={view.text(11).strip()}]" in row
+
+
+# ---- maskserve top ----------------------------------------------------------------------------
+
+
+def test_top_shows_each_job_and_worker_with_the_services_counts(client, dataset, service_url, capsys):
+    job = f"top-{uuid.uuid4().hex[:8]}"
+    client.create_job(job, dataset, batch_size=4, epochs=1, lease_timeout_s=60)
+    with client.job(job, worker="w-a", prefetch=1) as stream:
+        it = iter(stream)
+        next(it), next(it), next(it)  # two acked (each ask acks the one before), one held
+        assert maskserve(["top", "--url", service_url, "--once", "--job", job]) == 0
+        p = client.job_progress(job)  # as the frame saw it (closing the stream acks the held batch)
+    out = capsys.readouterr().out.splitlines()
+    row = next(line for line in out if line.startswith(job))
+    assert row.split()[2] == "active" and f"{p['acked']}" in row.split() and p["acked"] >= 2
+    worker = next(line for line in out if line.strip().startswith("worker w-a"))
+    assert f"acked {p['workers']['w-a']['acked']:>7}" in worker
+    assert maskserve(["top", "--url", service_url, "--once", "--job", "nope"]) == 0
+    assert "(no job named 'nope')" in capsys.readouterr().out
+
+
+def test_top_rates_are_over_the_last_interval(client, dataset):
+    from maskserve.top import frame
+
+    job = f"top-{uuid.uuid4().hex[:8]}"
+    client.create_job(job, dataset, batch_size=4, epochs=1, lease_timeout_s=60)
+    with client.job(job, worker="w-b", prefetch=1) as stream:
+        it = iter(stream)
+        next(it), next(it)
+        progress = client.job_progress(job)
+    seqs = progress["workers"]["w-b"]["acked_sequences"]
+    _, counts = frame([progress], None, 0.0)
+    assert counts == {(job, ""): seqs, (job, "w-b"): seqs}
+    text, _ = frame([progress], {(job, ""): seqs - 4, (job, "w-b"): seqs - 2}, 2.0)
+    job_line, worker_line = [line for line in text.splitlines() if job in line or "w-b" in line]
+    assert job_line.split()[-1] == "2" and worker_line.split()[-2] == "1"  # 4 and 2 sequences over 2 s
