@@ -856,3 +856,55 @@ def test_listing_jobs_reads_their_progress_in_a_few_round_trips(client, service_
         for field_ in ("status", "config", "epoch", "handed_out", "acked", "leased", "workers", "acked_per_epoch"):
             assert listed[name][field_] == one[field_], (name, field_)
     assert listed[names[3]]["acked"] == 1 and listed[names[3]]["workers"]["w"]["acked"] == 1
+
+
+# ---- jobs in Prometheus ------------------------------------------------------------------------
+
+
+def _job_series(service_url: str) -> dict[tuple[str, str], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{service_url}/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("maskserve_job"):
+                out[(s.name, s.labels.get("job") or s.labels.get("status"))] = s.value
+    return out
+
+
+def test_metrics_report_each_jobs_progress(client, service_url, bpe_tokenizer, corpus):
+    name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=40)
+    job = uid("prom")
+    client.create_job(job, name, batch_size=4, epochs=1, lease_timeout_s=60)
+    leases = []
+    for _ in range(3):
+        r = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": "w1"})
+        assert r.status_code == 200, r.text
+        leases.append(r.headers["maskserve-lease"])
+    r = httpx.post(f"{service_url}/v1/jobs/{job}/ack", json={"worker": "w1", "leases": leases[:2]})
+    assert r.json()["results"] == ["acked", "acked"]  # two acked, one held
+    series, p = _job_series(service_url), client.job_progress(job)
+    assert p["acked"] == 2 and p["leased"] == 1
+    for metric, key in (("acked_batches", "acked"), ("leased_batches", "leased"), ("epoch", "epoch"),
+                        ("next_batch", "next_batch"), ("batches_per_epoch", "batches_per_epoch"),
+                        ("redelivered_batches", "redelivered"), ("late_acks", "late_acks")):  # fmt: skip
+        assert series[(f"maskserve_job_{metric}", job)] == p[key], metric
+    assert series[("maskserve_job_workers", job)] == 1 and series[("maskserve_job_active", job)] == 1
+    assert series[("maskserve_jobs", "active")] >= 1
+    client.cancel_job(job)
+    assert _job_series(service_url)[("maskserve_job_active", job)] == 0
+
+
+def test_metrics_report_at_most_the_configured_jobs_active_first():
+    from service.http.metrics import job_exposition
+
+    def progress(name: str, status: str) -> dict[str, Any]:
+        return {"name": name, "dataset": "d", "status": status, "epoch": 0, "next_batch": 0, "batches_per_epoch": 1,
+                "acked": 0, "leased": 0, "redelivered": 0, "late_acks": 0, "workers": {}, "sequences_per_s": 0.0}
+
+    jobs = [progress("a", "done"), progress("b", "active"), progress("c", "cancelled"), progress("d", "active")]
+    text = job_exposition(jobs, 2).decode()
+    shown = {line.split('job="')[1].split('"')[0] for line in text.splitlines() if line.startswith("maskserve_job_epoch{")}
+    assert shown == {"b", "d"}  # the limit keeps the active ones
+    assert 'maskserve_jobs{status="done"} 1.0' in text and 'maskserve_jobs{status="active"} 2.0' in text

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import uuid
 
+import httpx
 import numpy as np
 import pytest
 
@@ -66,14 +67,23 @@ def test_the_inspector_reads_tokens_as_the_tokenizer_decodes_them(client, datase
 # ---- maskserve top ----------------------------------------------------------------------------
 
 
+def _lease_and_ack(url: str, job: str, worker: str, *, leases: int, acks: int) -> None:
+    """Lease ``leases`` batches of ``job`` and ack the first ``acks``: a job standing still, as a frame sees it."""
+    got = []
+    for _ in range(leases):
+        r = httpx.post(f"{url}/v1/jobs/{job}/next", params={"worker": worker})
+        assert r.status_code == 200, r.text
+        got.append(r.headers["maskserve-lease"])
+    r = httpx.post(f"{url}/v1/jobs/{job}/ack", json={"worker": worker, "leases": got[:acks]})
+    assert r.json()["results"] == ["acked"] * acks
+
+
 def test_top_shows_each_job_and_worker_with_the_services_counts(client, dataset, service_url, capsys):
     job = f"top-{uuid.uuid4().hex[:8]}"
     client.create_job(job, dataset, batch_size=4, epochs=1, lease_timeout_s=60)
-    with client.job(job, worker="w-a", prefetch=1) as stream:
-        it = iter(stream)
-        next(it), next(it), next(it)  # two acked (each ask acks the one before), one held
-        assert maskserve(["top", "--url", service_url, "--once", "--job", job]) == 0
-        p = client.job_progress(job)  # as the frame saw it (closing the stream acks the held batch)
+    _lease_and_ack(service_url, job, "w-a", leases=3, acks=2)
+    assert maskserve(["top", "--url", service_url, "--once", "--job", job]) == 0
+    p = client.job_progress(job)
     out = capsys.readouterr().out.splitlines()
     row = next(line for line in out if line.startswith(job))
     assert row.split()[2] == "active" and f"{p['acked']}" in row.split() and p["acked"] >= 2
@@ -83,15 +93,13 @@ def test_top_shows_each_job_and_worker_with_the_services_counts(client, dataset,
     assert "(no job named 'nope')" in capsys.readouterr().out
 
 
-def test_top_rates_are_over_the_last_interval(client, dataset):
+def test_top_rates_are_over_the_last_interval(client, dataset, service_url):
     from maskserve.top import frame
 
     job = f"top-{uuid.uuid4().hex[:8]}"
     client.create_job(job, dataset, batch_size=4, epochs=1, lease_timeout_s=60)
-    with client.job(job, worker="w-b", prefetch=1) as stream:
-        it = iter(stream)
-        next(it), next(it)
-        progress = client.job_progress(job)
+    _lease_and_ack(service_url, job, "w-b", leases=2, acks=1)
+    progress = client.job_progress(job)
     seqs = progress["workers"]["w-b"]["acked_sequences"]
     _, counts = frame([progress], None, 0.0)
     assert counts == {(job, ""): seqs, (job, "w-b"): seqs}

@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         default=256 << 20, ge=1024,
         description="Largest record batch of an Arrow stream ingest (its buffers, decoded); larger is a 413.",
     )  # fmt: skip
+    metrics_max_jobs: int = Field(
+        default=100, ge=0, le=10000,
+        description="Jobs reported (maskserve_job_* series) per scrape of /metrics: the active ones first, by name. "
+        "Each scrape reads their progress from Redis.",
+    )  # fmt: skip
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import os
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -57,3 +60,47 @@ class Metrics:
         self.documents_ingested = Counter(
             "maskserve_documents_ingested_total", "Documents stored by ingest", ["dataset"], registry=self.registry
         )
+
+
+#: per-job series: name, help, how to read it off a job's progress
+JOB_SERIES: tuple[tuple[str, str, Any], ...] = (
+    ("maskserve_job_active", "1 while the job hands out batches, 0 once done or cancelled",
+     lambda p: 1.0 if p["status"] == "active" else 0.0),
+    ("maskserve_job_epoch", "The epoch the job hands out", lambda p: p["epoch"]),
+    ("maskserve_job_next_batch", "Index of the next batch in the epoch", lambda p: p["next_batch"]),
+    ("maskserve_job_batches_per_epoch", "Batches in one epoch", lambda p: p["batches_per_epoch"]),
+    ("maskserve_job_acked_batches", "Batches acked, all epochs", lambda p: p["acked"]),
+    ("maskserve_job_leased_batches", "Batches leased and not yet acked", lambda p: p["leased"]),
+    ("maskserve_job_redelivered_batches", "Batches handed out again (expired, released or evicted leases)",
+     lambda p: p["redelivered"]),
+    ("maskserve_job_late_acks", "Acks that came after their lease was handed to another worker",
+     lambda p: p["late_acks"]),
+    ("maskserve_job_workers", "Workers with counters in the job", lambda p: len(p["workers"])),
+    ("maskserve_job_sequences_per_second", "Acked sequences per second since the job was created",
+     lambda p: p["sequences_per_s"]),
+)  # fmt: skip
+
+
+def job_exposition(progress: list[dict[str, Any]], limit: int) -> bytes:
+    """The ``maskserve_job_*`` series of at most ``limit`` jobs (active ones first, then by name), labelled by job
+    and the dataset it reads, and ``maskserve_jobs`` (every job by status). Job state lives in Redis, so any
+    process answers the same; these are built per scrape, not kept per process."""
+    chosen = sorted(progress, key=lambda p: (p["status"] != "active", p["name"]))[:limit]
+    families = []
+    for name, text, read in JOB_SERIES:
+        g = GaugeMetricFamily(name, text, labels=["job", "dataset"])
+        for p in chosen:
+            g.add_metric([p["name"], p["dataset"]], float(read(p)))
+        families.append(g)
+    total = GaugeMetricFamily("maskserve_jobs", "Jobs by status", labels=["status"])
+    for status in ("active", "done", "cancelled"):
+        total.add_metric([status], float(sum(p["status"] == status for p in progress)))
+    families.append(total)
+
+    class _Once:
+        def collect(self):  # noqa: ANN202
+            return families
+
+    registry = CollectorRegistry()
+    registry.register(_Once())
+    return generate_latest(registry)

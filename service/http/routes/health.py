@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.exceptions import RedisError
 
-from ..deps import MetricsDep, StoreDep
-from ..metrics import exposition
+from ..deps import JobsDep, MetricsDep, SettingsDep, StoreDep
+from ..metrics import exposition, job_exposition
 
 router = APIRouter(tags=["health"])
+log = logging.getLogger("maskserve")
 
 
 @router.get("/healthz", summary="The process is up (and which worker process answered)")
@@ -28,5 +31,15 @@ async def readyz(store: StoreDep, request: Request) -> dict[str, Any]:
 
 
 @router.get("/metrics", summary="Prometheus metrics")
-async def metrics(m: MetricsDep) -> Response:
-    return Response(exposition(m.registry), media_type=CONTENT_TYPE_LATEST)
+async def metrics(m: MetricsDep, jobs: JobsDep, settings: SettingsDep) -> Response:
+    body = exposition(m.registry)
+    if settings.metrics_max_jobs:
+        try:
+            by_dataset = await jobs.store.job_names(await jobs.store.list_names())
+            listed = sorted((ds, job) for ds, names in by_dataset.items() for job in names)
+            progress = [p for p in await jobs.progress_many(listed) if p is not None]
+        except RedisError as exc:  # the process's own metrics still answer; the jobs' need Redis
+            log.warning("/metrics: job series left out: Redis: %s", exc)
+        else:
+            body += job_exposition(progress, settings.metrics_max_jobs)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
