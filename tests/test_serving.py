@@ -38,7 +38,7 @@ SEQ_LEN = 128
 
 def _gauge(url: str, name: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    match = re.search(rf"^{name} (\S+)$", text, re.M)
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
     assert match, f"{name} not in /metrics"
     return float(match.group(1))
 
@@ -96,6 +96,7 @@ def test_exhausted_redis_pool_is_overloaded_not_store_unavailable(own_redis, bpe
             pool.shutdown()
         served = [f.result() for f in futures]
         r.close()
+        assert _gauge(s.url, 'maskserve_overloaded_total{reason="redis-connections"}') == len(refused)
     for resp in refused:
         assert resp.status_code == 503, resp.text
         assert resp.json()["type"] == "urn:maskserve:problem:overloaded"
@@ -139,7 +140,7 @@ def test_admission_limit_refuses_heavy_requests_at_once_and_keeps_probes_fast(re
         assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
         assert httpx.get(f"{s.url}/readyz", timeout=30).status_code == 200
         assert httpx.get(f"{s.url}/v1/datasets/{name}", timeout=30).status_code == 200
-        assert _gauge(s.url, "maskserve_overloaded_total") == 1
+        assert _gauge(s.url, 'maskserve_overloaded_total{reason="requests"}') == 1
         assert [_finish_ingest(sock) for sock in held] == [200, 200]
         assert _gauge(s.url, "maskserve_inflight_heavy_requests") == 0
         assert c.batch(name, 4, seed=1)["input_ids"].shape[0] == 4
@@ -399,7 +400,7 @@ def test_response_bytes_in_flight_are_limited(redis_url, rdb, bpe_tokenizer, cor
             assert second.status_code == 503, second.status_code
             assert second.json()["type"] == "urn:maskserve:problem:overloaded" and second.headers["Retry-After"] == "1"
             assert 100 <= int(second.headers["Maskserve-Retry-After-Ms"]) <= 300
-            assert _gauge(s.url, "maskserve_overloaded_total") == 1
+            assert _gauge(s.url, 'maskserve_overloaded_total{reason="bytes"}') == 1
             assert c.batch(name, 8, seed=1)["input_ids"].shape == (8, SEQ_LEN)
         finally:
             tap.release.set()

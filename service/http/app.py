@@ -207,7 +207,7 @@ class Gatekeeper:
             self.metrics.inflight.inc()
             scope[ADMISSION] = admitted  # the route holds its body's bytes on it (see bodies.hold_body)
         elif heavy:
-            self.metrics.overloaded.inc()
+            self.metrics.overloaded.labels("requests").inc()
             refusal = self.work.overloaded(f"this process is working on its limit of {self.work.max_inflight} heavy "
                                            "requests")  # fmt: skip
         if refusal is not None:
@@ -231,7 +231,7 @@ class Gatekeeper:
         finally:
             if admitted is not None:
                 if admitted.refused:  # refused for its body's bytes (see bodies.hold_body)
-                    self.metrics.overloaded.inc()
+                    self.metrics.overloaded.labels("bytes").inc()
                 admitted.close()
                 self.metrics.inflight.dec()
             route = scope.get("route")

@@ -48,8 +48,10 @@ class Metrics:
             "maskserve_sequences_served_total", "Masked sequences served", ["dataset"], registry=self.registry
         )
         self.overloaded = Counter(
-            "maskserve_overloaded_total", "Heavy requests refused at the admission limit", registry=self.registry
-        )
+            "maskserve_overloaded_total", "Requests refused with 503 overloaded, by the limit they met: 'requests' "
+            "(MASKSERVE_MAX_INFLIGHT heavy requests), 'bytes' (MASKSERVE_MAX_INFLIGHT_BYTES), 'redis-connections' "
+            "(every Redis connection of the process busy)", ["reason"], registry=self.registry,
+        )  # fmt: skip
         self.inflight = Gauge(
             "maskserve_inflight_heavy_requests", "Heavy requests being worked on", registry=self.registry,
             multiprocess_mode="livesum",

@@ -90,6 +90,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(RedisTimeoutError)
     async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
         if isinstance(exc, PoolExhausted):
+            request.app.state.metrics.overloaded.labels("redis-connections").inc()
             busy = Overloaded(f"every Redis connection of this process is busy: {exc}")
             return problem_response(busy, request, busy.headers)
         log.warning("redis unreachable: %s", exc)
