@@ -908,3 +908,20 @@ def test_metrics_report_at_most_the_configured_jobs_active_first():
     shown = {line.split('job="')[1].split('"')[0] for line in text.splitlines() if line.startswith("maskserve_job_epoch{")}
     assert shown == {"b", "d"}  # the limit keeps the active ones
     assert 'maskserve_jobs{status="done"} 1.0' in text and 'maskserve_jobs{status="active"} 2.0' in text
+
+
+def test_metrics_count_what_ingest_and_static_builds_stored(client, service_url, bpe_tokenizer, corpus):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def series(dataset: str) -> dict[str, float]:
+        text = httpx.get(f"{service_url}/metrics").text
+        return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.labels.get("dataset") == dataset}  # fmt: skip
+
+    name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=40)
+    info = client.dataset(name)
+    got = series(name)
+    assert got["maskserve_bytes_stored_total"] == info["bytes"]
+    assert got["maskserve_tokens_ingested_total"] > 0 and got["maskserve_documents_ingested_total"] == 40
+    client.build_static_masks(name, seed=1, copies=2)
+    assert series(name)["maskserve_static_mask_chunks_built_total"] == info["num_chunks"]

@@ -62,6 +62,13 @@ class Metrics:
         self.documents_ingested = Counter(
             "maskserve_documents_ingested_total", "Documents stored by ingest", ["dataset"], registry=self.registry
         )
+        self.bytes_stored = Counter(
+            "maskserve_bytes_stored_total", "Chunk bytes stored by ingest", ["dataset"], registry=self.registry
+        )
+        self.mask_chunks_built = Counter(
+            "maskserve_static_mask_chunks_built_total", "Chunks whose static masks a build stored", ["dataset"],
+            registry=self.registry,
+        )  # fmt: skip
 
 
 #: per-job series: name, help, how to read it off a job's progress

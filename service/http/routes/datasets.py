@@ -306,6 +306,7 @@ async def ingest(
     if status == 0:
         metrics.tokens_ingested.labels(name).inc(stats.tokens)
         metrics.documents_ingested.labels(name).inc(stats.documents)
+        metrics.bytes_stored.labels(name).inc(stats.bytes)
     return out
 
 
@@ -353,6 +354,7 @@ async def commit_staged(
     if status == 0:
         metrics.tokens_ingested.labels(name).inc(s["tokens"])
         metrics.documents_ingested.labels(name).inc(s["documents"])
+        metrics.bytes_stored.labels(name).inc(s["bytes"])
     return IngestResult(**json.loads(payload), duplicate=status == 1)
 
 

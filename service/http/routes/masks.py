@@ -92,6 +92,7 @@ async def build_static(
         built = await store.save_mask_chunk(rt.chunk_ref, cache, k, masks)
         if built < 0:
             raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the build", dataset=name)
+        request.app.state.metrics.mask_chunks_built.labels(name).inc()
         k = max(k + 1, built)
         if time.monotonic() > deadline or await request.is_disconnected():
             break
