@@ -925,3 +925,24 @@ def test_metrics_count_what_ingest_and_static_builds_stored(client, service_url,
     assert got["maskserve_tokens_ingested_total"] > 0 and got["maskserve_documents_ingested_total"] == 40
     client.build_static_masks(name, seed=1, copies=2)
     assert series(name)["maskserve_static_mask_chunks_built_total"] == info["num_chunks"]
+
+
+def test_metrics_time_each_stage_of_a_batch(client, service_url, bpe_tokenizer, corpus):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def counts() -> dict[str, float]:
+        text = httpx.get(f"{service_url}/metrics").text
+        return {s.labels["stage"]: s.value for f in text_string_to_metric_families(text) for s in f.samples
+                if s.name == "maskserve_batch_stage_seconds_count"}  # fmt: skip
+
+    name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=40)
+    client.batch(name, 4, seed=0)  # the dataset is known to the process from here on
+    before = counts()
+    client.batch(name, 4, seed=1)
+    job = uid("stages")
+    client.create_job(job, name, batch_size=4, epochs=1)
+    r = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": "w"})
+    assert r.status_code == 200
+    after = counts()
+    assert {stage: after[stage] - before.get(stage, 0) for stage in ("fetch", "mask", "encode")} == \
+        {"fetch": 2, "mask": 2, "encode": 2}  # fmt: skip

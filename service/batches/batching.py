@@ -8,6 +8,7 @@ Redis round trip as the data and applied, never recomputed.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, fields
 from typing import TypeVar
@@ -139,10 +140,12 @@ async def read_batch(
     plan = await _plan(catalog, ds, seq_ids, seed=seed, epoch=epoch, params=params, spec=spec, need_words=need_words,
                        step=step)  # fmt: skip
     expect = (ds.rt.uid, ds.num_sequences, ds.num_chunks) if checked else None
+    t0 = time.perf_counter()
     try:
         joined, records = await catalog.store.fetch_rows(plan.rows, expect)
     except ResponseError as exc:
         raise _read_failed(catalog, plan, exc) from None
+    catalog.observe("fetch", time.perf_counter() - t0)
     return plan.read(joined, records)
 
 
@@ -220,6 +223,7 @@ async def prepare_parts(
     else:
         plans = [await _plan(catalog, ds, ids, seed=seed, epoch=epoch, params=params, spec=spec, need_words=False,
                              step=step) for ds, _, ids, epoch in parts]  # fmt: skip
+        t0 = time.perf_counter()
         try:
             fetched = await catalog.store.fetch_many([plan.rows for plan in plans])
         except ResponseError:  # one part's chunk or masks gone: each part read alone says which, as it would alone
@@ -229,6 +233,7 @@ async def prepare_parts(
                     fetched.append(await catalog.store.fetch_rows(plan.rows))
                 except ResponseError as exc:
                     raise _read_failed(catalog, plan, exc) from None
+        catalog.observe("fetch", time.perf_counter() - t0)
         reads = [plan.read(joined, records) for plan, (joined, records) in zip(plans, fetched)]
     if len(reads) == 1:
         return reads[0].compute
@@ -346,6 +351,12 @@ async def render_batch(
     output options and the encoding into pieces of at most ``piece_bytes`` (see ``bodies``), as one piece
     of CPU work (on the pool unless the batch is small). ``extra``: more per-row arrays to send."""
     def body() -> list[Piece]:
-        return render({**outputs(compute(), seq_ids, out, rt.vocab.pad_id), **(extra or {})}, meta, as_json, piece_bytes)
+        t0 = time.perf_counter()
+        masked = compute()
+        t1 = time.perf_counter()
+        pieces = render({**outputs(masked, seq_ids, out, rt.vocab.pad_id), **(extra or {})}, meta, as_json, piece_bytes)
+        work.observe("mask", t1 - t0)
+        work.observe("encode", time.perf_counter() - t1)
+        return pieces
 
     return await work.run(body, tokens=len(seq_ids) * rt.seq_len)

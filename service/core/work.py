@@ -39,6 +39,10 @@ _HEAVY_SUFFIXES = {
 _HEAVY_PATHS = {("POST", "/v1/datasets"), ("POST", "/v1/tokenizers/train")}
 
 
+def _ignore(stage: str, seconds: float) -> None:
+    pass
+
+
 def is_heavy(method: str, path: str) -> bool:
     """Whether a request counts against the admission limit (health, progress and acks never do)."""
     return (method, path) in _HEAVY_PATHS or path.endswith(_HEAVY_SUFFIXES.get(method, ()))
@@ -56,6 +60,7 @@ class Workload:
         self.retry_after_s, self.retry_ms = retry_after_s, retry_ms
         self.inflight = 0
         self.inflight_bytes = 0
+        self.observe: Callable[[str, float], None] = _ignore  # (stage, seconds) of each batch; the app's metrics
 
     def admit(self) -> "Admission | None":
         """Take a slot for a heavy request; None when all are taken (answer ``overloaded``)."""

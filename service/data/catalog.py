@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,7 @@ class Catalog:
         self.max_entries = max_entries
         self._cache: OrderedDict[str, DatasetRuntime] = OrderedDict()  # least recently used first
         self.table_cache = TableCache(table_cache_bytes)
+        self.observe: Callable[[str, float], None] = lambda stage, seconds: None  # batch stages (the app's metrics)
 
     async def entries(
         self, rt: DatasetRuntime, chunks: Chunks, index: np.ndarray, num_sequences: int,

@@ -70,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_inflight_bytes=settings.max_inflight_bytes, retry_after_s=settings.overload_retry_after_s,
         retry_ms=settings.overload_retry_ms,
     )  # fmt: skip
+    app.state.work.observe = app.state.metrics.observe_stage
     install(app)
 
     # the batch routes first: requests are matched against routes in order
@@ -121,6 +122,7 @@ async def _open_stores(app: FastAPI, settings: Settings, r: aioredis.Redis, read
                             chunk_groups=settings.chunk_groups, reader=reader,
                             idempotency_ttl_s=settings.ingest_idempotency_ttl_s)
     app.state.catalog = Catalog(app.state.store, max_entries=settings.catalog_max_datasets)
+    app.state.catalog.observe = app.state.metrics.observe_stage
     durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,
                             cluster=settings.redis_cluster)  # fmt: skip
     try:
