@@ -414,7 +414,7 @@ class Client:
     def job(
         self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
         create: Mapping[str, Any] | None = None, max_outage: float = 300.0, ack_every: int = 1,
-        ack_delay: float = 2.0, **output: Any,
+        ack_delay: float = 2.0, stats_every: float | None = 5.0, **output: Any,
     ) -> JobStream:  # fmt: skip
         """Attach to job ``name`` (creating it from ``create`` if given) and iterate its batches.
 
@@ -427,12 +427,15 @@ class Client:
         ``ack_every=N`` sends acks in groups of N (or after ``ack_delay`` seconds):
         fewer fsyncs on a service with durable acks, at the price of up to N-1
         batches trained again should this worker die.
+        Every ``stats_every`` seconds (None: never) a lease request carries a summary of the consumer since
+        the last one: batches, seconds it waited for them, seconds between them (its steps); job progress
+        then shows each worker's data-wait share and flags input-bound workers and stragglers.
         Batches carry ``metadata["epoch"|"index"|"lease"]``.
         """
         if create is not None:
             self.create_job(name, **create)
         return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, max_outage=max_outage,
-                         ack_every=ack_every, ack_delay=ack_delay, **output)  # fmt: skip
+                         ack_every=ack_every, ack_delay=ack_delay, stats_every=stats_every, **output)  # fmt: skip
 
     # ---- static masks and the masking report ---------------------------------
 

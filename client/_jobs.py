@@ -81,7 +81,8 @@ class JobStream(Closing):
 
     def __init__(
         self, client: Connected, job: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
-        max_outage: float = 300.0, ack_every: int = 1, ack_delay: float = 2.0, **output: Any,
+        max_outage: float = 300.0, ack_every: int = 1, ack_delay: float = 2.0, stats_every: float | None = 5.0,
+        **output: Any,
     ) -> None:  # fmt: skip
         self.client = client
         self._transport = client.transport
@@ -109,6 +110,13 @@ class JobStream(Closing):
         self._closed = False
         self._outage_since: float | None = None
         self.acked = 0  # acks the service confirmed
+        # the consumer's data wait and step time since the last summary sent (every ``stats_every`` seconds, with
+        # a lease request; None: never)
+        self.stats_every = stats_every
+        self._wait = self._step = 0.0
+        self._batches = 0
+        self._yielded_at: float | None = None
+        self._stats_at = time.monotonic()
         self.rejected: list[tuple[str, str]] = []  # (lease id, verdict) of acks the service refused
 
     # ---- leasing (on the pool's threads) ------------------------------------------
@@ -137,6 +145,7 @@ class JobStream(Closing):
             if self._closed:
                 return True
             acks = self._take_acks()
+            stats = self._take_stats()
             slot.told_wait = False
             slot.sent_after = self._arrivals
             self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
@@ -145,7 +154,9 @@ class JobStream(Closing):
                 "POST", f"/v1/jobs/{self.job}/next", idempotent=True,
                 outage=Outage(self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage),
                 params={"worker": self.worker, "request": rid, "seq": int(slot.seq), **self._output},
-                headers={"Accept": CONTENT_TYPE}, **({"json": {"acks": acks}} if acks else {}),
+                headers={"Accept": CONTENT_TYPE},
+                **({"json": {**({"acks": acks} if acks else {}), **({"stats": stats} if stats else {})}}
+                   if acks or stats else {}),
             )  # fmt: skip
         except GoneError as exc:  # finished or cancelled; the acks in this call were applied
             self._confirm(acks, exc.extra.get("acks") or [])
@@ -187,6 +198,16 @@ class JobStream(Closing):
         with self._cv:
             self._arrivals += 1
             heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order, batch))
+
+    def _take_stats(self) -> dict[str, Any] | None:
+        """The consumer's summary since the last one sent, when one is due (under the lock)."""
+        if self.stats_every is None or not self._batches or time.monotonic() - self._stats_at < self.stats_every:
+            return None
+        out = {"batches": self._batches, "wait_s": round(self._wait, 6), "step_s": round(self._step, 6)}
+        self._wait = self._step = 0.0
+        self._batches = 0
+        self._stats_at = time.monotonic()
+        return out
 
     def _take_acks(self) -> list[str]:
         """The acks the next lease request carries (under the lock): all of them once ``ack_every`` are
@@ -285,8 +306,12 @@ class JobStream(Closing):
     def _take(self, patience: float | None) -> Batch | None:
         if self.auto_ack and self._current is not None:
             self.ack(self._current, send=False)
-        deadline = None if patience is None else time.monotonic() + patience
+        asked = time.monotonic()
+        deadline = None if patience is None else asked + patience
         with self._cv:
+            if self._yielded_at is not None:  # the consumer's step: from the batch it got to this call
+                self._step += asked - self._yielded_at
+                self._yielded_at = None
             while True:
                 if self._closed:
                     raise StopIteration
@@ -297,6 +322,9 @@ class JobStream(Closing):
                 self._top_up()
                 if self._yieldable():
                     self._current = heapq.heappop(self._ready).batch
+                    self._yielded_at = time.monotonic()
+                    self._wait += self._yielded_at - asked
+                    self._batches += 1
                     self._top_up()
                     return self._current
                 if self._ended and not self._slots and not self._ready:

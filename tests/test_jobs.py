@@ -946,3 +946,58 @@ def test_metrics_time_each_stage_of_a_batch(client, service_url, bpe_tokenizer, 
     after = counts()
     assert {stage: after[stage] - before.get(stage, 0) for stage in ("fetch", "mask", "encode")} == \
         {"fetch": 2, "mask": 2, "encode": 2}  # fmt: skip
+
+
+# ---- input-boundness: workers' summaries ------------------------------------------------------------
+
+
+def _next_with(service_url: str, job: str, worker: str, **stats: float) -> None:
+    r = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": worker}, json={"stats": stats})
+    assert r.status_code == 200, r.text
+
+
+def test_progress_flags_input_bound_workers_and_stragglers(client, service_url, bpe_tokenizer, corpus):
+    name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=60)
+    job = uid("bound")
+    client.create_job(job, name, batch_size=2, epochs=1, lease_timeout_s=60)
+    _next_with(service_url, job, "steady", batches=20, wait_s=0.2, step_s=9.8)  # 2 batches/s, waits 2%
+    _next_with(service_url, job, "starved", batches=20, wait_s=6.0, step_s=4.0)  # 2 batches/s, waits 60%
+    _next_with(service_url, job, "slow", batches=4, wait_s=0.1, step_s=9.9)  # 0.4 batches/s: a straggler
+    p = client.job_progress(job)
+    w = p["workers"]
+    assert w["steady"]["data_wait_share"] == pytest.approx(0.02) and not w["steady"]["input_bound"]
+    assert w["starved"]["data_wait_share"] == pytest.approx(0.6) and w["starved"]["input_bound"]
+    assert w["starved"]["data_wait_s"] == pytest.approx(0.3) and w["starved"]["step_s"] == pytest.approx(0.2)
+    assert w["slow"]["straggler"] and not w["steady"]["straggler"] and not w["starved"]["straggler"]
+    assert p["input_bound_workers"] == ["starved"] and p["stragglers"] == ["slow"]
+    _next_with(service_url, job, "starved", batches=10, wait_s=0.1, step_s=9.9)  # the latest summary counts
+    assert client.job_progress(job)["input_bound_workers"] == []
+    bad = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": "x"},
+                     json={"stats": {"batches": 0, "wait_s": -1, "step_s": 1}})  # fmt: skip
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/problem+json"
+
+
+def test_summaries_go_with_their_job(client, service_url, rdb, bpe_tokenizer, corpus):
+    from service.store.jobkeys import JobKeys
+
+    name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=60)
+    job = uid("gone")
+    client.create_job(job, name, batch_size=2, epochs=1, lease_timeout_s=60)
+    _next_with(service_url, job, "w", batches=3, wait_s=1, step_s=1)
+    key = JobKeys("ms").stats(job)
+    assert rdb.exists(key) and 0 < rdb.pttl(key)
+    client.delete_job(job)
+    assert not rdb.exists(key)
+
+
+def test_a_job_stream_sends_its_consumers_wait_and_step(client, bpe_tokenizer, corpus):
+    name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=60)
+    job = uid("stream")
+    client.create_job(job, name, batch_size=2, epochs=1, lease_timeout_s=60)
+    with client.job(job, worker="trainer", prefetch=1, stats_every=0) as stream:
+        for k, _ in zip(range(6), stream):
+            time.sleep(0.05)  # the training step
+        p = client.job_progress(job)
+    mine = p["workers"]["trainer"]
+    assert mine["reported_batches"] >= 1 and mine["step_s"] >= 0.05  # the steps it took, as it measured them
+    assert 0 <= mine["data_wait_share"] < 1

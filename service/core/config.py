@@ -123,6 +123,16 @@ class Settings(BaseSettings):
     job_max_workers: int = Field(
         default=1024, ge=1, le=1 << 20, description="Workers tracked per job; the longest idle beyond fold into totals."
     )
+    job_input_bound_share: float = Field(
+        default=0.1, ge=0, le=1,
+        description="A worker whose consumer waits for data more than this share of its time (wait / (wait + step), "
+        "from the summaries its client sends) is flagged input-bound in job progress.",
+    )  # fmt: skip
+    job_straggler_ratio: float = Field(
+        default=0.5, ge=0, le=1,
+        description="A worker whose batches per second (from its summaries) fall below this share of the median of "
+        "the job's reporting workers (two or more) is flagged a straggler in job progress.",
+    )  # fmt: skip
 
     cpu_threads: int = Field(
         default=2, ge=1, le=256, description="Threads per process for CPU work (masking, rendering, tokenizing)."

@@ -131,7 +131,9 @@ async def _open_stores(app: FastAPI, settings: Settings, r: aioredis.Redis, read
         log.warning("Redis is not reachable yet; durability is probed at the first ack")
     app.state.durability = durability
     app.state.jobs = Jobs(r, settings.key_prefix, durability, worker_idle_s=settings.job_worker_idle_s,
-                          max_workers=settings.job_max_workers, store=app.state.store)  # fmt: skip
+                          max_workers=settings.job_max_workers, store=app.state.store,
+                          input_bound_share=settings.job_input_bound_share,
+                          straggler_ratio=settings.job_straggler_ratio)  # fmt: skip
     app.state.leasing = Leasing(app.state.jobs, app.state.catalog, app.state.work)
 
 

@@ -15,6 +15,7 @@ import hashlib
 import hmac
 import json
 import secrets
+import statistics
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -124,7 +125,8 @@ class Jobs:
 
     def __init__(
         self, r: Redis, prefix: str, durability: Durability | None = None, *, worker_idle_s: float = 3600,
-        max_workers: int = 1024, store: Store | None = None,
+        max_workers: int = 1024, store: Store | None = None, input_bound_share: float = 0.1,
+        straggler_ratio: float = 0.5,
     ) -> None:  # fmt: skip
         self.r = r
         self.keys = JobKeys(prefix)
@@ -132,6 +134,8 @@ class Jobs:
         self.durability = durability or Durability(r, "off")
         self.worker_idle_ms = int(worker_idle_s * 1000)
         self.max_workers = max_workers
+        self.input_bound_share = input_bound_share
+        self.straggler_ratio = straggler_ratio
         self._next = r.register_script(NEXT)
         self._ack = r.register_script(ACK)
         self._release = r.register_script(RELEASE)
@@ -204,12 +208,15 @@ class Jobs:
                     p.hgetall(base[4])
                     p.hgetall(base[3])
                     p.eval(_JOB_CLOCK, 1, base[0])  # the job's node's clock (a cluster pipeline has no keyless TIME)
+                    p.hgetall(self.keys.stats(job))
                 replies = await p.execute()
             for i, (dataset, job) in enumerate(part):
-                raw, leased, ackcount, workers, now_ms = replies[5 * i : 5 * i + 5]
+                raw, leased, ackcount, workers, now_ms, wstats = replies[6 * i : 6 * i + 6]
                 st = _state(raw)
                 mine = st is not None and st["dataset"] == dataset  # not a job of the same name of another dataset
                 progress = self._progress(dataset, job, st, leased, ackcount, workers, now_ms) if mine else None
+                if progress is not None:
+                    self._flag(progress, wstats)
                 if progress is not None and "mixture" in st:  # (a mixture may take a while to build once)
                     progress.update(await anyio.to_thread.run_sync(_mixture_progress, st))
                 out.append(progress)
@@ -242,6 +249,47 @@ class Jobs:
             "retired_workers": {f.removeprefix("retired_"): st[f] for f in _RETIRED},
             **self.durability.describe(),
         }  # fmt: skip
+
+    async def report(self, job: str, worker: str, batches: int, wait_s: float, step_s: float) -> None:
+        """Keep ``worker``'s latest summary of its consumer: over its last ``batches`` batches, ``wait_s`` seconds
+        waiting for data and ``step_s`` seconds between batches (its training steps). The key expires once every
+        worker of the job has been idle for MASKSERVE_JOB_WORKER_IDLE_S."""
+        key = self.keys.stats(job)
+        async with self.r.pipeline(transaction=False) as p:
+            p.hset(key, worker, f"{int(time.time() * 1000)}|{batches}|{wait_s:.6f}|{step_s:.6f}")
+            p.pexpire(key, self.worker_idle_ms)
+            await p.execute()
+
+    def _flag(self, progress: dict[str, Any], wstats: dict) -> None:
+        """Add each reporting worker's data-wait share and flags to ``progress``: input-bound (waits more than
+        ``input_bound_share`` of its time) and straggler (its batches/s under ``straggler_ratio`` of the median of
+        two or more reporting workers). Summaries older than the idle limit are left out."""
+        fresh = time.time() * 1000 - self.worker_idle_ms
+        rates: dict[str, float] = {}
+        for raw_worker, raw in wstats.items():
+            worker = _s(raw_worker)
+            try:
+                at, batches, wait, step = _s(raw).split("|")
+                at_ms, n, w, t = int(at), int(batches), float(wait), float(step)
+            except ValueError:
+                continue
+            if at_ms < fresh or n <= 0:
+                continue
+            entry = progress["workers"].setdefault(worker, {"handed": 0, "acked": 0, "acked_sequences": 0,
+                                                           "redelivered": 0, "sequences_per_s": 0.0})  # fmt: skip
+            total = w + t
+            share = w / total if total > 0 else 0.0
+            entry.update(reported_batches=n, data_wait_s=w / n, step_s=t / n, data_wait_share=share,
+                         input_bound=share > self.input_bound_share, straggler=False)  # fmt: skip
+            if total > 0:
+                rates[worker] = entry["reported_batches_per_s"] = n / total
+        if len(rates) >= 2:
+            median = statistics.median(rates.values())
+            for worker, rate in rates.items():
+                progress["workers"][worker]["straggler"] = rate < self.straggler_ratio * median
+        flagged = [(w, e) for w, e in sorted(progress["workers"].items()) if "data_wait_share" in e]
+        progress["input_bound_workers"] = [w for w, e in flagged if e["input_bound"]]
+        progress["stragglers"] = [w for w, e in flagged if e["straggler"]]
 
     async def next(
         self, dataset: str, job: str, worker: str, acks: list[str], request: str = "", seq: int = 0

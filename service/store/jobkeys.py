@@ -18,6 +18,9 @@ and the jobs of a cluster spread over its masters::
                                                that carried an id
     P:job:{J}:ahead                     SET    "epoch:index" acked ahead of the cursor (epoch, next): the
                                                cursor skips them (see "Rolled back" in jobstore.py)
+    P:job:{J}:wstats                    HASH   worker -> "time ms|batches|wait s|step s": the last summary of
+                                               its consumer's data wait and step time it sent (expires with
+                                               the workers' idleness; not a lease key)
 
 The dataset lists its jobs in its own slot (``P:ds:{D}:jobs``, see keys.py):
 a job is created in its slot and then listed (the listing checks that the
@@ -50,6 +53,10 @@ class JobKeys:
     def lease_keys(self, job: str) -> list[str]:
         base = self.job(job)
         return [base, *(f"{base}:{part}" for part in JOB_KEY_PARTS)]
+
+    def stats(self, job: str) -> str:
+        """The job's per-worker summaries of data wait and step time."""
+        return f"{self.job(job)}:wstats"
 
     def acked(self, job: str, epoch: int) -> str:
         return f"{self.job(job)}:acked:{epoch}"

@@ -134,6 +134,8 @@ class Trash(StoreBase):
             epochs = max(int(epoch), int(top or -1)) + 1 if epoch is not None else 0
             n = int(await self._delete_job(keys=jk.all_keys(job, epochs), args=[dataset_uid, epochs]))
             if n != -2:  # -2: the job entered another epoch meanwhile
+                if n > 0:
+                    await self.r.unlink(jk.stats(job))  # its workers' summaries (they expire by themselves too)
                 return max(n, 0)
         raise RuntimeError(f"job {job!r} kept changing while it was deleted")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from typing import Annotated, Any
 
@@ -13,6 +14,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
+from redis.exceptions import RedisError
 
 from wire import CONTENT_TYPE
 
@@ -30,6 +32,7 @@ from ..deps import CatalogDep, JobsDep, LeasingDep, SettingsDep, parse_query, qu
 from .batches import wants_json
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+log = logging.getLogger("maskserve")
 
 WORKER = r"^[A-Za-z0-9._:@/-]{1,128}$"
 REQUEST_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -153,6 +156,15 @@ class NextQuery(OutputParams):
     format: str | None = Field(default=None, pattern="^(safetensors|json)$")
 
 
+class WorkerStats(BaseModel):
+    """A worker's summary of its consumer over its last batches (what makes it input-bound or a straggler)."""
+
+    model_config = {"extra": "forbid"}
+    batches: int = Field(ge=1, le=1 << 30, description="Batches the summary covers.")
+    wait_s: float = Field(ge=0, le=1e9, description="Seconds the consumer waited for those batches.")
+    step_s: float = Field(ge=0, le=1e9, description="Seconds the consumer spent between them (its training steps).")
+
+
 class NextAcks(BaseModel):
     """The optional body of a lease request."""
 
@@ -160,9 +172,30 @@ class NextAcks(BaseModel):
         default_factory=list, max_length=4096,
         description="Leases finished since the last call (with any `ack` of the query, at most MASKSERVE_MAX_ACKS).",
     )  # fmt: skip
+    stats: WorkerStats | None = Field(
+        default=None, description="The worker's latest summary of data wait and step time; job progress reports "
+        "each worker's data-wait share and flags input-bound workers and stragglers from them.",
+    )  # fmt: skip
 
 
-_NEXT_BODY = {"required": False, "content": {"application/json": {"schema": NextAcks.model_json_schema()}}}
+def _inlined(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its nested models written in place (a request body's schema in the API
+    document cannot point into a ``$defs`` of its own)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return walk(defs[ref.rsplit("/", 1)[1]])
+            return {k: walk(v) for k, v in node.items()}
+        return [walk(v) for v in node] if isinstance(node, list) else node
+
+    return walk(schema)
+
+
+_NEXT_BODY = {"required": False, "content": {"application/json": {"schema": _inlined(NextAcks)}}}
 
 
 @router.post(
@@ -175,7 +208,8 @@ async def next_batch(name: str, request: Request) -> Response:
     q = parse_query(NextQuery, request)
     state = request.app.state
     leasing: Leasing = state.leasing  # no dependencies on the hot path (see deps.parse_query)
-    acks = _check_count(q.ack + await _body_acks(request), state.settings.max_acks)
+    body = await _body(request)
+    acks = _check_count(q.ack + body.acks, state.settings.max_acks)
     as_json = wants_json(request, q.format)
 
     def hold(cfg: JobConfig, rt: DatasetRuntime) -> None:
@@ -185,6 +219,12 @@ async def next_batch(name: str, request: Request) -> Response:
         return await _respond(request, q, granted, as_json)
 
     out = await leasing.lease(name, q.worker, acks, q.request or "", q.seq, hold=hold, hand_over=hand_over)
+    if body.stats is not None:  # the job exists (it answered): keep the worker's summary
+        st = body.stats
+        try:
+            await leasing.jobs.report(name, q.worker, st.batches, st.wait_s, st.step_s)
+        except RedisError as exc:  # a summary is not worth the batch: the next one comes with a later request
+            log.warning("job %r: worker %r's summary was not kept: %s", name, q.worker, exc)
     if isinstance(out, Waiting):
         return Response(status_code=204, headers={
             "Maskserve-Acks": ",".join(out.acks), "Retry-After": str(max(1, math.ceil(out.retry_ms / 1000))),
@@ -192,22 +232,21 @@ async def next_batch(name: str, request: Request) -> Response:
     return out
 
 
-async def _body_acks(request: Request) -> list[str]:
-    """The acks in a lease request's JSON body (none without a body). The gatekeeper bounds its bytes as they
-    arrive; the route, its acks and the query's together."""
+async def _body(request: Request) -> NextAcks:
+    """A lease request's JSON body: its acks and the worker's summary (none without a body). The gatekeeper
+    bounds its bytes as they arrive; the route, its acks and the query's together."""
     raw = await request.body()
-    acks: list[str] = []
-    if raw.strip():
-        try:
-            data = json.loads(raw)
-        except ValueError as exc:
-            raise InvalidRequest(f"the body of a lease request is JSON ({{\"acks\": [...]}}): {exc}") from None
-        try:
-            acks = NextAcks.model_validate(data).acks
-        except ValidationError as exc:
-            errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
-            raise RequestValidationError(errors) from None
-    return acks
+    if not raw.strip():
+        return NextAcks()
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidRequest(f"the body of a lease request is JSON ({{\"acks\": [...]}}): {exc}") from None
+    try:
+        return NextAcks.model_validate(data)
+    except ValidationError as exc:
+        errors = [{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
 
 
 def _check_count(leases: list[str], limit: int) -> list[str]:
