@@ -2,7 +2,8 @@
 
 Each frame reads ``GET /v1/jobs`` (one request, every job's progress) and shows per job its status, epoch,
 position in the epoch, acked / leased / redelivered / late batches and throughput, and under it each worker's
-batches and throughput. Throughputs are over the last interval (acked sequences between two frames); the
+batches and throughput and, where its client sends summaries, its data-wait share, step time and flags
+(INPUT-BOUND, STRAGGLER). Throughputs are over the last interval (acked sequences between two frames); the
 first frame, and ``--once``, show each job's and worker's average since it started.
 """
 
@@ -36,8 +37,12 @@ def frame(jobs: list[dict[str, Any]], before: Counts | None, dt: float, only: st
         for name, w in sorted(j["workers"].items()):
             now[(j["name"], name)] = seqs = int(w.get("acked_sequences", 0))
             w_rate = _rate(before, (j["name"], name), seqs, dt, w.get("sequences_per_s", 0.0))
+            said = ""
+            if "data_wait_share" in w:  # the worker's client sends summaries of its consumer
+                flags = [f for f, on in (("INPUT-BOUND", w.get("input_bound")), ("STRAGGLER", w.get("straggler"))) if on]
+                said = f"  data wait {w['data_wait_share']:>4.0%} step {w['step_s'] * 1000:,.0f} ms {' '.join(flags)}"
             lines.append(f"  worker {name[:30]:30} handed {w.get('handed', 0):>7} acked {w.get('acked', 0):>7} "
-                         f"redelivered {w.get('redelivered', 0):>5} {w_rate:>9,.0f} seq/s")  # fmt: skip
+                         f"redelivered {w.get('redelivered', 0):>5} {w_rate:>9,.0f} seq/s{said}".rstrip())  # fmt: skip
     if len(lines) == 1:
         lines.append("(no jobs)" if only is None else f"(no job named {only!r})")
     return "\n".join(lines), now

@@ -970,6 +970,8 @@ def test_progress_flags_input_bound_workers_and_stragglers(client, service_url, 
     assert w["starved"]["data_wait_s"] == pytest.approx(0.3) and w["starved"]["step_s"] == pytest.approx(0.2)
     assert w["slow"]["straggler"] and not w["steady"]["straggler"] and not w["starved"]["straggler"]
     assert p["input_bound_workers"] == ["starved"] and p["stragglers"] == ["slow"]
+    series = _job_series(service_url)
+    assert series[("maskserve_job_input_bound_workers", job)] == 1 and series[("maskserve_job_stragglers", job)] == 1
     _next_with(service_url, job, "starved", batches=10, wait_s=0.1, step_s=9.9)  # the latest summary counts
     assert client.job_progress(job)["input_bound_workers"] == []
     bad = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": "x"},

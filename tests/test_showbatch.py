@@ -106,3 +106,18 @@ def test_top_rates_are_over_the_last_interval(client, dataset, service_url):
     text, _ = frame([progress], {(job, ""): seqs - 4, (job, "w-b"): seqs - 2}, 2.0)
     job_line, worker_line = [line for line in text.splitlines() if job in line or "w-b" in line]
     assert job_line.split()[-1] == "2" and worker_line.split()[-2] == "1"  # 4 and 2 sequences over 2 s
+
+
+def test_top_shows_what_workers_said_of_their_consumers(client, dataset, service_url, capsys):
+    job = f"top-{uuid.uuid4().hex[:8]}"
+    client.create_job(job, dataset, batch_size=4, epochs=1, lease_timeout_s=60)
+    for worker, wait in (("fed", 0.1), ("hungry", 3.0)):
+        r = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": worker},
+                       json={"stats": {"batches": 10, "wait_s": wait, "step_s": 2.0}})  # fmt: skip
+        assert r.status_code == 200
+    maskserve(["top", "--url", service_url, "--once", "--job", job])
+    out = capsys.readouterr().out
+    hungry = next(line for line in out.splitlines() if "worker hungry" in line)
+    fed = next(line for line in out.splitlines() if "worker fed" in line)
+    assert "data wait  60%" in hungry and "step 200 ms" in hungry and "INPUT-BOUND" in hungry
+    assert "data wait   5%" in fed and "INPUT-BOUND" not in fed

@@ -96,6 +96,11 @@ JOB_SERIES: tuple[tuple[str, str, Any], ...] = (
     ("maskserve_job_workers", "Workers with counters in the job", lambda p: len(p["workers"])),
     ("maskserve_job_sequences_per_second", "Acked sequences per second since the job was created",
      lambda p: p["sequences_per_s"]),
+    ("maskserve_job_input_bound_workers", "Workers whose consumers wait for data more than "
+     "MASKSERVE_JOB_INPUT_BOUND_SHARE of their time (from their summaries)",
+     lambda p: len(p.get("input_bound_workers", []))),
+    ("maskserve_job_stragglers", "Workers under MASKSERVE_JOB_STRAGGLER_RATIO of the median batches/s of the "
+     "job's reporting workers", lambda p: len(p.get("stragglers", []))),
 )  # fmt: skip
 
 
