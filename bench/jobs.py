@@ -11,6 +11,8 @@ by side in one run:
   of stateless); once per ``--ack-every`` value (acks sent in groups of N:
   one fsync per group),
 * the job with N workers spread over 1 and over 2 service processes,
+* job streams sending their consumers' summaries against sending none
+  (``--only-summaries``; the target: >= 95%),
 * a mixture job over ``--sources`` datasets (the same text split in parts, equal
   weights, each repeating) against a one-source job over the whole, with 1 and
   with N workers, and their ratio (the target: mixture >= 90% of one source).
@@ -69,6 +71,14 @@ def _job(url: str, job: str, seconds: float, prefetch: int, ack_every: int, work
         _drain(c.job(job, worker=f"bench-{worker}", prefetch=prefetch, ack_every=ack_every), seconds, out)
 
 
+def _job_summaries(url: str, job: str, seconds: float, prefetch: int, stats_every: float | None, worker: int,
+                   out: mp.Queue) -> None:  # fmt: skip
+    from client import Client
+
+    with Client(url) as c:
+        _drain(c.job(job, worker=f"bench-{worker}", prefetch=prefetch, stats_every=stats_every), seconds, out)
+
+
 def run_workers(target, args_for, workers: int) -> float:  # noqa: ANN001
     ctx = mp.get_context("spawn")
     q: mp.Queue = ctx.Queue()
@@ -93,7 +103,11 @@ def main() -> None:
                    help="job streams' ack grouping (acks sent with every N-th lease request); one job row each")
     p.add_argument("--sources", type=int, default=3, help="datasets in the mixture job (0: skip the mixture rows)")
     p.add_argument("--only-mixture", action="store_true", help="run only the mixture rows")
-    p.add_argument("--mixture-repeats", type=int, default=5, help="mixture rows: measurements per worker count")
+    p.add_argument("--mixture-repeats", type=int, default=5, help="measurements per worker count of the mixture and summaries rows")
+    p.add_argument("--only-summaries", action="store_true",
+                   help="run only the rows of job streams sending their consumers' summaries against not sending")
+    p.add_argument("--summary-every", type=float, default=1.0,
+                   help="summaries rows: seconds between a worker's summaries when on [default: 1; clients: 5]")
     add_service_args(p)
     args = p.parse_args()
     header("job batches vs stateless batches", ["sequences/s summed over worker processes"],
@@ -118,6 +132,9 @@ def main() -> None:
                 c.create_job(name, "bench", batch_size=args.batch_size, epochs=None, lease_timeout_s=30)
                 return name
 
+            if args.only_summaries:
+                summary_rows(c, svc, args)
+                return
             if args.sources:
                 mixture_rows(c, svc, args, docs, tok)
             if args.only_mixture:
@@ -157,6 +174,28 @@ def _with_cpu(svc: Service, measure) -> tuple[float, float]:  # noqa: ANN001
     cpu0, t0 = sum(proc_cpu(p) for p in pids), time.perf_counter()
     rate = measure()
     return rate, (sum(proc_cpu(p) for p in pids) - cpu0) / (time.perf_counter() - t0)
+
+
+def summary_rows(c, svc: Service, args: argparse.Namespace) -> None:  # noqa: ANN001
+    """Job streams sending their consumers' summaries (every ``--summary-every`` s) against sending none."""
+    print(f"\n{'workers':>8} {'repeat':>6} {'no summaries seq/s':>19} {'summaries seq/s':>16} {'on/off':>7}")
+    for n in (1, args.workers):
+        off, on = f"bench-nosum-w{n}", f"bench-sum-w{n}"
+        for name in (off, on):
+            c.create_job(name, "bench", batch_size=args.batch_size, epochs=None, lease_timeout_s=30)
+        ratios = []
+        for r in range(args.mixture_repeats):  # interleaved: load from elsewhere hits both alike
+            a = run_workers(_job_summaries, lambda w: (svc.url, off, args.seconds, args.prefetch, None), n)
+            b = run_workers(_job_summaries, lambda w: (svc.url, on, args.seconds, args.prefetch, args.summary_every),
+                            n)  # fmt: skip
+            ratios.append(b / a)
+            print(f"{n:>8} {r + 1:>6} {a:>19,.0f} {b:>16,.0f} {b / a:>7.0%}")
+        median = sorted(ratios)[len(ratios) // 2]
+        flagged = c.job_progress(on)
+        reporting = sum("data_wait_share" in w for w in flagged["workers"].values())
+        verdict = "PASS" if median >= 0.95 else "MISS"
+        print(f"{n:>8} {'median':>6} {'':>19} {'':>16} {median:>7.0%}  {verdict} (target >= 95%); "
+              f"{reporting} workers reported, input-bound: {flagged['input_bound_workers']}")
 
 
 def mixture_rows(c, svc: Service, args: argparse.Namespace, docs: list[str], tok: str) -> None:  # noqa: ANN001
