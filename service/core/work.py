@@ -39,8 +39,8 @@ _HEAVY_SUFFIXES = {
 _HEAVY_PATHS = {("POST", "/v1/datasets"), ("POST", "/v1/tokenizers/train")}
 
 
-def _ignore(stage: str, seconds: float) -> None:
-    pass
+def ignore_stage(stage: str, seconds: float) -> None:
+    """The batch-stage observer of a process without metrics."""
 
 
 def is_heavy(method: str, path: str) -> bool:
@@ -60,7 +60,7 @@ class Workload:
         self.retry_after_s, self.retry_ms = retry_after_s, retry_ms
         self.inflight = 0
         self.inflight_bytes = 0
-        self.observe: Callable[[str, float], None] = _ignore  # (stage, seconds) of each batch; the app's metrics
+        self.observe: Callable[[str, float], None] = ignore_stage  # (stage, seconds) of each batch; the app's metrics
 
     def admit(self) -> "Admission | None":
         """Take a slot for a heavy request; None when all are taken (answer ``overloaded``)."""

@@ -20,6 +20,7 @@ import anyio
 import numpy as np
 
 from ..core.errors import Conflict, DatasetNotFound, DatasetReplaced
+from ..core.work import ignore_stage
 from ..masking.masking import Vocab
 from ..store.store import ChunkRef, Store
 from .tokenization import TokenizerInfo, describe, load_tokenizer
@@ -111,7 +112,7 @@ class Catalog:
         self.max_entries = max_entries
         self._cache: OrderedDict[str, DatasetRuntime] = OrderedDict()  # least recently used first
         self.table_cache = TableCache(table_cache_bytes)
-        self.observe: Callable[[str, float], None] = lambda stage, seconds: None  # batch stages (the app's metrics)
+        self.observe: Callable[[str, float], None] = ignore_stage  # batch stages (the app's metrics)
 
     async def entries(
         self, rt: DatasetRuntime, chunks: Chunks, index: np.ndarray, num_sequences: int,

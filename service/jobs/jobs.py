@@ -91,6 +91,8 @@ _SECRET_FIELDS = (b"mac_in", b"mac_out")
 # KEYS[1]: the job hash (so the call goes to the job's node); returns TIME
 _JOB_CLOCK = NOW_MS + "return now"
 _PROGRESS_PER_PIPELINE = 512  # jobs whose progress one pipeline reads (GET /v1/jobs reads them all)
+#: a worker's counters in progress before any is read
+_WORKER_COUNTERS = {"handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0}
 _RETIRED = ("retired_workers", "retired_handed", "retired_acked", "retired_acked_sequences", "retired_redelivered")
 
 
@@ -194,6 +196,12 @@ class Jobs:
     async def progress(self, dataset: str, job: str) -> dict[str, Any] | None:
         return (await self.progress_many([(dataset, job)]))[0]
 
+    async def progress_all(self) -> list[dict[str, Any]]:
+        """Every job's progress, by name (the jobs listed with each dataset)."""
+        by_dataset = await self.store.job_names(await self.store.list_names())
+        listed = sorted(((ds, job) for ds, names in by_dataset.items() for job in names), key=lambda pair: pair[1])
+        return [p for p in await self.progress_many(listed) if p is not None]
+
     async def progress_many(self, jobs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
         """The progress of each (dataset, job) (None: no such job of that dataset), read in one pipeline per
         ``_PROGRESS_PER_PIPELINE`` jobs: one round trip per node, not one per job."""
@@ -228,9 +236,7 @@ class Jobs:
         per_worker: dict[str, dict[str, float]] = {}
         for key, value in workers.items():
             worker, _, counter = _s(key).rpartition(":")
-            counters = per_worker.setdefault(
-                worker, {"handed": 0, "acked": 0, "acked_sequences": 0, "redelivered": 0}
-            )
+            counters = per_worker.setdefault(worker, dict(_WORKER_COUNTERS))
             counters[counter] = int(value)
         for w in per_worker.values():
             span = max(1, w.get("last", now_ms) - w.get("first", now_ms)) / 1000
@@ -275,8 +281,7 @@ class Jobs:
                 continue
             if at_ms < fresh or n <= 0:
                 continue
-            entry = progress["workers"].setdefault(worker, {"handed": 0, "acked": 0, "acked_sequences": 0,
-                                                           "redelivered": 0, "sequences_per_s": 0.0})  # fmt: skip
+            entry = progress["workers"].setdefault(worker, {**_WORKER_COUNTERS, "sequences_per_s": 0.0})
             total = w + t
             share = w / total if total > 0 else 0.0
             entry.update(reported_batches=n, data_wait_s=w / n, step_s=t / n, data_wait_share=share,

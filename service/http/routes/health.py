@@ -35,9 +35,7 @@ async def metrics(m: MetricsDep, jobs: JobsDep, settings: SettingsDep) -> Respon
     body = exposition(m.registry)
     if settings.metrics_max_jobs:
         try:
-            by_dataset = await jobs.store.job_names(await jobs.store.list_names())
-            listed = sorted((ds, job) for ds, names in by_dataset.items() for job in names)
-            progress = [p for p in await jobs.progress_many(listed) if p is not None]
+            progress = await jobs.progress_all()
         except RedisError as exc:  # the process's own metrics still answer; the jobs' need Redis
             log.warning("/metrics: job series left out: Redis: %s", exc)
         else:

@@ -125,9 +125,7 @@ async def _progress(leasing: Leasing, name: str) -> dict[str, Any]:
 
 @router.get("", summary="All jobs with their progress")
 async def list_jobs(jobs: JobsDep) -> dict[str, list[dict[str, Any]]]:
-    by_dataset = await jobs.store.job_names(await jobs.store.list_names())
-    listed = sorted(((ds, job) for ds, names in by_dataset.items() for job in names), key=lambda pair: pair[1])
-    return {"jobs": [p for p in await jobs.progress_many(listed) if p is not None]}
+    return {"jobs": await jobs.progress_all()}
 
 
 @router.get("/{name}", summary="A job's progress: epoch, batches handed out, acked, leased, per worker")
