@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         description="How long an ingest's Idempotency-Key is remembered: a retry within it is a no-op, later it "
         "ingests again.",
     )  # fmt: skip
+    chunk_cache_bytes: int = Field(
+        default=256 << 20, ge=0, le=1 << 40,
+        description="Bytes of sequence records and static-mask records a process keeps (least recently used out; "
+        "each record counts 256 bytes of bookkeeping besides its own). Chunks never change, so a cached row is "
+        "never read from Redis again; 0 turns the cache off.",
+    )  # fmt: skip
     catalog_max_datasets: int = Field(
         default=256, ge=1, le=1 << 20,
         description="Datasets whose config, tokenizer and chunk tables a process caches; the least recently used "

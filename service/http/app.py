@@ -120,7 +120,9 @@ async def _open_stores(app: FastAPI, settings: Settings, r: aioredis.Redis, read
     """The store, catalog, durability, jobs and leasing the routes use, on ``app.state``."""
     app.state.store = Store(r, settings.key_prefix, cluster=settings.redis_cluster,
                             chunk_groups=settings.chunk_groups, reader=reader,
-                            idempotency_ttl_s=settings.ingest_idempotency_ttl_s)
+                            idempotency_ttl_s=settings.ingest_idempotency_ttl_s,
+                            chunk_cache_bytes=settings.chunk_cache_bytes)
+    app.state.store.row_cache.observe = app.state.metrics.observe_row_cache
     app.state.catalog = Catalog(app.state.store, max_entries=settings.catalog_max_datasets)
     app.state.catalog.observe = app.state.metrics.observe_stage
     durability = Durability(r, settings.durable_acks, settings.durable_replicas, settings.durable_timeout_ms,

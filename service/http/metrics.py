@@ -39,6 +39,14 @@ class Metrics:
         """A batch spent ``seconds`` in ``stage`` (fetch, mask, encode)."""
         self.batch_stage.labels(stage).observe(seconds)
 
+    def observe_row_cache(self, hits: int, misses: int, size: int) -> None:
+        """A batch looked its records up in the row cache: ``hits`` found, ``misses`` not; it holds ``size`` bytes."""
+        if hits:
+            self.row_cache_hits.inc(hits)
+        if misses:
+            self.row_cache_misses.inc(misses)
+        self.row_cache_bytes.set(size)
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
@@ -74,6 +82,19 @@ class Metrics:
         self.bytes_stored = Counter(
             "maskserve_bytes_stored_total", "Chunk bytes stored by ingest", ["dataset"], registry=self.registry
         )
+        self.row_cache_hits = Counter(
+            "maskserve_chunk_cache_hits_total", "Records (a sequence, or one copy of its static masks) a batch found "
+            "in its process's chunk cache", registry=self.registry,
+        )  # fmt: skip
+        self.row_cache_misses = Counter(
+            "maskserve_chunk_cache_misses_total", "Records a batch read from Redis (and kept in the chunk cache)",
+            registry=self.registry,
+        )  # fmt: skip
+        self.row_cache_bytes = Gauge(
+            "maskserve_chunk_cache_bytes", "Bytes the chunk cache holds (records and their bookkeeping), summed over "
+            "the processes; each is bounded by MASKSERVE_CHUNK_CACHE_BYTES", registry=self.registry,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.mask_chunks_built = Counter(
             "maskserve_static_mask_chunks_built_total", "Chunks whose static masks a build stored", ["dataset"],
             registry=self.registry,

@@ -7,10 +7,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 from .base import ChunkRef, StaleCounters, StoreBase, _counters, _u64
 from .keys import group_of
+from .rowcache import RowCache, RowKey
 
 
 # KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks), then
@@ -85,8 +86,73 @@ class RowsRead(NamedTuple):
     word_starts: bool
 
 
+#: a read's rows as fetched: a record per row, and a mask record per row (None without masks)
+_Pieces = tuple[list[bytes], list[bytes] | None]
+
+
+def _subset(r: RowsRead, rows: np.ndarray) -> RowsRead:
+    """The rows ``rows`` of ``r``, read as whole records (what the row cache keeps)."""
+    if len(rows) == len(r.which):
+        return r._replace(word_starts=True)
+    used, which = np.unique(r.which[rows], return_inverse=True)
+    masks = None if r.masks is None else (r.masks[0], r.masks[1][rows])
+    return RowsRead(r.rt, r.chunks[used], which.reshape(-1), r.entries[rows], r.itemsize, masks, True)
+
+
+def _entry_keys(entries: np.ndarray) -> list[int]:
+    """``offset << 32 | count`` of each (offset, count) entry: a record's place in its blob (an empty record
+    shares its offset with the next one, so the count belongs to the key)."""
+    return ((entries[:, 0].astype(np.uint64) << np.uint64(32)) | entries[:, 1].astype(np.uint64)).tolist()
+
+
+class _Looked:
+    """A read's rows as the row cache holds them: keys, the records found (None where not), the rows missing."""
+
+    def __init__(self, dkeys: list[RowKey], mkeys: list[RowKey] | None, data: list[bytes | None],
+                 recs: list[bytes | None] | None) -> None:  # fmt: skip
+        self.dkeys, self.mkeys, self.data, self.recs = dkeys, mkeys, data, recs
+        missing = [i for i, d in enumerate(data) if d is None]
+        if recs is not None:
+            missing = sorted({*missing, *(i for i, m in enumerate(recs) if m is None)})
+        self.miss = np.array(missing, dtype=np.int64)
+
+    @classmethod
+    def of(cls, r: RowsRead, cache: RowCache) -> _Looked:
+        uid = r.rt.uid
+        chunk_ids = r.rt.ids[r.chunks[r.which]].tolist()  # each row's chunk id
+        dkeys = [(uid, "", c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.entries))]
+        mkeys = recs = None
+        if r.masks is not None:
+            cache_id = r.masks[0]
+            mkeys = [(uid, cache_id, c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.masks[1]))]
+            recs = cache.get_many(mkeys)
+        return cls(dkeys, mkeys, cache.get_many(dkeys), recs)
+
+    def fill(self, cache: RowCache, data: list[bytes], recs: list[bytes] | None) -> None:
+        """The missing rows as read (whole records), into this read and the cache."""
+        rows = self.miss.tolist()
+        for i, piece in zip(rows, data):
+            self.data[i] = piece
+        cache.put_many([self.dkeys[i] for i in rows], data)
+        if self.recs is not None and self.mkeys is not None and recs is not None:
+            for i, piece in zip(rows, recs):
+                self.recs[i] = piece
+            cache.put_many([self.mkeys[i] for i in rows], recs)
+
+    def joined(self, r: RowsRead) -> tuple[bytes, bytes | None]:
+        """``fetch``'s answer: the rows back to back (ids only unless ``r.word_starts``), the mask records."""
+        if r.word_starts:
+            data = b"".join(self.data)  # type: ignore[arg-type]
+        else:
+            sizes = (r.entries[:, 1] * r.itemsize).tolist()
+            data = b"".join([memoryview(d)[:n] for d, n in zip(self.data, sizes)])  # type: ignore[arg-type]
+        return data, None if self.recs is None else b"".join(self.recs)  # type: ignore[arg-type]
+
+
 class ChunkReads(StoreBase):
     """Read chunks and the sequences of a batch."""
+
+    row_cache: RowCache
 
     def _register_chunks(self, r: aioredis.Redis) -> None:
         self._fetch = r.register_script(FETCH_RANGES)
@@ -136,8 +202,9 @@ class ChunkReads(StoreBase):
         masks: tuple[str, np.ndarray] | None = None, word_starts: bool = False,
         expect: tuple[str, int, int] | None = None,
     ) -> tuple[bytes, bytes | None]:  # fmt: skip
-        """Sequences at ``entries`` ((offset, tokens) each) of their chunks, in one round trip per node:
-        sequence i lies in the chunk at table position ``chunks[which[i]]`` (``chunks``: the distinct ones).
+        """Sequences at ``entries`` ((offset, tokens) each) of their chunks: sequence i lies in the chunk at table
+        position ``chunks[which[i]]`` (``chunks``: the distinct ones). Those in the process's row cache are taken
+        from it; the rest are read in one round trip per node (and kept).
 
         Returns the sequences back to back (their ids, or with ``word_starts``
         their whole records, as ``packing.assemble`` takes) and, with
@@ -145,34 +212,67 @@ class ChunkReads(StoreBase):
         records back to back (else None). With ``expect`` (the counters the
         batch was drawn from) they are checked in the same round trip, and
         ``StaleCounters`` raised with the current ones when they moved on.
+        Whatever was cached, what can change is read: the counters, or without
+        ``expect`` the generation's uid (a ``ResponseError`` "missing chunk"
+        when it is gone, as a read of its unlinked chunks would answer), and
+        the static-mask cache (a "missing masks" one when it was dropped).
         """
-        positions = chunks.tolist()
-        keys = self.chunk_keys(rt, positions)
-        mkeys = self.chunk_keys(rt, positions, masks[0]) if masks is not None else []
-        if self.cluster:
-            return await self._fetch_fanned(rt, keys, mkeys, which, entries, itemsize, masks, word_starts, expect)
-        args: list[object] = [itemsize, len(which), 1 if word_starts else 0, _packed(which + 1, entries), b""]
-        if masks is not None:
-            args[4] = _packed(which + 1 + len(keys), masks[1])
-        args.append("" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}")
-        reply = await self._fetch(keys=[*keys, *mkeys, self.keys.ds(rt.name, "meta")], args=args)
-        if reply[0] == b"stale":
-            uid, nseq, nchunks = (x.decode() for x in reply[1:])
-            raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
-        data, records = reply
-        return b"".join(data), b"".join(records) if masks else None
+        read = RowsRead(rt, chunks, which, entries, itemsize, masks, word_starts)
+        return (await self._read([read], expect))[0]
 
     async def fetch_rows(self, r: RowsRead, expect: tuple[str, int, int] | None = None) -> tuple[bytes, bytes | None]:
         """``fetch`` of one ``RowsRead``."""
-        return await self.fetch(r.rt, r.chunks, r.which, r.entries, r.itemsize, masks=r.masks,
-                                word_starts=r.word_starts, expect=expect)  # fmt: skip
+        return (await self._read([r], expect))[0]
 
     async def fetch_many(self, reads: list[RowsRead]) -> list[tuple[bytes, bytes | None]]:
-        """Several ``fetch``es (of any datasets, with one id width and one kind of record, no counters checked),
-        on one server in one script call: one round trip, one script's overhead. On a cluster each runs as
-        ``fetch`` does, all at once."""
-        if self.cluster or len(reads) == 1 or len({(r.itemsize, r.word_starts, r.masks is None) for r in reads}) > 1:
-            return list(await asyncio.gather(*(self.fetch_rows(r) for r in reads)))
+        """Several ``fetch``es (of any datasets, no counters checked). What is not cached is read on one server
+        in one script call when the reads share an id width and a kind of record (one round trip, one script's
+        overhead); on a cluster each read's groups are sent as ``fetch`` sends them, all at once."""
+        return await self._read(reads, None)
+
+    async def _read(self, reads: list[RowsRead], expect: tuple[str, int, int] | None) -> list[tuple[bytes, bytes | None]]:
+        """``fetch`` of each read (``expect``: only with one read), through the row cache when it is on."""
+        cache = self.row_cache
+        if not cache.enabled:
+            return [(b"".join(data), None if recs is None else b"".join(recs))
+                    for data, recs in await self._from_redis(reads, expect)]  # fmt: skip
+        looked = [_Looked.of(r, cache) for r in reads]
+        todo = [(i, _subset(r, look.miss)) for i, (r, look) in enumerate(zip(reads, looked)) if len(look.miss)]
+        whole = [r for r, look in zip(reads, looked) if not len(look.miss)]
+        fetched, _ = await asyncio.gather(  # the missing rows; what can change about the rows found
+            self._from_redis([sub for _, sub in todo], expect), self._verify(whole, expect))
+        for (i, _), (data, recs) in zip(todo, fetched):
+            looked[i].fill(cache, data, recs)
+        return [look.joined(r) for r, look in zip(reads, looked)]
+
+    async def _verify(self, reads: list[RowsRead], expect: tuple[str, int, int] | None) -> None:
+        """Of reads served from the cache, what can change, in one round trip: the counters (``expect``) or the
+        generation's uid, and the static-mask cache's existence. Raises as a script read of their rows would."""
+        if not reads:
+            return
+        async with self.r.pipeline(transaction=False) as p:
+            for r in reads:
+                p.hmget(self.keys.ds(r.rt.name, "meta"), "uid", "num_sequences", "num_chunks")
+                if r.masks is not None:
+                    p.exists(self.keys.mask_meta(r.rt.name, r.masks[0]))
+            replies = iter(await p.execute())
+        for r in reads:
+            current = _counters(next(replies))
+            if expect is not None and current != expect:
+                raise StaleCounters(current)
+            if current is None or current[0] != r.rt.uid:
+                raise ResponseError(f"missing chunk: generation {r.rt.uid} of dataset {r.rt.name!r} is gone")
+            if r.masks is not None and not next(replies):
+                raise ResponseError(f"missing masks: cache {r.masks[0]} of dataset {r.rt.name!r} was dropped")
+
+    async def _from_redis(self, reads: list[RowsRead], expect: tuple[str, int, int] | None) -> list[_Pieces]:
+        """Each read's rows from Redis, as pieces (a record per row; mask records, or None)."""
+        if not reads:
+            return []
+        if len(reads) == 1:
+            return [await self._fetch_one(reads[0], expect)]
+        if self.cluster or len({(r.itemsize, r.word_starts, r.masks is None) for r in reads}) > 1:
+            return list(await asyncio.gather(*(self._fetch_one(r, None) for r in reads)))
         keys, mkeys, triples, mtriples = [], [], [], []
         for r in reads:
             positions = r.chunks.tolist()
@@ -189,14 +289,33 @@ class ChunkReads(StoreBase):
         out, at = [], 0
         for r in reads:
             upto = at + len(r.which)
-            out.append((b"".join(data[at:upto]), b"".join(records[at:upto]) if r.masks is not None else None))
+            out.append((data[at:upto], records[at:upto] if r.masks is not None else None))
             at = upto
         return out
+
+    async def _fetch_one(self, r: RowsRead, expect: tuple[str, int, int] | None) -> _Pieces:
+        """One read from Redis: one script call on one server, one per chunk group on a cluster."""
+        positions = r.chunks.tolist()
+        keys = self.chunk_keys(r.rt, positions)
+        mkeys = self.chunk_keys(r.rt, positions, r.masks[0]) if r.masks is not None else []
+        if self.cluster:
+            return await self._fetch_fanned(r.rt, keys, mkeys, r.which, r.entries, r.itemsize, r.masks,
+                                            r.word_starts, expect)  # fmt: skip
+        args: list[object] = [r.itemsize, len(r.which), 1 if r.word_starts else 0, _packed(r.which + 1, r.entries), b""]
+        if r.masks is not None:
+            args[4] = _packed(r.which + 1 + len(keys), r.masks[1])
+        args.append("" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}")
+        reply = await self._fetch(keys=[*keys, *mkeys, self.keys.ds(r.rt.name, "meta")], args=args)
+        if reply[0] == b"stale":
+            uid, nseq, nchunks = (x.decode() for x in reply[1:])
+            raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+        data, records = reply
+        return data, records if r.masks is not None else None
 
     async def _fetch_fanned(
         self, rt: ChunkRef, keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray,
         itemsize: int, masks: tuple[str, np.ndarray] | None, word_starts: bool, expect: tuple[str, int, int] | None,
-    ) -> tuple[bytes, bytes | None]:  # fmt: skip
+    ) -> _Pieces:  # fmt: skip
         """The cluster's fetch: one FETCH_RANGES per chunk group (one slot each) and, with ``expect``, the
         counters, all in one pipeline that the client sends as one batch per node, to all nodes at once."""
         chunk_group = np.array([_group_of(key) for key in keys])  # the group's tag, per distinct chunk
@@ -236,7 +355,7 @@ class ChunkReads(StoreBase):
             if masks is not None:
                 for row, piece in zip(rows.tolist(), mparts):
                     records[row] = piece
-        return b"".join(data), b"".join(records) if masks else None
+        return data, records if masks is not None else None
 
     async def _run_fetches(
         self, client: aioredis.Redis, plans: list[tuple[np.ndarray, list[str], list[object]]], meta: str | None, *,

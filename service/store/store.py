@@ -18,9 +18,13 @@ no reader ever sees a partial state:
   lies in other slots (chunks, static masks, staged chunks, jobs); then those are
   unlinked, node by node, and the record dropped. A delete or create of the same
   name finishes any trash an interrupted delete left behind.
-* **Batches.** On one server a batch's sequences come from one script. On a
-  cluster they are grouped by chunk group (one slot each) and sent as one
-  pipeline per node, all nodes at once: one round trip per node.
+* **Batches.** Sequences (and static masks) a process read once are kept in
+  its row cache (``rowcache``), keyed by generation uid; a batch reads from
+  Redis only the rows it lacks, plus what can change (the counters or the
+  generation's uid, and the mask cache's existence) in one small round trip.
+  On one server the rows it lacks come from one script. On a cluster they are
+  grouped by chunk group (one slot each) and sent as one pipeline per node,
+  all nodes at once: one round trip per node.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from .datasets import DatasetKeys
 from .jobkeys import JobKeys
 from .keys import Keys
 from .masks import MaskCaches
+from .rowcache import RowCache
 from .staging import IngestStaging
 from .trash import Trash
 
@@ -51,11 +56,12 @@ class Store(DatasetKeys, IngestStaging, ChunkReads, MaskCaches, Trash):
     ``cluster``: the client is a ``RedisCluster``; batches fan out per node (see the module docstring).
     ``chunk_groups``: G of datasets created from now on. ``reader``: on a cluster, a client that reads
     from replicas, used for chunk reads only (chunks are immutable; everything else goes to masters).
-    ``idempotency_ttl_s``: how long an ingest's idempotency key is remembered."""
+    ``idempotency_ttl_s``: how long an ingest's idempotency key is remembered. ``chunk_cache_bytes``: the bound
+    of the process's cache of sequence and static-mask records (``rowcache``; 0: none)."""
 
     def __init__(
         self, r: aioredis.Redis, prefix: str, *, cluster: bool = False, chunk_groups: int = 64,
-        reader: aioredis.Redis | None = None, idempotency_ttl_s: int = 7 * 86400,
+        reader: aioredis.Redis | None = None, idempotency_ttl_s: int = 7 * 86400, chunk_cache_bytes: int = 0,
     ) -> None:  # fmt: skip
         self.r = r
         self.idempotency_ttl_ms = idempotency_ttl_s * 1000
@@ -65,6 +71,7 @@ class Store(DatasetKeys, IngestStaging, ChunkReads, MaskCaches, Trash):
         self.cluster = cluster
         self.chunk_groups = chunk_groups
         self.replica_reads = reader is not None
+        self.row_cache = RowCache(chunk_cache_bytes)
         self._register_datasets(r)
         self._register_staging(r)
         self._register_chunks(r)

@@ -1,0 +1,166 @@
+"""The process's chunk cache (sequence and static-mask records): bounded, invisible in what is served.
+
+A warm batch reads no row from Redis (only what can change: the counters, the
+generation, the mask cache), serves the bytes a process without the cache
+serves, and a delete, a re-creation or a dropped mask cache is seen at once
+by every process, whatever it cached.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import redis
+
+from client import Client, decode
+from service.core.config import Settings
+from service.store.rowcache import ENTRY_OVERHEAD, RowCache
+
+from .conftest import ServerThread, service_env
+
+SEQ_LEN = 64
+B = 16
+
+
+def _metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+def _evalsha_calls(rdb: redis.Redis) -> int:
+    stats = rdb.info("commandstats")
+    return sum(int(v["calls"]) for k, v in stats.items() if k in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+def _body(url: str, name: str, **params: object) -> bytes:
+    """A served batch's arrays (safetensors body, so the exact bytes), the metadata left out."""
+    r = httpx.get(f"{url}/v1/datasets/{name}/batch", params={"size": B, "seed": 7, **params}, timeout=60)
+    assert r.status_code == 200, r.text
+    arrays, _ = decode(r.content)
+    return b"".join(arrays[k].tobytes() for k in sorted(arrays))
+
+
+def _server(redis_url: str, **overrides: object) -> ServerThread:
+    return ServerThread(Settings(redis_url=redis_url, max_batch_size=1024, chunk_bytes=16 << 10,
+                                 chunk_max_sequences=64, **overrides))  # fmt: skip
+
+
+@pytest.fixture
+def pair(redis_url: str, rdb: redis.Redis) -> Iterator[tuple[str, str]]:
+    """Two services on one Redis: one with the cache (the default), one without."""
+    with _server(redis_url) as cached, _server(redis_url, chunk_cache_bytes=0) as plain:
+        yield cached.url, plain.url
+
+
+OPTIONS = [
+    {"mlm_probability": 0.15},
+    {"unit": "whole_word"},
+    {"unit": "span", "count": "exact"},
+    {"mode": "static", "copies": 3},
+]
+
+
+def test_the_cache_keeps_at_most_its_bytes_and_drops_the_least_recently_used():
+    cache = RowCache(10 * (100 + ENTRY_OVERHEAD))
+    keys = [("u", "", i) for i in range(12)]
+    cache.put_many(keys[:10], [bytes([i]) * 100 for i in range(10)])
+    assert len(cache) == 10 and cache.bytes == cache.max_bytes
+    assert cache.get_many([keys[0]]) == [bytes([0]) * 100]  # 0 is now the most recently used
+    cache.put_many(keys[10:], [b"x" * 100, b"y" * 100])
+    assert cache.bytes <= cache.max_bytes and len(cache) == 10
+    found = cache.get_many(keys)
+    assert found[1] is None and found[2] is None  # the two least recently used went
+    assert found[0] == bytes([0]) * 100 and found[11] == b"y" * 100
+    cache.put_many([("u", "", 99)], [b"z" * cache.max_bytes])  # larger than the whole bound: not kept
+    assert cache.get_many([("u", "", 99)]) == [None] and cache.bytes <= cache.max_bytes
+    off = RowCache(0)
+    off.put_many(keys[:1], [b"a"])
+    assert not off.enabled and off.get_many(keys[:1]) == [None]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))
+def test_a_warm_batch_reads_no_rows_from_redis_and_serves_the_same_bytes(pair, rdb, bpe_tokenizer, corpus, options):
+    cached, plain = pair
+    name = f"cc-{uuid.uuid4().hex[:10]}"
+    with Client(cached) as c:
+        c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        c.ingest(name, corpus[:150])
+        if options.get("mode") == "static":
+            c.build_static_masks(name, seed=7, copies=3)
+    for index in range(3):
+        first = _body(cached, name, index=index, **options)
+        misses = _metric(cached, "maskserve_chunk_cache_misses_total")
+        hits = _metric(cached, "maskserve_chunk_cache_hits_total")
+        scripts = _evalsha_calls(rdb)
+        again = _body(cached, name, index=index, **options)
+        assert _evalsha_calls(rdb) == scripts  # no script read a row: only the counters were asked
+        assert _metric(cached, "maskserve_chunk_cache_misses_total") == misses
+        records = B * (2 if options.get("mode") == "static" else 1)
+        assert _metric(cached, "maskserve_chunk_cache_hits_total") == hits + records
+        assert first == again == _body(plain, name, index=index, **options)
+    assert 0 < _metric(cached, "maskserve_chunk_cache_bytes") <= Settings().chunk_cache_bytes
+
+
+def test_a_cache_smaller_than_the_dataset_stays_in_its_bound_and_serves_the_same_bytes(redis_url, rdb, bpe_tokenizer,
+                                                                                          corpus):  # fmt: skip
+    bound = 40 * (SEQ_LEN * 2 + 8 + ENTRY_OVERHEAD)  # about 40 sequences of the dataset's ~600
+    with _server(redis_url, chunk_cache_bytes=bound) as small, _server(redis_url, chunk_cache_bytes=0) as plain:
+        name = f"cc-{uuid.uuid4().hex[:10]}"
+        with Client(small.url) as c:
+            c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+            c.ingest(name, corpus[:150])
+            batches = -(-c.dataset(name)["num_sequences"] // B)
+        for index in [*range(batches), *range(batches)]:
+            assert _body(small.url, name, index=index) == _body(plain.url, name, index=index)
+            assert _metric(small.url, "maskserve_chunk_cache_bytes") <= bound
+        assert _metric(small.url, "maskserve_chunk_cache_hits_total") == 0  # a scan larger than the bound
+        _body(small.url, name, index=0)
+        _body(small.url, name, index=0)  # the last batch read is still there
+        assert _metric(small.url, "maskserve_chunk_cache_hits_total") == B
+
+
+def test_a_dropped_static_cache_is_refused_though_its_records_are_cached(client, service_url, bpe_tokenizer, corpus):
+    name = f"cc-{uuid.uuid4().hex[:10]}"
+    client.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+    client.ingest(name, corpus[:100])
+    built = client.build_static_masks(name, seed=7, copies=3)
+    _body(service_url, name, index=0, mode="static", copies=3)
+    _body(service_url, name, index=0, mode="static", copies=3)  # served from the cache
+    client.drop_static_masks(name, built["cache"])
+    r = httpx.get(f"{service_url}/v1/datasets/{name}/batch",
+                  params={"size": B, "seed": 7, "index": 0, "mode": "static", "copies": 3})  # fmt: skip
+    assert r.status_code == 409 and r.json()["type"] == "urn:maskserve:problem:static-masks-missing", r.text
+    assert name in r.json()["detail"]
+
+
+def test_every_process_serves_a_re_created_dataset_as_it_is_now(spawn_service, redis_url, rdb, bpe_tokenizer, corpus):
+    """Two worker processes cache a dataset's rows; it is deleted and created again under its name with other
+    documents: every answer, from either process, is the new generation's (as a process without the cache
+    serves it), none the old one's."""
+    svc = spawn_service(service_env(REDIS_URL=redis_url), workers=2)
+    plain = spawn_service(service_env(REDIS_URL=redis_url, MASKSERVE_CHUNK_CACHE_BYTES="0"))
+    name = f"cc-{uuid.uuid4().hex[:10]}"
+
+    def served(url: str) -> list[bytes]:
+        return [_body(url, name, index=i) for i in range(4)]  # a new connection each: spread over the processes
+
+    with Client(svc.url) as c:
+        c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        c.ingest(name, corpus[:150])
+        old = served(svc.url)
+        for _ in range(4):
+            assert served(svc.url) == old  # both processes now hold these rows
+        c.delete_dataset(name)
+        c.create_dataset(name, tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
+        c.ingest(name, corpus[150:300])
+    now = served(plain.url)
+    assert all(a != b for a, b in zip(now, old))
+    for _ in range(6):
+        assert served(svc.url) == now
