@@ -386,14 +386,17 @@ def human(n: float, unit: str = "") -> str:
 
 
 # the steps of ``batch_path_steps``, in order
-BATCH_PATH_STEPS = ("open_dataset", "Redis fetch (Lua)", "assemble + mask/apply", "outputs + encode")
+BATCH_PATH_STEPS = ("open_dataset", "Redis fetch", "assemble + mask/apply", "outputs + encode")
 
 
 def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dict[str, Any], *, seed: int = 0,
-                     first_index: int = 900_000, warmup: int = 3) -> dict[str, list[float]]:  # fmt: skip
+                     first_index: int = 900_000, warmup: int = 3,
+                     chunk_cache_bytes: int | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Seconds per step of the batch route's own path (``service.batches.batching``), run
     in-process on this process's event loop, the way the route runs it: the
-    dataset opened from the counters last seen and the fetch checking them."""
+    dataset opened from the counters last seen and the fetch checking them.
+    ``chunk_cache_bytes``: the row cache (None: the service's default size);
+    with it, warm-up covers one epoch first, so the figures are a warm cache's."""
     import asyncio
 
     import redis.asyncio as aioredis
@@ -404,14 +407,20 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
     from service.http.routes.batches import BatchQuery
     from service.store.store import Store
 
+    if chunk_cache_bytes is None:
+        from service.core.config import Settings
+
+        chunk_cache_bytes = Settings().chunk_cache_bytes
+
     async def run() -> dict[str, list[float]]:
+        nonlocal warmup
         r = aioredis.from_url(redis_url)
         try:
-            store = Store(r, KEY_PREFIX)
+            store = Store(r, KEY_PREFIX, chunk_cache_bytes=chunk_cache_bytes)
             catalog = Catalog(store)
             q = BatchQuery(size=b, seed=seed, **options)
             spec = q.spec()
-            fetch, spent = store.fetch, [0.0]
+            fetch, spent = store._read, [0.0]  # every batch read goes through it (the row cache, then Redis)
 
             async def timed_fetch(*a: Any, **kw: Any) -> Any:
                 t = time.perf_counter()
@@ -420,8 +429,11 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
                 finally:
                     spent[0] += time.perf_counter() - t
 
-            store.fetch = timed_fetch  # type: ignore[method-assign]
+            store._read = timed_fetch  # type: ignore[method-assign]
             steps: dict[str, list[float]] = {k: [] for k in BATCH_PATH_STEPS}
+            if chunk_cache_bytes:
+                counters = await store.counters(name)
+                warmup += -(-counters[1] // b) if counters else 0  # an epoch, so every row is cached
             for it in range(iters + warmup):
                 t0 = time.perf_counter()
                 known = catalog.known(name)

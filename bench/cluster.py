@@ -14,6 +14,12 @@ chunk bytes per token, and per Redis node the memory it gained (``used_memory``)
 its keys and its chunk keys (``MEMORY USAGE``), so the spread over the masters
 shows and the per-token cost is told apart from what each dataset holds once.
 
+With ``--cache warm cold`` (the default) everything below runs twice: with
+the services' chunk cache on (its default size; every sequence of the
+dataset served once before the window, so no row is read from Redis in it)
+and then with services restarted with ``MASKSERVE_CHUNK_CACHE_BYTES=0``
+(every row read from Redis, as a dataset far larger than the cache is).
+
 Then, per length, each backend in turn (the order alternates between lengths)
 serves ``--clients`` concurrent clients pulling B x L batches back to back,
 each with its random seed (a shuffled stream). The clients stand for trainers
@@ -174,14 +180,29 @@ class Backend:
             r.close()
 
 
-def start_service(b: Backend, args: argparse.Namespace, log_dir: Path, stack: ExitStack) -> None:
+def start_service(b: Backend, args: argparse.Namespace, log_dir: Path, stack: ExitStack, cache: str) -> None:
+    """``cache``: "warm" keeps the service's chunk cache (its default size), "cold" turns it off."""
     env = {"MASKSERVE_REDIS_CLUSTER": "1" if b.cluster else "0", "MASKSERVE_DURABLE_ACKS": "off",
            "MASKSERVE_CHUNK_BYTES": str(args.chunk_kib * 1024), "MASKSERVE_WORKERS": "1"}  # fmt: skip
+    if cache == "cold":
+        env["MASKSERVE_CHUNK_CACHE_BYTES"] = "0"
     for kv in args.service_env:
         key, _, value = kv.partition("=")
         env[key] = value
     b.svc = stack.enter_context(Service(redis_url=b.url, embedded=False, env=env,
-                                        log_file=str(log_dir / f"service-{b.short}.log")))
+                                        log_file=str(log_dir / f"service-{b.short}-{cache}.log")))
+
+
+def prefill(b: Backend, seq_len: int, batch: int) -> float:
+    """Every sequence of the dataset served once, so that a warm service holds them all; returns the seconds."""
+    from client import Client
+
+    t0 = time.perf_counter()
+    ds = b.datasets[seq_len]
+    with Client(b.svc.url, timeout=900, retries=2) as c:
+        for index in range(-(-ds.info["num_sequences"] // batch)):
+            c.batch(ds.name, size=batch, seed=0, index=index)
+    return time.perf_counter() - t0
 
 
 def ingest(b: Backend, seq_len: int, tokenizer: dict, docs: list[str], prefix: str) -> Dataset:
@@ -331,6 +352,7 @@ class Phase:
     backend: Backend
     seq_len: int
     batch: int
+    cache: str = "warm"
     seconds: float = 0.0
     batches: int = 0
     body_bytes: int = 0
@@ -354,7 +376,7 @@ class Phase:
         return x / self.seconds if self.seconds else float("nan")
 
 
-def measure(b: Backend, backends: list[Backend], seq_len: int, args: argparse.Namespace) -> Phase:
+def measure(b: Backend, backends: list[Backend], seq_len: int, args: argparse.Namespace, cache: str) -> Phase:
     ctx = mp.get_context("spawn")
     ready, results, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     name = b.datasets[seq_len].name
@@ -382,7 +404,7 @@ def measure(b: Backend, backends: list[Backend], seq_len: int, args: argparse.Na
         for p in procs:
             if p.is_alive():
                 p.kill()
-    ph = Phase(b, seq_len, args.batch_size, seconds=s1.t - s0.t)
+    ph = Phase(b, seq_len, args.batch_size, cache, seconds=s1.t - s0.t)
     for t, dt, what in records:
         if not s0.t <= t <= s1.t:
             continue
@@ -410,7 +432,7 @@ def print_phase(ph: Phase, args: argparse.Namespace) -> None:
     errors = ", ".join(f"{k} {v}" for k, v in sorted(ph.errors.items())) or "none"
     tokens = ph.sequences * ph.seq_len
     ours = ph.service_cpu + ph.client_cpu + ph.redis_cpu + sum(ph.idle.values())
-    print(f"L={ph.seq_len} B={ph.batch}, {b.label}: {ph.seconds:.1f} s measured after {args.warmup:g} s warm-up, "
+    print(f"L={ph.seq_len} B={ph.batch}, {b.label}, {ph.cache} chunk cache: {ph.seconds:.1f} s measured after {args.warmup:g} s warm-up, "
           f"{args.clients} clients in {args.client_procs} processes")  # fmt: skip
     print(f"  served {ph.batches:,} batches = {ph.per_s(ph.sequences):,.0f} sequences/s "
           f"({ph.per_s(tokens) / 1e6:.2f} M token slots/s), latency p50 {1000 * percentile(lat, 50):.1f} ms "
@@ -434,7 +456,7 @@ def print_phase(ph: Phase, args: argparse.Namespace) -> None:
 
 
 def print_table(phases: list[Phase]) -> None:
-    cols = ["L", "backend", "seq/s", "svc cores", "seq/svc-CPU-s", "Redis cores", "seq/Redis-CPU-s",
+    cols = ["L", "backend", "cache", "seq/s", "svc cores", "seq/svc-CPU-s", "Redis cores", "seq/Redis-CPU-s",
             "Mtok/Redis-CPU-s", "client cores", "B/seq Redis", "B/seq wire", "B/tok mem", "B/tok chunks",
             "p50 ms", "p99 ms"]  # fmt: skip
     rows = []
@@ -442,7 +464,7 @@ def print_table(phases: list[Phase]) -> None:
         ds = ph.backend.datasets[ph.seq_len]
         seqs, tokens = max(ph.sequences, 1), ds.info["num_tokens"]
         lat = ph.latencies or [float("nan")]
-        rows.append([str(ph.seq_len), ph.backend.short, f"{ph.per_s(ph.sequences):,.0f}",
+        rows.append([str(ph.seq_len), ph.backend.short, ph.cache, f"{ph.per_s(ph.sequences):,.0f}",
                      f"{ph.per_s(ph.service_cpu):.2f}", f"{ph.sequences / ph.service_cpu:,.0f}",
                      f"{ph.per_s(ph.redis_cpu):.2f}", f"{ph.sequences / ph.redis_cpu:,.0f}",
                      f"{ph.sequences * ph.seq_len / ph.redis_cpu / 1e6:.2f}", f"{ph.per_s(ph.client_cpu):.2f}",
@@ -486,6 +508,9 @@ def main() -> None:
     p.add_argument("--masters", type=int, default=3, help="masters of the local cluster (default: %(default)s)")
     p.add_argument("--service-env", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra environment for both services, e.g. MASKSERVE_CPU_THREADS=1")
+    p.add_argument("--cache", nargs="+", choices=["warm", "cold"], default=["warm", "cold"],
+                   help="measure with the services' chunk cache on and filled first (warm), and/or off (cold: every "
+                        "row read from Redis) (default: %(default)s)")  # fmt: skip
     p.add_argument("--keep-logs", default=None, metavar="DIR", help="keep the services' logs in this directory")
     args = p.parse_args()
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
@@ -523,8 +548,10 @@ def main() -> None:
                     Backend(f"{args.masters}-master cluster", "cluster", cluster.url, cluster.master_ports(), True)]
         version = backends[0].node(port).info("server")["redis_version"]
         print(f"redis-server {version}: one node on {port}; cluster masters on {backends[1].ports}\n", flush=True)
+        services = ExitStack()
+        stack.callback(services.close)
         for b in backends:
-            start_service(b, args, log_dir, stack)
+            start_service(b, args, log_dir, services, args.cache[0])
             for L in args.seq_len:
                 t0 = time.perf_counter()
                 ds = ingest(b, L, tokenizer, docs, prefix)
@@ -532,11 +559,18 @@ def main() -> None:
                 print_dataset(b, ds, args.chunk_kib)
                 if ds.info["num_chunks"] < 64:
                     print(f"    warning: only {ds.info['num_chunks']} chunks; raise --corpus-mb or lower --chunk-kib")
-        for i, L in enumerate(args.seq_len):
-            for b in backends if i % 2 == 0 else backends[::-1]:
-                ph = measure(b, backends, L, args)
-                phases.append(ph)
-                print_phase(ph, args)
+        for k, cache in enumerate(args.cache):
+            if k:  # the same datasets, served by services started with this cache setting
+                services.close()
+                for b in backends:
+                    start_service(b, args, log_dir, services, cache)
+            for i, L in enumerate(args.seq_len):
+                for b in backends if i % 2 == 0 else backends[::-1]:
+                    if cache == "warm":
+                        print(f"(prefill {b.short} L={L}: every sequence served once, {prefill(b, L, args.batch_size):.1f} s)")
+                    ph = measure(b, backends, L, args, cache)
+                    phases.append(ph)
+                    print_phase(ph, args)
     finally:
         stack.close()  # the services first, then their Redis
         for b in backends:

@@ -11,6 +11,7 @@ when a master dies and its replica takes over.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
@@ -28,7 +29,7 @@ from client import Client
 from client._errors import MaskserveError
 from service.data.catalog import Catalog
 from service.core.config import Settings
-from service.store.store import Store
+from service.store.store import StaleCounters, Store
 
 from .cluster import LocalCluster, Node, binaries
 from .conftest import ServerThread
@@ -137,20 +138,33 @@ def test_a_batch_costs_one_round_trip_per_node(cluster, service, bpe_tokenizer, 
         chunk, local = rt.locate(ids)
         chunks = Chunks.of(chunk)
         entries = await catalog.entries(rt, chunks, local, ds.num_sequences)
+        await store.fetch(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize)  # connections made
         before = {p: _evalsha_calls(cluster, p) for p in cluster.master_ports()}
         writes: Counter = Counter()
         send = Connection.send_packed_command
 
+        here = threading.get_ident()  # this loop's writes, not those of the service's thread
+
         async def counted(self, command, check_health=True):  # noqa: ANN001
-            writes[self.port] += 1
+            if threading.get_ident() == here:
+                writes[self.port] += 1
             return await send(self, command, check_health)
 
         monkeypatch.setattr(Connection, "send_packed_command", counted)
         joined, _ = await store.fetch(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
                                       expect=(rt.uid, ds.num_sequences, ds.num_chunks))  # fmt: skip
         monkeypatch.undo()
-        assert len(joined) == int(entries[:, 1].sum()) * rt.id_dtype.itemsize
         after = {p: _evalsha_calls(cluster, p) for p in cluster.master_ports()}
+        assert len(joined) == int(entries[:, 1].sum()) * rt.id_dtype.itemsize
+        store.per_node = False  # the fallback, one script per chunk group, reads the same bytes
+        by_group, _ = await store.fetch(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
+                                        expect=(rt.uid, ds.num_sequences, ds.num_chunks))  # fmt: skip
+        assert by_group == joined
+        store.per_node = True
+        with pytest.raises(StaleCounters) as stale:  # the node holding the counters checks them in its script
+            await store.fetch(rt.chunk_ref, chunks.ids, chunks.which, entries, rt.id_dtype.itemsize,
+                              expect=(rt.uid, ds.num_sequences + 1, ds.num_chunks))  # fmt: skip
+        assert stale.value.current == (rt.uid, ds.num_sequences, ds.num_chunks)
         groups = len({store.chunk_keys(rt.chunk_ref, [k])[0].split("}")[0] for k in chunks.ids.tolist()})
         await rc.aclose()
         return writes, {p: after[p] - before[p] for p in after}, groups
@@ -159,7 +173,8 @@ def test_a_batch_costs_one_round_trip_per_node(cluster, service, bpe_tokenizer, 
     assert set(writes) <= set(cluster.master_ports())
     assert all(n == 1 for n in writes.values()), writes  # one pipeline written to each node
     assert len(writes) == 3  # 64 sequences over 64 groups touch every master
-    assert sum(scripts.values()) == groups  # one script per chunk group, none per sequence
+    assert groups > len(writes)
+    assert all(n == 1 for n in scripts.values()), scripts  # one script per node, not per chunk group
 
 
 class StoreError(Exception):

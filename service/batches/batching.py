@@ -95,6 +95,7 @@ class Read:
     lengths: np.ndarray
     joined: bytes | memoryview
     words: bool
+    whole: bool  # ``joined`` holds whole records (ids and word-start bits), even without ``words``
     seed: int
     epoch: int
     spec: MaskSpec
@@ -103,7 +104,8 @@ class Read:
 
     def assemble(self) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         """``(ids (B, L) int32, word starts or None, lengths)``."""
-        return assemble(self.lengths, self.joined, self.rt.id_dtype, self.rt.seq_len, words=self.words)
+        return assemble(self.lengths, self.joined, self.rt.id_dtype, self.rt.seq_len, words=self.words,
+                        whole=self.whole)  # fmt: skip
 
     def compute(self) -> Masked:
         """The rows masked for their epoch (CPU work)."""
@@ -190,7 +192,8 @@ async def _plan(
 
     def read(joined: bytes | memoryview, records: bytes | None) -> Read:
         static_part = None if masks is None else (masks[1][:, 1], records)
-        return Read(rt, seq_ids, entries[:, 1], joined, need_words, seed, epoch, spec, vocab, static_part)
+        whole = need_words or catalog.store.whole_records
+        return Read(rt, seq_ids, entries[:, 1], joined, need_words, whole, seed, epoch, spec, vocab, static_part)
 
     return _Plan(rows, rt, read)
 
@@ -244,7 +247,7 @@ async def prepare_parts(
         first = reads[0]
         joined_ids, joined_ws, joined_n = assemble(np.concatenate([r.lengths for r in reads]),
                                                    b"".join(r.joined for r in reads), first.rt.id_dtype,
-                                                   first.rt.seq_len, words=first.words)  # fmt: skip
+                                                   first.rt.seq_len, words=first.words, whole=first.whole)  # fmt: skip
         order = np.concatenate(rows)  # each assembled row's place in the batch
         ids = np.empty_like(joined_ids)
         ids[order] = joined_ids
@@ -271,6 +274,7 @@ def _mask_alike(reads: list[Read]) -> bool:
     v = first.vocab
     return all(
         r.static is None and r.spec == first.spec and r.seed == first.seed and r.words == first.words
+        and r.whole == first.whole
         and r.rt.seq_len == first.rt.seq_len and r.rt.id_dtype == first.rt.id_dtype
         and r.spec.random_tokens != "frequency"
         and (r.vocab is v or (r.vocab.mask_id == v.mask_id and r.vocab.pad_id == v.pad_id

@@ -172,19 +172,23 @@ def decode_records(records: list[tuple[int, bytes]], dtype: np.dtype, seq_len: i
 
 
 def assemble(
-    lengths: np.ndarray, joined: bytes | memoryview, dtype: np.dtype, seq_len: int, *, words: bool
+    lengths: np.ndarray, joined: bytes | memoryview, dtype: np.dtype, seq_len: int, *, words: bool,
+    whole: bool | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
     """Fetched sequences -> ``(ids (B, L) int32, word_start (B, L) bool or None, lengths)``.
 
     ``joined`` holds the sequences back to back: each one's ids, or with
-    ``words`` its whole record (ids, then ``ceil(n / 8)`` word-start bytes).
-    Vectorized: a reshape when every sequence is full, else one gather.
+    ``words`` its whole record (ids, then ``ceil(n / 8)`` word-start bytes);
+    ``whole`` says that it holds whole records even without ``words`` (their
+    word-start bits are then skipped). Vectorized: a reshape when every
+    sequence is full, else one gather.
     """
+    whole = words if whole is None else whole or words
     n = np.asarray(lengths, dtype=np.int64)
     b, w = len(n), dtype.itemsize
     buf = np.frombuffer(joined, dtype=np.uint8)
     bit_bytes = (n + 7) // 8
-    size = n * w + (bit_bytes if words else 0)  # bytes per sequence in ``joined``
+    size = n * w + (bit_bytes if whole else 0)  # bytes per sequence in ``joined``
     begin = np.cumsum(size) - size
     full = b > 0 and bool((n == seq_len).all())
     if full:  # the common case: rows of equal records
@@ -192,7 +196,7 @@ def assemble(
         ids = rows[:, : seq_len * w].view(dtype).astype(np.int32)
     else:
         ids = np.zeros((b, seq_len), dtype=np.int32)
-        ids[np.arange(seq_len)[None, :] < n[:, None]] = (buf[runs(begin, n * w)] if words else buf).view(dtype)
+        ids[np.arange(seq_len)[None, :] < n[:, None]] = (buf[runs(begin, n * w)] if whole else buf).view(dtype)
     if not words:
         return ids, None, n
     if full:

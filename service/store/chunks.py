@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import logging
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -10,7 +12,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, ResponseError
 
 from .base import ChunkRef, StaleCounters, StoreBase, _counters, _u64
-from .keys import group_of
+from .keys import group_of, key_slot
 from .rowcache import RowCache, RowKey
 
 
@@ -62,6 +64,16 @@ end
 return {data, masks}
 """
 
+# FETCH_RANGES for one cluster node: the keys of every chunk group (slot) the node serves, in one call. A script
+# with this flag may touch keys of several slots, all served by the node that runs it (Redis >= 7.0, Valkey); the
+# keys come after the six arguments, none declared (a cluster refuses declared keys of several slots).
+FETCH_RANGES_NODE = (
+    "#!lua flags=no-writes,allow-cross-slot-keys\n"
+    "local KEYS = {}\nfor i = 7, #ARGV do KEYS[i - 6] = ARGV[i] end\n" + FETCH_RANGES
+)
+_FETCH_RANGES_NODE_SHA = hashlib.sha1(FETCH_RANGES_NODE.encode()).hexdigest()
+
+
 def _group_of(key: str) -> str:
     """The hash tag of a chunk key (its group)."""
     return key[key.index("{") + 1 : key.index("}")]
@@ -86,6 +98,8 @@ class RowsRead(NamedTuple):
     word_starts: bool
 
 
+log = logging.getLogger("maskserve")
+
 #: a read's rows as fetched: a record per row, and a mask record per row (None without masks)
 _Pieces = tuple[list[bytes], list[bytes] | None]
 
@@ -103,6 +117,43 @@ def _entry_keys(entries: np.ndarray) -> list[int]:
     """``offset << 32 | count`` of each (offset, count) entry: a record's place in its blob (an empty record
     shares its offset with the next one, so the count belongs to the key)."""
     return ((entries[:, 0].astype(np.uint64) << np.uint64(32)) | entries[:, 1].astype(np.uint64)).tolist()
+
+
+def _plans(
+    labels: np.ndarray, keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray, itemsize: int,
+    masks: tuple[str, np.ndarray] | None, word_starts: bool,
+) -> list[tuple[np.ndarray, list[str], list[object]]]:  # fmt: skip
+    """One FETCH_RANGES call per distinct label of the chunks (a chunk group, or a node): the batch rows it
+    reads (in batch order), its keys (chunks, then their masks) and arguments (no counters)."""
+    seq_label = labels[which]
+    order = np.argsort(seq_label, kind="stable")
+    plans = []
+    for label in np.unique(labels):
+        mine = np.flatnonzero(labels == label)  # distinct chunks read by this call
+        local = np.zeros(len(keys), dtype=np.int64)
+        local[mine] = np.arange(1, len(mine) + 1)
+        rows = order[seq_label[order] == label]
+        gkeys = [keys[i] for i in mine]
+        args: list[object] = [itemsize, len(rows), 1 if word_starts else 0, _packed(local[which[rows]], entries[rows]), b""]
+        if masks is not None:
+            args[4] = _packed(local[which[rows]] + len(mine), masks[1][rows])
+            gkeys += [mkeys[i] for i in mine]
+        plans.append((rows, gkeys, [*args, ""]))
+    return plans
+
+
+def _gathered(plans: list[tuple[np.ndarray, list[str], list[object]]], replies: list[Any], b: int,
+              masked: bool) -> _Pieces:  # fmt: skip
+    """The rows of a batch put back in batch order from the replies of its plans."""
+    data: list[bytes] = [b""] * b
+    records: list[bytes] = [b""] * b
+    for (rows, _, _), (part, mparts) in zip(plans, replies):
+        for row, piece in zip(rows.tolist(), part):
+            data[row] = piece
+        if masked:
+            for row, piece in zip(rows.tolist(), mparts):
+                records[row] = piece
+    return data, records if masked else None
 
 
 class _Looked:
@@ -140,19 +191,15 @@ class _Looked:
             cache.put_many([self.mkeys[i] for i in rows], recs)
 
     def joined(self, r: RowsRead) -> tuple[bytes, bytes | None]:
-        """``fetch``'s answer: the rows back to back (ids only unless ``r.word_starts``), the mask records."""
-        if r.word_starts:
-            data = b"".join(self.data)  # type: ignore[arg-type]
-        else:
-            sizes = (r.entries[:, 1] * r.itemsize).tolist()
-            data = b"".join([memoryview(d)[:n] for d, n in zip(self.data, sizes)])  # type: ignore[arg-type]
-        return data, None if self.recs is None else b"".join(self.recs)  # type: ignore[arg-type]
+        """``fetch``'s answer: the rows' whole records back to back, the mask records."""
+        return b"".join(self.data), None if self.recs is None else b"".join(self.recs)  # type: ignore[arg-type]
 
 
 class ChunkReads(StoreBase):
     """Read chunks and the sequences of a batch."""
 
     row_cache: RowCache
+    per_node = True  # on a cluster, one script per node (False: one per chunk group, the fallback; see _fetch_fanned)
 
     def _register_chunks(self, r: aioredis.Redis) -> None:
         self._fetch = r.register_script(FETCH_RANGES)
@@ -207,7 +254,8 @@ class ChunkReads(StoreBase):
         from it; the rest are read in one round trip per node (and kept).
 
         Returns the sequences back to back (their ids, or with ``word_starts``
-        their whole records, as ``packing.assemble`` takes) and, with
+        or while the row cache is on (``whole_records``) their whole records,
+        as ``packing.assemble`` takes) and, with
         ``masks=(cache id, (offset, pairs) per sequence)``, their static mask
         records back to back (else None). With ``expect`` (the counters the
         batch was drawn from) they are checked in the same round trip, and
@@ -219,6 +267,12 @@ class ChunkReads(StoreBase):
         """
         read = RowsRead(rt, chunks, which, entries, itemsize, masks, word_starts)
         return (await self._read([read], expect))[0]
+
+    @property
+    def whole_records(self) -> bool:
+        """Whether ``fetch`` answers whole records (ids and word-start bits) whatever ``word_starts`` asks: the
+        row cache keeps whole records."""
+        return self.row_cache.enabled
 
     async def fetch_rows(self, r: RowsRead, expect: tuple[str, int, int] | None = None) -> tuple[bytes, bytes | None]:
         """``fetch`` of one ``RowsRead``."""
@@ -316,24 +370,18 @@ class ChunkReads(StoreBase):
         self, rt: ChunkRef, keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray,
         itemsize: int, masks: tuple[str, np.ndarray] | None, word_starts: bool, expect: tuple[str, int, int] | None,
     ) -> _Pieces:  # fmt: skip
-        """The cluster's fetch: one FETCH_RANGES per chunk group (one slot each) and, with ``expect``, the
-        counters, all in one pipeline that the client sends as one batch per node, to all nodes at once."""
-        chunk_group = np.array([_group_of(key) for key in keys])  # the group's tag, per distinct chunk
-        seq_group = chunk_group[which]
-        order = np.argsort(seq_group, kind="stable")
-        plans = []
-        for tag in np.unique(chunk_group):
-            in_group = np.flatnonzero(chunk_group == tag)  # distinct chunks of this group
-            local = np.full(len(keys), 0, dtype=np.int64)
-            local[in_group] = np.arange(1, len(in_group) + 1)
-            rows = order[seq_group[order] == tag]  # the batch rows read here, in batch order
-            gkeys = [keys[i] for i in in_group]
-            args: list[object] = [itemsize, len(rows), 1 if word_starts else 0, _packed(local[which[rows]], entries[rows]), b""]
-            if masks is not None:
-                args[4] = _packed(local[which[rows]] + len(in_group), masks[1][rows])
-                gkeys += [mkeys[i] for i in in_group]
-            plans.append((rows, gkeys, [*args, ""]))
+        """The cluster's fetch: one FETCH_RANGES_NODE per master holding chunks of the batch (the one holding the
+        dataset's meta checks ``expect`` in the same call), all nodes at once: one command and one round trip per
+        node. Where that cannot run (replica reads, a slot moving, a server without script flags), one
+        FETCH_RANGES per chunk group and the counters, in one pipeline the client sends as one batch per node."""
         meta = self.keys.ds(rt.name, "meta") if expect is not None else None
+        tags = [_group_of(key) for key in keys]  # the group's tag, per distinct chunk
+        if self.per_node and not self.replica_reads:
+            found = await self._fetch_by_node(keys, mkeys, tags, which, entries, itemsize, masks, word_starts, meta,
+                                              expect)  # fmt: skip
+            if found is not None:
+                return found
+        plans = _plans(np.array(tags), keys, mkeys, which, entries, itemsize, masks, word_starts)
         replies = await self._run_fetches(self.reader, plans, meta, replica=self.replica_reads)
         failed = any(isinstance(x, Exception) for x in replies)
         if self.replica_reads and (failed or (expect is not None and _counters(replies[-1]) != expect)):
@@ -347,15 +395,54 @@ class ChunkReads(StoreBase):
             current = _counters(replies[-1])
             if current != expect:
                 raise StaleCounters(current)
-        data: list[bytes] = [b""] * len(which)
-        records: list[bytes] = [b""] * len(which)
-        for (rows, _, _), (part, mparts) in zip(plans, replies):
-            for row, piece in zip(rows.tolist(), part):
-                data[row] = piece
-            if masks is not None:
-                for row, piece in zip(rows.tolist(), mparts):
-                    records[row] = piece
-        return data, records if masks is not None else None
+        return _gathered(plans, replies, len(which), masks is not None)
+
+    async def _fetch_by_node(
+        self, keys: list[str], mkeys: list[str], tags: list[str], which: np.ndarray, entries: np.ndarray,
+        itemsize: int, masks: tuple[str, np.ndarray] | None, word_starts: bool, meta: str | None,
+        expect: tuple[str, int, int] | None,
+    ) -> _Pieces | None:  # fmt: skip
+        """``_fetch_fanned``'s one call per node; None when it could not run (the caller reads by group)."""
+        manager = self.r.nodes_manager  # type: ignore[attr-defined]
+        nodes = {}
+        labels = []
+        for tag in tags:
+            node = manager.get_node_from_slot(key_slot(tag))
+            nodes[node.name] = node
+            labels.append(node.name)
+        plans = _plans(np.array(labels), keys, mkeys, which, entries, itemsize, masks, word_starts)
+        names = [str(label) for label in np.unique(labels)]  # the plans' nodes, in the plans' order
+        if meta is not None:  # the counters are checked by the script of the node that holds them
+            node = manager.get_node_from_slot(self.r.keyslot(meta))  # type: ignore[attr-defined]
+            holder = node.name
+            if holder not in nodes:
+                plans.append((np.empty(0, dtype=np.int64), [], [itemsize, 0, 0, b"", b"", ""]))
+                names.append(holder)
+                nodes[holder] = node
+            at = names.index(holder)
+            rows, gkeys, args = plans[at]
+            plans[at] = (rows, [*gkeys, meta], [*args[:5], f"{expect[0]}:{expect[1]}:{expect[2]}"])  # type: ignore[index]
+        for attempt in range(2):
+            replies = await asyncio.gather(*(
+                self.r.execute_command("EVALSHA", _FETCH_RANGES_NODE_SHA, 0, *args, *gkeys, target_nodes=nodes[name])
+                for (_, gkeys, args), name in zip(plans, names)), return_exceptions=True)  # fmt: skip
+            if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
+                await self._load_everywhere(FETCH_RANGES_NODE)
+                continue
+            break
+        for x in replies:
+            if isinstance(x, ResponseError) and str(x).startswith("missing "):
+                raise x  # a chunk gone, as on one server
+            if isinstance(x, BaseException):
+                if isinstance(x, ResponseError) and ("flag" in str(x) or "shebang" in str(x)):
+                    log.warning("the cluster cannot run one script per node (%s): chunk reads go by group", x)
+                    self.per_node = False
+                log.debug("one script per node failed (%r): reading by group", x)
+                return None  # a slot moving, a node failing: the group path follows the redirections
+            if x and x[0] == b"stale":
+                uid, nseq, nchunks = (v.decode() for v in x[1:])
+                raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+        return _gathered(plans, replies, len(which), masks is not None)
 
     async def _run_fetches(
         self, client: aioredis.Redis, plans: list[tuple[np.ndarray, list[str], list[object]]], meta: str | None, *,
