@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import httpx
 import pytest
 import redis
 import uvicorn
@@ -130,6 +132,14 @@ def bpe_tokenizer(corpus: list[str]) -> str:
 @pytest.fixture(scope="session")
 def wordpiece_tokenizer(corpus: list[str]) -> str:
     return train_tokenizer(corpus, "wordpiece", vocab_size=2000).to_str()
+
+
+def metric(url: str, series: str) -> float:
+    """One unlabelled series (or one exactly as written with its labels) of the service's /metrics."""
+    text = httpx.get(f"{url}/metrics", timeout=30).text
+    match = re.search(rf"^{re.escape(series)} (\S+)$", text, re.M)
+    assert match, f"{series} not in /metrics"
+    return float(match.group(1))
 
 
 def service_env(**extra: str) -> dict[str, str]:

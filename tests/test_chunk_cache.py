@@ -8,7 +8,6 @@ by every process, whatever it cached.
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterator
 
@@ -21,17 +20,10 @@ from client import Client, decode
 from service.core.config import Settings
 from service.store.rowcache import ENTRY_OVERHEAD, RowCache
 
-from .conftest import ServerThread, service_env
+from .conftest import ServerThread, metric, service_env
 
 SEQ_LEN = 64
 B = 16
-
-
-def _metric(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def _evalsha_calls(rdb: redis.Redis) -> int:
@@ -96,16 +88,16 @@ def test_a_warm_batch_reads_no_rows_from_redis_and_serves_the_same_bytes(pair, r
             c.build_static_masks(name, seed=7, copies=3)
     for index in range(3):
         first = _body(cached, name, index=index, **options)
-        misses = _metric(cached, "maskserve_chunk_cache_misses_total")
-        hits = _metric(cached, "maskserve_chunk_cache_hits_total")
+        misses = metric(cached, "maskserve_chunk_cache_misses_total")
+        hits = metric(cached, "maskserve_chunk_cache_hits_total")
         scripts = _evalsha_calls(rdb)
         again = _body(cached, name, index=index, **options)
         assert _evalsha_calls(rdb) == scripts  # no script read a row: only the counters were asked
-        assert _metric(cached, "maskserve_chunk_cache_misses_total") == misses
+        assert metric(cached, "maskserve_chunk_cache_misses_total") == misses
         records = B * (2 if options.get("mode") == "static" else 1)
-        assert _metric(cached, "maskserve_chunk_cache_hits_total") == hits + records
+        assert metric(cached, "maskserve_chunk_cache_hits_total") == hits + records
         assert first == again == _body(plain, name, index=index, **options)
-    assert 0 < _metric(cached, "maskserve_chunk_cache_bytes") <= Settings().chunk_cache_bytes
+    assert 0 < metric(cached, "maskserve_chunk_cache_bytes") <= Settings().chunk_cache_bytes
 
 
 def test_a_cache_smaller_than_the_dataset_stays_in_its_bound_and_serves_the_same_bytes(redis_url, rdb, bpe_tokenizer,
@@ -119,11 +111,11 @@ def test_a_cache_smaller_than_the_dataset_stays_in_its_bound_and_serves_the_same
             batches = -(-c.dataset(name)["num_sequences"] // B)
         for index in [*range(batches), *range(batches)]:
             assert _body(small.url, name, index=index) == _body(plain.url, name, index=index)
-            assert _metric(small.url, "maskserve_chunk_cache_bytes") <= bound
-        assert _metric(small.url, "maskserve_chunk_cache_hits_total") == 0  # a scan larger than the bound
+            assert metric(small.url, "maskserve_chunk_cache_bytes") <= bound
+        assert metric(small.url, "maskserve_chunk_cache_hits_total") == 0  # a scan larger than the bound
         _body(small.url, name, index=0)
         _body(small.url, name, index=0)  # the last batch read is still there
-        assert _metric(small.url, "maskserve_chunk_cache_hits_total") == B
+        assert metric(small.url, "maskserve_chunk_cache_hits_total") == B
 
 
 def test_a_dropped_static_cache_is_refused_though_its_records_are_cached(client, service_url, bpe_tokenizer, corpus):

@@ -31,16 +31,9 @@ from wire import decode
 from service.core.config import Settings
 from service.store.embedded import EmbeddedRedis
 
-from .conftest import ServerThread, service_env
+from .conftest import ServerThread, metric, service_env
 
 SEQ_LEN = 128
-
-
-def _gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=30).text
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))
 
 
 def _until(condition: Callable[[], bool], what: str, limit: float = 60) -> None:
@@ -96,7 +89,7 @@ def test_exhausted_redis_pool_is_overloaded_not_store_unavailable(own_redis, bpe
             pool.shutdown()
         served = [f.result() for f in futures]
         r.close()
-        assert _gauge(s.url, 'maskserve_overloaded_total{reason="redis-connections"}') == len(refused)
+        assert metric(s.url, 'maskserve_overloaded_total{reason="redis-connections"}') == len(refused)
     for resp in refused:
         assert resp.status_code == 503, resp.text
         assert resp.json()["type"] == "urn:maskserve:problem:overloaded"
@@ -130,7 +123,7 @@ def test_admission_limit_refuses_heavy_requests_at_once_and_keeps_probes_fast(re
     with _server(redis_url, max_inflight=2, overload_retry_after_s=3) as s, Client(s.url, retries=0) as c:
         name = _dataset(c, bpe_tokenizer, corpus)
         held = [_open_ingest(s.url, name) for _ in range(2)]
-        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 2, "both ingests were admitted")
+        _until(lambda: metric(s.url, "maskserve_inflight_heavy_requests") == 2, "both ingests were admitted")
         r = httpx.get(f"{s.url}/v1/datasets/{name}/batch", params={"size": 4}, timeout=30)
         assert r.status_code == 503 and r.headers["Retry-After"] == "3"
         assert 100 <= int(r.headers["Maskserve-Retry-After-Ms"]) <= 300  # 200 ms, drawn within +-50%
@@ -140,9 +133,9 @@ def test_admission_limit_refuses_heavy_requests_at_once_and_keeps_probes_fast(re
         assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
         assert httpx.get(f"{s.url}/readyz", timeout=30).status_code == 200
         assert httpx.get(f"{s.url}/v1/datasets/{name}", timeout=30).status_code == 200
-        assert _gauge(s.url, 'maskserve_overloaded_total{reason="requests"}') == 1
+        assert metric(s.url, 'maskserve_overloaded_total{reason="requests"}') == 1
         assert [_finish_ingest(sock) for sock in held] == [200, 200]
-        assert _gauge(s.url, "maskserve_inflight_heavy_requests") == 0
+        assert metric(s.url, "maskserve_inflight_heavy_requests") == 0
         assert c.batch(name, 4, seed=1)["input_ids"].shape[0] == 4
 
 
@@ -151,7 +144,7 @@ def test_client_waits_out_overloaded_answers(redis_url, rdb, bpe_tokenizer, corp
     with _server(redis_url, max_inflight=1) as s, Client(s.url, retries=0) as setup:
         name = _dataset(setup, bpe_tokenizer, corpus)
         sock = _open_ingest(s.url, name)
-        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 1, "the ingest was admitted")
+        _until(lambda: metric(s.url, "maskserve_inflight_heavy_requests") == 1, "the ingest was admitted")
         refusals: list[int] = []
 
         def release(request: httpx.Request) -> None:  # the first refusal frees the slot: the retry then goes in
@@ -339,7 +332,7 @@ def test_large_bodies_go_out_in_bounded_pieces_and_probes_answer_meanwhile(fmt, 
             assert tap.held == 3, f"bodies sent whole, in messages of {sorted(tap.sizes)[-3:]} bytes"
             for _ in range(3):
                 assert httpx.get(f"{s.url}/healthz", timeout=30).status_code == 200
-            assert _gauge(s.url, "maskserve_inflight_heavy_requests") == 3
+            assert metric(s.url, "maskserve_inflight_heavy_requests") == 3
             assert not any(f.done() for f in futures)
         finally:
             tap.release.set()
@@ -400,12 +393,12 @@ def test_response_bytes_in_flight_are_limited(redis_url, rdb, bpe_tokenizer, cor
             assert second.status_code == 503, second.status_code
             assert second.json()["type"] == "urn:maskserve:problem:overloaded" and second.headers["Retry-After"] == "1"
             assert 100 <= int(second.headers["Maskserve-Retry-After-Ms"]) <= 300
-            assert _gauge(s.url, 'maskserve_overloaded_total{reason="bytes"}') == 1
+            assert metric(s.url, 'maskserve_overloaded_total{reason="bytes"}') == 1
             assert c.batch(name, 8, seed=1)["input_ids"].shape == (8, SEQ_LEN)
         finally:
             tap.release.set()
         assert first.result(timeout=120).status_code == 200
-        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 0, "the first request finished")
+        _until(lambda: metric(s.url, "maskserve_inflight_heavy_requests") == 0, "the first request finished")
         assert c.batch(name, 1024, seed=2)["input_ids"].shape == (1024, SEQ_LEN)
 
 
@@ -466,7 +459,7 @@ def test_static_build_stops_when_its_client_has_gone(redis_url, rdb, bpe_tokeniz
                          f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
             assert entered.wait(120)
         release.set()  # the first chunk completes after its client is gone; no other is started
-        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 0, "the build returned")
+        _until(lambda: metric(s.url, "maskserve_inflight_heavy_requests") == 0, "the build returned")
         (cache,) = c.static_masks(name)
         assert cache["built"] == 1 and not cache["complete"]
 
@@ -546,7 +539,7 @@ def test_a_client_that_stops_reading_is_dropped_and_frees_its_slot(redis_url, rd
             sock.connect((host, int(port)))
             sock.sendall(f"GET /v1/datasets/{name}/batch?size=1024&format=json HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             # never read: the response (megabytes of JSON) cannot be sent; the slot must come back regardless
-            _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 0, "the slow reader was dropped")
+            _until(lambda: metric(s.url, "maskserve_inflight_heavy_requests") == 0, "the slow reader was dropped")
         assert c.batch(name, 4, seed=0)["input_ids"].shape[0] == 4
 
 
@@ -602,7 +595,7 @@ def test_client_retries_a_refused_dataset_creation(redis_url, rdb, bpe_tokenizer
     with _server(redis_url, max_inflight=1) as s, Client(s.url, retries=0) as setup:
         name = _dataset(setup, bpe_tokenizer, corpus)
         sock = _open_ingest(s.url, name)
-        _until(lambda: _gauge(s.url, "maskserve_inflight_heavy_requests") == 1, "the ingest was admitted")
+        _until(lambda: metric(s.url, "maskserve_inflight_heavy_requests") == 1, "the ingest was admitted")
         with pytest.raises(OverloadedError) as refused:
             setup.create_dataset("second", tokenizer=bpe_tokenizer, seq_len=SEQ_LEN)
         assert 0.1 <= refused.value.retry_after <= 0.3 and setup.datasets()[0]["name"] == name
