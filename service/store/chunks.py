@@ -157,42 +157,33 @@ def _gathered(plans: list[tuple[np.ndarray, list[str], list[object]]], replies: 
 
 
 class _Looked:
-    """A read's rows as the row cache holds them: keys, the records found (None where not), the rows missing."""
+    """A read's rows as the row cache holds them: their keys (sequence records, then mask records), the records
+    found (None where not), the rows missing either."""
 
-    def __init__(self, dkeys: list[RowKey], mkeys: list[RowKey] | None, data: list[bytes | None],
-                 recs: list[bytes | None] | None) -> None:  # fmt: skip
-        self.dkeys, self.mkeys, self.data, self.recs = dkeys, mkeys, data, recs
-        missing = [i for i, d in enumerate(data) if d is None]
-        if recs is not None:
-            missing = sorted({*missing, *(i for i, m in enumerate(recs) if m is None)})
-        self.miss = np.array(missing, dtype=np.int64)
-
-    @classmethod
-    def of(cls, r: RowsRead, cache: RowCache) -> _Looked:
-        uid = r.rt.uid
+    def __init__(self, r: RowsRead, cache: RowCache) -> None:
+        uid, b = r.rt.uid, len(r.which)
         chunk_ids = r.rt.ids[r.chunks[r.which]].tolist()  # each row's chunk id
-        dkeys = [(uid, "", c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.entries))]
-        mkeys = recs = None
+        self.keys = [(uid, "", c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.entries))]
         if r.masks is not None:
-            cache_id = r.masks[0]
-            mkeys = [(uid, cache_id, c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.masks[1]))]
-            recs = cache.get_many(mkeys)
-        return cls(dkeys, mkeys, cache.get_many(dkeys), recs)
+            self.keys += [(uid, r.masks[0], c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.masks[1]))]
+        self.found = cache.get_many(self.keys)  # one lookup for both kinds
+        self.b, self.masked = b, r.masks is not None
+        absent = np.array([x is None for x in self.found], dtype=bool).reshape(-1, b).any(axis=0)
+        self.miss = np.flatnonzero(absent)
 
     def fill(self, cache: RowCache, data: list[bytes], recs: list[bytes] | None) -> None:
         """The missing rows as read (whole records), into this read and the cache."""
         rows = self.miss.tolist()
-        for i, piece in zip(rows, data):
-            self.data[i] = piece
-        cache.put_many([self.dkeys[i] for i in rows], data)
-        if self.recs is not None and self.mkeys is not None and recs is not None:
-            for i, piece in zip(rows, recs):
-                self.recs[i] = piece
-            cache.put_many([self.mkeys[i] for i in rows], recs)
+        places = rows + [self.b + i for i in rows] if recs is not None else rows
+        pieces = data + recs if recs is not None else data
+        for at, piece in zip(places, pieces):
+            self.found[at] = piece
+        cache.put_many([self.keys[at] for at in places], pieces)
 
-    def joined(self, r: RowsRead) -> tuple[bytes, bytes | None]:
+    def joined(self) -> tuple[bytes, bytes | None]:
         """``fetch``'s answer: the rows' whole records back to back, the mask records."""
-        return b"".join(self.data), None if self.recs is None else b"".join(self.recs)  # type: ignore[arg-type]
+        found, b = self.found, self.b
+        return b"".join(found[:b]), b"".join(found[b:]) if self.masked else None  # type: ignore[arg-type]
 
 
 class ChunkReads(StoreBase):
@@ -290,14 +281,14 @@ class ChunkReads(StoreBase):
         if not cache.enabled:
             return [(b"".join(data), None if recs is None else b"".join(recs))
                     for data, recs in await self._from_redis(reads, expect)]  # fmt: skip
-        looked = [_Looked.of(r, cache) for r in reads]
+        looked = [_Looked(r, cache) for r in reads]
         todo = [(i, _subset(r, look.miss)) for i, (r, look) in enumerate(zip(reads, looked)) if len(look.miss)]
         whole = [r for r, look in zip(reads, looked) if not len(look.miss)]
         fetched, _ = await asyncio.gather(  # the missing rows; what can change about the rows found
             self._from_redis([sub for _, sub in todo], expect), self._verify(whole, expect))
         for (i, _), (data, recs) in zip(todo, fetched):
             looked[i].fill(cache, data, recs)
-        return [look.joined(r) for r, look in zip(reads, looked)]
+        return [look.joined() for look in looked]
 
     async def _verify(self, reads: list[RowsRead], expect: tuple[str, int, int] | None) -> None:
         """Of reads served from the cache, what can change, in one round trip: the counters (``expect``) or the
