@@ -119,6 +119,18 @@ def _entry_keys(entries: np.ndarray) -> list[int]:
     return ((entries[:, 0].astype(np.uint64) << np.uint64(32)) | entries[:, 1].astype(np.uint64)).tolist()
 
 
+def _expected(expect: tuple[str, int, int] | None) -> str:
+    """FETCH_RANGES' ARGV[6]: the counters to check, or '' for none."""
+    return "" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}"
+
+
+def _check_stale(reply: Any) -> None:
+    """Raise ``StaleCounters`` (with the current counters) when FETCH_RANGES answered that they moved on."""
+    if reply and reply[0] == b"stale":
+        uid, nseq, nchunks = (x.decode() for x in reply[1:])
+        raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+
+
 def _plans(
     labels: np.ndarray, keys: list[str], mkeys: list[str], which: np.ndarray, entries: np.ndarray, itemsize: int,
     masks: tuple[str, np.ndarray] | None, word_starts: bool,
@@ -349,11 +361,9 @@ class ChunkReads(StoreBase):
         args: list[object] = [r.itemsize, len(r.which), 1 if r.word_starts else 0, _packed(r.which + 1, r.entries), b""]
         if r.masks is not None:
             args[4] = _packed(r.which + 1 + len(keys), r.masks[1])
-        args.append("" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}")
+        args.append(_expected(expect))
         reply = await self._fetch(keys=[*keys, *mkeys, self.keys.ds(r.rt.name, "meta")], args=args)
-        if reply[0] == b"stale":
-            uid, nseq, nchunks = (x.decode() for x in reply[1:])
-            raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+        _check_stale(reply)
         data, records = reply
         return data, records if r.masks is not None else None
 
@@ -412,7 +422,7 @@ class ChunkReads(StoreBase):
                 nodes[holder] = node
             at = names.index(holder)
             rows, gkeys, args = plans[at]
-            plans[at] = (rows, [*gkeys, meta], [*args[:5], f"{expect[0]}:{expect[1]}:{expect[2]}"])  # type: ignore[index]
+            plans[at] = (rows, [*gkeys, meta], [*args[:5], _expected(expect)])
         for attempt in range(2):
             replies = await asyncio.gather(*(
                 self.r.execute_command("EVALSHA", _FETCH_RANGES_NODE_SHA, 0, *args, *gkeys, target_nodes=nodes[name])
@@ -430,9 +440,7 @@ class ChunkReads(StoreBase):
                     self.per_node = False
                 log.debug("one script per node failed (%r): reading by group", x)
                 return None  # a slot moving, a node failing: the group path follows the redirections
-            if x and x[0] == b"stale":
-                uid, nseq, nchunks = (v.decode() for v in x[1:])
-                raise StaleCounters((uid, int(nseq), int(nchunks)) if uid else None)
+            _check_stale(x)
         return _gathered(plans, replies, len(which), masks is not None)
 
     async def _run_fetches(
