@@ -141,7 +141,7 @@ class Leasing:
             ds = DatasetSnapshot(rt, st["n"], st["num_chunks"])
             hold(cfg, rt)
             seq_ids = await self.work.run(batch_ids, cfg.seed, lease.epoch, st["n"], cfg.batch_size, lease.index,
-                                          cfg.shuffle, tokens=cfg.batch_size * rt.seq_len)  # fmt: skip
+                                          cfg.shuffle, tokens=cfg.batch_size)  # fmt: skip  # O(B) work
             step = lease.epoch * st["bpe"] + lease.index  # bpe: the job's batches per epoch
             compute = await prepare_batch(self.catalog, ds, seq_ids, seed=cfg.masks_seed, epoch=lease.epoch,
                                           params=cfg.masking, spec=spec, step=step)  # fmt: skip

@@ -95,8 +95,8 @@ async def get_batch(name: str, request: Request) -> Pieces:
 
     async def draw(ds: DatasetSnapshot, checked: bool) -> tuple[list[Piece], int]:
         hold_body(request, q.size, ds.rt, q, as_json)
-        seq_ids, epochs = await work.run(stream_ids, seed, q.index, q.size, ds.num_sequences,
-                                         tokens=q.size * ds.rt.seq_len)  # fmt: skip
+        # O(B) work: weighed as B tokens (a thread hop costs more than drawing a few thousand ids)
+        seq_ids, epochs = await work.run(stream_ids, seed, q.index, q.size, ds.num_sequences, tokens=q.size)
         epoch = int(epochs[0]) if q.epoch is None else q.epoch
         mask_epochs = epochs if q.epoch is None else np.full_like(epochs, q.epoch)
         mask_seed = seed if q.mask_seed is None else q.mask_seed
