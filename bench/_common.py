@@ -396,7 +396,7 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
     in-process on this process's event loop, the way the route runs it: the
     dataset opened from the counters last seen and the fetch checking them.
     ``chunk_cache_bytes``: the row cache (None: the service's default size);
-    with it, warm-up covers one epoch first, so the figures are a warm cache's."""
+    with it, warm-up first serves every row (every static copy) once."""
     import asyncio
 
     import redis.asyncio as aioredis
@@ -432,8 +432,11 @@ def batch_path_steps(redis_url: str, name: str, b: int, iters: int, options: dic
             store._read = timed_fetch  # type: ignore[method-assign]
             steps: dict[str, list[float]] = {k: [] for k in BATCH_PATH_STEPS}
             if chunk_cache_bytes:
+                # consecutive batches of one more epoch than it takes for every row (and with static masks, every
+                # copy: copy = epoch mod K) to have been served once, so the figures are a warm cache's
                 counters = await store.counters(name)
-                warmup += -(-counters[1] // b) if counters else 0  # an epoch, so every row is cached
+                epochs = 1 + (q.copies if q.mode == "static" else 1)
+                warmup += epochs * -(-counters[1] // b) if counters else 0
             for it in range(iters + warmup):
                 t0 = time.perf_counter()
                 known = catalog.known(name)
