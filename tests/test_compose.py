@@ -74,7 +74,13 @@ def _trainer_args(cmd: list[str], flag: str) -> str:
 
 def test_compose_wiring():
     services = COMPOSE["services"]
-    assert set(services) == {"redis", "service", "proxy", "bootstrap", "trainer"}
+    assert set(services) == {"redis", "service", "proxy", "bootstrap", "trainer", "prometheus", "grafana"}
+    # monitoring is opt-in (`--profile monitoring`); the job's own services run without it
+    assert {n for n, s in services.items() if "profiles" in s} == {"prometheus", "grafana"}
+    assert all(services[n]["profiles"] == ["monitoring"] for n in ("prometheus", "grafana"))
+    assert "./deploy/prometheus.yml:/etc/prometheus/maskserve.yml:ro" in services["prometheus"]["volumes"]
+    assert "--config.file=/etc/prometheus/maskserve.yml" in services["prometheus"]["entrypoint"][-1]
+    assert "./deploy/grafana/maskserve.json:/etc/grafana/dashboards/maskserve.json:ro" in services["grafana"]["volumes"]
     assert "name" not in COMPOSE  # Compose v2 only: docker-compose 1.29 rejects it
     assert "--appendonly" in services["redis"]["command"] and "redis-data:/data" in services["redis"]["volumes"]
     assert services["service"]["depends_on"]["redis"]["condition"] == "service_healthy"
@@ -103,8 +109,10 @@ def test_compose_locks_every_service_down():
         assert s["security_opt"] == ["no-new-privileges:true"] and s["tmpfs"], name
         assert s["mem_limit"] and s["cpus"] and s["pids_limit"], name  # honoured by v2 and 1.29 alike
         assert "build" in s or DIGEST.search(s["image"]), f"{name}: image not pinned by digest"
-        assert ("ports" in s) == (name == "proxy"), f"{name}: only the proxy is published"
+        assert ("ports" in s) == (name in ("proxy", "grafana")), f"{name}: only the proxy and Grafana are published"
     assert services["proxy"]["ports"] == ["${PUBLISH_ADDRESS:-127.0.0.1}:${PUBLISH_PORT:-8000}:8080"]
+    assert services["grafana"]["ports"] == ["${GRAFANA_PUBLISH_ADDRESS:-127.0.0.1}:${GRAFANA_PUBLISH_PORT:-3000}:3000"]
+    assert services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"  # viewers never edit
     # secrets: required (compose refuses to start without them), never defaulted
     env = interpolate(COMPOSE, SECRETS)["services"]
     pw = SECRETS["REDIS_PASSWORD"]
@@ -145,9 +153,10 @@ def test_docker_compose_accepts_the_file(tmp_path: Path):
         if line and not line.startswith("#"))))  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in SECRETS and not k.startswith("COMPOSE_")}
 
-    def config(env_file: Path) -> subprocess.CompletedProcess:
+    def config(env_file: Path, *profiles: str) -> subprocess.CompletedProcess:
         return subprocess.run([DOCKER_COMPOSE, "--env-file", str(env_file), "--project-directory", str(ROOT),
-                               "-f", str(ROOT / "docker-compose.yml"), "config"],
+                               "-f", str(ROOT / "docker-compose.yml"),
+                               *(a for p in profiles for a in ("--profile", p)), "config"],
                               env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
 
     ok = config(filled)
@@ -156,6 +165,12 @@ def test_docker_compose_accepts_the_file(tmp_path: Path):
     assert services["service"]["environment"]["REDIS_URL"] == f"redis://:{SECRETS['REDIS_PASSWORD']}@redis:6379/0"
     assert services["proxy"]["ports"] == ["127.0.0.1:8000:8080/tcp"]
     assert services["trainer"]["depends_on"]["bootstrap"]["condition"] == "service_completed_successfully"
+    assert all(s["read_only"] and s["cap_drop"] == ["ALL"] and s["mem_limit"] for s in services.values())
+    monitoring = config(filled, "monitoring")
+    assert monitoring.returncode == 0, monitoring.stderr
+    services = yaml.safe_load(monitoring.stdout)["services"]
+    assert services["grafana"]["ports"] == ["127.0.0.1:3000:3000/tcp"]
+    assert services["prometheus"]["environment"]["AUTH_TOKEN"] == SECRETS["AUTH_TOKEN"]
     assert all(s["read_only"] and s["cap_drop"] == ["ALL"] and s["mem_limit"] for s in services.values())
     refused = config(DEPLOY / "env.example")
     assert refused.returncode != 0 and "in .env (see deploy/env.example)" in refused.stderr + refused.stdout

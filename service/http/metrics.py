@@ -64,6 +64,8 @@ class Metrics:
             "(MASKSERVE_MAX_INFLIGHT heavy requests), 'bytes' (MASKSERVE_MAX_INFLIGHT_BYTES), 'redis-connections' "
             "(every Redis connection of the process busy)", ["reason"], registry=self.registry,
         )  # fmt: skip
+        for reason in ("requests", "bytes", "redis-connections"):  # exported as 0 until one is refused
+            self.overloaded.labels(reason)
         self.inflight = Gauge(
             "maskserve_inflight_heavy_requests", "Heavy requests being worked on", registry=self.registry,
             multiprocess_mode="livesum",
