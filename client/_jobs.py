@@ -115,6 +115,7 @@ class JobStream(Closing):
         self.stats_every = stats_every
         self._wait = self._step = 0.0
         self._batches = 0
+        self._leases, self._lease_s = 0, 0.0  # lease requests answered with a batch, and their round trips
         self._yielded_at: float | None = None
         self._stats_at = time.monotonic()
         self.rejected: list[tuple[str, str]] = []  # (lease id, verdict) of acks the service refused
@@ -149,6 +150,7 @@ class JobStream(Closing):
             slot.told_wait = False
             slot.sent_after = self._arrivals
             self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
+        sent = time.monotonic()
         try:
             resp = self._transport.receive(
                 "POST", f"/v1/jobs/{self.job}/next", idempotent=True,
@@ -175,7 +177,7 @@ class JobStream(Closing):
         if resp.status_code == 204:
             self._told_to_wait(slot, resp)
             return False
-        self._file(slot, resp)
+        self._file(slot, resp, time.monotonic() - sent)
         return True
 
     def _told_to_wait(self, slot: _Slot, resp: Received) -> None:
@@ -187,8 +189,8 @@ class JobStream(Closing):
             self._cv.notify_all()
             self._cv.wait_for(lambda: self._closed, int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)
 
-    def _file(self, slot: _Slot, resp: Received) -> None:
-        """Decode the leased batch and put it among the ready ones."""
+    def _file(self, slot: _Slot, resp: Received, round_trip: float) -> None:
+        """Decode the leased batch and put it among the ready ones (``round_trip``: seconds its request took)."""
         try:
             arrays, metadata = decode(resp.body)
         except WireFormatError as exc:
@@ -197,15 +199,19 @@ class JobStream(Closing):
         in_order = resp.headers.get("maskserve-in-order") == "1"
         with self._cv:
             self._arrivals += 1
+            self._leases += 1
+            self._lease_s += round_trip
             heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order, batch))
 
     def _take_stats(self) -> dict[str, Any] | None:
         """The consumer's summary since the last one sent, when one is due (under the lock)."""
         if self.stats_every is None or not self._batches or time.monotonic() - self._stats_at < self.stats_every:
             return None
-        out = {"batches": self._batches, "wait_s": round(self._wait, 6), "step_s": round(self._step, 6)}
+        out = {"batches": self._batches, "wait_s": round(self._wait, 6), "step_s": round(self._step, 6),
+               "leases": self._leases, "lease_s": round(self._lease_s, 6)}  # fmt: skip
         self._wait = self._step = 0.0
-        self._batches = 0
+        self._batches = self._leases = 0
+        self._lease_s = 0.0
         self._stats_at = time.monotonic()
         return out
 

@@ -873,6 +873,18 @@ def _job_series(service_url: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def _worker_series(service_url: str, job: str) -> dict[str, dict[str, float]]:
+    """``maskserve_job_worker_*`` of ``job``: series name -> worker -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{service_url}/metrics").text):
+        for s in family.samples:
+            if s.name.startswith("maskserve_job_worker_") and s.labels.get("job") == job:
+                out.setdefault(s.name, {})[s.labels["worker"]] = s.value
+    return out
+
+
 def test_metrics_report_each_jobs_progress(client, service_url, bpe_tokenizer, corpus):
     name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=40)
     job = uid("prom")
@@ -960,7 +972,7 @@ def test_progress_flags_input_bound_workers_and_stragglers(client, service_url, 
     name, _ = make_dataset(client, bpe_tokenizer, corpus, docs=60)
     job = uid("bound")
     client.create_job(job, name, batch_size=2, epochs=1, lease_timeout_s=60)
-    _next_with(service_url, job, "steady", batches=20, wait_s=0.2, step_s=9.8)  # 2 batches/s, waits 2%
+    _next_with(service_url, job, "steady", batches=20, wait_s=0.2, step_s=9.8, leases=4, lease_s=0.2)  # waits 2%
     _next_with(service_url, job, "starved", batches=20, wait_s=6.0, step_s=4.0)  # 2 batches/s, waits 60%
     _next_with(service_url, job, "slow", batches=4, wait_s=0.1, step_s=9.9)  # 0.4 batches/s: a straggler
     p = client.job_progress(job)
@@ -970,8 +982,14 @@ def test_progress_flags_input_bound_workers_and_stragglers(client, service_url, 
     assert w["starved"]["data_wait_s"] == pytest.approx(0.3) and w["starved"]["step_s"] == pytest.approx(0.2)
     assert w["slow"]["straggler"] and not w["steady"]["straggler"] and not w["starved"]["straggler"]
     assert p["input_bound_workers"] == ["starved"] and p["stragglers"] == ["slow"]
+    assert w["steady"]["lease_rtt_s"] == pytest.approx(0.05) and "lease_rtt_s" not in w["starved"]  # none counted
     series = _job_series(service_url)
     assert series[("maskserve_job_input_bound_workers", job)] == 1 and series[("maskserve_job_stragglers", job)] == 1
+    per_worker = _worker_series(service_url, job)
+    assert per_worker["maskserve_job_worker_input_bound"] == {"steady": 0, "starved": 1, "slow": 0}
+    assert per_worker["maskserve_job_worker_straggler"] == {"steady": 0, "starved": 0, "slow": 1}
+    assert per_worker["maskserve_job_worker_data_wait_share"]["starved"] == pytest.approx(0.6)
+    assert per_worker["maskserve_job_worker_lease_rtt_seconds"] == {"steady": pytest.approx(0.05)}
     _next_with(service_url, job, "starved", batches=10, wait_s=0.1, step_s=9.9)  # the latest summary counts
     assert client.job_progress(job)["input_bound_workers"] == []
     bad = httpx.post(f"{service_url}/v1/jobs/{job}/next", params={"worker": "x"},
@@ -1002,4 +1020,5 @@ def test_a_job_stream_sends_its_consumers_wait_and_step(client, bpe_tokenizer, c
         p = client.job_progress(job)
     mine = p["workers"]["trainer"]
     assert mine["reported_batches"] >= 1 and mine["step_s"] >= 0.05  # the steps it took, as it measured them
+    assert mine["lease_rtt_s"] > 0  # its lease requests' round trips, as it measured them
     assert 0 <= mine["data_wait_share"] < 1

@@ -96,6 +96,11 @@ class Settings(BaseSettings):
         description="Jobs reported (maskserve_job_* series) per scrape of /metrics: the active ones first, by name. "
         "Each scrape reads their progress from Redis.",
     )  # fmt: skip
+    metrics_max_workers: int = Field(
+        default=64, ge=0, le=100000,
+        description="Workers reported (maskserve_job_worker_* series) per job and scrape of /metrics: those with a "
+        "summary, the flagged ones (input-bound, stragglers) first, then by name.",
+    )  # fmt: skip
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")

@@ -127,16 +127,44 @@ JOB_SERIES: tuple[tuple[str, str, Any], ...] = (
 )  # fmt: skip
 
 
-def job_exposition(progress: list[dict[str, Any]], limit: int) -> bytes:
+#: per-worker series, from the summaries a worker's client sends (workers without one have none)
+WORKER_SERIES: tuple[tuple[str, str, Any], ...] = (
+    ("maskserve_job_worker_data_wait_share", "Share of its time the worker's consumer waited for data",
+     lambda w: w["data_wait_share"]),
+    ("maskserve_job_worker_batches_per_second", "Batches per second the worker's consumer took",
+     lambda w: w.get("reported_batches_per_s", 0.0)),
+    ("maskserve_job_worker_step_seconds", "Seconds the worker's consumer spent per batch (its step)",
+     lambda w: w["step_s"]),
+    ("maskserve_job_worker_lease_rtt_seconds", "Seconds a lease request of the worker took, sent to answered",
+     lambda w: w.get("lease_rtt_s")),
+    ("maskserve_job_worker_input_bound", "1 when the worker is flagged input-bound", lambda w: float(w["input_bound"])),
+    ("maskserve_job_worker_straggler", "1 when the worker is flagged a straggler", lambda w: float(w["straggler"])),
+)  # fmt: skip
+
+
+def job_exposition(progress: list[dict[str, Any]], limit: int, worker_limit: int = 64) -> bytes:
     """The ``maskserve_job_*`` series of at most ``limit`` jobs (active ones first, then by name), labelled by job
-    and the dataset it reads, and ``maskserve_jobs`` (every job by status). Job state lives in Redis, so any
-    process answers the same; these are built per scrape, not kept per process."""
+    and the dataset it reads; ``maskserve_job_worker_*`` of at most ``worker_limit`` reporting workers of each
+    (the flagged ones first, then by name); and ``maskserve_jobs`` (every job by status). Job state lives in
+    Redis, so any process answers the same; these are built per scrape, not kept per process."""
     chosen = sorted(progress, key=lambda p: (p["status"] != "active", p["name"]))[:limit]
     families = []
     for name, text, read in JOB_SERIES:
         g = GaugeMetricFamily(name, text, labels=["job", "dataset"])
         for p in chosen:
             g.add_metric([p["name"], p["dataset"]], float(read(p)))
+        families.append(g)
+    shown = []
+    for p in chosen:
+        reporting = [(w, e) for w, e in p["workers"].items() if "data_wait_share" in e]
+        reporting.sort(key=lambda we: (not (we[1]["input_bound"] or we[1]["straggler"]), we[0]))
+        shown += [((p["name"], p["dataset"], w), e) for w, e in reporting[:worker_limit]]
+    for name, text, read in WORKER_SERIES:
+        g = GaugeMetricFamily(name, text, labels=["job", "dataset", "worker"])
+        for labels, entry in shown:
+            value = read(entry)
+            if value is not None:
+                g.add_metric(list(labels), float(value))
         families.append(g)
     total = GaugeMetricFamily("maskserve_jobs", "Jobs by status", labels=["status"])
     for status in ("active", "done", "cancelled"):

@@ -256,13 +256,15 @@ class Jobs:
             **self.durability.describe(),
         }  # fmt: skip
 
-    async def report(self, job: str, worker: str, batches: int, wait_s: float, step_s: float) -> None:
+    async def report(self, job: str, worker: str, batches: int, wait_s: float, step_s: float, leases: int = 0,
+                     lease_s: float = 0.0) -> None:  # fmt: skip
         """Keep ``worker``'s latest summary of its consumer: over its last ``batches`` batches, ``wait_s`` seconds
-        waiting for data and ``step_s`` seconds between batches (its training steps). The key expires once every
-        worker of the job has been idle for MASKSERVE_JOB_WORKER_IDLE_S."""
+        waiting for data and ``step_s`` seconds between batches (its training steps); and ``leases`` lease
+        requests answered with a batch, ``lease_s`` seconds in all. The key expires once every worker of the job
+        has been idle for MASKSERVE_JOB_WORKER_IDLE_S."""
         key = self.keys.stats(job)
         async with self.r.pipeline(transaction=False) as p:
-            p.hset(key, worker, f"{int(time.time() * 1000)}|{batches}|{wait_s:.6f}|{step_s:.6f}")
+            p.hset(key, worker, f"{int(time.time() * 1000)}|{batches}|{wait_s:.6f}|{step_s:.6f}|{leases}|{lease_s:.6f}")
             p.pexpire(key, self.worker_idle_ms)
             await p.execute()
 
@@ -275,8 +277,9 @@ class Jobs:
         for raw_worker, raw in wstats.items():
             worker = _s(raw_worker)
             try:
-                at, batches, wait, step = _s(raw).split("|")
+                at, batches, wait, step, *lease = _s(raw).split("|")  # (leases, their seconds): may be absent
                 at_ms, n, w, t = int(at), int(batches), float(wait), float(step)
+                leases, lease_s = (int(lease[0]), float(lease[1])) if len(lease) == 2 else (0, 0.0)
             except ValueError:
                 continue
             if at_ms < fresh or n <= 0:
@@ -286,6 +289,8 @@ class Jobs:
             share = w / total if total > 0 else 0.0
             entry.update(reported_batches=n, data_wait_s=w / n, step_s=t / n, data_wait_share=share,
                          input_bound=share > self.input_bound_share, straggler=False)  # fmt: skip
+            if leases > 0:
+                entry["lease_rtt_s"] = lease_s / leases
             if total > 0:
                 rates[worker] = entry["reported_batches_per_s"] = n / total
         if len(rates) >= 2:

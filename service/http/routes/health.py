@@ -39,5 +39,5 @@ async def metrics(m: MetricsDep, jobs: JobsDep, settings: SettingsDep) -> Respon
         except RedisError as exc:  # the process's own metrics still answer; the jobs' need Redis
             log.warning("/metrics: job series left out: Redis: %s", exc)
         else:
-            body += job_exposition(progress, settings.metrics_max_jobs)
+            body += job_exposition(progress, settings.metrics_max_jobs, settings.metrics_max_workers)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -161,6 +161,10 @@ class WorkerStats(BaseModel):
     batches: int = Field(ge=1, le=1 << 30, description="Batches the summary covers.")
     wait_s: float = Field(ge=0, le=1e9, description="Seconds the consumer waited for those batches.")
     step_s: float = Field(ge=0, le=1e9, description="Seconds the consumer spent between them (its training steps).")
+    leases: int = Field(default=0, ge=0, le=1 << 30, description="Lease requests answered with a batch since the "
+                        "last summary.")  # fmt: skip
+    lease_s: float = Field(default=0, ge=0, le=1e9, description="Seconds those requests took, each from sending it "
+                           "to its answer (the lease round trip, retries included).")  # fmt: skip
 
 
 class NextAcks(BaseModel):
@@ -220,7 +224,7 @@ async def next_batch(name: str, request: Request) -> Response:
     if body.stats is not None:  # the job exists (it answered): keep the worker's summary
         st = body.stats
         try:
-            await leasing.jobs.report(name, q.worker, st.batches, st.wait_s, st.step_s)
+            await leasing.jobs.report(name, q.worker, st.batches, st.wait_s, st.step_s, st.leases, st.lease_s)
         except RedisError as exc:  # a summary is not worth the batch: the next one comes with a later request
             log.warning("job %r: worker %r's summary was not kept: %s", name, q.worker, exc)
     if isinstance(out, Waiting):
