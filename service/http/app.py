@@ -40,16 +40,17 @@ from .deps import check_token
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
 from .problems import install, problem_response
-from .routes import batches, datasets, docs, health, jobs, masks, sequences, tokenizers
+from .routes import batches, datasets, docs, health, jobs, masks, sequences, tokenizers, ui
 
 log = logging.getLogger("maskserve")
 
 # Bodies parsed whole (JSON) get this limit; streamed ingest bodies check their own.
 _STREAMED_SUFFIXES = ("/documents", "/tokenizers/train")
-# Open without the bearer token: the health probes, and the API document with its pages and their
-# files (they describe the API and hold no data); every other path needs it.
-_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc"})
-_PUBLIC_PREFIX = docs.ASSETS
+# Open without the bearer token: the health probes, the API document with its pages and their files,
+# and the dashboard's page and files (they hold no data; the dashboard's calls carry the token); every
+# other path needs it.
+_PUBLIC_PATHS = frozenset({"/healthz", "/readyz", "/openapi.json", "/docs", "/redoc", ui.PAGE})
+_PUBLIC_PREFIX = (docs.ASSETS, ui.FILES)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -74,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
-    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences, docs):
+    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences, docs, ui):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
