@@ -18,9 +18,10 @@ and the jobs of a cluster spread over its masters::
                                                that carried an id
     P:job:{J}:ahead                     SET    "epoch:index" acked ahead of the cursor (epoch, next): the
                                                cursor skips them (see "Rolled back" in jobstore.py)
-    P:job:{J}:wstats                    HASH   worker -> "time ms|batches|wait s|step s": the last summary of
-                                               its consumer's data wait and step time it sent (expires with
-                                               the workers' idleness; not a lease key)
+    P:job:{J}:wstats                    HASH   worker -> "time ms|batches|wait s|step s|leases|lease s": the
+                                               last summary of its consumer's data wait and step time and of
+                                               its lease round trips it sent (the last two may be absent;
+                                               expires with the workers' idleness; not a lease key)
 
 The dataset lists its jobs in its own slot (``P:ds:{D}:jobs``, see keys.py):
 a job is created in its slot and then listed (the listing checks that the
