@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,22 +105,35 @@ def _widen(a: np.ndarray) -> np.ndarray:
     return a.astype(np.int64, copy=False) if a.dtype.kind in "iu" else a
 
 
-class BatchStream(Closing):
+class _Prefetch:
+    """The indexes a prefetching stream asks for: ``start, start+1, ...`` (``steps`` of them, or forever),
+    ``depth`` in flight."""
+
+    def __init__(self, start: int, steps: int | None, prefetch: int) -> None:
+        self._next = start
+        self._end = None if steps is None else start + steps
+        self._depth = max(1, prefetch)
+
+    def _due(self, in_flight: int) -> list[int]:
+        """The indexes to ask for now, with ``in_flight`` requests on the wire."""
+        last = self._next + max(0, self._depth - in_flight)
+        due = list(range(self._next, last if self._end is None else min(last, self._end)))
+        self._next += len(due)
+        return due
+
+
+class BatchStream(_Prefetch, Closing):
     """An iterator over ``fetch(k)`` with ``prefetch`` calls in flight on threads."""
 
     def __init__(self, fetch: Callable[[int], Batch], start: int, steps: int | None, prefetch: int) -> None:
+        super().__init__(start, steps, prefetch)
         self._fetch = fetch
-        self._next = start
-        self._end = None if steps is None else start + steps
-        self._pool = ThreadPoolExecutor(max_workers=max(1, prefetch), thread_name_prefix="maskserve-prefetch")
+        self._pool = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix="maskserve-prefetch")
         self._pending: deque[Future[Batch]] = deque()
-        self._depth = max(1, prefetch)
         self._closed = False
 
     def _fill(self) -> None:
-        while len(self._pending) < self._depth and (self._end is None or self._next < self._end):
-            self._pending.append(self._pool.submit(self._fetch, self._next))
-            self._next += 1
+        self._pending.extend(self._pool.submit(self._fetch, k) for k in self._due(len(self._pending)))
 
     def __iter__(self) -> "BatchStream":
         return self
@@ -143,3 +157,43 @@ class BatchStream(Closing):
             f.cancel()
         self._pending.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class AsyncBatchStream(_Prefetch):
+    """An async iterator over ``await fetch(k)`` with ``prefetch`` calls in flight as tasks."""
+
+    def __init__(self, fetch: Callable[[int], Awaitable[Batch]], start: int, steps: int | None, prefetch: int) -> None:
+        super().__init__(start, steps, prefetch)
+        self._fetch = fetch
+        self._pending: deque[asyncio.Task[Batch]] = deque()
+        self._closed = False
+
+    def __aiter__(self) -> "AsyncBatchStream":
+        return self
+
+    async def __anext__(self) -> Batch:
+        if self._closed:
+            raise StopAsyncIteration
+        self._pending.extend(asyncio.ensure_future(self._fetch(k)) for k in self._due(len(self._pending)))
+        if not self._pending:
+            await self.aclose()
+            raise StopAsyncIteration
+        try:
+            return await self._pending.popleft()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Cancel the requests in flight."""
+        self._closed = True
+        pending, self._pending = list(self._pending), deque()
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def __aenter__(self) -> "AsyncBatchStream":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

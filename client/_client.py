@@ -1,7 +1,15 @@
-"""The thin client: datasets, ingest, and masked batches with background prefetch."""
+"""The thin clients: datasets, ingest, and masked batches with background prefetch, blocking or asyncio.
+
+Every call is written once, as a plan (:mod:`client._plans`) in :class:`Calls`; :class:`Client` carries the
+plans out with blocking requests, :class:`AsyncClient` with awaited ones. Each class turns each plan into a
+method of the same name and signature (``c.datasets()`` or ``await c.datasets()``), so the two clients send
+the same requests, retry and fail over alike, and raise the same errors.
+"""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import os
 import time
@@ -14,10 +22,11 @@ import httpx
 
 from wire import CONTENT_TYPE, WireFormatError, decode
 
-from ._batch import Batch, BatchStream
-from ._errors import APIError, CorpusError, ProtocolError, ServiceUnavailableError, TransportError
-from ._jobs import JobStream
-from ._transport import Transport
+from ._batch import AsyncBatchStream, Batch, BatchStream
+from ._errors import APIError, CorpusError, NotFoundError, ProtocolError, ServiceUnavailableError, TransportError
+from ._jobs import AsyncJobStream, JobStream
+from ._plans import Plan, Sleep
+from ._transport import AsyncTransport, SyncTransport, Transport
 from ._types import NDJSON, PLAIN_TEXT, EpochBoundary, Packing, Sources, TextSplit, TokenizerKind
 from .corpora import (
     ARROW_STREAM, ARROW_SUFFIXES, PARQUET_SUFFIXES, Column, arrow_body, dataset_batches, hf_files, parquet_units,
@@ -30,53 +39,54 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def _transport_setting(name: str, doc: str) -> Any:
-    """A Client attribute that reads and sets the same one of its transport."""
+    """A client attribute that reads and sets the same one of its transport."""
     return property(lambda self: getattr(self._transport, name),
                     lambda self, value: setattr(self._transport, name, value), doc=doc)  # fmt: skip
 
 
-class Client:
-    """Synchronous client for one maskserve service (or several replicas of it).
+def plan(fn: Callable[..., Plan[Any]]) -> Callable[..., Plan[Any]]:
+    """Mark a :class:`Calls` method as a plan that each client turns into a method of the same name."""
+    fn.__maskserve_plan__ = True  # type: ignore[attr-defined]
+    return fn
 
-    >>> with Client("http://127.0.0.1:8000") as c:          # doctest: +SKIP
-    ...     for batch in c.batches("wiki", batch_size=64, steps=100):
-    ...         loss = model(**batch.torch("cuda"))
 
-    ``base_url`` may name several replicas (a list, or one string separated
-    by commas): a request that cannot reach one, or gets 502/503/504 from it,
-    moves on to the next. ``transport`` (or a ready ``http`` client) lets
-    tests swap the network. Idempotent calls are retried ``retries`` times on
-    transport errors and 502/503/504, with exponential backoff from
-    ``backoff`` seconds up to ``max_backoff`` (or the service's
-    ``Retry-After``); ingests carry an Idempotency-Key so a retried upload is
-    stored once.
-    """
+def _settings(base_url: str | Sequence[str] | None, token: str | None) -> tuple[list[str], dict[str, str]]:
+    """The replica URLs (``base_url``, else ``MASKSERVE_URL``, else the default) and the request headers
+    (the bearer ``token``, else ``MASKSERVE_TOKEN``)."""
+    urls = base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL
+    if isinstance(urls, str):
+        urls = urls.split(",")
+    base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+    if not base_urls:
+        raise ValueError("no service URL given")
+    token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
+    return base_urls, ({"Authorization": f"Bearer {token}"} if token else {})
 
-    def __init__(
-        self,
-        base_url: str | Sequence[str] | None = None,
-        *,
-        token: str | None = None,
-        timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 5.0,
-        transport: httpx.BaseTransport | None = None,
-        http: httpx.Client | None = None,
-    ) -> None:
-        urls = base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL
-        if isinstance(urls, str):
-            urls = urls.split(",")
-        base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
-        if not base_urls:
-            raise ValueError("no service URL given")
-        token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        http = http or httpx.Client(
-            headers=headers, timeout=timeout, transport=transport,
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-        )  # fmt: skip
-        self._transport = Transport(base_urls, http, retries=retries, backoff=backoff, max_backoff=max_backoff)
+
+#: the connection pool of either client: enough for a job stream's prefetch and parallel uploads
+LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+
+
+class Calls:
+    """The service's API, each call a plan. A subclass passes ``driver``: it wraps each plan ``fn`` into the
+    method the subclass offers under the same name."""
+
+    _transport: Transport
+
+    def __init_subclass__(cls, driver: Callable[[Callable[..., Plan[Any]]], Callable[..., Any]] | None = None,
+                          **kw: Any) -> None:  # fmt: skip
+        super().__init_subclass__(**kw)
+        if driver is None:
+            return
+        for name, fn in vars(Calls).items():
+            if getattr(fn, "__maskserve_plan__", False) and name not in vars(cls):
+                method = functools.wraps(fn)(driver(fn))
+                method.__qualname__ = f"{cls.__qualname__}.{name}"
+                returns = str(fn.__annotations__.get("return", ""))  # 'Plan[T]': the method gives T
+                method.__annotations__ = {**fn.__annotations__, "return": returns.removeprefix("Plan[")[:-1]}
+                method.__signature__ = inspect.signature(fn).replace(  # type: ignore[attr-defined]
+                    return_annotation=method.__annotations__["return"])
+                setattr(cls, name, method)
 
     @property
     def transport(self) -> Transport:
@@ -93,58 +103,48 @@ class Client:
     backoff = _transport_setting("backoff", "The first wait between attempts (s), doubled each time.")
     max_backoff = _transport_setting("max_backoff", "The longest wait between attempts (s).")
 
-    @property
-    def _http(self) -> httpx.Client:
-        return self._transport.http
-
-    # ---- plumbing ----------------------------------------------------------
-
-    def close(self) -> None:
-        self._transport.close()
-
-    def __enter__(self) -> "Client":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _json(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> Any:
+    def _json(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> Plan[Any]:
         return self._transport.json(method, path, idempotent=idempotent, **kw)
 
     # ---- service -----------------------------------------------------------
 
-    def health(self) -> bool:
+    @plan
+    def health(self) -> Plan[bool]:
         try:
-            return self._json("GET", "/healthz", idempotent=False)["status"] == "ok"
+            return (yield from self._json("GET", "/healthz", idempotent=False))["status"] == "ok"
         except (TransportError, APIError):
             return False
 
-    def ready(self) -> bool:
+    @plan
+    def ready(self) -> Plan[bool]:
         try:
-            self._json("GET", "/readyz", idempotent=False)
+            yield from self._json("GET", "/readyz", idempotent=False)
             return True
         except (TransportError, APIError):
             return False
 
-    def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> None:
-        """Block until ``/readyz`` answers, or raise :class:`ServiceUnavailableError`."""
+    @plan
+    def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> Plan[None]:
+        """Wait until ``/readyz`` answers, or raise :class:`ServiceUnavailableError`."""
         deadline = time.monotonic() + timeout
-        while not self.ready():
+        while not (yield from Calls.ready(self)):
             if time.monotonic() > deadline:
                 raise ServiceUnavailableError(503, title="Service Unavailable", detail=f"{self.base_url} not ready after {timeout}s")
-            time.sleep(interval)
+            yield Sleep(interval)
 
     # ---- datasets ----------------------------------------------------------
 
+    @plan
     def train_tokenizer(
         self, texts: Iterable[str], *, kind: TokenizerKind = "bpe", vocab_size: int = 8000, min_frequency: int = 2
-    ) -> dict[str, Any]:
+    ) -> Plan[dict[str, Any]]:
         """Have the service train a tokenizer on ``texts``; returns tokenizer.json."""
         params = {"kind": kind, "vocab_size": vocab_size, "min_frequency": min_frequency}
         body = ndjson({"text": t} for t in texts)
-        return self._json("POST", "/v1/tokenizers/train", idempotent=False, params=params, content=body,
-                          headers={"Content-Type": NDJSON})  # fmt: skip
+        return (yield from self._json("POST", "/v1/tokenizers/train", idempotent=False, params=params, content=body,
+                                      headers={"Content-Type": NDJSON}))  # fmt: skip
 
+    @plan
     def create_dataset(
         self,
         name: str,
@@ -153,7 +153,7 @@ class Client:
         seq_len: int,
         packing: Packing = "complete",
         special_tokens: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
+    ) -> Plan[dict[str, Any]]:
         """Create a dataset.
 
         ``tokenizer``: a tokenizer.json dict, its text, a path to one, or a directory saved by
@@ -174,26 +174,29 @@ class Client:
         body = {"name": name, "seq_len": seq_len, "packing": packing, "tokenizer": tokenizer}
         if special:
             body["special_tokens"] = special
-        return self._json("POST", "/v1/datasets", idempotent=False, json=body)
+        return (yield from self._json("POST", "/v1/datasets", idempotent=False, json=body))
 
-    def datasets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/datasets")["datasets"]
+    @plan
+    def datasets(self) -> Plan[list[dict[str, Any]]]:
+        return (yield from self._json("GET", "/v1/datasets"))["datasets"]
 
-    def dataset(self, name: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/datasets/{name}")
+    @plan
+    def dataset(self, name: str) -> Plan[dict[str, Any]]:
+        return (yield from self._json("GET", f"/v1/datasets/{name}"))
 
-    def tokenizer(self, name: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/datasets/{name}/tokenizer")
+    @plan
+    def tokenizer(self, name: str) -> Plan[dict[str, Any]]:
+        return (yield from self._json("GET", f"/v1/datasets/{name}/tokenizer"))
 
-    def delete_dataset(self, name: str, *, missing_ok: bool = False) -> None:
-        from ._errors import NotFoundError
-
+    @plan
+    def delete_dataset(self, name: str, *, missing_ok: bool = False) -> Plan[None]:
         try:
-            self._json("DELETE", f"/v1/datasets/{name}")
+            yield from self._json("DELETE", f"/v1/datasets/{name}")
         except NotFoundError:
             if not missing_ok:
                 raise
 
+    @plan
     def ingest(
         self,
         name: str,
@@ -201,7 +204,7 @@ class Client:
         *,
         idempotency_key: str | None = None,
         on_bytes: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:
+    ) -> Plan[dict[str, Any]]:
         """Stream documents (texts, ``{"text"|"ids": ...}`` dicts, or id lists) as NDJSON.
 
         The upload is atomic: all of it is stored, or nothing. When ``docs``
@@ -211,17 +214,18 @@ class Client:
         """
         key = idempotency_key or uuid.uuid4().hex
         replayable = iter(docs) is not docs
-        return self._json(
+        return (yield from self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=replayable,
             content=Replayable(lambda: ndjson(map(as_record, docs), on_bytes)),
             headers={"Content-Type": NDJSON, "Idempotency-Key": key},
-        )  # fmt: skip
+        ))  # fmt: skip
 
+    @plan
     def ingest_file(
         self, name: str, path: str | Path, *, split: TextSplit = "none", idempotency_key: str | None = None,
         on_bytes: Callable[[int], None] | None = None, text_column: str | None = None,
         ids_column: str | None = None, commit: bool = True,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Plan[dict[str, Any]]:  # fmt: skip
         """Stream a file: ``.jsonl``/``.ndjson``/``.json`` as NDJSON, Parquet (``.parquet``) and Arrow
         (``.arrow``, ``.feather``) by column (``text_column``, default ``text``, or ``ids_column``), a directory
         as a saved Hugging Face dataset (its ``split``, default train), anything else as plain text (``split``:
@@ -236,8 +240,10 @@ class Client:
             files = hf_files(path, None if split == "none" else split) if path.is_dir() else [path]
             units = [u for f in files for u in _units(f)]
             column = Column.of(text_column, ids_column)
-            return self._ingest_arrow(name, lambda: (b for u in units for b in unit_batches(u, column)), column,
-                                      idempotency_key=idempotency_key, commit=commit)  # fmt: skip
+            return (yield from self._ingest_arrow(
+                name, lambda: (b for u in units for b in unit_batches(u, column)), column,
+                idempotency_key=idempotency_key, commit=commit,
+            ))  # fmt: skip
         if text_column is not None or ids_column is not None:
             raise CorpusError(f"{path}: text_column and ids_column apply to Parquet, Arrow and dataset files")
         upload = FileUpload.of(path)
@@ -248,65 +254,68 @@ class Client:
         headers = {"Content-Type": ctype, "Idempotency-Key": idempotency_key or uuid.uuid4().hex}
         if upload.encoding:
             headers["Content-Encoding"] = upload.encoding
-        return self._json(
+        return (yield from self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
             content=Replayable(lambda: upload.chunks(on_bytes)), headers=headers,
-        )  # fmt: skip
+        ))  # fmt: skip
 
+    @plan
     def ingest_dataset(
         self, name: str, dataset: Any, *, text_column: str | None = "text", ids_column: str | None = None,
         idempotency_key: str | None = None, on_rows: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Plan[dict[str, Any]]:  # fmt: skip
         """Stream a Hugging Face ``datasets.Dataset`` (its Arrow data, record batch by record batch) or
         ``IterableDataset``: one column, of texts (``text_column``) or of token id lists (``ids_column``).
         Atomic, and retried under one Idempotency-Key (a dataset can be iterated again)."""
         column = Column.of(None if ids_column is not None else text_column, ids_column)
-        return self._ingest_arrow(name, lambda: dataset_batches(dataset, column), column,
-                                  idempotency_key=idempotency_key, on_rows=on_rows)  # fmt: skip
+        return (yield from self._ingest_arrow(name, lambda: dataset_batches(dataset, column), column,
+                                              idempotency_key=idempotency_key, on_rows=on_rows))  # fmt: skip
 
+    @plan
     def ingest_table(
         self, name: str, batches: Callable[[], Iterable[Any]], *, text_column: str | None = None,
         ids_column: str | None = None, idempotency_key: str | None = None, commit: bool = True,
         on_rows: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Plan[dict[str, Any]]:  # fmt: skip
         """Stream ``pyarrow`` record batches (``batches()`` returns them; called again on a retry) holding
         the column named by ``text_column`` (default ``text``) or ``ids_column``."""
         column = Column.of(text_column, ids_column)
-        return self._ingest_arrow(name, batches, column, idempotency_key=idempotency_key, commit=commit,
-                                  on_rows=on_rows)  # fmt: skip
+        return (yield from self._ingest_arrow(name, batches, column, idempotency_key=idempotency_key,
+                                              commit=commit, on_rows=on_rows))  # fmt: skip
 
     def _ingest_arrow(
         self, name: str, batches: Callable[[], Iterable[Any]], column: Column, *, idempotency_key: str | None,
         commit: bool = True, on_rows: Callable[[int], None] | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Plan[dict[str, Any]]:  # fmt: skip
         params: dict[str, Any] = column.params()
         if not commit:
             params["commit"] = "false"
-        return self._json(
+        return (yield from self._json(
             "POST", f"/v1/datasets/{name}/documents", idempotent=True, params=params,
             content=Replayable(lambda: arrow_body(batches(), on_rows)),
             headers={"Content-Type": ARROW_STREAM, "Idempotency-Key": idempotency_key or uuid.uuid4().hex},
-        )  # fmt: skip
+        ))  # fmt: skip
 
-    def ingest_state(self, name: str, key: str) -> dict[str, Any] | None:
+    @plan
+    def ingest_state(self, name: str, key: str) -> Plan[dict[str, Any] | None]:
         """Where the ingest under Idempotency-Key ``key`` stands: ``{"state": "staged"|"committed", "result":
         ...}``, or None when nothing is staged or committed under it."""
-        from ._errors import NotFoundError
-
         try:
-            return self._json("GET", f"/v1/datasets/{name}/ingests/{key}")
+            return (yield from self._json("GET", f"/v1/datasets/{name}/ingests/{key}"))
         except NotFoundError as exc:
             if exc.type.endswith("ingest-not-found"):
                 return None
             raise
 
-    def commit_ingest(self, name: str, key: str) -> dict[str, Any]:
+    @plan
+    def commit_ingest(self, name: str, key: str) -> Plan[dict[str, Any]]:
         """Commit an ingest staged with ``commit=False``: its sequences take the next ids. Committing again is
         harmless (``duplicate`` is then true), so this call is retried."""
-        return self._json("POST", f"/v1/datasets/{name}/ingests/{key}/commit")
+        return (yield from self._json("POST", f"/v1/datasets/{name}/ingests/{key}/commit"))
 
     # ---- batches -----------------------------------------------------------
 
+    @plan
     def batch(
         self,
         name: str,
@@ -316,7 +325,7 @@ class Client:
         index: int = 0,
         epoch: int | None = None,
         **options: Any,
-    ) -> Batch:
+    ) -> Plan[Batch]:
         """One masked batch: B sequences drawn by ``(seed, index)``, masked for ``epoch``.
 
         Batch k holds positions kB .. kB+B-1 of the stream that concatenates
@@ -334,8 +343,8 @@ class Client:
             params["seed"] = seed
         if epoch is not None:
             params["epoch"] = epoch
-        got = self._transport.receive("GET", f"/v1/datasets/{name}/batch", idempotent=True, params=params,
-                                      headers={"Accept": CONTENT_TYPE})  # fmt: skip
+        got = yield from self._transport.receive("GET", f"/v1/datasets/{name}/batch", idempotent=True,
+                                                 params=params, headers={"Accept": CONTENT_TYPE})  # fmt: skip
         try:
             arrays, metadata = decode(got.body)
         except WireFormatError as exc:
@@ -343,9 +352,10 @@ class Client:
         metadata.setdefault("seed", got.headers.get("maskserve-seed", "0"))
         return Batch(arrays, metadata, step=index)
 
+    @plan
     def sequences(
         self, name: str, ids: Sequence[int], *, seed: int = 0, epoch: int = 0, **options: Any
-    ) -> Batch:
+    ) -> Plan[Batch]:
         """The sequences ``ids`` (rows in that order), masked for ``(seed, epoch)``.
 
         With ``mode="static"`` the cached copy ``epoch mod copies`` of the
@@ -355,8 +365,8 @@ class Client:
         """
         body: dict[str, Any] = {"ids": [int(i) for i in ids], "seed": seed, "epoch": epoch}
         body.update({k: v for k, v in options.items() if v is not None})
-        got = self._transport.receive("POST", f"/v1/datasets/{name}/sequences", idempotent=True, json=body,
-                                      headers={"Accept": CONTENT_TYPE})  # fmt: skip
+        got = yield from self._transport.receive("POST", f"/v1/datasets/{name}/sequences", idempotent=True,
+                                                 json=body, headers={"Accept": CONTENT_TYPE})  # fmt: skip
         try:
             arrays, metadata = decode(got.body)
         except WireFormatError as exc:
@@ -365,6 +375,7 @@ class Client:
 
     # ---- jobs --------------------------------------------------------------------
 
+    @plan
     def create_job(
         self, name: str, dataset: str | None = None, *, batch_size: int = 32, seed: int = 0, shuffle: bool = True,
         epochs: int | None = 1, drop_last: bool = False, lease_timeout_s: float = 60.0,
@@ -372,7 +383,7 @@ class Client:
         sources: Sources | None = None, num_samples: int | None = None, until: str | None = None,
         curriculum: Sequence[Mapping[str, Any]] | None = None, interpolation: str = "linear",
         mixture_block: int | None = None,
-    ) -> dict[str, Any]:  # fmt: skip
+    ) -> Plan[dict[str, Any]]:  # fmt: skip
         """Create a job, or attach to the existing one with the same config (a different one is a ConflictError).
 
         ``mask_seed`` seeds the masks (and names a static job's cache) apart from the data order's ``seed``.
@@ -393,23 +404,130 @@ class Client:
             extra = {"num_samples": num_samples, "until": until, "mixture_block": mixture_block,
                      "curriculum": [dict(p) for p in curriculum] if curriculum is not None else None}  # fmt: skip
             body.update({k: v for k, v in extra.items() if v is not None})
-        return self._json("POST", "/v1/jobs", idempotent=True, json=body)
+        return (yield from self._json("POST", "/v1/jobs", idempotent=True, json=body))
 
-    def jobs(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/jobs")["jobs"]
+    @plan
+    def jobs(self) -> Plan[list[dict[str, Any]]]:
+        return (yield from self._json("GET", "/v1/jobs"))["jobs"]
 
-    def job_progress(self, name: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{name}")
+    @plan
+    def job_progress(self, name: str) -> Plan[dict[str, Any]]:
+        return (yield from self._json("GET", f"/v1/jobs/{name}"))
 
-    def cancel_job(self, name: str) -> dict[str, Any]:
-        return self._json("POST", f"/v1/jobs/{name}/cancel")
+    @plan
+    def cancel_job(self, name: str) -> Plan[dict[str, Any]]:
+        return (yield from self._json("POST", f"/v1/jobs/{name}/cancel"))
 
-    def delete_job(self, name: str) -> None:
-        self._json("DELETE", f"/v1/jobs/{name}")
+    @plan
+    def delete_job(self, name: str) -> Plan[None]:
+        yield from self._json("DELETE", f"/v1/jobs/{name}")
 
-    def evict_worker(self, name: str, worker: str) -> int:
+    @plan
+    def evict_worker(self, name: str, worker: str) -> Plan[int]:
         """A worker known to be gone: its leased batches are handed out again now. Returns how many."""
-        return self._json("POST", f"/v1/jobs/{name}/workers/{worker}/evict")["released"]
+        return (yield from self._json("POST", f"/v1/jobs/{name}/workers/{worker}/evict"))["released"]
+
+    # ---- static masks and the masking report ---------------------------------
+
+    @plan
+    def build_static_masks(
+        self, name: str, *, seed: int = 0, copies: int = 10, max_chunks: int | None = None, **masking: Any
+    ) -> Plan[dict[str, Any]]:
+        """Build (or finish) the static-mask cache for this config; idempotent.
+
+        With ``max_chunks``, one call building at most that many chunks (loop until
+        ``complete`` to show progress). Without, calls until the cache is complete
+        (the service bounds the time of each call and goes on where the last stopped).
+        """
+        body = {"seed": seed, "copies": copies, **masking}
+        if max_chunks is not None:
+            body["max_chunks"] = max_chunks
+        path = f"/v1/datasets/{name}/static-masks"
+        status = yield from self._json("POST", path, json=body)
+        while max_chunks is None and not status["complete"]:
+            status = yield from self._json("POST", path, json=body)
+        return status
+
+    @plan
+    def static_masks(self, name: str) -> Plan[list[dict[str, Any]]]:
+        return (yield from self._json("GET", f"/v1/datasets/{name}/static-masks"))["caches"]
+
+    @plan
+    def drop_static_masks(self, name: str, cache: str) -> Plan[None]:
+        yield from self._json("DELETE", f"/v1/datasets/{name}/static-masks/{cache}")
+
+    @plan
+    def masking_report(
+        self, name: str, *, seed: int = 0, sequences: int = 256, epochs: int | None = None, **masking: Any
+    ) -> Plan[dict[str, Any]]:
+        """Mask ``sequences`` sequences for ``epochs`` epochs and measure what came out."""
+        body = {"seed": seed, "sequences": sequences, **masking}
+        if epochs is not None:
+            body["epochs"] = epochs
+        return (yield from self._json("POST", f"/v1/datasets/{name}/masking-report", json=body))
+
+
+def _blocking(fn: Callable[..., Plan[Any]]) -> Callable[..., Any]:
+    def call(self: Client, *args: Any, **kw: Any) -> Any:
+        return self._transport.run(fn(self, *args, **kw))
+
+    return call
+
+
+def _awaited(fn: Callable[..., Plan[Any]]) -> Callable[..., Any]:
+    async def call(self: AsyncClient, *args: Any, **kw: Any) -> Any:
+        return await self._transport.run(fn(self, *args, **kw))
+
+    return call
+
+
+class Client(Calls, driver=_blocking):
+    """Synchronous client for one maskserve service (or several replicas of it).
+
+    >>> with Client("http://127.0.0.1:8000") as c:          # doctest: +SKIP
+    ...     for batch in c.batches("wiki", batch_size=64, steps=100):
+    ...         loss = model(**batch.torch("cuda"))
+
+    ``base_url`` may name several replicas (a list, or one string separated
+    by commas): a request that cannot reach one, or gets 502/503/504 from it,
+    moves on to the next. ``transport`` (or a ready ``http`` client) lets
+    tests swap the network. Idempotent calls are retried ``retries`` times on
+    transport errors and 502/503/504, with exponential backoff from
+    ``backoff`` seconds up to ``max_backoff`` (or the service's
+    ``Retry-After``); ingests carry an Idempotency-Key so a retried upload is
+    stored once.
+    """
+
+    _transport: SyncTransport
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        transport: httpx.BaseTransport | None = None,
+        http: httpx.Client | None = None,
+    ) -> None:
+        base_urls, headers = _settings(base_url, token)
+        http = http or httpx.Client(headers=headers, timeout=timeout, transport=transport, limits=LIMITS)
+        self._transport = SyncTransport(base_urls, http, retries=retries, backoff=backoff, max_backoff=max_backoff)
+
+    @property
+    def _http(self) -> httpx.Client:
+        return self._transport.http
+
+    def close(self) -> None:
+        self._transport.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def job(
         self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
@@ -437,41 +555,6 @@ class Client:
         return JobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, max_outage=max_outage,
                          ack_every=ack_every, ack_delay=ack_delay, stats_every=stats_every, **output)  # fmt: skip
 
-    # ---- static masks and the masking report ---------------------------------
-
-    def build_static_masks(
-        self, name: str, *, seed: int = 0, copies: int = 10, max_chunks: int | None = None, **masking: Any
-    ) -> dict[str, Any]:
-        """Build (or finish) the static-mask cache for this config; idempotent.
-
-        With ``max_chunks``, one call building at most that many chunks (loop until
-        ``complete`` to show progress). Without, calls until the cache is complete
-        (the service bounds the time of each call and goes on where the last stopped).
-        """
-        body = {"seed": seed, "copies": copies, **masking}
-        if max_chunks is not None:
-            body["max_chunks"] = max_chunks
-        path = f"/v1/datasets/{name}/static-masks"
-        status = self._json("POST", path, json=body)
-        while max_chunks is None and not status["complete"]:
-            status = self._json("POST", path, json=body)
-        return status
-
-    def static_masks(self, name: str) -> list[dict[str, Any]]:
-        return self._json("GET", f"/v1/datasets/{name}/static-masks")["caches"]
-
-    def drop_static_masks(self, name: str, cache: str) -> None:
-        self._json("DELETE", f"/v1/datasets/{name}/static-masks/{cache}")
-
-    def masking_report(
-        self, name: str, *, seed: int = 0, sequences: int = 256, epochs: int | None = None, **masking: Any
-    ) -> dict[str, Any]:
-        """Mask ``sequences`` sequences for ``epochs`` epochs and measure what came out."""
-        body = {"seed": seed, "sequences": sequences, **masking}
-        if epochs is not None:
-            body["epochs"] = epochs
-        return self._json("POST", f"/v1/datasets/{name}/masking-report", json=body)
-
     def batches(
         self,
         name: str,
@@ -492,6 +575,72 @@ class Client:
             return self.batch(name, batch_size, seed=seed, index=k, **masking)
 
         return BatchStream(fetch, start, steps, prefetch)
+
+
+class AsyncClient(Calls, driver=_awaited):
+    """The :class:`Client` for asyncio programs, on ``httpx.AsyncClient``: the same calls, each awaited, and the
+    same streams, iterated with ``async for``.
+
+    >>> async with AsyncClient("http://127.0.0.1:8000") as c:          # doctest: +SKIP
+    ...     async for batch in c.batches("wiki", batch_size=64, steps=100):
+    ...         loss = model(**batch.torch("cuda"))
+
+    Both clients carry out the same plans (:mod:`client._plans`): replicas, retries, backoff, Idempotency-Keys,
+    errors and a job stream's ack bookkeeping are the same. Upload bodies (documents, files, tables) are
+    produced on worker threads, so reading and encoding a corpus never holds up the event loop. ``transport``
+    takes an ``httpx.AsyncBaseTransport``.
+    """
+
+    _transport: AsyncTransport
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        base_urls, headers = _settings(base_url, token)
+        http = http or httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport, limits=LIMITS)
+        self._transport = AsyncTransport(base_urls, http, retries=retries, backoff=backoff, max_backoff=max_backoff)
+
+    async def aclose(self) -> None:
+        await self._transport.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def job(
+        self, name: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
+        create: Mapping[str, Any] | None = None, max_outage: float = 300.0, ack_every: int = 1,
+        ack_delay: float = 2.0, stats_every: float | None = 5.0, **output: Any,
+    ) -> AsyncJobStream:  # fmt: skip
+        """Attach to job ``name`` and iterate its batches with ``async for``, as :meth:`Client.job` does; the
+        job is created from ``create`` (if given) before the first lease is asked for. Close the stream with
+        ``await stream.aclose()`` or ``async with``; ``await stream.ack(batch)`` with ``auto_ack=False``."""
+        return AsyncJobStream(self, name, worker=worker, prefetch=prefetch, auto_ack=auto_ack, create=create,
+                              max_outage=max_outage, ack_every=ack_every, ack_delay=ack_delay,
+                              stats_every=stats_every, **output)  # fmt: skip
+
+    def batches(
+        self, name: str, batch_size: int = 32, *, seed: int = 0, start: int = 0, steps: int | None = None,
+        prefetch: int = 4, **masking: Any,
+    ) -> AsyncBatchStream:  # fmt: skip
+        """Batches ``start, start+1, ...`` as :meth:`Client.batches` gives them, with ``prefetch`` requests in
+        flight as tasks; iterate with ``async for``."""
+
+        def fetch(k: int) -> Any:
+            return self.batch(name, batch_size, seed=seed, index=k, **masking)
+
+        return AsyncBatchStream(fetch, start, steps, prefetch)
 
 
 def _sources(sources: Sources) -> list[dict[str, Any]]:

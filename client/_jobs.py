@@ -19,10 +19,15 @@ Closing the stream acks the batch the consumer was given last (it was
 trained; closing after an exception gives it back instead) and gives back the
 batches it never handed out, so they are redelivered at once. A cancelled job
 raises :class:`JobCancelled`; a finished one just ends the stream.
+
+All of this bookkeeping is written once, in :class:`JobBook`, as plans (:mod:`client._plans`) and plain
+methods: :class:`JobStream` runs it on threads for the blocking :class:`~client.Client`, under one lock;
+:class:`AsyncJobStream` runs it as asyncio tasks for the :class:`~client.AsyncClient`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import logging
 import os
@@ -30,14 +35,16 @@ import socket
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any, Literal
 
 from wire import CONTENT_TYPE, WireFormatError, decode
 
 from ._batch import Batch, Closing
 from ._errors import APIError, GoneError, JobCancelled, MaskserveError, ProtocolError
+from ._plans import Op, Plan, Sleep, arun, run
 from ._transport import Connected, Outage, Received
 
 log = logging.getLogger("maskserve.client")
@@ -62,7 +69,7 @@ class _Slot:
 
     seq: float = _IDLE
     sent_after: float = _IDLE
-    future: Future[None] | None = field(default=None, repr=False)
+    future: Any = field(default=None, repr=False)  # the thread's Future, or the asyncio Task, asking
     told_wait: bool = False  # its last answer was 'nothing to hand out now' and it has not asked again yet
 
 
@@ -76,8 +83,15 @@ class _Ready:
     batch: Batch = field(compare=False, repr=False)
 
 
-class JobStream(Closing):
-    """Iterator of leased :class:`Batch` objects of one job, in (epoch, index) order."""
+#: what the consumer does next (:meth:`JobBook._pick`)
+Pick = tuple[Literal["batch", "none", "end", "closed", "wait"], Any]
+
+
+class JobBook:
+    """A job stream's state and every decision about it, with no I/O and no threads of its own: the lease and
+    ack requests are plans, the consumer's next move is :meth:`_pick`. A subclass says how a lease request is
+    started (:meth:`_spawn`) and how waiters learn that something changed (:meth:`_changed`), and holds its
+    own lock (if any) around every call."""
 
     def __init__(
         self, client: Connected, job: str, *, worker: str | None = None, prefetch: int = 2, auto_ack: bool = True,
@@ -95,8 +109,6 @@ class JobStream(Closing):
         self.max_outage = max_outage
         self._output = {k: v for k, v in output.items() if v is not None}
         self._depth = max(1, prefetch)
-        self._pool = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix=f"maskserve-job-{job}")
-        self._cv = threading.Condition()
         self._slots: list[_Slot] = []  # requests in progress
         self._ready: list[_Ready] = []  # a heap: smallest (epoch, index) first
         self._arrivals = 0  # leases received so far
@@ -120,39 +132,44 @@ class JobStream(Closing):
         self._stats_at = time.monotonic()
         self.rejected: list[tuple[str, str]] = []  # (lease id, verdict) of acks the service refused
 
-    # ---- leasing (on the pool's threads) ------------------------------------------
+    def _spawn(self, slot: _Slot) -> None:
+        """Start carrying out ``self._lease(slot)``, setting ``slot.future``."""
+        raise NotImplementedError
 
-    def _lease(self, slot: _Slot) -> None:
-        """Lease one batch, asking again while the service says 'wait'; files the outcome under the lock."""
+    def _changed(self) -> None:
+        """Wake whoever waits for the stream's state to change."""
+        raise NotImplementedError
+
+    # ---- leasing -----------------------------------------------------------------
+
+    def _lease(self, slot: _Slot) -> Plan[None]:
+        """Lease one batch, asking again while the service says 'wait'; files the outcome."""
         try:
-            while not self._ask(slot):
+            while not (yield from self._ask(slot)):
                 pass
         except BaseException as exc:  # noqa: BLE001 - handed to the consumer
-            with self._cv:
-                if self._error is None and not self._closed:
-                    self._error = exc
+            if self._error is None and not self._closed:
+                self._error = exc
         finally:
-            with self._cv:
-                self._slots.remove(slot)
-                self._cv.notify_all()
+            self._slots.remove(slot)
+            self._changed()
 
-    def _ask(self, slot: _Slot) -> bool:
+    def _ask(self, slot: _Slot) -> Plan[bool]:
         """One lease request of ``slot`` (with its retries): True once the slot is done (a batch filed, the
         job over, the stream closed), False to ask again."""
         # one id for every retry of this request (a lost answer is not a lost lease), a new one once
         # an answer came: the request number and arrivals counted below belong to it
         rid = uuid.uuid4().hex
-        with self._cv:
-            if self._closed:
-                return True
-            acks = self._take_acks()
-            stats = self._take_stats()
-            slot.told_wait = False
-            slot.sent_after = self._arrivals
-            self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
+        if self._closed:
+            return True
+        acks = self._take_acks()
+        stats = self._take_stats()
+        slot.told_wait = False
+        slot.sent_after = self._arrivals
+        self._seq = slot.seq = max(self._seq + 1, time.time_ns() // 1000)
         sent = time.monotonic()
         try:
-            resp = self._transport.receive(
+            resp = yield from self._transport.receive(
                 "POST", f"/v1/jobs/{self.job}/next", idempotent=True,
                 outage=Outage(self.max_outage, should_stop=lambda: self._closed, on_retry=self._outage),
                 params={"worker": self.worker, "request": rid, "seq": int(slot.seq), **self._output},
@@ -162,32 +179,26 @@ class JobStream(Closing):
             )  # fmt: skip
         except GoneError as exc:  # finished or cancelled; the acks in this call were applied
             self._confirm(acks, exc.extra.get("acks") or [])
-            with self._cv:
-                self._ended = "cancelled" if isinstance(exc, JobCancelled) else "done"
+            self._ended = "cancelled" if isinstance(exc, JobCancelled) else "done"
             return True
         except BaseException as exc:
-            with self._cv:  # not applied, or not known to be: they go again with the next request
-                self._put_back(acks)
-                if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
-                    return False  # refused for carrying too many, before anything was applied
+            # not applied, or not known to be: they go again with the next request
+            self._put_back(acks)
+            if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
+                return False  # refused for carrying too many, before anything was applied
             raise
         self._back()
         verdicts = resp.headers.get("maskserve-acks", "")
         self._confirm(acks, verdicts.split(",") if verdicts else [])
-        if resp.status_code == 204:
-            self._told_to_wait(slot, resp)
-            return False
-        self._file(slot, resp, time.monotonic() - sent)
-        return True
-
-    def _told_to_wait(self, slot: _Slot, resp: Received) -> None:
-        """The service has nothing to hand out now: the slot leaves the wire until it advised to ask again."""
-        with self._cv:
+        if resp.status_code == 204:  # nothing to hand out now: off the wire until it advised to ask again
             self._flush_next = True  # e.g. the end of the job waits on acks still held here
             slot.seq = slot.sent_after = _IDLE
             slot.told_wait = True
-            self._cv.notify_all()
-            self._cv.wait_for(lambda: self._closed, int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000)
+            self._changed()
+            yield Sleep(int(resp.headers.get("maskserve-retry-after-ms", "100")) / 1000, interruptible=True)
+            return False
+        self._file(slot, resp, time.monotonic() - sent)
+        return True
 
     def _file(self, slot: _Slot, resp: Received, round_trip: float) -> None:
         """Decode the leased batch and put it among the ready ones (``round_trip``: seconds its request took)."""
@@ -197,14 +208,13 @@ class JobStream(Closing):
             raise ProtocolError(f"job batch from {self._transport.base_url}: {exc}") from None
         batch = Batch(arrays, metadata, step=int(metadata.get("index", 0)))
         in_order = resp.headers.get("maskserve-in-order") == "1"
-        with self._cv:
-            self._arrivals += 1
-            self._leases += 1
-            self._lease_s += round_trip
-            heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order, batch))
+        self._arrivals += 1
+        self._leases += 1
+        self._lease_s += round_trip
+        heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order, batch))
 
     def _take_stats(self) -> dict[str, Any] | None:
-        """The consumer's summary since the last one sent, when one is due (under the lock)."""
+        """The consumer's summary since the last one sent, when one is due."""
         if self.stats_every is None or not self._batches or time.monotonic() - self._stats_at < self.stats_every:
             return None
         out = {"batches": self._batches, "wait_s": round(self._wait, 6), "step_s": round(self._step, 6),
@@ -216,8 +226,8 @@ class JobStream(Closing):
         return out
 
     def _take_acks(self) -> list[str]:
-        """The acks the next lease request carries (under the lock): all of them once ``ack_every`` are
-        pending, the oldest has waited ``ack_delay`` seconds, or the service said it waits; else none."""
+        """The acks the next lease request carries: all of them once ``ack_every`` are pending, the oldest
+        has waited ``ack_delay`` seconds, or the service said it waits; else none."""
         due = self._flush_next or len(self._acks) >= self.ack_every or (
             self._acks_since is not None and time.monotonic() - self._acks_since >= self.ack_delay
         )
@@ -235,7 +245,7 @@ class JobStream(Closing):
 
     def _fewer_acks(self, exc: APIError, sent: int) -> bool:
         """Whether ``exc`` refused a request for carrying ``sent`` acks (too many, or too many bytes: nothing
-        was applied); if so, later requests carry fewer (under the lock)."""
+        was applied); if so, later requests carry fewer."""
         if sent <= 1 or not (exc.status == 413 or (exc.status == 422 and exc.type.endswith(":limit-exceeded"))):
             return False
         limit = exc.extra.get("limit")
@@ -247,20 +257,18 @@ class JobStream(Closing):
         return True
 
     def _confirm(self, sent: list[str], verdicts: list[str]) -> None:
-        with self._cv:
-            for lease, verdict in zip(sent, verdicts, strict=False):
-                if verdict in CONFIRMED:
-                    self.acked += 1
-                else:
-                    self.rejected.append((lease, verdict))
-                    log.warning("job %r: the service refused the ack of lease %s (%s)", self.job, lease, verdict)
+        for lease, verdict in zip(sent, verdicts, strict=False):
+            if verdict in CONFIRMED:
+                self.acked += 1
+            else:
+                self.rejected.append((lease, verdict))
+                log.warning("job %r: the service refused the ack of lease %s (%s)", self.job, lease, verdict)
 
     def _outage(self, err: Exception, attempt: int) -> None:
-        with self._cv:
-            if self._outage_since is None:
-                self._outage_since = time.monotonic()
-                log.warning("job %r: %s; retrying for up to %.0fs", self.job, err, self.max_outage)
-                self._cv.notify_all()  # a poll() waiting for this request comes back after its patience
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            log.warning("job %r: %s; retrying for up to %.0fs", self.job, err, self.max_outage)
+            self._changed()  # a poll() waiting for this request comes back after its patience
 
     def _back(self) -> None:
         if self._outage_since is not None:
@@ -272,7 +280,9 @@ class JobStream(Closing):
         while not self._ended and not self._closed and len(self._ready) + len(self._slots) < self._depth:
             slot = _Slot()
             self._slots.append(slot)
-            slot.future = self._pool.submit(self._lease, slot)
+            self._spawn(slot)
+
+    # ---- the consumer ------------------------------------------------------------
 
     def _yieldable(self) -> bool:
         """The smallest ready batch may go out once no request that might still return a smaller one is on
@@ -287,9 +297,6 @@ class JobStream(Closing):
             return all(s.seq > head.seq for s in self._slots)
         return all(s.sent_after >= head.arrival for s in self._slots)
 
-    def __iter__(self) -> "JobStream":
-        return self
-
     def _starved(self) -> bool:
         """Nothing to yield, and either every request on the wire was told the service has nothing to hand out
         now (the job's remaining batches are leased to other workers, or its end waits on their acks), or the
@@ -298,8 +305,145 @@ class JobStream(Closing):
             return False
         return self._outage_since is not None or all(s.told_wait for s in self._slots)
 
+    def _asked(self, asked: float) -> None:
+        """The consumer asked for a batch at ``asked``: its step ran from the batch it got to now."""
+        if self._yielded_at is not None:
+            self._step += asked - self._yielded_at
+            self._yielded_at = None
+
+    def _pick(self, asked: float, deadline: float | None) -> Pick:
+        """What the consumer asking since ``asked`` gets now: ``("batch", b)``; ``("none", None)`` when
+        ``deadline`` passed while starved; ``("end", None)`` at an error or the job's end; ``("closed", None)``;
+        or ``("wait", seconds)`` until something changes (None: however long that takes)."""
+        if self._closed:
+            return "closed", None
+        if self._error is not None or self._ended == "cancelled":
+            return "end", None
+        self._top_up()
+        if self._yieldable():
+            self._current = heapq.heappop(self._ready).batch
+            self._yielded_at = time.monotonic()
+            self._wait += self._yielded_at - asked
+            self._batches += 1
+            self._top_up()
+            return "batch", self._current
+        if self._ended and not self._slots and not self._ready:
+            return "end", None
+        if deadline is not None and self._starved():
+            left = deadline - time.monotonic()
+            return ("none", None) if left <= 0 else ("wait", left)
+        return "wait", None
+
+    def _end_error(self) -> BaseException | None:
+        """What ending the stream raises: the error that ended it, :class:`JobCancelled`, or None (the job is
+        done)."""
+        if self._error is not None:
+            return self._error
+        if self._ended == "cancelled":
+            return JobCancelled(410, "urn:maskserve:problem:job-finished", "Job cancelled",
+                                f"job {self.job!r} was cancelled", {"job_status": "cancelled"})  # fmt: skip
+        return None
+
+    def _closing_failed(self, exc: MaskserveError) -> None:
+        """Closing after an error could not deliver the acks: the first failure is the one to report (the acks
+        stay queued)."""
+        if self._error is None:
+            raise exc
+        log.warning("job %r: closing after an error: %s", self.job, exc)
+
+    # ---- acks and shutdown -----------------------------------------------------
+
+    def _queue_ack(self, batch: Batch) -> None:
+        lease = batch.metadata.get("lease")
+        if lease is None:
+            return
+        if batch is self._current:
+            self._current = None
+        self._acks.append(lease)
+        self._acks_since = self._acks_since or time.monotonic()
+
+    def _flush(self) -> Plan[None]:
+        """Send the acks not yet sent, at most a request's share at a time, retrying each for up to
+        ``max_outage``; on failure the unsent ones stay queued."""
+        while True:
+            acks, self._acks = self._acks[: self._ack_cap], self._acks[self._ack_cap :]
+            self._acks_since = time.monotonic() if self._acks else None
+            if not acks:
+                return
+            try:
+                out = yield from self._transport.json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True,
+                                                      outage=Outage(self.max_outage, on_retry=self._outage),
+                                                      json={"worker": self.worker, "leases": acks})  # fmt: skip
+            except BaseException as exc:
+                self._put_back(acks)
+                if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
+                    continue
+                raise
+            self._back()
+            self._confirm(acks, out["results"])
+
+    def _close(self) -> list[Any]:
+        """Mark the stream closed; the lease requests still to finish (their futures or tasks)."""
+        self._closed = True
+        self._changed()
+        return [s.future for s in self._slots if s.future is not None]
+
+    def _unused(self, ack_current: bool) -> list[str]:
+        """At close: the leases never handed out, and the last one handed out unless it is acked."""
+        unused = [entry.batch.metadata["lease"] for entry in self._ready]
+        self._ready.clear()
+        if self._current is not None:
+            if ack_current:
+                self._queue_ack(self._current)
+            else:
+                unused.append(self._current.metadata["lease"])
+            self._current = None
+        return unused
+
+    def _release(self, leases: list[str]) -> Plan[None]:
+        """Give ``leases`` back, to be handed out again at once."""
+        if not leases:
+            return
+        try:
+            yield from self._transport.json("POST", f"/v1/jobs/{self.job}/release", idempotent=True,
+                                            json={"worker": self.worker, "leases": leases})  # fmt: skip
+        except MaskserveError as exc:  # they are handed out again when their leases expire
+            log.warning("job %r: could not give back %d leases (%s)", self.job, len(leases), exc)
+
+
+class JobStream(JobBook, Closing):
+    """Iterator of leased :class:`Batch` objects of one job, in (epoch, index) order; its lease requests run on
+    a pool of ``prefetch`` threads."""
+
+    def __init__(self, client: Connected, job: str, *, prefetch: int = 2, **kw: Any) -> None:
+        super().__init__(client, job, prefetch=prefetch, **kw)
+        self._cv = threading.Condition()
+        self._pool = ThreadPoolExecutor(max_workers=self._depth, thread_name_prefix=f"maskserve-job-{job}")
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.future = self._pool.submit(self._run, self._lease(slot))
+
+    def _changed(self) -> None:
+        self._cv.notify_all()
+
+    def _run(self, plan: Plan[Any]) -> Any:
+        """Carry out one of the stream's plans, its own code under the stream's lock."""
+        return run(plan, self._execute, self._cv)
+
+    def _execute(self, op: Op) -> Any:
+        if isinstance(op, Sleep) and op.interruptible:
+            with self._cv:
+                self._cv.wait_for(lambda: self._closed, op.seconds)
+            return None
+        return self._transport.execute(op)
+
+    def __iter__(self) -> "JobStream":
+        return self
+
     def __next__(self) -> Batch:
-        return cast(Batch, self._take(None))  # without a patience it waits for a batch or the end
+        batch = self._take(None)  # without a patience it waits for a batch or the end
+        assert batch is not None
+        return batch
 
     def poll(self, patience: float = 0.0) -> Batch | None:
         """The next batch like ``next()``, except that while the service has nothing to hand out to this
@@ -315,82 +459,34 @@ class JobStream(Closing):
         asked = time.monotonic()
         deadline = None if patience is None else asked + patience
         with self._cv:
-            if self._yielded_at is not None:  # the consumer's step: from the batch it got to this call
-                self._step += asked - self._yielded_at
-                self._yielded_at = None
-            while True:
-                if self._closed:
-                    raise StopIteration
-                if self._error is not None:
-                    break
-                if self._ended == "cancelled":
-                    break
-                self._top_up()
-                if self._yieldable():
-                    self._current = heapq.heappop(self._ready).batch
-                    self._yielded_at = time.monotonic()
-                    self._wait += self._yielded_at - asked
-                    self._batches += 1
-                    self._top_up()
-                    return self._current
-                if self._ended and not self._slots and not self._ready:
-                    break
-                if deadline is not None and self._starved():
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        return None
-                    self._cv.wait(left)
-                    continue
-                self._cv.wait()
-        error, ended = self._error, self._ended
-        if error is not None:
+            self._asked(asked)
+            while (picked := self._pick(asked, deadline))[0] == "wait":
+                self._cv.wait(picked[1])
+        kind, batch = picked
+        if kind == "batch":
+            return batch
+        if kind == "none":
+            return None
+        if kind == "end":
             try:
                 self.close()
-            except MaskserveError as exc:  # the first failure is the one to report; the acks stay queued
-                log.warning("job %r: closing after an error: %s", self.job, exc)
-            raise error
-        self.close()
-        if ended == "cancelled":
-            raise JobCancelled(410, "urn:maskserve:problem:job-finished", "Job cancelled",
-                               f"job {self.job!r} was cancelled", {"job_status": "cancelled"})  # fmt: skip
+            except MaskserveError as exc:
+                self._closing_failed(exc)
+            if (error := self._end_error()) is not None:
+                raise error
         raise StopIteration
-
-    # ---- acks and shutdown -----------------------------------------------------
 
     def ack(self, batch: Batch, *, send: bool = True) -> None:
         """Mark ``batch`` trained; ``send`` posts it now rather than with the next lease request."""
-        lease = batch.metadata.get("lease")
-        if lease is None:
-            return
-        if batch is self._current:
-            self._current = None
         with self._cv:
-            self._acks.append(lease)
-            self._acks_since = self._acks_since or time.monotonic()
+            self._queue_ack(batch)
         if send:
             self.flush()
 
     def flush(self) -> None:
         """Send the acks not yet sent, at most a request's share at a time, retrying each for up to
         ``max_outage``; on failure the unsent ones stay queued."""
-        while True:
-            with self._cv:
-                acks, self._acks = self._acks[: self._ack_cap], self._acks[self._ack_cap :]
-                self._acks_since = time.monotonic() if self._acks else None
-            if not acks:
-                return
-            try:
-                out = self._transport.json("POST", f"/v1/jobs/{self.job}/ack", idempotent=True,
-                                           outage=Outage(self.max_outage, on_retry=self._outage),
-                                           json={"worker": self.worker, "leases": acks})  # fmt: skip
-            except BaseException as exc:
-                with self._cv:
-                    self._put_back(acks)
-                    if isinstance(exc, APIError) and self._fewer_acks(exc, len(acks)):
-                        continue
-                raise
-            self._back()
-            self._confirm(acks, out["results"])
+        self._run(self._flush())
 
     def close(self, ack_current: bool = True) -> None:
         """Ack what the consumer was given (``ack_current=False``: give its last batch back instead) and
@@ -398,26 +494,13 @@ class JobStream(Closing):
         with self._cv:
             if self._closed:
                 return
-            self._closed = True
-            self._cv.notify_all()
-            futures = [s.future for s in self._slots if s.future is not None]
+            futures = self._close()
         for f in futures:  # requests on the wire finish (their leases are given back below)
             f.exception()
         self._pool.shutdown(wait=False, cancel_futures=True)
-        unused = [entry.batch.metadata["lease"] for entry in self._ready]
-        self._ready.clear()
-        if self._current is not None:
-            if ack_current:
-                self.ack(self._current, send=False)
-            else:
-                unused.append(self._current.metadata["lease"])
-            self._current = None
-        if unused:
-            try:
-                self._transport.json("POST", f"/v1/jobs/{self.job}/release", idempotent=True,
-                                     json={"worker": self.worker, "leases": unused})  # fmt: skip
-            except MaskserveError as exc:  # they are handed out again when their leases expire
-                log.warning("job %r: could not give back %d leases (%s)", self.job, len(unused), exc)
+        with self._cv:
+            unused = self._unused(ack_current)
+        self._run(self._release(unused))
         self.flush()
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
@@ -430,3 +513,102 @@ class JobStream(Closing):
                 self.close()
             except Exception:  # noqa: BLE001 - nothing to report to at garbage collection
                 pass
+
+
+class AsyncJobStream(JobBook):
+    """Async iterator of leased :class:`Batch` objects of one job, in (epoch, index) order, for the
+    :class:`~client.AsyncClient`; its lease requests run as ``prefetch`` asyncio tasks. The job is created from
+    ``create`` (when given) before the first lease is asked for."""
+
+    def __init__(self, client: Connected, job: str, *, create: Mapping[str, Any] | None = None, **kw: Any) -> None:
+        super().__init__(client, job, **kw)
+        self._create = dict(create) if create is not None else None
+        self._change = asyncio.Event()  # set when the state changed; the consumer clears it before waiting
+        self._closing = asyncio.Event()
+
+    def _spawn(self, slot: _Slot) -> None:
+        slot.future = asyncio.ensure_future(self._run(self._lease(slot)))
+
+    def _changed(self) -> None:
+        self._change.set()
+
+    async def _run(self, plan: Plan[Any]) -> Any:
+        return await arun(plan, self._execute)
+
+    async def _execute(self, op: Op) -> Any:
+        if isinstance(op, Sleep) and op.interruptible:
+            try:
+                await asyncio.wait_for(self._closing.wait(), op.seconds)
+            except TimeoutError:
+                pass
+            return None
+        return await self._transport.execute(op)  # type: ignore[misc]
+
+    def __aiter__(self) -> "AsyncJobStream":
+        return self
+
+    async def __anext__(self) -> Batch:
+        batch = await self._take(None)
+        assert batch is not None
+        return batch
+
+    async def poll(self, patience: float = 0.0) -> Batch | None:
+        """The next batch, or None after ``patience`` seconds while the service has nothing to hand out to
+        this worker now, as :meth:`JobStream.poll`; raises StopAsyncIteration at the end of the job."""
+        return await self._take(max(0.0, patience))
+
+    async def _take(self, patience: float | None) -> Batch | None:
+        if self._create is not None:
+            await self.client.create_job(self.job, **self._create)  # type: ignore[attr-defined]
+            self._create = None
+        if self.auto_ack and self._current is not None:
+            self._queue_ack(self._current)
+        asked = time.monotonic()
+        deadline = None if patience is None else asked + patience
+        self._asked(asked)
+        while (picked := self._pick(asked, deadline))[0] == "wait":
+            self._change.clear()
+            try:
+                await asyncio.wait_for(self._change.wait(), picked[1])
+            except TimeoutError:
+                pass
+        kind, batch = picked
+        if kind == "batch":
+            return batch
+        if kind == "none":
+            return None
+        if kind == "end":
+            try:
+                await self.aclose()
+            except MaskserveError as exc:
+                self._closing_failed(exc)
+            if (error := self._end_error()) is not None:
+                raise error
+        raise StopAsyncIteration
+
+    async def ack(self, batch: Batch, *, send: bool = True) -> None:
+        """Mark ``batch`` trained; ``send`` posts it now rather than with the next lease request."""
+        self._queue_ack(batch)
+        if send:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send the acks not yet sent (see :meth:`JobStream.flush`)."""
+        await self._run(self._flush())
+
+    async def aclose(self, ack_current: bool = True) -> None:
+        """Ack what the consumer was given (``ack_current=False``: give its last batch back instead) and
+        give back what it never got. Raises if the acks could not be delivered within ``max_outage``."""
+        if self._closed:
+            return
+        tasks = self._close()
+        self._closing.set()
+        await asyncio.gather(*tasks, return_exceptions=True)  # their leases are given back below
+        await self._run(self._release(self._unused(ack_current)))
+        await self.flush()
+
+    async def __aenter__(self) -> "AsyncJobStream":
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        await self.aclose(ack_current=exc_type is None or issubclass(exc_type, GeneratorExit))

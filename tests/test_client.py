@@ -7,7 +7,9 @@ about batches themselves runs against the real service.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
+import inspect
 import json
 import time
 import uuid
@@ -22,6 +24,7 @@ from client import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    AsyncClient,
     Batch,
     Client,
     ConflictError,
@@ -72,8 +75,40 @@ class Recorder:
         return answer(request) if callable(answer) else answer
 
 
-def mock_client(handler, retries: int = 3) -> Client:
-    return Client("http://maskserve.invalid", transport=httpx.MockTransport(handler), retries=retries, backoff=0)
+class Blocking:
+    """An :class:`AsyncClient` called from blocking test code: each call runs to its end on the wrapper's own
+    event loop, so one test body checks both clients."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._loop = asyncio.new_event_loop()
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not inspect.iscoroutinefunction(attr):
+            return attr
+        return lambda *args, **kw: self._loop.run_until_complete(attr(*args, **kw))
+
+    def __enter__(self) -> "Blocking":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._loop.run_until_complete(self._client.aclose())
+        self._loop.close()
+
+
+@pytest.fixture(params=["sync", "async"])
+def mock_client(request):
+    """A client of either kind over ``httpx.MockTransport(handler)``: both carry out the same plans, so each
+    test of retries, failover and errors holds for both."""
+
+    def make(handler, retries: int = 3) -> Client | Blocking:
+        mock = httpx.MockTransport(handler)
+        if request.param == "sync":
+            return Client("http://maskserve.invalid", transport=mock, retries=retries, backoff=0)
+        return Blocking(AsyncClient("http://maskserve.invalid", transport=mock, retries=retries, backoff=0))
+
+    return make
 
 
 def ok(body: bytes | None = None) -> httpx.Response:
@@ -84,7 +119,7 @@ def ok(body: bytes | None = None) -> httpx.Response:
 
 
 @pytest.mark.parametrize("status", [502, 503, 504])
-def test_retries_transient_status_then_succeeds(status):
+def test_retries_transient_status_then_succeeds(mock_client, status):
     rec = Recorder(problem_response(status), problem_response(status), ok())
     with mock_client(rec, retries=3) as c:
         b = c.batch("d", 3, seed=11)
@@ -95,7 +130,7 @@ def test_retries_transient_status_then_succeeds(status):
     assert len({str(r.url) for r in rec.requests}) == 1
 
 
-def test_gives_up_after_retries_with_typed_error():
+def test_gives_up_after_retries_with_typed_error(mock_client):
     rec = Recorder(problem_response(503, retry_after=1))
     with mock_client(rec, retries=2) as c, pytest.raises(ServiceUnavailableError) as info:
         c.batch("d", 3, seed=1)
@@ -105,7 +140,7 @@ def test_gives_up_after_retries_with_typed_error():
     assert info.value.extra == {"retry_after": 1}
 
 
-def test_no_retry_on_400():
+def test_no_retry_on_400(mock_client):
     rec = Recorder(problem_response(400, line=3), ok())
     with mock_client(rec, retries=3) as c, pytest.raises(BadRequestError) as info:
         c.batch("d", 3, seed=1)
@@ -116,7 +151,7 @@ def test_no_retry_on_400():
     assert err.extra == {"line": 3}
 
 
-def test_transport_error_after_retries():
+def test_transport_error_after_retries(mock_client):
     rec = Recorder(httpx.ConnectError("connection refused"))
     with mock_client(rec, retries=2) as c, pytest.raises(TransportError) as info:
         c.batch("d", 3, seed=1)
@@ -125,21 +160,21 @@ def test_transport_error_after_retries():
     assert isinstance(info.value, MaskserveError)
 
 
-def test_transport_error_then_success():
+def test_transport_error_then_success(mock_client):
     rec = Recorder(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), ok())
     with mock_client(rec, retries=2) as c:
         assert len(c.batch("d", 3, seed=1)) == 3
     assert len(rec.requests) == 3
 
 
-def test_retries_zero_means_one_attempt():
+def test_retries_zero_means_one_attempt(mock_client):
     rec = Recorder(problem_response(503), ok())
     with mock_client(rec, retries=0) as c, pytest.raises(ServiceUnavailableError):
         c.batch("d", 3, seed=1)
     assert len(rec.requests) == 1
 
 
-def test_non_idempotent_call_not_retried():
+def test_non_idempotent_call_not_retried(mock_client):
     rec = Recorder(problem_response(503), httpx.Response(201, json={"name": "x"}))
     with mock_client(rec, retries=3) as c, pytest.raises(ServiceUnavailableError):
         c.create_dataset("x", tokenizer={"model": {}}, seq_len=16)
@@ -153,7 +188,7 @@ def test_non_idempotent_call_not_retried():
      (415, UnsupportedMediaTypeError), (422, BadRequestError), (503, ServiceUnavailableError), (500, APIError),
      (418, APIError)],  # fmt: skip
 )
-def test_problem_bodies_become_typed_errors(status, cls):
+def test_problem_bodies_become_typed_errors(mock_client, status, cls):
     rec = Recorder(problem_response(status, dataset="wiki"))
     with mock_client(rec, retries=0) as c:
         with pytest.raises(cls) as info:
@@ -165,7 +200,7 @@ def test_problem_bodies_become_typed_errors(status, cls):
             c.batch("wiki", 2, seed=0)  # the streamed path maps errors the same way
 
 
-def test_error_without_problem_body():
+def test_error_without_problem_body(mock_client):
     rec = Recorder(httpx.Response(404, text="plain not found"))
     with mock_client(rec, retries=0) as c, pytest.raises(NotFoundError) as info:
         c.dataset("x")
@@ -187,7 +222,7 @@ def nginx_page(status: int, reason: str) -> httpx.Response:
      (502, "Bad Gateway", GatewayError, True), (503, "Service Temporarily Unavailable", ServiceUnavailableError, True),
      (504, "Gateway Time-out", GatewayError, True)],  # fmt: skip
 )
-def test_a_proxys_html_error_page_is_a_typed_error_with_its_status(status, reason, cls, retried):
+def test_a_proxys_html_error_page_is_a_typed_error_with_its_status(mock_client, status, reason, cls, retried):
     """Not a problem: the class of the status, the page's title as the detail; 502/503/504 retried as from
     the service (idempotent calls), a request too large for the proxy not (it would be refused again)."""
     rec = Recorder(nginx_page(status, reason))
@@ -220,13 +255,13 @@ def corrupt_bodies() -> list:
 
 
 @pytest.mark.parametrize("body", corrupt_bodies())
-def test_corrupt_batch_body_raises_protocol_error(body):
+def test_corrupt_batch_body_raises_protocol_error(mock_client, body):
     rec = Recorder(ok(body))
     with mock_client(rec, retries=2) as c, pytest.raises(ProtocolError):
         c.batch("d", 3, seed=1)
 
 
-def test_body_shorter_than_content_length_raises_protocol_error():
+def test_body_shorter_than_content_length_raises_protocol_error(mock_client):
     def short(_):
         return httpx.Response(200, headers={"content-length": "4096", "content-type": CT},
                               stream=httpx.ByteStream(good_body()[:100]))  # fmt: skip
@@ -235,7 +270,7 @@ def test_body_shorter_than_content_length_raises_protocol_error():
         c.batch("d", 3, seed=1)
 
 
-def test_gzip_compressed_batch_is_decoded():
+def test_gzip_compressed_batch_is_decoded(mock_client):
     """A proxy may compress the response; httpx asks for gzip by default."""
     body = good_body()
     compressed = gzip.compress(body)
@@ -246,7 +281,7 @@ def test_gzip_compressed_batch_is_decoded():
     np.testing.assert_array_equal(b["input_ids"], np.arange(12).reshape(3, 4))
 
 
-def test_json_endpoint_not_json_is_protocol_error():
+def test_json_endpoint_not_json_is_protocol_error(mock_client):
     rec = Recorder(httpx.Response(200, text="<html>"))
     with mock_client(rec, retries=0) as c, pytest.raises(ProtocolError):
         c.dataset("x")
@@ -436,7 +471,7 @@ def test_ingest_same_idempotency_key_is_stored_once(client, bpe_tokenizer, corpu
     assert client.dataset(name)["num_sequences"] == 2 * first["sequences"]
 
 
-def test_ingest_list_retried_under_same_key_after_lost_response(service_url, client, bpe_tokenizer, corpus):
+def test_ingest_list_retried_under_same_key_after_lost_response(mock_client, service_url, client, bpe_tokenizer, corpus):
     """The first attempt reaches the service and commits, but its response is lost;
     the client retries with the same Idempotency-Key and the data is stored once."""
     name = f"r-{uuid.uuid4().hex[:12]}"
@@ -464,7 +499,7 @@ def test_ingest_list_retried_under_same_key_after_lost_response(service_url, cli
     assert info["num_sequences"] == res["sequences"] and info["num_documents"] == 25
 
 
-def test_ingest_generator_is_not_retried():
+def test_ingest_generator_is_not_retried(mock_client):
     rec = Recorder(httpx.ConnectError("refused"), httpx.Response(200, json={}))
     with mock_client(rec, retries=3) as c, pytest.raises(TransportError):
         c.ingest("d", (t for t in ["a", "b"]))

@@ -7,6 +7,7 @@ service and Redis are real and only the chosen requests fail, deterministically.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import threading
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from client import Client, TransportError
+from client import AsyncClient, Client, TransportError
 
 from .conftest import ServerThread, free_port
 from .test_jobs import ds, uid  # noqa: F401 - ds is a fixture
@@ -39,7 +40,8 @@ class Faults(httpx.BaseTransport):
         self.lock = threading.Lock()
         self.rng = random.Random(0)
 
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
+    def _decide(self, request: httpx.Request) -> tuple[str | None, float]:
+        """This request's fault and the delay of its answer; raises or answers for a fault that never sends."""
         kind = request.url.path.rsplit("/", 1)[-1]
         with self.lock:
             self.calls[kind] += 1
@@ -49,14 +51,26 @@ class Faults(httpx.BaseTransport):
                 self.faults[fault] += 1
         if fault == "refuse":
             raise httpx.ConnectError("connection refused (injected)", request=request)
+        return fault, delay
+
+    @staticmethod
+    def _overloaded(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, headers={"Retry-After": "0", "Content-Type": "application/problem+json"},
+                              content=PROBLEM_503, request=request)  # fmt: skip
+
+    @staticmethod
+    def _lost(request: httpx.Request) -> httpx.ReadError:
+        return httpx.ReadError("connection reset before the answer (injected)", request=request)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        fault, delay = self._decide(request)
         if fault == "503":
-            return httpx.Response(503, headers={"Retry-After": "0", "Content-Type": "application/problem+json"},
-                                  content=PROBLEM_503, request=request)  # fmt: skip
+            return self._overloaded(request)
         resp = self.inner.handle_request(request)
         if fault == "lose":
             resp.read()
             resp.close()
-            raise httpx.ReadError("connection reset before the answer (injected)", request=request)
+            raise self._lost(request)
         if delay:
             threading.Event().wait(delay)
         return resp
@@ -65,37 +79,79 @@ class Faults(httpx.BaseTransport):
         self.inner.close()
 
 
+class AsyncFaults(Faults, httpx.AsyncBaseTransport):
+    """:class:`Faults` for the :class:`AsyncClient`, over real async HTTP."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.inner_async = httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        fault, delay = self._decide(request)
+        if fault == "503":
+            return self._overloaded(request)
+        resp = await self.inner_async.handle_async_request(request)
+        if fault == "lose":
+            await resp.aread()
+            await resp.aclose()
+            raise self._lost(request)
+        if delay:
+            await asyncio.sleep(delay)
+        return resp
+
+    async def aclose(self) -> None:
+        await self.inner_async.aclose()
+
+
+def _drain_with(kind: str, url: str, transport: Faults, create: dict, **kw) -> tuple[list[tuple[int, int]], dict, object]:
+    """Create a job and drain it as one worker through ``transport``, with the blocking or the async client:
+    the keys it got, in order, the job's progress and the stream."""
+    job = uid("job")
+    if kind == "sync":
+        with Client(url, transport=transport, backoff=0.01) as c:
+            c.create_job(job, **create)
+            with c.job(job, **kw) as stream:
+                keys = [(bt.epoch, bt.index) for bt in stream]
+            return keys, c.job_progress(job), stream
+
+    async def main():
+        async with AsyncClient(url, transport=transport, backoff=0.01) as c:
+            await c.create_job(job, **create)
+            async with c.job(job, **kw) as stream:
+                keys = [(bt.epoch, bt.index) async for bt in stream]
+            return keys, await c.job_progress(job), stream
+
+    return asyncio.run(main())
+
+
 def _drain(c: Client, job: str, **kw) -> list[tuple[int, int]]:
     with c.job(job, **kw) as stream:
         return [(bt.epoch, bt.index) for bt in stream]
 
 
-def test_a_stream_yields_its_leases_in_order(service_url: str, ds):
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_stream_yields_its_leases_in_order(service_url: str, ds, kind: str):
     """However the answers of concurrent lease requests arrive, one worker's batches come in (epoch, index) order,
-    across epoch boundaries too."""
+    across epoch boundaries too; with either client."""
     name, n = ds
     for trial in range(3):
-        transport = Faults(jitter=0.02)
-        with Client(service_url, transport=transport) as c:
-            job = uid("job")
-            c.create_job(job, name, batch_size=16, epochs=3, seed=trial)
-            keys = _drain(c, job, prefetch=4)
+        transport = (Faults if kind == "sync" else AsyncFaults)(jitter=0.02)
+        create = {"dataset": name, "batch_size": 16, "epochs": 3, "seed": trial}
+        keys, _, _ = _drain_with(kind, service_url, transport, create, prefetch=4)
         bpe = -(-n // 16)
         assert keys == [(e, i) for e in range(3) for i in range(bpe)], f"trial {trial}: out of order"
 
 
+@pytest.mark.parametrize("kind", ["sync", "async"])
 @pytest.mark.parametrize("fault", ["refuse", "lose", "503"])
-def test_a_stream_rides_out_failed_lease_requests(service_url: str, ds, fault: str):
+def test_a_stream_rides_out_failed_lease_requests(service_url: str, ds, fault: str, kind: str):
     """Every 3rd lease request fails (never sent / answer lost / 503): the stream retries with the same request id,
-    so no lease leaks and no batch is handed out twice, and the acks that rode on a failed request are not lost."""
+    so no lease leaks and no batch is handed out twice, and the acks that rode on a failed request are not lost;
+    with either client."""
     name, n = ds
-    transport = Faults(lambda kind, k: fault if kind == "next" and k % 3 == 0 else None)
-    with Client(service_url, transport=transport, backoff=0.01) as c:
-        job = uid("job")
-        c.create_job(job, name, batch_size=16, epochs=2)
-        with c.job(job, worker="w", prefetch=2) as stream:
-            keys = [(bt.epoch, bt.index) for bt in stream]
-        p = c.job_progress(job)
+    transport = (Faults if kind == "sync" else AsyncFaults)(lambda path, k: fault if path == "next" and k % 3 == 0 else None)
+    keys, p, stream = _drain_with(kind, service_url, transport, {"dataset": name, "batch_size": 16, "epochs": 2},
+                                  worker="w", prefetch=2)  # fmt: skip
     bpe = -(-n // 16)
     assert transport.faults[fault] >= 5
     assert keys == [(e, i) for e in range(2) for i in range(bpe)]
