@@ -308,6 +308,12 @@ class Calls:
             raise
 
     @plan
+    def running_ingests(self) -> Plan[list[dict[str, Any]]]:
+        """The ingests running now on every process of the service: dataset, Idempotency-Key, body bytes received
+        (and ``content_length``, when announced), documents, sequences and tokens so far, chunk bytes staged."""
+        return (yield from self._json("GET", "/v1/ingests"))["ingests"]
+
+    @plan
     def commit_ingest(self, name: str, key: str) -> Plan[dict[str, Any]]:
         """Commit an ingest staged with ``commit=False``: its sequences take the next ids. Committing again is
         harmless (``duplicate`` is then true), so this call is retried."""

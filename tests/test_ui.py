@@ -1,6 +1,7 @@
 """The dashboard at /ui in a real browser (Debian's chromium driven by Playwright; no browser download):
-it asks for the token and honours it, lists the datasets, shows a running job and its workers updating,
-and its batch inspector marks exactly the positions the served batch's labels select.
+it asks for the token and honours it, lists the datasets and the ingests in progress, shows a running job
+and its workers updating, and its batch inspector marks exactly the positions the served batch's labels
+select.
 
 With UPDATE_UI_SCREENSHOTS=1 it also writes docs/ui/jobs.png and docs/ui/inspector.png."""
 
@@ -147,3 +148,41 @@ def test_the_dashboard_shows_datasets_a_live_job_and_inspects_a_batch(served, br
         assert row_shown == expected
     kinds = {k for row_shown in shown for _, k in row_shown}
     assert {"masked", "none"} <= kinds
+
+
+def test_the_datasets_page_shows_an_ingest_in_progress(served, browser, corpus):
+    """An ingest held half-sent shows on the datasets page (it polls), with what it received so far; once it
+    ends, it goes."""
+    from .test_ingest_progress import HeldBody
+
+    url, name, _ = served
+    body = HeldBody(corpus[:200])
+    done = threading.Event()
+
+    def upload() -> None:
+        with httpx.Client(timeout=120, headers=AUTH) as h:
+            h.post(f"{url}/v1/datasets/{name}/documents", content=iter(body),
+                   headers={"Content-Type": "application/x-ndjson", "Idempotency-Key": "ui-held"})  # fmt: skip
+        done.set()
+
+    context = browser.new_context()
+    context.add_init_script(f"sessionStorage.setItem('maskserve-token', '{TOKEN}')")
+    page = context.new_page()
+    page.goto(f"{url}/ui")
+    page.wait_for_selector("#no-ingests:not([hidden])")
+    thread = threading.Thread(target=upload)
+    thread.start()
+    try:
+        row = page.wait_for_selector(f'tr[data-ingest][data-dataset="{name}"]', timeout=60_000)
+        cells = [c.text_content() for c in row.query_selector_all("td")]
+        assert cells[0] == name and cells[-1] == "ui-held"
+        # what arrived of the body so far (the first part), once the ingest's record is refreshed
+        page.wait_for_function(
+            "(name) => { const r = document.querySelector(`tr[data-ingest][data-dataset='${name}']`);"
+            " return r && r.children[1].textContent.includes('KiB'); }", arg=name, timeout=60_000)  # fmt: skip
+    finally:
+        body.release.set()
+        thread.join(120)
+    assert done.is_set()
+    page.wait_for_selector(f'tr[data-ingest][data-dataset="{name}"]', state="detached", timeout=60_000)
+    assert page.is_visible("#no-ingests")

@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     chunk_bytes: int = Field(default=1 << 20, ge=4096, description="Target size of one stored chunk blob.")
     chunk_max_sequences: int = Field(default=16384, ge=1, description="Most sequences in one chunk blob.")
     stage_ttl_s: int = Field(default=3600, ge=10, description="Lifetime of an unfinished ingest's staged chunks.")
+    ingest_progress_interval_s: float = Field(
+        default=1.0, ge=0.05, le=60.0,
+        description="How often a running ingest refreshes its record in GET /v1/ingests (one small write); a "
+        "record not refreshed for 10 intervals (at least 10 s) counts as gone (its process died).",
+    )  # fmt: skip
     ingest_idempotency_ttl_s: int = Field(
         default=7 * 86400, ge=1, le=365 * 86400,
         description="How long an ingest's Idempotency-Key is remembered: a retry within it is a no-op, later it "

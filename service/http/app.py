@@ -40,7 +40,7 @@ from .deps import check_token
 from .metrics import Metrics, process_exited
 from .openapi import openapi_schema
 from .problems import install, problem_response
-from .routes import batches, datasets, docs, health, jobs, masks, sequences, tokenizers, ui
+from .routes import batches, datasets, docs, health, ingests, jobs, masks, sequences, tokenizers, ui
 
 log = logging.getLogger("maskserve")
 
@@ -75,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
-    for module in (batches, jobs, health, datasets, masks, tokenizers, sequences, docs, ui):
+    for module in (batches, jobs, health, datasets, ingests, masks, tokenizers, sequences, docs, ui):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)

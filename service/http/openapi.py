@@ -68,6 +68,7 @@ ERRORS: dict[str, Errors] = {
         *_PARAMS, *_STREAM, CorruptBody, InvalidRequest, DatasetNotFound, Conflict, InvalidTokenizer, TokenizerFailed, *_STORE
     ),  # invalid-tokenizer: the stored tokenizer.json no longer loads (another version of the library)
     "GET /v1/datasets/{name}/ingests/{key}": (*_PARAMS, DatasetNotFound, IngestNotFound, *_STORE),
+    "GET /v1/ingests": _STORE,
     "POST /v1/datasets/{name}/ingests/{key}/commit": (
         *_PARAMS, DatasetNotFound, IngestNotFound, Conflict, *_STORE
     ),  # conflict: the staged data expired just before the commit

@@ -11,6 +11,9 @@ Redis Cluster hashes to pick the key's slot. Three kinds of slot::
     a chunk group's slot, tag {T} (T = the group's slot tag): chunk blobs and their static masks
     the job's slot, tag {J} (J = job name): every key of one job
 
+    P:ingests:running                   HASH   ingest id -> JSON progress of an ingest running now (any dataset;
+                                               each refreshed while it runs, removed when it ends; readers drop
+                                               those not refreshed lately)
     P:datasets                          SET    dataset names (a hint: added before a dataset is created and
                                                removed after it is deleted; listing skips names without meta)
     P:ds:{D}:meta                       HASH   config and counters (see DatasetMeta); chunk_groups: G
@@ -100,6 +103,10 @@ class Keys:
     @property
     def index(self) -> str:
         return f"{self.prefix}:datasets"
+
+    @property
+    def running_ingests(self) -> str:
+        return f"{self.prefix}:ingests:running"
 
     def ds(self, name: str, part: str) -> str:
         return f"{self.prefix}:ds:{{{name}}}:{part}"

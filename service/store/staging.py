@@ -142,6 +142,28 @@ class IngestStaging(StoreBase):
             ingest = self.new_ingest_id()
         raise ChunkIdTaken(f"chunk {j} found its id taken {_STAGE_TRIES} times")
 
+    async def report_ingest(self, ingest: str, record: dict[str, Any]) -> None:
+        """Publish the progress of running ingest ``ingest`` (an id of its own, not a chunk nonce)."""
+        await self.r.hset(self.keys.running_ingests, ingest, json.dumps(record))
+
+    async def end_ingest(self, ingest: str) -> None:
+        await self.r.hdel(self.keys.running_ingests, ingest)
+
+    async def running_ingests(self, fresh_since: float) -> list[dict[str, Any]]:
+        """The ingests running now, oldest first: those whose record was refreshed at or after ``fresh_since``
+        (unix seconds). Older records are a dead process's, and are removed."""
+        records = await self.r.hgetall(self.keys.running_ingests)
+        running, stale = [], []
+        for ingest, raw in records.items():
+            record = json.loads(raw)
+            if record.get("updated", 0) >= fresh_since:
+                running.append(record)
+            else:
+                stale.append(ingest)
+        if stale:
+            await self.r.hdel(self.keys.running_ingests, *stale)
+        return sorted(running, key=lambda r: r["started"])
+
     async def drop_staged(self, name: str, staged: list[Staged]) -> None:
         if staged:
             await self.unlink([s.key for s in staged])

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -15,11 +16,13 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
+from ...core.config import Settings
 from ...core.errors import (
     Conflict, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType,
 )
 from ...data.catalog import DatasetRuntime, sha256
 from ...data.encodings import ALIASES, ENCODINGS, decoded
+from ...data.progress import IngestProgress
 from ...data.ingest import (
     NDJSON_TYPES, SPLITS, IngestStats, Pipeline, TextSplit, documents, limited, run_arrow, run_pipeline,
 )
@@ -267,10 +270,38 @@ async def ingest(
             raise DatasetNotFound(f"dataset {name!r} was deleted or replaced during the ingest", dataset=name)
         staged.append(chunk)
 
-    body = limited(request.stream(), settings.max_body_bytes)
+    length = request.headers.get("content-length")
+    progress = IngestProgress(store, name, pipeline.stats, interval=settings.ingest_progress_interval_s,
+                              key=idempotency_key, media_type=media_type, encoding=encoding,
+                              length=int(length) if length and length.isdigit() else None)  # fmt: skip
+    body = limited(progress.received(request.stream()), settings.max_body_bytes)
     limiter = request.app.state.work.limiter
     if encoding != "identity":  # the decoded bytes count against the limit too: a small bomb must not pass
         body = limited(decoded(body, encoding), settings.max_body_bytes, "decoded request body")
+    async with progress:
+        status, payload, stats = await _ingest_body(
+            store, name, rt, settings, pipeline, body, stage, staged, limiter, media_type=media_type, split=split,
+            text_column=text_column, ids_column=ids_column, commit=commit, idempotency_key=idempotency_key,
+        )  # fmt: skip
+    if status == 2:
+        response.status_code = 202
+        return IngestResult(**json.loads(payload), first_sequence_id=None, committed=False)
+    out = IngestResult(**json.loads(payload), duplicate=status == 1)
+    if status == 0:
+        metrics.tokens_ingested.labels(name).inc(stats.tokens)
+        metrics.documents_ingested.labels(name).inc(stats.documents)
+        metrics.bytes_stored.labels(name).inc(stats.bytes)
+    return out
+
+
+async def _ingest_body(
+    store: Store, name: str, rt: DatasetRuntime, settings: Settings, pipeline: Pipeline, body: AsyncIterator[bytes],
+    stage: Callable[[bytes], Awaitable[None]], staged: list[Staged], limiter: anyio.CapacityLimiter, *,
+    media_type: str, split: TextSplit, text_column: str | None, ids_column: str | None, commit: bool,
+    idempotency_key: str | None,
+) -> tuple[int, str, IngestStats]:  # fmt: skip
+    """Tokenize, pack and stage the body, then commit it (or keep it staged): the commit's status and result,
+    and the ingest's counts. Whatever fails, the chunks staged so far are dropped."""
     try:
         if media_type in (ARROW_STREAM, PARQUET):
             column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
@@ -299,15 +330,7 @@ async def ingest(
             except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
                 log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
         raise
-    if status == 2:
-        response.status_code = 202
-        return IngestResult(**json.loads(payload), first_sequence_id=None, committed=False)
-    out = IngestResult(**json.loads(payload), duplicate=status == 1)
-    if status == 0:
-        metrics.tokens_ingested.labels(name).inc(stats.tokens)
-        metrics.documents_ingested.labels(name).inc(stats.documents)
-        metrics.bytes_stored.labels(name).inc(stats.bytes)
-    return out
+    return status, payload, stats
 
 
 @router.get("/{name}/ingests/{key}", response_model=IngestState, summary="Whether an ingest is staged or committed")

@@ -67,6 +67,30 @@ async function loadDatasets() {
   return datasets;
 }
 
+// The ingests running now on any process: what arrived of each body (of its length, when it was announced).
+async function loadIngests() {
+  const { ingests } = await api("/v1/ingests");
+  const rows = ingests.map(g => {
+    const elapsed = Math.max(g.updated - g.started, 0.001);
+    const received = g.content_length
+      ? el("td", {}, el("progress", { max: g.content_length, value: g.bytes_received }),
+           ` ${bytes(g.bytes_received)} of ${bytes(g.content_length)}`)
+      : el("td", { text: bytes(g.bytes_received) });
+    return el("tr", { "data-ingest": g.id, "data-dataset": g.dataset },
+      el("td", { text: g.dataset }), received, el("td", { text: fmt.format(g.documents) }),
+      el("td", { text: fmt.format(g.tokens) }), el("td", { text: bytes(g.bytes_staged) }),
+      el("td", { text: `${bytes(g.bytes_received / elapsed)}/s` }), el("td", { text: `${elapsed.toFixed(0)} s` }),
+      el("td", { text: g.key || "" }));
+  });
+  $("ingest-rows").replaceChildren(...rows);
+  $("ingests").hidden = !rows.length;
+  $("no-ingests").hidden = !!rows.length;
+}
+
+async function loadDatasetsPage() {
+  await Promise.all([loadDatasets(), loadIngests()]);
+}
+
 // ---- jobs -----------------------------------------------------------------------------------------------
 
 function ackedSequences(p) {
@@ -204,7 +228,7 @@ async function inspect(form) {
 
 // ---- wiring ---------------------------------------------------------------------------------------------
 
-const loaders = { datasets: loadDatasets, jobs: loadJobs, inspector: loadDatasets };
+const loaders = { datasets: loadDatasetsPage, jobs: loadJobs, inspector: loadDatasets };
 
 async function refresh(tab) {
   try {
@@ -220,7 +244,7 @@ function show(tab) {
   for (const s of document.querySelectorAll(".tab")) s.hidden = s.id !== tab;
   clearInterval(state.timer);
   refresh(tab);
-  if (tab === "jobs") state.timer = setInterval(() => refresh("jobs"), 2000);
+  if (tab === "jobs" || tab === "datasets") state.timer = setInterval(() => refresh(tab), 2000);
 }
 
 for (const b of document.querySelectorAll("nav button")) b.addEventListener("click", () => show(b.dataset.tab));
