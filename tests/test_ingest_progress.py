@@ -15,7 +15,7 @@ import pytest
 
 from client import BadRequestError, Client
 
-from .conftest import service_env
+from .conftest import metric, service_env
 
 
 def _until(check, what: str, timeout: float = 60.0):
@@ -73,6 +73,7 @@ def test_a_running_ingest_is_listed_until_it_ends(spawn_service, redis_url, rdb,
                       "the other process to list the held ingest with its first part received")  # fmt: skip
         with Client(b.url) as c:
             assert [i["id"] for i in c.running_ingests() if i["dataset"] == name] == [seen[0]["id"]]
+        assert metric(a.url, f'maskserve_ingests_running{{dataset="{name}"}}') == 1
     finally:
         body.release.set()
         thread.join(120)
@@ -83,6 +84,8 @@ def test_a_running_ingest_is_listed_until_it_ends(spawn_service, redis_url, rdb,
     assert _running(a.url, name) == [] and _running(b.url, name) == []  # removed before the answer went out
     with Client(b.url) as c:
         assert [i for i in c.running_ingests() if i["dataset"] == name] == []
+    assert metric(a.url, f'maskserve_ingests_running{{dataset="{name}"}}') == 0
+    assert metric(a.url, f'maskserve_ingest_bytes_received_total{{dataset="{name}"}}') == sum(map(len, body.parts))
 
 
 def test_a_failed_ingest_leaves_no_record(client: Client, service_url: str, bpe_tokenizer):

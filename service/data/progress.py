@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import anyio
@@ -40,9 +40,14 @@ class IngestProgress:
 
     def __init__(
         self, store: Reporter, dataset: str, stats: IngestStats, *, interval: float, key: str | None,
-        media_type: str, length: int | None, encoding: str,
+        media_type: str, length: int | None, encoding: str, on_bytes: Callable[[int], None] | None = None,
+        running: Any = None,
     ) -> None:  # fmt: skip
+        """``on_bytes(n)`` is told of each piece of the body as it arrives; ``running`` (a gauge) counts the
+        ingest while it runs."""
         self.store = store
+        self.on_bytes = on_bytes
+        self.running = running
         self.id = uuid.uuid4().hex[:16]
         self.stats = stats  # filled by the pipeline on worker threads; plain integers, read here as they are
         self.interval = interval
@@ -62,6 +67,8 @@ class IngestProgress:
         """``body`` as it is, its bytes counted as they arrive."""
         async for piece in body:
             self.bytes_received += len(piece)
+            if self.on_bytes is not None:
+                self.on_bytes(len(piece))
             yield piece
 
     async def _refresh(self) -> None:
@@ -76,6 +83,8 @@ class IngestProgress:
             log.warning("could not publish the progress of ingest %s: %s", self.id, exc)
 
     async def __aenter__(self) -> IngestProgress:
+        if self.running is not None:
+            self.running.inc()
         await self._publish()
         self._task = asyncio.create_task(self._refresh())
         return self
@@ -83,6 +92,8 @@ class IngestProgress:
     async def __aexit__(self, *exc_info: object) -> None:
         if self._task is not None:
             self._task.cancel()
+        if self.running is not None:
+            self.running.dec()
         # removed even when the request was cancelled (its client went away): shielded from that cancellation
         with anyio.CancelScope(shield=True):
             try:

@@ -81,6 +81,14 @@ class Metrics:
             "rows), mask (assembling and masking them), encode (the output options and the wire format)", ["stage"],
             registry=self.registry, buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, 5),
         )  # fmt: skip
+        self.ingests_running = Gauge(
+            "maskserve_ingests_running", "Ingests running now (GET /v1/ingests has each one's progress)", ["dataset"],
+            registry=self.registry, multiprocess_mode="livesum",
+        )  # fmt: skip
+        self.ingest_bytes_received = Counter(
+            "maskserve_ingest_bytes_received_total", "Ingest body bytes received, as sent (compressed, if it is), "
+            "counted as they arrive", ["dataset"], registry=self.registry,
+        )  # fmt: skip
         self.bytes_stored = Counter(
             "maskserve_bytes_stored_total", "Chunk bytes stored by ingest", ["dataset"], registry=self.registry
         )

@@ -273,7 +273,9 @@ async def ingest(
     length = request.headers.get("content-length")
     progress = IngestProgress(store, name, pipeline.stats, interval=settings.ingest_progress_interval_s,
                               key=idempotency_key, media_type=media_type, encoding=encoding,
-                              length=int(length) if length and length.isdigit() else None)  # fmt: skip
+                              length=int(length) if length and length.isdigit() else None,
+                              on_bytes=metrics.ingest_bytes_received.labels(name).inc,
+                              running=metrics.ingests_running.labels(name))  # fmt: skip
     body = limited(progress.received(request.stream()), settings.max_body_bytes)
     limiter = request.app.state.work.limiter
     if encoding != "identity":  # the decoded bytes count against the limit too: a small bomb must not pass
