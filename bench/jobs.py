@@ -124,7 +124,7 @@ def main() -> None:
             c.ingest("bench", docs)
             info = c.dataset("bench")
             print(f"dataset: {info['num_sequences']} sequences x L={info['seq_len']}")
-            ready = c._json("GET", "/readyz")
+            ready = c.readiness()
             print(f"durable acks: {ready['durable_acks']} ({ready['durability']})")
 
             def new_job(tag: str) -> str:

@@ -124,6 +124,11 @@ class Calls:
             return False
 
     @plan
+    def readiness(self) -> Plan[dict[str, Any]]:
+        """``/readyz``'s answer: what the service runs on (Redis, durable acks, ...); raises when it is not ready."""
+        return (yield from self._json("GET", "/readyz", idempotent=False))
+
+    @plan
     def wait_ready(self, timeout: float = 30.0, interval: float = 0.1) -> Plan[None]:
         """Wait until ``/readyz`` answers, or raise :class:`ServiceUnavailableError`."""
         deadline = time.monotonic() + timeout

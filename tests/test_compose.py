@@ -236,7 +236,7 @@ def test_compose_commands_run_the_whole_job(tmp_path: Path):
             assert boot.returncode == 0, boot.stdout + boot.stderr
             with Client(service.url, token=SECRETS["AUTH_TOKEN"]) as c:
                 info = c.dataset("stdlib-docs")
-                assert c._json("GET", "/readyz")["durable_acks"] is True
+                assert c.readiness()["durable_acks"] is True
             assert info["num_sequences"] > 100 and info["seq_len"] == 128
 
             # Bootstrapping again is a no-op: the compose stack can be restarted.

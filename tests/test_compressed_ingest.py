@@ -19,7 +19,7 @@ from service.core.errors import CorruptBody, PayloadTooLarge
 from service.data.encodings import ENCODINGS, PIECE, ZstdFraming, decoded
 from service.data.ingest import limited
 
-from .test_client import Recorder, mock_client
+from .test_client import Recorder, mock_client  # noqa: F401 - mock_client is a fixture (either client)
 from .test_errors import check_problem, ndjson, snapshot, uniq
 from .test_ingest import stored
 
@@ -298,7 +298,7 @@ def test_the_api_document_declares_the_header_and_the_error(service_url):
     assert "415" in op["responses"] and "413" in op["responses"]
 
 
-def test_the_client_sends_gz_and_zst_as_they_are_and_decodes_bz2_and_xz(tmp_path):
+def test_the_client_sends_gz_and_zst_as_they_are_and_decodes_bz2_and_xz(mock_client, tmp_path):
     """What goes on the wire: the file's own bytes with its Content-Encoding, or a bz2/xz file decoded."""
     done = httpx.Response(200, json={"dataset": "d", "documents": 1, "sequences": 1, "tokens": 1, "bytes": 1,
                                      "first_sequence_id": 0})  # fmt: skip
