@@ -116,7 +116,7 @@ class Settings(BaseSettings):
     )  # fmt: skip
     chunk_cache_bytes: int = Field(
         default=256 << 20, ge=0, le=1 << 40,
-        description="Bytes of sequence records and static-mask records a process keeps (least recently used out; "
+        description="Bytes of sequence records and static-mask records a process keeps (those unused for longest out; "
         "each record counts 256 bytes of bookkeeping besides its own). Chunks never change, so a cached row is "
         "never read from Redis again; 0 turns the cache off.",
     )  # fmt: skip

@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .base import ChunkRef, StaleCounters, StoreBase, _counters, _u64
 from .keys import group_of, key_slot
-from .rowcache import RowCache, RowKey
+from .rowcache import RowCache, record_keys
 
 
 # KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks), then
@@ -175,11 +175,14 @@ class _Looked:
     def __init__(self, r: RowsRead, cache: RowCache) -> None:
         uid, b = r.rt.uid, len(r.which)
         chunk_ids = r.rt.ids[r.chunks[r.which]].tolist()  # each row's chunk id
-        self.keys = [(uid, "", c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.entries))]
+        self.keys = record_keys(uid, "", chunk_ids, _entry_keys(r.entries))
         if r.masks is not None:
-            self.keys += [(uid, r.masks[0], c << 64 | e) for c, e in zip(chunk_ids, _entry_keys(r.masks[1]))]
+            self.keys += record_keys(uid, r.masks[0], chunk_ids, _entry_keys(r.masks[1]))
         self.found = cache.get_many(self.keys)  # one lookup for both kinds
         self.b, self.masked = b, r.masks is not None
+        if None not in self.found:  # a warm batch: nothing to read
+            self.miss = np.empty(0, dtype=np.int64)
+            return
         absent = np.array([x is None for x in self.found], dtype=bool).reshape(-1, b).any(axis=0)
         self.miss = np.flatnonzero(absent)
 
