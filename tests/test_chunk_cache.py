@@ -101,13 +101,15 @@ def test_a_record_used_since_the_last_turnover_outlives_every_one_that_was_not()
 
 
 def test_record_keys_tell_every_generation_kind_chunk_and_place_apart():
-    """The one-integer key holds its five parts exactly: no two records share one, whatever the strings split."""
+    """The one-integer key holds its five parts exactly: no two records share one, whatever the strings split,
+    and a record's key is the same each time it is asked for."""
     top = (1 << 64) - 1
     places = [0, 1, 1 << 32, (1 << 32) | 5, top]
     chunks = [0, 1, 1 << 39, top]
     keys = [k for uid, kind in (("ab", "c"), ("a", "bc"), ("abc", ""), ("ab", ""), ("", "abc"), ("a" * 32, "f" * 16))
             for c in chunks for k in record_keys(uid, kind, [c] * len(places), places)]  # fmt: skip
     assert len(set(keys)) == len(keys) == 6 * len(chunks) * len(places)
+    assert record_keys("ab", "c", chunks, places[:4]) == record_keys("ab", "c", chunks, places[:4])  # found again
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))

@@ -5,9 +5,10 @@ beside it; a re-created dataset is a new generation with a new uid. So a
 record is kept under its generation's uid, its kind ("" for a sequence's whole
 record, ids then word-start bits; a static-mask cache id for one copy's mask
 record), its chunk id, offset and count, and can never be the bytes of another
-generation or cache. The key is one integer that holds all five exactly
-(:func:`record_keys`): a batch looks up a key per row, and an integer key is
-looked up in two thirds of the time a tuple of strings and integers takes.
+generation or cache. The key is one short integer that holds all five
+exactly (:func:`record_keys`; the uid and kind as a number the process draws
+for the pair): a batch looks up a key per row, and such a key is looked up in
+about 60% of the time a tuple of strings and integers takes.
 What can change (a dataset's counters, whether the generation or a mask cache
 still exists) is never cached here: the store checks it in Redis for every
 batch (``ChunkReads``).
@@ -21,6 +22,7 @@ holds for short records too. ``max_bytes`` 0 turns it off.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 
@@ -31,11 +33,15 @@ ENTRY_OVERHEAD = 256
 RowKey = int
 
 
-@functools.lru_cache(maxsize=1024)
+_numbers = itertools.count(1)
+
+
+@functools.lru_cache(maxsize=4096)
 def _prefix(uid: str, kind: str) -> int:
-    """``uid`` and ``kind`` as one integer, shifted past a record's place: their UTF-8 bytes with a NUL between
-    (neither holds one), read as a number, so distinct pairs give distinct integers."""
-    return int.from_bytes(f"{uid}\0{kind}".encode(), "big") << 128
+    """A number of the process's own for the pair ``(uid, kind)``, shifted past a record's place: drawn from a
+    counter, so never another pair's. A pair forgotten here (past 4096 of them) gets a new number when met
+    again, and the records kept under its old one are merely not found (they age out)."""
+    return next(_numbers) << 128
 
 
 def record_keys(uid: str, kind: str, chunk_ids: Sequence[int], places: Sequence[int]) -> list[RowKey]:
