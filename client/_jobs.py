@@ -128,6 +128,7 @@ class JobBook:
         self._wait = self._step = 0.0
         self._batches = 0
         self._leases, self._lease_s = 0, 0.0  # lease requests answered with a batch, and their round trips
+        self._lease_window = (0, 0.0)  # those figures as last sent: since the last summary that had any
         self._yielded_at: float | None = None
         self._stats_at = time.monotonic()
         self.rejected: list[tuple[str, str]] = []  # (lease id, verdict) of acks the service refused
@@ -214,14 +215,18 @@ class JobBook:
         heapq.heappush(self._ready, _Ready(batch.epoch, batch.index, self._arrivals, slot.seq, in_order, batch))
 
     def _take_stats(self) -> dict[str, Any] | None:
-        """The consumer's summary since the last one sent, when one is due."""
+        """The consumer's summary since the last one sent, when one is due. Its lease figures cover the lease
+        requests answered since the last summary that had any (a batch yielded was leased first, so the first
+        summary has some)."""
         if self.stats_every is None or not self._batches or time.monotonic() - self._stats_at < self.stats_every:
             return None
+        if self._leases:  # else the last figures again: the service keeps only the latest summary
+            self._lease_window = (self._leases, round(self._lease_s, 6))
+            self._leases, self._lease_s = 0, 0.0
         out = {"batches": self._batches, "wait_s": round(self._wait, 6), "step_s": round(self._step, 6),
-               "leases": self._leases, "lease_s": round(self._lease_s, 6)}  # fmt: skip
+               "leases": self._lease_window[0], "lease_s": self._lease_window[1]}  # fmt: skip
         self._wait = self._step = 0.0
-        self._batches = self._leases = 0
-        self._lease_s = 0.0
+        self._batches = 0
         self._stats_at = time.monotonic()
         return out
 
