@@ -29,6 +29,7 @@ EPILOG = """examples:
   maskserve dataset create wiki --tokenizer tokenizer.json --seq-len 512
   maskserve dataset ingest wiki docs.jsonl
   maskserve dataset list
+  maskserve dataset ingests                       # ingests running now, on every process
   maskserve batch wiki --size 4 --seed 1
   maskserve masks build wiki --copies 10 --unit whole_word   # static masks, cached in Redis
   maskserve masks report wiki --unit span                     # observed rates, split, leakage

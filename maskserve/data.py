@@ -82,6 +82,8 @@ def cmd_dataset(args: argparse.Namespace) -> int:
                       f"sequences={d['num_sequences']:<9} tokens={d['num_tokens']:<11} bytes={d['bytes']}")  # fmt: skip
         elif args.action == "show":
             print_json(c.dataset(args.name))
+        elif args.action == "ingests":
+            print_running_ingests(c.running_ingests())
         elif args.action == "delete":
             c.delete_dataset(args.name)
             print(f"deleted {args.name}")
@@ -96,6 +98,18 @@ def cmd_dataset(args: argparse.Namespace) -> int:
 
             cmd_ingest(c, args)
     return 0
+
+
+def print_running_ingests(ingests: list[dict]) -> None:
+    """One line per ingest running now: dataset, what arrived of its body, documents and tokens so far."""
+    if not ingests:
+        print("no ingest running")
+    for g in ingests:
+        running = max(g["updated"] - g["started"], 1e-3)
+        of = f" of {g['content_length']:,}" if g["content_length"] else ""
+        print(f"{g['dataset']:24} {g['bytes_received']:,}{of} bytes received ({g['bytes_received'] / running / 1e6:.1f} "
+              f"MB/s), {g['documents']:,} documents, {g['tokens']:,} tokens, running {running:.0f}s"
+              f"{'  key ' + g['key'] if g['key'] else ''}")  # fmt: skip
 
 
 def ingest_with_holdout(c, args: argparse.Namespace) -> None:  # noqa: ANN001 - the client is imported lazily
@@ -200,6 +214,7 @@ def dataset_parser(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
     ds = sub.add_parser("dataset", help="create, ingest into, list, show, delete datasets")
     dsub = ds.add_subparsers(dest="action", required=True, metavar="ACTION")
     add_actions(dsub, conn, ("list", "all datasets", ()), ("show", "one dataset's details", ("name",)),
+                ("ingests", "the ingests running now, on every process of the service", ()),
                 ("delete", "delete a dataset and all its keys", ("name",)))  # fmt: skip
     cr = dsub.add_parser("create", parents=[conn], help="create a dataset")
     cr.add_argument("name")

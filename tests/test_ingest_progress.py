@@ -5,6 +5,8 @@ is dropped once it is no longer refreshed."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -15,7 +17,7 @@ import pytest
 
 from client import BadRequestError, Client
 
-from .conftest import metric, service_env
+from .conftest import ROOT, metric, service_env
 
 
 def _until(check, what: str, timeout: float = 60.0):
@@ -24,6 +26,13 @@ def _until(check, what: str, timeout: float = 60.0):
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
     return value
+
+
+def _cli(*args: str) -> str:
+    out = subprocess.run([sys.executable, "-m", "maskserve", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 class HeldBody:
@@ -74,6 +83,8 @@ def test_a_running_ingest_is_listed_until_it_ends(spawn_service, redis_url, rdb,
         with Client(b.url) as c:
             assert [i["id"] for i in c.running_ingests() if i["dataset"] == name] == [seen[0]["id"]]
         assert metric(a.url, f'maskserve_ingests_running{{dataset="{name}"}}') == 1
+        shown = _cli("dataset", "ingests", "--url", b.url)  # the command line's view of the same
+        assert f"{name} " in shown and "bytes received" in shown and "key held-1" in shown
     finally:
         body.release.set()
         thread.join(120)
@@ -85,6 +96,7 @@ def test_a_running_ingest_is_listed_until_it_ends(spawn_service, redis_url, rdb,
     with Client(b.url) as c:
         assert [i for i in c.running_ingests() if i["dataset"] == name] == []
     assert metric(a.url, f'maskserve_ingests_running{{dataset="{name}"}}') == 0
+    assert _cli("dataset", "ingests", "--url", b.url).strip() == "no ingest running"
     assert metric(a.url, f'maskserve_ingest_bytes_received_total{{dataset="{name}"}}') == sum(map(len, body.parts))
 
 
