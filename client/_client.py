@@ -50,19 +50,6 @@ def plan(fn: Callable[..., Plan[Any]]) -> Callable[..., Plan[Any]]:
     return fn
 
 
-def _settings(base_url: str | Sequence[str] | None, token: str | None) -> tuple[list[str], dict[str, str]]:
-    """The replica URLs (``base_url``, else ``MASKSERVE_URL``, else the default) and the request headers
-    (the bearer ``token``, else ``MASKSERVE_TOKEN``)."""
-    urls = base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL
-    if isinstance(urls, str):
-        urls = urls.split(",")
-    base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
-    if not base_urls:
-        raise ValueError("no service URL given")
-    token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
-    return base_urls, ({"Authorization": f"Bearer {token}"} if token else {})
-
-
 #: the connection pool of either client: enough for a job stream's prefetch and parallel uploads
 LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=64)
 
@@ -87,6 +74,37 @@ class Calls:
                 method.__signature__ = inspect.signature(fn).replace(  # type: ignore[attr-defined]
                     return_annotation=method.__annotations__["return"])
                 setattr(cls, name, method)
+
+    #: set by each client: its transport class, and the httpx client class that transport drives
+    _transport_class: type[SyncTransport] | type[AsyncTransport]
+    _http_class: type[httpx.Client] | type[httpx.AsyncClient]
+
+    def __init__(
+        self,
+        base_url: str | Sequence[str] | None = None,
+        *,
+        token: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        max_backoff: float = 5.0,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
+        http: httpx.Client | httpx.AsyncClient | None = None,
+    ) -> None:
+        """``base_url``: the replicas (a list, or one string separated by commas), else ``MASKSERVE_URL``, else
+        the default; ``token``: the bearer token, else ``MASKSERVE_TOKEN``. ``transport`` (an httpx transport of
+        the client's kind, sync or async) or a ready ``http`` client of that kind lets tests swap the network."""
+        urls = base_url or os.environ.get("MASKSERVE_URL") or DEFAULT_URL
+        if isinstance(urls, str):
+            urls = urls.split(",")
+        base_urls = [u.strip().rstrip("/") for u in urls if u.strip()]
+        if not base_urls:
+            raise ValueError("no service URL given")
+        token = token if token is not None else os.environ.get("MASKSERVE_TOKEN")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        http = http or self._http_class(headers=headers, timeout=timeout, transport=transport, limits=LIMITS)
+        self._transport = self._transport_class(base_urls, http, retries=retries, backoff=backoff,  # type: ignore[arg-type]
+                                                max_backoff=max_backoff)  # fmt: skip
 
     @property
     def transport(self) -> Transport:
@@ -510,22 +528,8 @@ class Client(Calls, driver=_blocking):
     """
 
     _transport: SyncTransport
-
-    def __init__(
-        self,
-        base_url: str | Sequence[str] | None = None,
-        *,
-        token: str | None = None,
-        timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 5.0,
-        transport: httpx.BaseTransport | None = None,
-        http: httpx.Client | None = None,
-    ) -> None:
-        base_urls, headers = _settings(base_url, token)
-        http = http or httpx.Client(headers=headers, timeout=timeout, transport=transport, limits=LIMITS)
-        self._transport = SyncTransport(base_urls, http, retries=retries, backoff=backoff, max_backoff=max_backoff)
+    _transport_class = SyncTransport
+    _http_class = httpx.Client
 
     @property
     def _http(self) -> httpx.Client:
@@ -603,22 +607,8 @@ class AsyncClient(Calls, driver=_awaited):
     """
 
     _transport: AsyncTransport
-
-    def __init__(
-        self,
-        base_url: str | Sequence[str] | None = None,
-        *,
-        token: str | None = None,
-        timeout: float = 60.0,
-        retries: int = 3,
-        backoff: float = 0.2,
-        max_backoff: float = 5.0,
-        transport: httpx.AsyncBaseTransport | None = None,
-        http: httpx.AsyncClient | None = None,
-    ) -> None:
-        base_urls, headers = _settings(base_url, token)
-        http = http or httpx.AsyncClient(headers=headers, timeout=timeout, transport=transport, limits=LIMITS)
-        self._transport = AsyncTransport(base_urls, http, retries=retries, backoff=backoff, max_backoff=max_backoff)
+    _transport_class = AsyncTransport
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         await self._transport.close()

@@ -10,7 +10,6 @@ import json
 import logging
 import signal
 import threading
-import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -20,12 +19,9 @@ import pytest
 from client import AsyncClient, AsyncJobStream, Batch, Client, ConflictError, JobCancelled, NotFoundError
 
 from .conftest import service_env
+from .test_jobs import uid
 
 MASKING = {"mlm_probability": 0.2, "unit": "whole_word"}
-
-
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def same(a: Batch, b: Batch) -> None:

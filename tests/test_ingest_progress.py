@@ -18,14 +18,7 @@ import pytest
 from client import BadRequestError, Client
 
 from .conftest import ROOT, metric, service_env
-
-
-def _until(check, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return value
+from .test_jobs_processes import poll
 
 
 def _cli(*args: str) -> str:
@@ -78,8 +71,8 @@ def test_a_running_ingest_is_listed_until_it_ends(spawn_service, redis_url, rdb,
     thread = threading.Thread(target=upload)
     thread.start()
     try:
-        seen = _until(lambda: [g for g in _running(b.url, name) if g["bytes_received"] >= len(body.parts[0])],
-                      "the other process to list the held ingest with its first part received")  # fmt: skip
+        seen = poll(lambda: [g for g in _running(b.url, name) if g["bytes_received"] >= len(body.parts[0])],
+                    60, "the other process to list the held ingest with its first part received")  # fmt: skip
         with Client(b.url) as c:
             assert [i["id"] for i in c.running_ingests() if i["dataset"] == name] == [seen[0]["id"]]
         assert metric(a.url, f'maskserve_ingests_running{{dataset="{name}"}}') == 1

@@ -73,7 +73,6 @@ class RowCache:
         self.misses = 0
         self._young: dict[RowKey, bytes] = {}
         self._old: dict[RowKey, bytes] = {}
-        self._old_bytes = 0
         self._lock = threading.Lock()
         self.observe: Callable[[int, int, int], None] = ignore  # (hits, misses, bytes now) after each lookup
 
@@ -92,7 +91,6 @@ class RowCache:
                 young, old = self._young, self._old
                 for i, key in enumerate(keys):
                     if out[i] is None and (value := old.pop(key, None)) is not None:
-                        self._old_bytes -= len(value) + ENTRY_OVERHEAD
                         young[key] = out[i] = value
             missing = out.count(None)
             self.hits += len(out) - missing
@@ -113,11 +111,9 @@ class RowCache:
             need = sum(len(v) for v in fresh.values()) + ENTRY_OVERHEAD * len(fresh)
             while self.bytes + need > self.max_bytes and self.bytes:
                 if not self._old:  # a turnover: what was used since the last one is now the old generation
-                    self._old, self._young, self._old_bytes = self._young, {}, self.bytes
+                    self._old, self._young = self._young, {}
                 _, old = self._old.popitem()
-                cost = len(old) + ENTRY_OVERHEAD
-                self._old_bytes -= cost
-                self.bytes -= cost
+                self.bytes -= len(old) + ENTRY_OVERHEAD
             young = self._young
             for key, value in fresh.items():
                 cost = len(value) + ENTRY_OVERHEAD
@@ -129,4 +125,4 @@ class RowCache:
     def clear(self) -> None:
         with self._lock:
             self._young, self._old = {}, {}
-            self.bytes = self._old_bytes = 0
+            self.bytes = 0

@@ -7,7 +7,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Annotated, Any, Literal
 
 import anyio
@@ -16,7 +15,6 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from ...core.config import Settings
 from ...core.errors import (
     Conflict, DatasetExists, DatasetNotFound, IngestNotFound, InvalidRequest, LimitExceeded, UnsupportedMediaType,
 )
@@ -280,11 +278,35 @@ async def ingest(
     limiter = request.app.state.work.limiter
     if encoding != "identity":  # the decoded bytes count against the limit too: a small bomb must not pass
         body = limited(decoded(body, encoding), settings.max_body_bytes, "decoded request body")
-    async with progress:
-        status, payload, stats = await _ingest_body(
-            store, name, rt, settings, pipeline, body, stage, staged, limiter, media_type=media_type, split=split,
-            text_column=text_column, ids_column=ids_column, commit=commit, idempotency_key=idempotency_key,
-        )  # fmt: skip
+    async with progress:  # what arrived, for GET /v1/ingests, until the ingest ends
+        try:
+            if media_type in (ARROW_STREAM, PARQUET):
+                column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
+                limit = settings.ingest_max_record_batch_bytes
+                args = (column, kind, rt.meta["vocab_size"], _reserved(rt), limit)
+                if media_type == ARROW_STREAM:
+                    stats = await run_arrow(pipeline, ArrowDocuments(BlockingBody(body, limit), *args),
+                                            settings.ingest_batch_bytes, stage, settings.ingest_batch_docs, limiter)  # fmt: skip
+                else:
+                    async with spooled(body) as path:
+                        stats = await run_arrow(pipeline, ParquetDocuments(path, *args), settings.ingest_batch_bytes,
+                                                stage, settings.ingest_batch_docs, limiter)  # fmt: skip
+            else:
+                docs = documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt))
+                stats = await run_pipeline(pipeline, docs, settings.ingest_batch_bytes, stage,
+                                           settings.ingest_batch_docs, limiter)  # fmt: skip
+            if commit:
+                status, payload = await _commit(store, name, rt, idempotency_key or "", staged, stats, pipeline)
+            else:
+                status, payload = await _stage_only(store, name, rt, idempotency_key or "", staged, stats, pipeline,
+                                                    settings.stage_ttl_s)  # fmt: skip
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await store.drop_staged(name, staged)
+                except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
+                    log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
+            raise
     if status == 2:
         response.status_code = 202
         return IngestResult(**json.loads(payload), first_sequence_id=None, committed=False)
@@ -294,45 +316,6 @@ async def ingest(
         metrics.documents_ingested.labels(name).inc(stats.documents)
         metrics.bytes_stored.labels(name).inc(stats.bytes)
     return out
-
-
-async def _ingest_body(
-    store: Store, name: str, rt: DatasetRuntime, settings: Settings, pipeline: Pipeline, body: AsyncIterator[bytes],
-    stage: Callable[[bytes], Awaitable[None]], staged: list[Staged], limiter: anyio.CapacityLimiter, *,
-    media_type: str, split: TextSplit, text_column: str | None, ids_column: str | None, commit: bool,
-    idempotency_key: str | None,
-) -> tuple[int, str, IngestStats]:  # fmt: skip
-    """Tokenize, pack and stage the body, then commit it (or keep it staged): the commit's status and result,
-    and the ingest's counts. Whatever fails, the chunks staged so far are dropped."""
-    try:
-        if media_type in (ARROW_STREAM, PARQUET):
-            column, kind = (ids_column, "ids") if ids_column is not None else (text_column or "text", "text")
-            limit = settings.ingest_max_record_batch_bytes
-            args = (column, kind, rt.meta["vocab_size"], _reserved(rt), limit)
-            if media_type == ARROW_STREAM:
-                stats = await run_arrow(pipeline, ArrowDocuments(BlockingBody(body, limit), *args),
-                                        settings.ingest_batch_bytes, stage, settings.ingest_batch_docs, limiter)  # fmt: skip
-            else:
-                async with spooled(body) as path:
-                    stats = await run_arrow(pipeline, ParquetDocuments(path, *args), settings.ingest_batch_bytes,
-                                            stage, settings.ingest_batch_docs, limiter)  # fmt: skip
-        else:
-            docs = documents(body, media_type, split, rt.meta["vocab_size"], _reserved(rt))
-            stats = await run_pipeline(pipeline, docs, settings.ingest_batch_bytes, stage,
-                                       settings.ingest_batch_docs, limiter)  # fmt: skip
-        if commit:
-            status, payload = await _commit(store, name, rt, idempotency_key or "", staged, stats, pipeline)
-        else:
-            status, payload = await _stage_only(store, name, rt, idempotency_key or "", staged, stats, pipeline,
-                                                settings.stage_ttl_s)  # fmt: skip
-    except BaseException:
-        with anyio.CancelScope(shield=True):
-            try:
-                await store.drop_staged(name, staged)
-            except Exception as exc:  # noqa: BLE001 - the staged keys expire by themselves
-                log.warning("could not drop staged chunks of a failed ingest into %s: %s", name, exc)
-        raise
-    return status, payload, stats
 
 
 @router.get("/{name}/ingests/{key}", response_model=IngestState, summary="Whether an ingest is staged or committed")
