@@ -504,3 +504,20 @@ def test_ingest_generator_is_not_retried(mock_client):
     with mock_client(rec, retries=3) as c, pytest.raises(TransportError):
         c.ingest("d", (t for t in ["a", "b"]))
     assert len(rec.requests) == 1
+
+
+def test_every_summary_after_the_first_carries_a_lease_round_trip():
+    """The service keeps only a worker's latest summary: one sent while no lease was answered since the previous
+    one carries the round trip of the latest leases again, rather than none."""
+    with Client("http://maskserve.invalid", transport=httpx.MockTransport(lambda r: httpx.Response(500))) as c:
+        stream = c.job("j", worker="w", stats_every=0.0)
+        stream._batches, stream._leases, stream._lease_s = 2, 2, 0.5  # two batches, both leases answered
+        first = stream._take_stats()
+        stream._batches = 1  # one more batch trained, its lease answered before the last summary
+        second = stream._take_stats()
+        stream._batches, stream._leases, stream._lease_s = 1, 1, 0.1
+        third = stream._take_stats()
+        stream.close()  # nothing leased, nothing to ack: no request
+    assert (first["leases"], first["lease_s"]) == (2, 0.5)
+    assert (second["batches"], second["leases"], second["lease_s"]) == (1, 2, 0.5)
+    assert (third["leases"], third["lease_s"]) == (1, 0.1)
