@@ -18,7 +18,7 @@ import redis
 
 from client import Client, decode
 from service.core.config import Settings
-from service.store.rowcache import ENTRY_OVERHEAD, RowCache, record_keys
+from service.store.rowcache import ENTRY_OVERHEAD, OFFSET_BITS, POSITION_BITS, RowCache
 
 from .conftest import ServerThread, metric, service_env
 
@@ -59,57 +59,90 @@ OPTIONS = [
 ]
 
 
+def _records(cache: RowCache, n: int, position: int = 7) -> list[int]:
+    """The keys of ``n`` one-token records, back to back in the chunk at table ``position`` of generation "u"."""
+    entries = np.stack([np.arange(n), np.ones(n)], axis=1).astype("<u4")
+    return cache.keys([("u", "", np.full(n, position), entries)])[0]
+
+
 def _kept(cache: RowCache, keys: list[int]) -> set[int]:
     """The indexes of ``keys`` the cache holds (looking them up counts as using them)."""
-    return {i for i, v in enumerate(cache.get_many(keys)) if v is not None}
+    return {i for i, v in enumerate(cache.get_many(keys, cache.numbering)) if v is not None}
+
+
+def _put(cache: RowCache, keys: list[int], values: list[bytes]) -> None:
+    cache.put_many(keys, values, cache.numbering)
 
 
 def test_the_cache_keeps_at_most_its_bytes_and_what_was_used_since_the_last_turnover():
     cache = RowCache(4 * (100 + ENTRY_OVERHEAD))
-    keys = record_keys("u", "", [7] * 8, list(range(8)))
-    cache.put_many(keys[:4], [bytes([i]) * 100 for i in range(4)])
+    keys = _records(cache, 8)
+    _put(cache, keys[:4], [bytes([i]) * 100 for i in range(4)])
     assert len(cache) == 4 and cache.bytes == cache.max_bytes
-    assert cache.get_many(keys[:2]) == [bytes([0]) * 100, bytes([1]) * 100]
+    assert cache.get_many(keys[:2], cache.numbering) == [bytes([0]) * 100, bytes([1]) * 100]
     # room for two more: a turnover makes the four the old generation, and two of them go
-    cache.put_many(keys[4:6], [b"x" * 100, b"y" * 100])
+    _put(cache, keys[4:6], [b"x" * 100, b"y" * 100])
     assert cache.bytes == cache.max_bytes and len(cache) == 4
     assert {4, 5} <= _kept(cache, keys[:6])  # the records just stored stay
     survivors = _kept(cache, keys[:4])  # two of the first four, now used again (young)
     assert len(survivors) == 2
     # room for two more: from the old generation, which now holds none of the records used since the turnover
-    cache.put_many(keys[6:8], [b"p" * 100, b"q" * 100])
+    _put(cache, keys[6:8], [b"p" * 100, b"q" * 100])
     assert _kept(cache, keys) == {6, 7} | (_kept(cache, keys[:6]) & ({4, 5} | survivors))
     assert len(cache) == 4 and cache.bytes <= cache.max_bytes
-    big = record_keys("u", "", [7], [99])
-    cache.put_many(big, [b"z" * cache.max_bytes])  # larger than the whole bound: not kept
-    assert cache.get_many(big) == [None] and cache.bytes <= cache.max_bytes
+    big = _records(cache, 1, position=99)
+    _put(cache, big, [b"z" * cache.max_bytes])  # larger than the whole bound: not kept
+    assert cache.get_many(big, cache.numbering) == [None] and cache.bytes <= cache.max_bytes
     off = RowCache(0)
-    off.put_many(keys[:1], [b"a"])
-    assert not off.enabled and off.get_many(keys[:1]) == [None]
+    _put(off, keys[:1], [b"a"])
+    assert not off.enabled and off.get_many(keys[:1], off.numbering) == [None]
 
 
 def test_a_record_used_since_the_last_turnover_outlives_every_one_that_was_not():
     cache = RowCache(6 * (100 + ENTRY_OVERHEAD))
-    keys = record_keys("u", "", [1] * 12, list(range(12)))
-    cache.put_many(keys[:6], [b"a" * 100] * 6)
-    cache.put_many(keys[6:7], [b"b" * 100])  # a turnover: 0..5 old, one of them dropped for 6
+    keys = _records(cache, 12, position=1)
+    _put(cache, keys[:6], [b"a" * 100] * 6)
+    _put(cache, keys[6:7], [b"b" * 100])  # a turnover: 0..5 old, one of them dropped for 6
     assert _kept(cache, keys[:3]) == {0, 1, 2}  # found in the old generation: young again
-    cache.put_many(keys[7:9], [b"c" * 100] * 2)  # room for two: the old generation's last two (of 3..5)
+    _put(cache, keys[7:9], [b"c" * 100] * 2)  # room for two: the old generation's last two (of 3..5)
     assert _kept(cache, keys) == {0, 1, 2, 6, 7, 8}
-    cache.put_many(keys[9:10], [b"d" * 100])  # the old generation is empty: another turnover, one goes
+    _put(cache, keys[9:10], [b"d" * 100])  # the old generation is empty: another turnover, one goes
     assert len(_kept(cache, keys)) == 6 and 9 in _kept(cache, keys)
 
 
-def test_record_keys_tell_every_generation_kind_chunk_and_place_apart():
-    """The one-integer key holds its five parts exactly: no two records share one, whatever the strings split,
-    and a record's key is the same each time it is asked for."""
-    top = (1 << 64) - 1
-    places = [0, 1, 1 << 32, (1 << 32) | 5, top]
-    chunks = [0, 1, 1 << 39, top]
-    keys = [k for uid, kind in (("ab", "c"), ("a", "bc"), ("abc", ""), ("ab", ""), ("", "abc"), ("a" * 32, "f" * 16))
-            for c in chunks for k in record_keys(uid, kind, [c] * len(places), places)]  # fmt: skip
-    assert len(set(keys)) == len(keys) == 6 * len(chunks) * len(places)
-    assert record_keys("ab", "c", chunks, places[:4]) == record_keys("ab", "c", chunks, places[:4])  # found again
+def test_keys_tell_every_generation_kind_chunk_and_record_apart():
+    """One integer holds a record's parts exactly: no two records share a key, whatever the strings split, for
+    positions and offsets inside the packed layout and past it, and for an empty record and the next one at
+    its offset; a record's key is the same each time it is asked for."""
+    cache = RowCache(1 << 20)
+    positions = [0, 1, (1 << POSITION_BITS) - 1, 1 << POSITION_BITS, (1 << 40) + 3]
+    entries = np.array([[0, 0], [0, 5], [5, 0], [5, 1], [(1 << OFFSET_BITS) - 1, 2], [1 << OFFSET_BITS, 1],
+                        [(1 << 32) - 1, 7]], dtype="<u4")  # fmt: skip
+    pairs = [("ab", "c"), ("a", "bc"), ("abc", ""), ("ab", ""), ("", "abc"), ("a" * 32, "f" * 16)]
+    parts = [(uid, kind, np.full(len(entries), p), entries) for uid, kind in pairs for p in positions]
+    keys, numbering = cache.keys(parts)
+    assert len(set(keys)) == len(keys) == len(pairs) * len(positions) * len(entries)
+    assert cache.keys(parts) == (keys, numbering)  # found again
+    narrow = cache.keys([("ab", "c", np.full(5, 1), entries[:5])])[0]  # what fits the packed layout
+    wide = cache.keys([("ab", "c", np.full(6, 1), entries[:6])])[0]  # an offset past it: the batch is keyed wide
+    assert all(0 <= k < 1 << 63 for k in narrow) and all(k >= 1 << 64 for k in wide)
+
+
+def test_when_pair_numbers_run_out_the_cache_starts_over_and_older_keys_find_and_store_nothing():
+    cache = RowCache(1 << 20)
+    cache.max_pairs = 2
+    one = np.array([[0, 4]], dtype="<u4")
+    first, numbering = cache.keys([("g1", "", np.zeros(1), one)])
+    cache.put_many(first, [b"g1 bytes"], numbering)
+    cache.keys([("g2", "", np.zeros(1), one)])
+    assert cache.get_many(first, numbering) == [b"g1 bytes"]
+    # a third pair: the numbers are drawn afresh, and g3 gets the number g1 had
+    third, renumbered = cache.keys([("g3", "", np.zeros(1), one)])
+    assert renumbered != numbering and third == first and len(cache) == 0
+    cache.put_many(first, [b"g1 bytes"], numbering)  # a read of the old numbering, finishing late
+    assert cache.get_many(third, renumbered) == [None]  # never another generation's bytes
+    cache.put_many(third, [b"g3 bytes"], renumbered)
+    assert cache.get_many(first, numbering) == [None] and cache.get_many(third, renumbered) == [b"g3 bytes"]
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))

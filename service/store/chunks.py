@@ -13,7 +13,7 @@ from redis.exceptions import NoScriptError, ResponseError
 
 from .base import ChunkRef, StaleCounters, StoreBase, _counters, _u64
 from .keys import group_of, key_slot
-from .rowcache import RowCache, record_keys
+from .rowcache import RowCache
 
 
 # KEYS: the distinct chunk keys the batch reads (data chunks, then static-mask chunks), then
@@ -113,12 +113,6 @@ def _subset(r: RowsRead, rows: np.ndarray) -> RowsRead:
     return RowsRead(r.rt, r.chunks[used], which.reshape(-1), r.entries[rows], r.itemsize, masks, True)
 
 
-def _entry_keys(entries: np.ndarray) -> list[int]:
-    """``offset << 32 | count`` of each (offset, count) entry: a record's place in its blob (an empty record
-    shares its offset with the next one, so the count belongs to the key)."""
-    return ((entries[:, 0].astype(np.uint64) << np.uint64(32)) | entries[:, 1].astype(np.uint64)).tolist()
-
-
 def _expected(expect: tuple[str, int, int] | None) -> str:
     """FETCH_RANGES' ARGV[6]: the counters to check, or '' for none."""
     return "" if expect is None else f"{expect[0]}:{expect[1]}:{expect[2]}"
@@ -174,11 +168,12 @@ class _Looked:
 
     def __init__(self, r: RowsRead, cache: RowCache) -> None:
         uid, b = r.rt.uid, len(r.which)
-        chunk_ids = r.rt.ids[r.chunks[r.which]].tolist()  # each row's chunk id
-        self.keys = record_keys(uid, "", chunk_ids, _entry_keys(r.entries))
+        positions = r.chunks[r.which]  # each row's chunk table position
+        parts = [(uid, "", positions, r.entries)]
         if r.masks is not None:
-            self.keys += record_keys(uid, r.masks[0], chunk_ids, _entry_keys(r.masks[1]))
-        self.found = cache.get_many(self.keys)  # one lookup for both kinds
+            parts.append((uid, r.masks[0], positions, r.masks[1]))
+        self.keys, self.numbering = cache.keys(parts)
+        self.found = cache.get_many(self.keys, self.numbering)  # one lookup for both kinds
         self.b, self.masked = b, r.masks is not None
         if None not in self.found:  # a warm batch: nothing to read
             self.miss = np.empty(0, dtype=np.int64)
@@ -193,7 +188,7 @@ class _Looked:
         pieces = data + recs if recs is not None else data
         for at, piece in zip(places, pieces):
             self.found[at] = piece
-        cache.put_many([self.keys[at] for at in places], pieces)
+        cache.put_many([self.keys[at] for at in places], pieces, self.numbering)
 
     def joined(self) -> tuple[bytes, bytes | None]:
         """``fetch``'s answer: the rows' whole records back to back, the mask records."""
