@@ -11,7 +11,8 @@ So:
   and views of the arrays themselves (``wire.encode_pieces``);
 * a JSON body is encoded a block of rows at a time: the encoder holds the GIL
   for one whole call, so no call gets more than a piece's worth of numbers;
-* both are cut into pieces of at most ``MASKSERVE_RESPONSE_PIECE_BYTES``, and
+* both are cut into pieces of at most ``MASKSERVE_RESPONSE_PIECE_BYTES`` (short
+  consecutive pieces joined, so a small body is one message), and
   :class:`Pieces` sends them one after the other, each once the one before has
   drained to the client (the server's flow control), the loop serving every
   other request in between;
@@ -72,14 +73,26 @@ def json_pieces(arrays: Mapping[str, np.ndarray], meta: Mapping[str, object], nu
 
 
 def sliced(pieces: list[Piece], size: int) -> list[Piece]:
-    """``pieces`` with every one longer than ``size`` bytes cut into views of at most ``size``."""
+    """``pieces`` as pieces of at most ``size`` bytes, as few as that allows without copying a long one: one
+    longer than ``size`` is cut into views, and consecutive shorter ones are joined while they fit together
+    (each piece is a message through the app's send path and a write by the server: about 30 us of the
+    event loop for a small body's five arrays, against a copy of a few microseconds)."""
     out: list[Piece] = []
+    run: list[Piece] = []  # consecutive short pieces, joined once the next would not fit
+    held = 0
     for piece in pieces:
-        if len(piece) <= size:
-            out.append(piece)
+        n = len(piece)
+        if run and held + n > size:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run, held = [], 0
+        if n <= size:
+            run.append(piece)
+            held += n
             continue
         view = memoryview(piece).cast("B")
         out.extend(view[i : i + size] for i in range(0, len(view), size))
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
     return out
 
 

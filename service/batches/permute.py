@@ -91,6 +91,10 @@ def stream_ids(seed: int, index: int, batch_size: int, n: int) -> tuple[np.ndarr
     if n <= 0:
         raise ValueError("n must be positive")
     start = index * batch_size
+    first_epoch, last_epoch = start // n, (start + batch_size - 1) // n
+    if first_epoch == last_epoch:  # the common case: one epoch
+        at = start - first_epoch * n
+        return epoch_slice(seed, first_epoch, n, at, at + batch_size), np.full(batch_size, first_epoch, dtype=np.int64)
     positions = start + np.arange(batch_size, dtype=np.int64)
     epochs = positions // n
     ids = np.empty(batch_size, dtype=np.int64)

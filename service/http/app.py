@@ -7,6 +7,7 @@ With no ``REDIS_URL`` the lifespan starts an embedded server over
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.cluster import LoadBalancingStrategy
 from redis.exceptions import ConnectionError as RedisConnectionError
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .. import __version__
@@ -75,12 +79,55 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
+    for hot in (batches.get_batch, jobs.next_batch):
+        app.router.routes.append(DirectRoute(_route_of(hot)))
     for module in (batches, jobs, health, datasets, ingests, masks, tokenizers, sequences, docs, ui):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
+
+
+def _route_of(endpoint: Callable[..., Any]) -> APIRoute:
+    """The FastAPI route of ``endpoint`` in its module's router."""
+    for module in (batches, jobs):
+        for route in module.router.routes:
+            if isinstance(route, APIRoute) and route.endpoint is endpoint:
+                return route
+    raise LookupError(f"no route serves {endpoint.__name__}")
+
+
+class DirectRoute(Route):
+    """A hot route's endpoint served by Starlette, in front of its FastAPI route (which documents it).
+
+    FastAPI solves an endpoint's dependencies and parameters on every request
+    (about a tenth of a millisecond of the event loop here); the batch routes
+    take only their path parameters, as strings, and the request, and parse the
+    query themselves (``deps.parse_query``), so they are called directly. Errors
+    go through the same handlers, and the request is labelled with the FastAPI
+    route in metrics. The endpoint's signature is checked when the app is built.
+    """
+
+    def __init__(self, api_route: APIRoute) -> None:
+        fn = api_route.endpoint
+        params = inspect.signature(fn, eval_str=True).parameters
+        names = set(api_route.param_convertors)
+        if set(params) != names | {"request"} or any(params[n].annotation is not str for n in names):
+            raise TypeError(f"{fn.__name__} takes more than its path parameters (strings) and the request")
+
+        async def endpoint(request: Request) -> Response:
+            response: Response = await fn(request=request, **request.path_params)
+            return response
+
+        super().__init__(api_route.path, endpoint, methods=list(api_route.methods), include_in_schema=False)
+        self.api_route = api_route
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self.api_route
+        return match, child
 
 
 def _lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
