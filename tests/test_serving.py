@@ -25,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from fastapi import Request
 
 from client import Client
 from wire import decode
@@ -638,3 +639,32 @@ def test_the_process_manager_imports_none_of_the_app():
                          cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_batch_routes_are_served_directly_and_only_endpoints_of_path_strings_and_the_request_can_be():
+    """The two batch routes are answered by Starlette in front of FastAPI's routes (which stay in the OpenAPI
+    document); an endpoint that takes more (a query parameter, a typed path parameter) is refused when the
+    app is built, since nothing would parse it."""
+    from fastapi import APIRouter
+
+    from service.http.app import DirectRoute, create_app
+
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1"))  # built, not started: no Redis needed
+    direct = [r for r in app.router.routes if isinstance(r, DirectRoute)]
+    assert {r.path: r.methods for r in direct} == {"/v1/datasets/{name}/batch": {"GET", "HEAD"},
+                                                   "/v1/jobs/{name}/next": {"POST"}}  # fmt: skip
+    paths = app.openapi()["paths"]
+    assert "get" in paths["/v1/datasets/{name}/batch"] and "post" in paths["/v1/jobs/{name}/next"]
+
+    router = APIRouter()
+    router.add_api_route("/q/{name}", _with_query)
+    router.add_api_route("/t/{n}", _typed_path)
+    for route in router.routes:
+        with pytest.raises(TypeError, match="path parameters"):
+            DirectRoute(route)
+
+
+async def _with_query(name: str, request: Request, size: int = 1) -> None: ...
+
+
+async def _typed_path(n: int, request: Request) -> None: ...

@@ -426,8 +426,10 @@ class ChunkReads(StoreBase):
             rows, gkeys, args = plans[at]
             plans[at] = (rows, [*gkeys, meta], [*args[:5], _expected(expect)])
         for attempt in range(2):
+            # straight to each node's connections: the cluster client's routing, retry and policy layers would
+            # add about a tenth of the call, and any failure here falls back to the group path, which has them
             replies = await asyncio.gather(*(
-                self.r.execute_command("EVALSHA", _FETCH_RANGES_NODE_SHA, 0, *args, *gkeys, target_nodes=nodes[name])
+                nodes[name].execute_command("EVALSHA", _FETCH_RANGES_NODE_SHA, 0, *args, *gkeys)
                 for (_, gkeys, args), name in zip(plans, names)), return_exceptions=True)  # fmt: skip
             if attempt == 0 and any(isinstance(x, NoScriptError) for x in replies):
                 await self._load_everywhere(FETCH_RANGES_NODE)
