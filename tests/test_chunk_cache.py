@@ -143,6 +143,12 @@ def test_when_pair_numbers_run_out_the_cache_starts_over_and_older_keys_find_and
     assert cache.get_many(third, renumbered) == [None]  # never another generation's bytes
     cache.put_many(third, [b"g3 bytes"], renumbered)
     assert cache.get_many(first, numbering) == [None] and cache.get_many(third, renumbered) == [b"g3 bytes"]
+    # g3's record in the old generation (a turnover made room for another): still not found by g1's key
+    cache.put_many(cache.keys([("g3", "", np.ones(1), one)])[0], [b"a" * 10], renumbered)
+    cache.max_bytes = cache.bytes
+    cache.put_many(cache.keys([("g3", "", np.full(1, 2), one)])[0], [b"b" * 10], renumbered)
+    assert cache.get_many(first, numbering) == [None]
+    assert cache.get_many(third, renumbered) == [b"g3 bytes"]  # it was in the old generation
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(map(str, o.values())))

@@ -83,11 +83,13 @@ class RowCache:
         """The keys of records, part after part: ``(uid, kind, chunk table position per record, (offset, count)
         entry per record)``; and the numbering they belong to, for :meth:`get_many` and :meth:`put_many`."""
         with self._lock:
-            while True:  # the numbers of every part from one numbering
+            for _ in range(2):  # the numbers of every part from one numbering (a second pass follows a renumbering)
                 numbering = self.numbering
                 numbers = [self._number(uid, kind) for uid, kind, _, _ in parts]
                 if self.numbering == numbering:
                     break
+            else:
+                raise ValueError(f"one read of more than {self.max_pairs} kinds of records")
         out: list[RowKey] = []
         for number, (_, _, positions, entries) in zip(numbers, parts):
             out += _keys(number, positions, entries)
@@ -108,11 +110,11 @@ class RowCache:
         """The records of ``keys`` (of ``numbering``; None where not cached); those found in the old generation
         move to the young."""
         with self._lock:
-            if numbering != self.numbering:
+            if numbering != self.numbering:  # neither generation may be searched: its numbers mean other pairs now
                 out: list[bytes | None] = [None] * len(keys)
             else:
                 out = list(map(self._young.get, keys))
-            if self._old and None in out:
+            if self._old and None in out and numbering == self.numbering:
                 young, old = self._young, self._old
                 for i, key in enumerate(keys):
                     if out[i] is None and (value := old.pop(key, None)) is not None:
