@@ -123,9 +123,10 @@ def test_keys_tell_every_generation_kind_chunk_and_record_apart():
     keys, numbering = cache.keys(parts)
     assert len(set(keys)) == len(keys) == len(pairs) * len(positions) * len(entries)
     assert cache.keys(parts) == (keys, numbering)  # found again
-    narrow = cache.keys([("ab", "c", np.full(5, 1), entries[:5])])[0]  # what fits the packed layout
-    wide = cache.keys([("ab", "c", np.full(6, 1), entries[:6])])[0]  # an offset past it: the batch is keyed wide
-    assert all(0 <= k < 1 << 63 for k in narrow) and all(k >= 1 << 64 for k in wide)
+    mixed = cache.keys([("ab", "c", np.full(len(entries), 1), entries)])[0]
+    assert all(0 <= k < 1 << 63 for k in mixed[:5]) and all(k >= 1 << 64 for k in mixed[5:])  # offsets past 2^29
+    alone = [cache.keys([("ab", "c", np.ones(1), entries[i : i + 1])])[0][0] for i in range(len(entries))]
+    assert alone == mixed  # a record's key does not depend on the other records of its batch
 
 
 def test_when_pair_numbers_run_out_the_cache_starts_over_and_older_keys_find_and_store_nothing():

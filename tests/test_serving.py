@@ -645,7 +645,7 @@ def test_the_batch_routes_are_served_directly_and_only_endpoints_of_path_strings
     """The two batch routes are answered by Starlette in front of FastAPI's routes (which stay in the OpenAPI
     document); an endpoint that takes more (a query parameter, a typed path parameter) is refused when the
     app is built, since nothing would parse it."""
-    from fastapi import APIRouter
+    from fastapi import APIRouter, Depends
 
     from service.http.app import DirectRoute, create_app
 
@@ -662,9 +662,19 @@ def test_the_batch_routes_are_served_directly_and_only_endpoints_of_path_strings
     for route in router.routes:
         with pytest.raises(TypeError, match="path parameters"):
             DirectRoute(route)
+    guarded = APIRouter(dependencies=[Depends(_typed_path)])  # say, a check of the caller
+    guarded.add_api_route("/g/{name}", _plain)
+    with pytest.raises(TypeError, match="dependencies"):
+        DirectRoute(guarded.routes[0])
+    plain = APIRouter()
+    plain.add_api_route("/p/{name}", _plain)
+    assert DirectRoute(plain.routes[0]).name == "_plain"
 
 
 async def _with_query(name: str, request: Request, size: int = 1) -> None: ...
 
 
 async def _typed_path(n: int, request: Request) -> None: ...
+
+
+async def _plain(name: str, request: Request) -> None: ...

@@ -7,6 +7,7 @@ With no ``REDIS_URL`` the lifespan starts an embedded server over
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import time
@@ -115,12 +116,16 @@ class DirectRoute(Route):
         names = set(api_route.param_convertors)
         if set(params) != names | {"request"} or any(params[n].annotation is not str for n in names):
             raise TypeError(f"{fn.__name__} takes more than its path parameters (strings) and the request")
+        if api_route.dependencies or api_route.dependant.dependencies:
+            raise TypeError(f"{fn.__name__} has dependencies, which only FastAPI's route would run")
 
+        @functools.wraps(fn)
         async def endpoint(request: Request) -> Response:
             response: Response = await fn(request=request, **request.path_params)
             return response
 
-        super().__init__(api_route.path, endpoint, methods=list(api_route.methods), include_in_schema=False)
+        super().__init__(api_route.path, endpoint, methods=list(api_route.methods), name=api_route.name,
+                         include_in_schema=False)  # fmt: skip
         self.api_route = api_route
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:

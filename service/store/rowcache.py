@@ -37,8 +37,8 @@ ENTRY_OVERHEAD = 256
 RowKey = int
 
 # A key: pair number (PAIR_BITS) | chunk table position (POSITION_BITS) | offset in the chunk (OFFSET_BITS) |
-# 1 if the record is not empty. A Redis string is at most 512 MiB, so every offset fits; a position past the
-# field (over two million chunks, terabytes of one dataset) is keyed past 2^96 instead, as exactly.
+# 1 if the record is not empty. A Redis string is at most 512 MiB, so every offset fits; a record at a position
+# past the field (over two million chunks, terabytes of one dataset) is keyed past 2^96 instead, as exactly.
 PAIR_BITS, POSITION_BITS, OFFSET_BITS = 12, 21, 29
 
 
@@ -164,8 +164,11 @@ def _keys(number: int, positions: np.ndarray, entries: np.ndarray) -> list[RowKe
     positions = np.asarray(positions, dtype=np.int64)
     offsets = entries[:, 0].astype(np.int64)
     filled = entries[:, 1] != 0
-    if int(positions.max()) < 1 << POSITION_BITS and int(offsets.max()) < 1 << OFFSET_BITS:
-        low = (positions << (OFFSET_BITS + 1)) | (offsets << 1) | filled
-        return (low | (number << (POSITION_BITS + OFFSET_BITS + 1))).tolist()
-    high = number << 64  # pair number >= 1: every such key is past 2^96
-    return [(high | p) << 33 | o << 1 | f for p, o, f in zip(positions.tolist(), offsets.tolist(), filled.tolist())]
+    packed = (positions < 1 << POSITION_BITS) & (offsets < 1 << OFFSET_BITS)
+    low = (positions << (OFFSET_BITS + 1)) | (offsets << 1) | filled
+    keys: list[RowKey] = (low | (number << (POSITION_BITS + OFFSET_BITS + 1))).tolist()
+    if not packed.all():  # a record past the packed fields: its own wide key (the same in any batch)
+        high = number << 64  # pair number >= 1: every such key is past 2^96
+        for i in np.flatnonzero(~packed).tolist():
+            keys[i] = (high | int(positions[i])) << 33 | int(offsets[i]) << 1 | bool(filled[i])
+    return keys
