@@ -121,4 +121,12 @@ def _devices(args: argparse.Namespace):  # noqa: ANN202 - torch types are import
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # A rank of a torchrun group: all is written and the process group torn down. Exit without the
+        # interpreter's finalization, where gloo's worker threads can still be destroyed and abort the process
+        # (SIGABRT, "terminate called without an active exception") after a run that succeeded.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
