@@ -122,7 +122,9 @@ def _devices(args: argparse.Namespace):  # noqa: ANN202 - torch types are import
 
 if __name__ == "__main__":
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    from .distributed import from_env
+
+    if from_env() is not None:
         # A rank of a torchrun group: all is written and the process group torn down. Exit without the
         # interpreter's finalization, where gloo's worker threads can still be destroyed and abort the process
         # (SIGABRT, "terminate called without an active exception") after a run that succeeded.

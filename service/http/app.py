@@ -80,23 +80,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app)
 
     # the batch routes first: requests are matched against routes in order
-    for hot in (batches.get_batch, jobs.next_batch):
-        app.router.routes.append(DirectRoute(_route_of(hot)))
+    hot = {batches.get_batch, jobs.next_batch}
+    app.router.routes += [DirectRoute(route) for module in (batches, jobs) for route in module.router.routes
+                          if isinstance(route, APIRoute) and route.endpoint in hot]  # fmt: skip
     for module in (batches, jobs, health, datasets, ingests, masks, tokenizers, sequences, docs, ui):
         app.include_router(module.router)
 
     app.add_middleware(Gatekeeper, settings=settings, metrics=app.state.metrics, work=app.state.work)
     app.openapi = lambda: openapi_schema(app)  # type: ignore[method-assign]
     return app
-
-
-def _route_of(endpoint: Callable[..., Any]) -> APIRoute:
-    """The FastAPI route of ``endpoint`` in its module's router."""
-    for module in (batches, jobs):
-        for route in module.router.routes:
-            if isinstance(route, APIRoute) and route.endpoint is endpoint:
-                return route
-    raise LookupError(f"no route serves {endpoint.__name__}")
 
 
 class DirectRoute(Route):

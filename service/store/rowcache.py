@@ -114,11 +114,11 @@ class RowCache:
                 out: list[bytes | None] = [None] * len(keys)
             else:
                 out = list(map(self._young.get, keys))
-            if self._old and None in out and numbering == self.numbering:
-                young, old = self._young, self._old
-                for i, key in enumerate(keys):
-                    if out[i] is None and (value := old.pop(key, None)) is not None:
-                        young[key] = out[i] = value
+                if self._old and None in out:
+                    young, old = self._young, self._old
+                    for i, key in enumerate(keys):
+                        if out[i] is None and (value := old.pop(key, None)) is not None:
+                            young[key] = out[i] = value
             missing = out.count(None)
             self.hits += len(out) - missing
             self.misses += missing
